@@ -1,0 +1,60 @@
+"""Test-set evaluation with torchmetrics: accuracy, top-5, per-class accuracy, confusion matrix, speed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``batches``; metrics accumulate on the device, logits are never all kept.
+
+    Returns ``loss``, ``acc`` (top-1), ``top5`` (when there are more than 5 classes),
+    ``per_class_acc``, ``confusion_matrix`` (rows = true class), ``n``, ``seconds`` and
+    ``images_per_s`` (forward passes only, including the preprocessing of each batch).
+    """
+    was_training = model.training
+    model.eval()
+    top1 = MulticlassAccuracy(num_classes, average="micro").to(device)
+    per_class = MulticlassAccuracy(num_classes, average="none").to(device)
+    confusion = MulticlassConfusionMatrix(num_classes).to(device)
+    top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro").to(device) if num_classes > 5 else None
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    n = 0
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for x, y in batches:
+        logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        n += len(y)
+        for metric in (top1, per_class, confusion, top5):
+            if metric is not None:
+                metric.update(logits, y)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    out: dict[str, Any] = {
+        "loss": float(loss_sum) / max(n, 1),
+        "acc": float(top1.compute()),
+        "per_class_acc": [float(v) for v in per_class.compute()],
+        "confusion_matrix": confusion.compute().tolist(),
+        "n": n,
+        "seconds": seconds,
+        "images_per_s": n / seconds if seconds > 0 else float("nan"),
+    }
+    if top5 is not None:
+        out["top5"] = float(top5.compute())
+    return out

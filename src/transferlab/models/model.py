@@ -1,0 +1,112 @@
+"""The one model interface every strategy uses: a timm backbone plus a new head.
+
+``TransferModel`` mirrors timm's interface (``forward_features``, ``forward_head``,
+``reset_classifier``) so code written against timm models works on it unchanged. BatchNorm layers
+marked frozen stay in eval mode whatever ``.train()`` is called with — after a resume, inside
+Lightning, anywhere — because the model itself enforces it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from transferlab.config import HeadConfig, ModelConfig
+from transferlab.data.prepare import Preprocess
+from transferlab.models.weights import LoadReport, create_backbone
+
+BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def build_head(cfg: HeadConfig, in_features: int, num_classes: int) -> nn.Module:
+    """``linear``: dropout → fc. ``mlp``: fc(hidden) → ReLU → dropout → fc."""
+    if cfg.type == "linear":
+        return nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(in_features, num_classes))
+    if cfg.type == "mlp":
+        return nn.Sequential(
+            nn.Linear(in_features, cfg.hidden), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, num_classes)
+        )
+    raise ValueError(f"unknown head.type {cfg.type!r}; available: linear, mlp")
+
+
+class TransferModel(nn.Module):
+    """A backbone (timm model without classifier) and a head, with explicit frozen-BatchNorm handling."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, head_cfg: HeadConfig, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.head_cfg = head_cfg
+        self.num_classes = num_classes
+        self.frozen_bn: set[str] = set()  # qualified names of BatchNorm modules kept in eval mode
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features the head receives."""
+        return int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return dict(getattr(self.backbone, "pretrained_cfg", {}) or {})
+
+    def preprocess(self) -> Preprocess:
+        """Input channels and normalisation the backbone was (pre)trained with."""
+        cfg = self.pretrained_cfg
+        in_chans = int(cfg.get("input_size", (3,))[0])
+        return Preprocess(mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))), in_chans=in_chans)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpooled backbone features."""
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the features (the backbone's own pooling) and apply the head."""
+        pooled = self.backbone.forward_head(features, pre_logits=True)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int, head_cfg: HeadConfig | None = None) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` classes."""
+        self.head_cfg = head_cfg or self.head_cfg
+        self.num_classes = num_classes
+        self.head = build_head(self.head_cfg, self.num_features, num_classes)
+
+    def set_frozen_bn(self, names: Iterable[str]) -> None:
+        """Keep these BatchNorm modules (qualified names) in eval mode: running stats never update."""
+        modules = dict(self.named_modules())
+        for n in names:
+            if not isinstance(modules.get(n), BN_TYPES):
+                raise ValueError(f"{n!r} is not a BatchNorm module of this model")
+        self.frozen_bn = set(names)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> TransferModel:
+        super().train(mode)
+        if mode and self.frozen_bn:
+            for name, module in self.named_modules():
+                if name in self.frozen_bn:
+                    module.eval()
+        return self
+
+
+def build_model(model_cfg: ModelConfig, head_cfg: HeadConfig, num_classes: int) -> tuple[TransferModel, LoadReport | None]:
+    """Create the backbone with its weights and attach a new head for ``num_classes`` classes."""
+    import transferlab.models.small_cnn  # noqa: F401 - registers the built-in CNNs with timm
+
+    backbone, report = create_backbone(model_cfg.backbone, model_cfg.weights, model_cfg.drop_rate)
+    in_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+    model = TransferModel(backbone, build_head(head_cfg, in_features, num_classes), head_cfg, num_classes)
+    if model_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, report
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,0 +1,247 @@
+"""One experiment, end to end, into its run directory; and reading a run back.
+
+A run directory ``runs/<study>/<run>/`` holds everything needed to trust and reuse a result::
+
+    config.yaml          the fully resolved ExperimentConfig
+    metrics.json         test metrics, timings, parameter counts, weights source, code version, status
+    history.csv          per-epoch train/val loss and accuracy, learning rate, seconds
+    selection.json       the dataset indices of train / val / test (same seed => same indices)
+    checkpoints/         best.safetensors, last.safetensors (+ .json copies of their metadata)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+
+from transferlab.config import ExperimentConfig, config_from_yaml_text
+from transferlab.data.prepare import ImageSplits, TensorBatches, prepare_splits
+from transferlab.evaluation import evaluate
+from transferlab.models.model import TransferModel, build_model, count_params
+from transferlab.strategies import apply_strategy
+from transferlab.training.checkpoint import load_model_weights
+
+METRICS_FILE = "metrics.json"
+
+
+class RunError(RuntimeError):
+    """A run directory is missing, incomplete or in use. The message names the folder."""
+
+
+def code_version() -> dict[str, str]:
+    """transferlab's version and, when running from a git checkout, the commit (``+dirty`` if modified)."""
+    from transferlab import __version__
+
+    info = {"transferlab": __version__, "torch": torch.__version__}
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=src, capture_output=True, text=True, timeout=5)
+            info["git_commit"] = commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    if not history:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def make_fabric(cfg: ExperimentConfig):  # noqa: ANN201 - lightning type
+    from lightning.fabric import Fabric
+
+    return Fabric(accelerator=cfg.train.accelerator, devices=1, precision=cfg.train.precision)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    splits: ImageSplits | None = None,
+) -> dict[str, Any]:
+    """Prepare data, build the model, apply the strategy, train, test; write the run directory.
+
+    ``resume=True`` skips a finished run and continues an interrupted one from its newest valid
+    checkpoint. Without it, an existing run directory is an error unless ``overwrite=True``.
+    Returns the metrics dict that is also written to ``metrics.json``.
+    """
+    console = console or Console()
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / METRICS_FILE
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if resume and metrics_path.exists() and json.loads(metrics_path.read_text()).get("status") == "ok":
+            console.print(f"[dim]{cfg.name}: already finished in {run_dir}, skipped[/]")
+            return json.loads(metrics_path.read_text())
+        if not resume and not overwrite:
+            raise RunError(f"run directory {run_dir} already exists: pass --resume to continue it or --overwrite to replace it")
+        if overwrite and not resume:
+            import shutil
+
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wall0 = time.perf_counter()
+
+    fabric = make_fabric(cfg)
+    fabric.seed_everything(cfg.seed, verbose=False)
+    torch.use_deterministic_algorithms(False)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    t0 = time.perf_counter()
+    splits = splits if splits is not None else prepare_splits(cfg.data, cfg.seed)
+    data_seconds = time.perf_counter() - t0
+    _write_json(run_dir / "selection.json", {"source": splits.source, **splits.indices})
+
+    model, weights_report = build_model(cfg.model, cfg.head, splits.num_classes)
+    apply_strategy(model, cfg.strategy)
+    total_params, trainable_params = count_params(model)
+    preprocess = model.preprocess()
+    device = fabric.device
+    batches = dict(preprocess=preprocess, device=device, channels_last=cfg.model.channels_last)
+    train = TensorBatches(splits.train_x, splits.train_y, cfg.train.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.seed, **batches)
+    val = TensorBatches(splits.val_x, splits.val_y, cfg.train.eval_batch_size, **batches)
+    test = TensorBatches(splits.test_x, splits.test_y, cfg.train.eval_batch_size, **batches)
+
+    meta = {"config": cfg.to_dict(), "class_names": splits.class_names, "code_version": code_version()}
+    console.print(
+        f"[bold]{cfg.name}[/] seed {cfg.seed}: {cfg.model.backbone} ({cfg.model.weights}) + {cfg.head.type} head, "
+        f"strategy {cfg.strategy.name}, {trainable_params:,}/{total_params:,} params trainable, "
+        f"{len(splits.train_y)}/{len(splits.val_y)}/{len(splits.test_y)} train/val/test images on {device}"
+    )
+    if weights_report is not None and weights_report.dropped:
+        console.print(f"  weights: {weights_report.describe()}")
+
+    from transferlab.training.engine import fit
+
+    result = fit(model, train, val, cfg, fabric, run_dir / "checkpoints", meta, resume=resume, console=console)
+    _write_history(run_dir / "history.csv", result.history)
+
+    best_path = run_dir / "checkpoints" / "best.safetensors"
+    load_model_weights(model, best_path if best_path.exists() else run_dir / "checkpoints" / "last.safetensors")
+    test_metrics = evaluate(model, test, splits.num_classes, device)
+    metrics: dict[str, Any] = {
+        "status": "ok",
+        "experiment": cfg.name,
+        "seed": cfg.seed,
+        "backbone": cfg.model.backbone,
+        "weights": cfg.model.weights,
+        "strategy": cfg.strategy.name,
+        "head": cfg.head.type,
+        "dataset": cfg.data.dataset,
+        "image_size": int(splits.train_x.shape[-1]),
+        "n_train": len(splits.train_y),
+        "n_val": len(splits.val_y),
+        "n_test": len(splits.test_y),
+        "class_names": splits.class_names,
+        "test_acc": test_metrics["acc"],
+        "test_top5": test_metrics.get("top5"),
+        "test_loss": test_metrics["loss"],
+        "per_class_acc": test_metrics["per_class_acc"],
+        "confusion_matrix": test_metrics["confusion_matrix"],
+        "best_epoch": result.best_epoch,
+        "best_val": result.best_metric,
+        "monitor": cfg.train.early_stopping.monitor,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "train_seconds": result.train_seconds,
+        "data_seconds": data_seconds,
+        "wall_seconds": time.perf_counter() - wall0,
+        "inference_images_per_s": test_metrics["images_per_s"],
+        "total_params": total_params,
+        "trainable_params": trainable_params,
+        "weights_source": weights_report.describe() if weights_report else "random init",
+        "device": str(device),
+        "resumed_from": result.resumed_from,
+        "notes": cfg.notes,
+        "code_version": meta["code_version"],
+    }
+    _write_json(metrics_path, metrics)
+    console.print(
+        f"  [green]{cfg.name}[/]: test acc {metrics['test_acc']:.4f}, trained {metrics['train_seconds']:.1f}s, "
+        f"inference {metrics['inference_images_per_s']:.0f} img/s -> {run_dir}"
+    )
+    return metrics
+
+
+def write_failure(run_dir: Path, cfg: ExperimentConfig, error: BaseException) -> dict[str, Any]:
+    """Record a failed experiment so the comparison and the report show it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "status": "failed",
+        "experiment": cfg.name,
+        "seed": cfg.seed,
+        "backbone": cfg.model.backbone,
+        "weights": cfg.model.weights,
+        "strategy": cfg.strategy.name,
+        "error": f"{type(error).__name__}: {error}",
+        "code_version": code_version(),
+    }
+    _write_json(run_dir / METRICS_FILE, metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# reading runs back
+
+
+@dataclass
+class Run:
+    """A finished run directory: its config, metrics, history, and its model on demand."""
+
+    path: Path
+    config: ExperimentConfig
+    metrics: dict[str, Any]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.metrics.get("class_names") or []
+
+    @cached_property
+    def history(self) -> list[dict[str, float]]:
+        path = self.path / "history.csv"
+        if not path.exists():
+            return []
+        with open(path) as f:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+    def load_model(self, checkpoint: str = "best") -> TransferModel:
+        """Rebuild the model and load the ``best`` (or ``last``) checkpoint strictly. No download happens."""
+        model_cfg = dataclasses.replace(self.config.model, weights="scratch")
+        model, _ = build_model(model_cfg, self.config.head, len(self.class_names))
+        load_model_weights(model, self.path / "checkpoints" / f"{checkpoint}.safetensors")
+        return model.eval()
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory written by transferlab."""
+    path = Path(path)
+    cfg_path, metrics_path = path / "config.yaml", path / METRICS_FILE
+    if not cfg_path.is_file():
+        raise RunError(f"{path} is not a transferlab run directory (no config.yaml)")
+    if not metrics_path.is_file():
+        raise RunError(f"{path}: run not finished (no {METRICS_FILE}); continue it with --resume")
+    return Run(path, config_from_yaml_text(cfg_path.read_text(), str(cfg_path)), json.loads(metrics_path.read_text()))
