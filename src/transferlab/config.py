@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -276,6 +277,17 @@ class Study:
 _STUDY_KEYS = ("study", "defaults", "seeds", "experiments", "description")
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` / ``3E4`` as floats (PyYAML's YAML 1.1 rules want ``1.0e-3``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def parse_study(raw: dict[str, Any], source: str = "<dict>") -> Study:
     """Turn a study mapping into experiments. ``source`` names the file in error messages.
 
@@ -303,6 +315,10 @@ def parse_study(raw: dict[str, Any], source: str = "<dict>") -> Study:
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ConfigError(f"{source}: 'defaults' must be a mapping")
+    try:  # check defaults on their own so an error names 'defaults.<key>', not the first experiment
+        from_dict(ExperimentConfig, defaults, "defaults")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     seeds = raw.get("seeds")
     if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds):
         raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
@@ -341,7 +357,7 @@ def load_study(path: str | Path) -> Study:
     if not path.is_file():
         raise ConfigError(f"study file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_YamlLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return parse_study(raw, str(path))
@@ -354,7 +370,7 @@ def run_name(cfg: ExperimentConfig, n_seeds: int) -> str:
 
 def config_from_yaml_text(text: str, source: str) -> ExperimentConfig:
     """Load an ExperimentConfig saved by transferlab (``config.yaml`` in a run directory)."""
-    raw = yaml.safe_load(text)
+    raw = yaml.load(text, Loader=_YamlLoader)
     try:
         return from_dict(ExperimentConfig, raw)
     except ConfigError as e:

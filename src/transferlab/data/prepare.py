@@ -51,6 +51,8 @@ def _stratified_take(labels: np.ndarray, amount: float | None, seed: int, what: 
         raise DatasetError(f"{what}={amount:g} gives {n} images, fewer than the {n_classes} classes")
     if n == len(labels):
         return idx
+    if len(labels) - n < n_classes:  # sklearn cannot stratify a remainder smaller than the class count
+        return np.sort(np.random.default_rng(seed).choice(idx, size=n, replace=False))
     taken, _ = train_test_split(idx, train_size=n, stratify=labels, random_state=seed)
     return np.sort(taken)
 

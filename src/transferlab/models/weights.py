@@ -111,6 +111,38 @@ OFFLINE_ALTERNATIVES = (
 )
 
 
+def _hub_cached(name: str) -> bool:
+    """True when timm's weights for ``name`` are already in the local Hugging Face cache."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return False
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, DNS, connect), or None if it can.
+
+    huggingface_hub retries a failing download for about a minute; this check fails in seconds.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and the weights are not in the local cache"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        return f"the hub ({host}) is not reachable: {e}"
+    return None
+
+
 def create_backbone(name: str, weights: str, drop_rate: float = 0.0) -> tuple[nn.Module, LoadReport | None]:
     """Create timm backbone ``name`` without a classifier (``num_classes=0``) and load ``weights`` into it."""
     import timm
@@ -127,6 +159,8 @@ def create_backbone(name: str, weights: str, drop_rate: float = 0.0) -> tuple[nn
     if weights == "imagenet":
         if not timm.list_pretrained(f"{name}*") and not timm.list_pretrained(name):
             raise WeightsError(f"timm has no pretrained weights for {name!r}; {OFFLINE_ALTERNATIVES}")
+        if not _hub_cached(name) and (why := _hub_unreachable()):
+            raise WeightsError(f"could not get ImageNet weights for {name!r}: {why}; {OFFLINE_ALTERNATIVES}")
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - network/hub errors come in many types

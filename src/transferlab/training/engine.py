@@ -137,6 +137,7 @@ def fit(
                 if tc.max_grad_norm:
                     fabric.clip_gradients(fmodel, optimizer, max_norm=tc.max_grad_norm)
                 optimizer.step()
+                step_lr = optimizer.param_groups[0]["lr"]  # the lr this step used (logged per epoch)
                 scheduler.step()
                 d = loss.detach()
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(d), step, first_bad)
@@ -157,7 +158,7 @@ def fit(
                 "train_acc": float(correct) / seen,
                 "val_loss": val_metrics["loss"],
                 "val_acc": val_metrics["acc"],
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": step_lr,
                 "seconds": time.perf_counter() - t0,
             }
             history.append(row)

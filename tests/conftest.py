@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny configs on the synthetic dataset so unit tests take seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from transferlab.config import ExperimentConfig, from_dict
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def make_cfg():
+    """Build an ExperimentConfig from a (partial) dict on top of a fast synthetic setup."""
+
+    def _make(**overrides) -> ExperimentConfig:
+        base = {
+            "name": "t",
+            "data": {"dataset": "synthetic", "synthetic_classes": 4, "synthetic_size": 128, "val_fraction": 0.25},
+            "model": {"backbone": "transferlab_cnn", "weights": "scratch"},
+            "train": {"epochs": 2, "batch_size": 32, "lr": 0.01, "progress": False, "accelerator": "cpu"},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key] = {**base[key], **value}
+            else:
+                base[key] = value
+        cfg = from_dict(ExperimentConfig, base)
+        cfg.validate()
+        return cfg
+
+    return _make

@@ -1,0 +1,164 @@
+"""The training engine: real accuracy on real data, exact resume, early stopping, NaN, schedules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+import transferlab.training.engine as engine
+from transferlab.runs import RunError, load_run, run_experiment
+from transferlab.training import TrainingDiverged
+from transferlab.training.checkpoint import CheckpointError, read_metadata
+
+QUIET = Console(quiet=True)
+
+
+def test_builtin_cnn_learns_digits_to_90_percent_in_under_a_minute(make_cfg, tmp_path):
+    """Real data (scikit-learn's digits), real loop, CPU."""
+    cfg = make_cfg(
+        data={"dataset": "digits", "image_size": 16, "val_fraction": 0.1},
+        model={"backbone": "transferlab_cnn"},
+        strategy={"name": "scratch"},
+        train={"epochs": 12, "batch_size": 64, "lr": 0.003, "optimizer": "adamw", "schedule": "cosine"},
+    )
+    m = run_experiment(cfg, tmp_path / "run", console=QUIET)
+    assert m["test_acc"] >= 0.90, m["test_acc"]
+    assert m["wall_seconds"] < 60
+    assert m["n_test"] == 450 and len(m["per_class_acc"]) == 10
+    cm = torch.tensor(m["confusion_matrix"])
+    assert cm.sum() == 450 and cm.trace() / 450 == pytest.approx(m["test_acc"], abs=1e-6)
+    assert m["test_top5"] >= m["test_acc"]
+
+
+def test_run_directory_contents_and_load_run_reproduces_the_model(make_cfg, tmp_path):
+    cfg = make_cfg(train={"epochs": 2})
+    m = run_experiment(cfg, tmp_path / "run", console=QUIET)
+    run_dir = tmp_path / "run"
+    for name in ("config.yaml", "metrics.json", "history.csv", "selection.json", "checkpoints/best.safetensors", "checkpoints/last.safetensors", "checkpoints/best.json"):
+        assert (run_dir / name).is_file(), name
+    meta = read_metadata(run_dir / "checkpoints" / "best.safetensors")
+    assert meta["config"]["name"] == "t" and meta["class_names"] == [f"class_{i}" for i in range(4)]
+    assert meta["code_version"]["transferlab"]
+    assert json.loads((run_dir / "checkpoints" / "best.json").read_text())["epoch"] == meta["epoch"]
+
+    run = load_run(run_dir)
+    assert run.config == cfg
+    assert [int(r["epoch"]) for r in run.history] == [1, 2]
+    model = run.load_model()
+    # evaluating the reloaded model on the test split gives the recorded accuracy
+    from transferlab.data import TensorBatches, prepare_splits
+    from transferlab.evaluation import evaluate
+
+    splits = prepare_splits(cfg.data, cfg.seed)
+    test = TensorBatches(splits.test_x, splits.test_y, 64, model.preprocess())
+    assert evaluate(model, test, 4)["acc"] == pytest.approx(m["test_acc"], abs=1e-9)
+
+
+def test_existing_run_dir_is_not_overwritten_without_permission(make_cfg, tmp_path):
+    cfg = make_cfg(train={"epochs": 1})
+    run_experiment(cfg, tmp_path / "run", console=QUIET)
+    with pytest.raises(RunError, match="already exists.*--resume.*--overwrite"):
+        run_experiment(cfg, tmp_path / "run", console=QUIET)
+    again = run_experiment(cfg, tmp_path / "run", resume=True, console=QUIET)  # finished: skipped
+    assert again["status"] == "ok"
+    run_experiment(cfg, tmp_path / "run", overwrite=True, console=QUIET)
+
+
+def _final_state(run_dir):
+    return load_file(str(run_dir / "checkpoints" / "last.safetensors"))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_resume_after_interruption_is_bit_identical(make_cfg, tmp_path, monkeypatch, schedule):
+    cfg = make_cfg(
+        train={"epochs": 3, "optimizer": "adamw", "schedule": schedule},
+        head={"type": "mlp", "hidden": 16, "dropout": 0.3},  # dropout: the global RNG must be restored too
+        data={"augment": ["flip", "crop"]},
+    )
+    full = run_experiment(cfg, tmp_path / "full", console=QUIET)
+
+    real_save = engine.save_checkpoint
+
+    def save_then_die(path, *args, **kwargs):
+        real_save(path, *args, **kwargs)
+        if path.name == "last.safetensors" and args[1]["epoch"] == 1:
+            raise KeyboardInterrupt("simulated kill after epoch 2")
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", console=QUIET)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    resumed = run_experiment(cfg, tmp_path / "cut", resume=True, console=QUIET)
+
+    assert resumed["resumed_from"].endswith("last.safetensors")
+    a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"  # weights, optimizer state, RNG
+    assert resumed["test_acc"] == full["test_acc"]
+    ha, hb = load_run(tmp_path / "full").history, load_run(tmp_path / "cut").history
+    assert [(r["train_loss"], r["val_acc"]) for r in ha] == [(r["train_loss"], r["val_acc"]) for r in hb]
+
+
+def test_resume_skips_a_corrupt_last_checkpoint_and_says_so(make_cfg, tmp_path):
+    cfg = make_cfg(train={"epochs": 2})
+    run_experiment(cfg, tmp_path / "run", console=QUIET)
+    (tmp_path / "run" / "metrics.json").unlink()  # pretend it was killed before finishing
+    last = tmp_path / "run" / "checkpoints" / "last.safetensors"
+    last.write_bytes(last.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="last.safetensors"):
+        read_metadata(last)
+    console = Console(record=True, width=200)
+    m = run_experiment(cfg, tmp_path / "run", resume=True, console=console)
+    text = console.export_text()
+    assert "cannot resume from" in text and "last.safetensors" in text and "resumed from" in text
+    assert m["status"] == "ok"
+
+
+def test_early_stopping_with_patience(make_cfg, tmp_path):
+    cfg = make_cfg(train={"epochs": 10, "lr": 1e-9, "schedule": "none", "early_stopping": {"monitor": "val_acc", "patience": 2}})
+    m = run_experiment(cfg, tmp_path / "run", console=QUIET)
+    assert m["stopped_early"] and m["epochs_run"] == 3 and m["best_epoch"] == 1
+
+
+def test_nan_loss_stops_naming_experiment_epoch_and_step_and_keeps_the_good_checkpoint(make_cfg, tmp_path, monkeypatch):
+    from transferlab.models.model import TransferModel
+
+    cfg = make_cfg(name="explodes", train={"epochs": 3, "batch_size": 32})  # 96 train images: 3 steps per epoch
+    real_forward, calls = TransferModel.forward, {"n": 0}
+
+    def forward(self, x):  # the 5th training forward (epoch 2, step 2) produces NaN logits
+        out = real_forward(self, x)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                out = out * float("nan")
+        return out
+
+    monkeypatch.setattr(TransferModel, "forward", forward)
+    with pytest.raises(TrainingDiverged, match=r"'explodes'.*non-finite at epoch 2, step 2"):
+        run_experiment(cfg, tmp_path / "run", console=QUIET)
+    meta = read_metadata(tmp_path / "run" / "checkpoints" / "best.safetensors")
+    assert meta["epoch"] == 0 and meta["trainer"]["best"] == meta["history"][0]["val_acc"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("schedule", ["cosine", "step", "onecycle", "none"])
+def test_optimizers_and_schedules(optimizer, schedule, make_cfg, tmp_path):
+    cfg = make_cfg(
+        train={"epochs": 4, "optimizer": optimizer, "schedule": schedule, "lr": 0.01, "step_size": 2, "gamma": 0.1, "label_smoothing": 0.1},
+        data={"synthetic_size": 64},
+    )
+    m = run_experiment(cfg, tmp_path / "run", console=QUIET)
+    lrs = [r["lr"] for r in load_run(tmp_path / "run").history]
+    assert m["status"] == "ok" and len(lrs) == 4
+    if schedule == "none":
+        assert lrs == pytest.approx([0.01] * 4)
+    elif schedule == "step":  # decays by gamma every step_size (2) epochs; lr = the one used in each epoch's last step
+        assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001])
+    else:  # cosine and one-cycle anneal towards zero by the end
+        assert lrs[-1] < 0.05 * 0.01 and max(lrs) <= 0.01 + 1e-12
