@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from transferlab.config import ExperimentConfig, from_dict
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
 
 
 @pytest.fixture

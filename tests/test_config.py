@@ -346,3 +346,17 @@ def test_empty_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_study(path)
     assert str(info.value).startswith(f"{path}: a study file must be a mapping")
+
+
+def test_saved_config_errors_name_the_file():
+    from transferlab.config import config_from_yaml_text
+
+    with pytest.raises(ConfigError, match="runs/x/config.yaml: not valid YAML"):
+        config_from_yaml_text("a: [", "runs/x/config.yaml")
+    with pytest.raises(ConfigError, match="runs/x/config.yaml: expected a mapping"):
+        config_from_yaml_text("", "runs/x/config.yaml")
+
+
+def test_boolean_seeds_are_rejected():
+    with pytest.raises(ConfigError, match="seeds"):
+        parse_study({"study": "s", "seeds": [True], "experiments": [{"name": "a"}]})

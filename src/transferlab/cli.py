@@ -42,7 +42,7 @@ def demo_study_path() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # logs and CI: don't squeeze tables
     from transferlab.config import ConfigError
 
     try:

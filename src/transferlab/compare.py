@@ -36,13 +36,17 @@ def collect(study_dir: str | Path) -> list[dict[str, Any]]:
     if not study_dir.is_dir():
         raise FileNotFoundError(f"no such study directory: {study_dir}")
     groups: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted(study_dir.glob(f"*/metrics.json")):
+    for path in sorted(study_dir.glob("*/metrics.json")):
         m = json.loads(path.read_text())
         groups.setdefault(m["experiment"], []).append(m)
     if not groups:
         raise FileNotFoundError(f"{study_dir} holds no runs (no */metrics.json); run the study first")
+    order_file = study_dir / "study.json"
+    order = json.loads(order_file.read_text())["experiments"] if order_file.exists() else []
+    names = sorted(groups, key=lambda n: (order.index(n) if n in order else len(order), n))
     rows = []
-    for name, runs in groups.items():
+    for name in names:
+        runs = groups[name]
         ok = [r for r in runs if r.get("status") == "ok"]
         first = ok[0] if ok else runs[0]
         row: dict[str, Any] = {

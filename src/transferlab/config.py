@@ -320,7 +320,7 @@ def parse_study(raw: dict[str, Any], source: str = "<dict>") -> Study:
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     seeds = raw.get("seeds")
-    if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds):
+    if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or not seeds):
         raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
     entries = raw.get("experiments")
     if not isinstance(entries, list) or not entries:
@@ -370,7 +370,12 @@ def run_name(cfg: ExperimentConfig, n_seeds: int) -> str:
 
 def config_from_yaml_text(text: str, source: str) -> ExperimentConfig:
     """Load an ExperimentConfig saved by transferlab (``config.yaml`` in a run directory)."""
-    raw = yaml.load(text, Loader=_YamlLoader)
+    try:
+        raw = yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of experiment settings, got {type(raw).__name__}")
     try:
         return from_dict(ExperimentConfig, raw)
     except ConfigError as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,11 @@ def run_study(
     out = Path(runs_dir) / study.name
     n_seeds = len({c.seed for c in study.experiments if c.name == study.experiments[0].name})
     result = StudyResult(study.name, out)
+    out.mkdir(parents=True, exist_ok=True)
+    order = list(dict.fromkeys(c.name for c in study.experiments))
+    (out / "study.json").write_text(json.dumps({"study": study.name, "source": study.source, "experiments": order}, indent=2))
+    if study.source and Path(study.source).is_file():
+        shutil.copyfile(study.source, out / "study.yaml")  # the study file as it was when run
     names = {c.name for c in study.experiments}
     for name in only or []:
         if name not in names:
