@@ -122,6 +122,10 @@ class TrainConfig:
     precision: str = "32-true"
     """Lightning Fabric precision, e.g. ``32-true``, ``bf16-mixed``, ``16-mixed``."""
     max_grad_norm: float | None = None
+    checkpoint_every_steps: int | None = None
+    """Also write the ``last`` checkpoint every N optimizer steps inside an epoch (exact mid-epoch resume)."""
+    checkpoint_every_minutes: float | None = 10.0
+    """Also write the ``last`` checkpoint when this much time passed since the previous one."""
     progress: bool = True
     """Show progress bars."""
 

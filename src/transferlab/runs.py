@@ -11,11 +11,15 @@ A run directory ``runs/<study>/<run>/`` holds everything needed to trust and reu
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import os
+import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -92,6 +96,40 @@ def run_experiment(
     """
     console = console or Console()
     run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        return _run_experiment_locked(cfg, run_dir, resume, overwrite, console, splits)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` (``.<name>.lock`` beside it) while writing it.
+
+    A second process that tries to write the same run directory is refused with a clear message.
+    The lock is an OS file lock (``flock``), so a killed process never leaves a stale lock behind.
+    """
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir.parent / f".{run_dir.name}.lock"
+    with open(lock_path, "a+") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): run unlocked
+            pass
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunError(f"run directory {run_dir} is being written by another process ({holder}); wait for it or use another --runs-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        yield
+
+
+def _run_experiment_locked(
+    cfg: ExperimentConfig, run_dir: Path, resume: bool, overwrite: bool, console: Console, splits: ImageSplits | None
+) -> dict[str, Any]:
     metrics_path = run_dir / METRICS_FILE
     if run_dir.exists() and any(run_dir.iterdir()):
         if resume and metrics_path.exists() and json.loads(metrics_path.read_text()).get("status") == "ok":

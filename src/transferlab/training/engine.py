@@ -8,6 +8,7 @@ device, so the hot loop never waits for the host (one sync per epoch).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -51,8 +52,26 @@ def _improved(value: float, best: float | None, mode_max: bool, min_delta: float
     return value > best + min_delta if mode_max else value < best - min_delta
 
 
+@dataclass
+class LoopState:
+    """Everything the loop needs to continue exactly where it stopped (saved in every checkpoint)."""
+
+    epoch: int = 0  # the epoch in progress (0-based); == epochs when training is complete
+    step: int = 0  # optimizer steps already done in that epoch
+    best: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    seconds: float = 0.0  # training time spent so far, summed over resumed sessions
+    loss_sum: float = 0.0  # running sums of the epoch in progress (for mid-epoch checkpoints)
+    correct: int = 0
+    seen: int = 0
+    stopped_early: bool = False
+
+
 def _resume_state(ckpt_dir: Path, console: Console) -> tuple[Path, tuple] | None:
     """The newest loadable checkpoint among last/best; corrupt ones are reported and skipped."""
+    for tmp in ckpt_dir.glob(".*.tmp"):  # half-written by a killed process: never a valid checkpoint
+        tmp.unlink()
     found = []
     for name in ("last", "best"):
         path = ckpt_dir / f"{name}.safetensors"
@@ -63,7 +82,8 @@ def _resume_state(ckpt_dir: Path, console: Console) -> tuple[Path, tuple] | None
         except CheckpointError as e:
             console.print(f"[yellow]cannot resume from {path}: {e}; trying an older checkpoint[/]")
             continue
-        found.append((loaded[1]["epoch"], path, loaded))
+        t = loaded[1]["trainer"]
+        found.append(((t["epoch"], t["step"]), path, loaded))
     if not found:
         return None
     _, path, loaded = max(found, key=lambda t: t[0])
@@ -81,7 +101,13 @@ def fit(
     resume: bool = False,
     console: Console | None = None,
 ) -> FitResult:
-    """Train ``model`` (already strategy-applied) and write best/last checkpoints into ``ckpt_dir``."""
+    """Train ``model`` (already strategy-applied) and write best/last checkpoints into ``ckpt_dir``.
+
+    ``last`` is written at the end of every epoch and, within an epoch, every
+    ``train.checkpoint_every_steps`` steps or ``train.checkpoint_every_minutes`` minutes; a resumed
+    run replays the interrupted epoch's batch order, skips the steps already done and continues
+    with the saved optimizer, scheduler, RNG and running sums — bit-identical on the CPU.
+    """
     console = console or Console()
     tc = cfg.train
     optimizer = make_optimizer(model.parameters(), tc)
@@ -91,7 +117,7 @@ def fit(
     mode_max = tc.early_stopping.monitor == "val_acc"
 
     history: list[dict[str, float]] = []
-    start_epoch, best, best_epoch, bad_epochs, spent = 0, None, -1, 0, 0.0
+    st = LoopState()
     resumed_from = None
     if resume and (found := _resume_state(ckpt_dir, console)):
         path, (state, ck_meta, opt_state, rng) = found
@@ -100,36 +126,48 @@ def fit(
         scheduler.load_state_dict(ck_meta["scheduler"])
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-        t = ck_meta["trainer"]
-        start_epoch, best, best_epoch, bad_epochs, spent = t["epoch"] + 1, t["best"], t["best_epoch"], t["bad_epochs"], t["seconds"]
+            torch.cuda.set_rng_state(rng["cuda"], fabric.device)
+        st = LoopState(**ck_meta["trainer"])
         history = ck_meta["history"]
         resumed_from = str(path)
-        console.print(f"resumed from {path} (epoch {t['epoch'] + 1} done)")
+        console.print(f"resumed from {path} (epoch {st.epoch + 1}, step {st.step})")
 
-    def save(kind: str, epoch: int) -> None:
+    def save(kind: str) -> None:
+        if not fabric.is_global_zero:
+            return
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and fabric.device.type == "cuda":
+        if fabric.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(fabric.device)
-        trainer = {"epoch": epoch, "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs, "seconds": spent}
-        full = {**meta, "kind": kind, "epoch": epoch, "trainer": trainer, "history": history, "scheduler": scheduler.state_dict()}
+        full = {
+            **meta,
+            "kind": kind,
+            "epoch": st.epoch - 1,  # index of the last completed epoch (-1: none yet)
+            "trainer": dataclasses.asdict(st),
+            "history": history,
+            "scheduler": scheduler.state_dict(),
+        }
         json.dumps(full)  # fail here, loudly, if anything is not JSON
         save_checkpoint(ckpt_dir / f"{kind}.safetensors", model.state_dict(), full, optimizer.state_dict(), rng)
 
-    stopped_early = False
+    every_steps = tc.checkpoint_every_steps or 0
+    every_s = 60 * tc.checkpoint_every_minutes if tc.checkpoint_every_minutes else float("inf")
     show = tc.progress and fabric.is_global_zero
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
     with Progress(*columns, console=console, disable=not show, transient=True) as progress:
-        for epoch in range(start_epoch, tc.epochs):
-            t0 = time.perf_counter()
+        while st.epoch < tc.epochs and not st.stopped_early:
+            epoch = st.epoch
+            t0 = last_save = time.perf_counter()
             fmodel.train()
             train.set_epoch(epoch)
-            task = progress.add_task(f"{cfg.name} epoch {epoch + 1}/{tc.epochs}", total=len(train), info="")
-            loss_sum = torch.zeros((), device=fabric.device, dtype=torch.float64)
-            correct = torch.zeros((), device=fabric.device, dtype=torch.long)
+            task = progress.add_task(f"{cfg.name} epoch {epoch + 1}/{tc.epochs}", total=len(train), info="", completed=st.step)
+            # running sums stay on the device: no host sync per step
+            loss_sum = torch.tensor(st.loss_sum, device=fabric.device, dtype=torch.float64)
+            correct = torch.tensor(st.correct, device=fabric.device, dtype=torch.long)
             first_bad = torch.full((), -1, device=fabric.device, dtype=torch.long)
-            seen = 0
+            step_lr = optimizer.param_groups[0]["lr"]
             for step, (x, y) in enumerate(train):
+                if step < st.step:  # resumed mid-epoch: replay the order (and augmentation RNG), skip the work
+                    continue
                 logits = fmodel(x)
                 loss = loss_fn(logits, y)
                 optimizer.zero_grad(set_to_none=True)
@@ -143,19 +181,28 @@ def fit(
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(d), step, first_bad)
                 loss_sum += d.double() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
-                seen += len(y)
+                st.seen += len(y)
+                st.step = step + 1
                 progress.update(task, advance=1)
+                now = time.perf_counter()
+                if st.step < len(train) and ((every_steps and st.step % every_steps == 0) or now - last_save > every_s):
+                    if int(first_bad) >= 0:
+                        break  # never checkpoint a diverged state
+                    st.loss_sum, st.correct = float(loss_sum), int(correct)
+                    st.seconds += now - t0
+                    t0 = last_save = now
+                    save("last")
             if (bad := int(first_bad)) >= 0:  # the epoch's one host sync for the loss
                 raise TrainingDiverged(
                     f"experiment '{cfg.name}': loss became non-finite at epoch {epoch + 1}, step {bad + 1} "
                     f"(lr {tc.lr:g}); the last good checkpoint is kept in {ckpt_dir}"
                 )
-            spent += time.perf_counter() - t0
+            st.seconds += time.perf_counter() - t0
             val_metrics = evaluate(fmodel, val, model.num_classes, fabric.device)
             row = {
                 "epoch": epoch + 1,
-                "train_loss": float(loss_sum) / seen,
-                "train_acc": float(correct) / seen,
+                "train_loss": float(loss_sum) / st.seen,
+                "train_acc": float(correct) / st.seen,
                 "val_loss": val_metrics["loss"],
                 "val_acc": val_metrics["acc"],
                 "lr": step_lr,
@@ -163,21 +210,24 @@ def fit(
             }
             history.append(row)
             progress.remove_task(task)
+            st.epoch, st.step, st.loss_sum, st.correct, st.seen = epoch + 1, 0, 0.0, 0, 0
             value = row[tc.early_stopping.monitor]
-            if _improved(value, best, mode_max, tc.early_stopping.min_delta):
-                best, best_epoch, bad_epochs = value, epoch, 0
-                save("best", epoch)
+            if _improved(value, st.best, mode_max, tc.early_stopping.min_delta):
+                st.best, st.best_epoch, st.bad_epochs = value, epoch, 0
+                save("best")
             else:
-                bad_epochs += 1
-            save("last", epoch)
+                st.bad_epochs += 1
+            patience = tc.early_stopping.patience
+            st.stopped_early = patience is not None and st.bad_epochs >= patience
+            save("last")
             if show:
                 console.print(
                     f"  {cfg.name} epoch {epoch + 1:>3}/{tc.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
                     f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  {row['seconds']:.1f}s"
-                    + ("  *" if best_epoch == epoch else "")
+                    + ("  *" if st.best_epoch == epoch else "")
                 )
-            if tc.early_stopping.patience is not None and bad_epochs >= tc.early_stopping.patience:
-                stopped_early = True
-                console.print(f"  early stop: no {tc.early_stopping.monitor} improvement for {bad_epochs} epochs")
+            if st.stopped_early:
+                console.print(f"  early stop: no {tc.early_stopping.monitor} improvement for {st.bad_epochs} epochs")
                 break
-    return FitResult(history, best_epoch + 1, best if best is not None else float("nan"), spent, stopped_early, resumed_from)
+    best = st.best if st.best is not None else float("nan")
+    return FitResult(history, st.best_epoch + 1, best, st.seconds, st.stopped_early, resumed_from)
