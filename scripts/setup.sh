@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install transferlab with the exact versions in constraints.txt.
-# Also installs Debian's Fashion-MNIST package when running as root on Debian/Ubuntu and it is missing.
+# Also installs Debian's Fashion-MNIST package and chromium (the report's browser test) when running as root
+# on Debian/Ubuntu and they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,4 +13,8 @@ fi
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }) \
     || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will say how to get it"
+fi
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }) \
+    || echo "note: could not install chromium; the report's headless-browser test will be skipped"
 fi

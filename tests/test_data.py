@@ -458,8 +458,8 @@ def test_crop_deterministic_with_seeded_generator() -> None:
 
 def test_unknown_augmentation() -> None:
     x = torch.zeros((2, 1, 8, 8), dtype=torch.uint8)
-    with pytest.raises(ValueError, match=r"unknown augmentation 'rotate'; available: flip, crop"):
-        augment_batch(x, ["flip", "rotate"], torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"unknown augmentation 'rotat' \(did you mean 'rotate'\?\); available: flip, vflip, crop"):
+        augment_batch(x, ["flip", "rotat"], torch.Generator().manual_seed(0))
 
 
 # --------------------------------------------------------------------------------------------

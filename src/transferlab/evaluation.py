@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from transferlab.distributed import all_reduce_sum
+
 
 @torch.inference_mode()
 def evaluate(
@@ -46,6 +48,9 @@ def evaluate(
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     model.train(was_training)
+    # under DDP every rank saw part of the data: sum loss and count over ranks (torchmetrics syncs itself)
+    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(n), device=device, dtype=torch.float64)]))
+    loss_sum, n = totals[0], int(totals[1])
     out: dict[str, Any] = {
         "loss": float(loss_sum) / max(n, 1),
         "acc": float(top1.compute()),

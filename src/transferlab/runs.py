@@ -30,7 +30,8 @@ import yaml
 from rich.console import Console
 
 from transferlab.config import ExperimentConfig, config_from_yaml_text
-from transferlab.data.prepare import ImageSplits, TensorBatches, prepare_splits
+from transferlab.distributed import RoundRobin, SliceOfGlobalBatch, fabric_kwargs, world
+from transferlab.data.prepare import ImageSplits, make_batches, prepare_splits
 from transferlab.evaluation import evaluate
 from transferlab.models.model import TransferModel, build_model, count_params
 from transferlab.strategies import apply_strategy
@@ -75,9 +76,12 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def make_fabric(cfg: ExperimentConfig):  # noqa: ANN201 - lightning type
+    """A Fabric for this process: one device, or DDP over the ``torchrun`` world (see ``distributed``)."""
     from lightning.fabric import Fabric
 
-    return Fabric(accelerator=cfg.train.accelerator, devices=1, precision=cfg.train.precision)
+    fabric = Fabric(accelerator=cfg.train.accelerator, precision=cfg.train.precision, **fabric_kwargs())
+    fabric.launch()  # joins the process group under torchrun; nothing to do for a single process
+    return fabric
 
 
 def run_experiment(
@@ -96,7 +100,14 @@ def run_experiment(
     """
     console = console or Console()
     run_dir = Path(run_dir)
-    with run_lock(run_dir):
+    rank, _ = world()
+    if rank != 0:  # under torchrun only rank 0 prints, locks and writes
+        console = Console(quiet=True)
+    with run_lock(run_dir) if rank == 0 else contextlib.nullcontext():
+        if cfg.kind != "train":  # logistic / knn probes and few-shot episodes on cached features
+            from transferlab.probes import run_feature_experiment
+
+            return run_feature_experiment(cfg, run_dir, resume, overwrite, console, splits)
         return _run_experiment_locked(cfg, run_dir, resume, overwrite, console, splits)
 
 
@@ -131,28 +142,30 @@ def _run_experiment_locked(
     cfg: ExperimentConfig, run_dir: Path, resume: bool, overwrite: bool, console: Console, splits: ImageSplits | None
 ) -> dict[str, Any]:
     metrics_path = run_dir / METRICS_FILE
+    wall0 = time.perf_counter()
+    fabric = make_fabric(cfg)
+    writer = fabric.is_global_zero  # every rank reads the run directory before rank 0 changes it
     if run_dir.exists() and any(run_dir.iterdir()):
         if resume and metrics_path.exists() and json.loads(metrics_path.read_text()).get("status") == "ok":
             console.print(f"[dim]{cfg.name}: already finished in {run_dir}, skipped[/]")
             return json.loads(metrics_path.read_text())
         if not resume and not overwrite:
             raise RunError(f"run directory {run_dir} already exists: pass --resume to continue it or --overwrite to replace it")
-        if overwrite and not resume:
+        fabric.barrier()
+        if overwrite and not resume and writer:
             import shutil
 
             shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    wall0 = time.perf_counter()
-
-    fabric = make_fabric(cfg)
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     fabric.seed_everything(cfg.seed, verbose=False)
-    torch.use_deterministic_algorithms(False)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     t0 = time.perf_counter()
     splits = splits if splits is not None else prepare_splits(cfg.data, cfg.seed)
     data_seconds = time.perf_counter() - t0
-    _write_json(run_dir / "selection.json", {"source": splits.source, **splits.indices})
+    if writer:
+        _write_json(run_dir / "selection.json", splits.selection_record())
 
     model, weights_report = build_model(cfg.model, cfg.head, splits.num_classes)
     apply_strategy(model, cfg.strategy)
@@ -160,9 +173,14 @@ def _run_experiment_locked(
     preprocess = model.preprocess()
     device = fabric.device
     batches = dict(preprocess=preprocess, device=device, channels_last=cfg.model.channels_last)
-    train = TensorBatches(splits.train_x, splits.train_y, cfg.train.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.seed, **batches)
-    val = TensorBatches(splits.val_x, splits.val_y, cfg.train.eval_batch_size, **batches)
-    test = TensorBatches(splits.test_x, splits.test_y, cfg.train.eval_batch_size, **batches)
+    batches["num_workers"] = cfg.data.num_workers  # in-memory TensorBatches, or the PIL DataLoader path (data.in_memory)
+    train = make_batches(splits, "train", cfg.train.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.seed, **batches)
+    val = make_batches(splits, "val", cfg.train.eval_batch_size, **batches)
+    test = make_batches(splits, "test", cfg.train.eval_batch_size, **batches)
+    if fabric.world_size > 1:  # each rank trains on its slice of every global batch, evaluates every N-th batch
+        train = SliceOfGlobalBatch(train, fabric.global_rank, fabric.world_size)
+        val = RoundRobin(val, fabric.global_rank, fabric.world_size)
+        test = RoundRobin(test, fabric.global_rank, fabric.world_size)
 
     meta = {"config": cfg.to_dict(), "class_names": splits.class_names, "code_version": code_version()}
     console.print(
@@ -173,14 +191,26 @@ def _run_experiment_locked(
     if weights_report is not None and weights_report.dropped:
         console.print(f"  weights: {weights_report.describe()}")
 
+    from transferlab.features import cached_training, default_cache_dir
     from transferlab.training.engine import fit
 
-    result = fit(model, train, val, cfg, fabric, run_dir / "checkpoints", meta, resume=resume, console=console)
-    _write_history(run_dir / "history.csv", result.history)
+    # a frozen prefix runs once: the loop then trains the rest on cached features (train.cache)
+    cached = cached_training(model, splits, cfg, fabric, batches, default_cache_dir(run_dir), console)
+    fit_model, train, val = cached.apply(model, train, val)
+    result = fit(fit_model, train, val, cfg, fabric, run_dir / "checkpoints", meta, resume=resume, console=console)
+    if writer:
+        _write_history(run_dir / "history.csv", result.history)
+    fabric.barrier()  # rank 0 has written the checkpoints every rank now reads
 
     best_path = run_dir / "checkpoints" / "best.safetensors"
     load_model_weights(model, best_path if best_path.exists() else run_dir / "checkpoints" / "last.safetensors")
-    test_metrics = evaluate(model, test, splits.num_classes, device)
+    from transferlab.predict import PredictionRecorder, save_test_predictions
+
+    recorder = PredictionRecorder(model) if fabric.world_size == 1 else None  # per-image test predictions (report)
+    with fabric.autocast():
+        test_metrics = evaluate(
+            model if recorder is None else recorder, test if recorder is None else recorder.batches(test), splits.num_classes, device
+        )
     metrics: dict[str, Any] = {
         "status": "ok",
         "experiment": cfg.name,
@@ -191,9 +221,11 @@ def _run_experiment_locked(
         "head": cfg.head.type,
         "dataset": cfg.data.dataset,
         "image_size": int(splits.train_x.shape[-1]),
+        "channels": int(splits.train_x.shape[1]),
         "n_train": len(splits.train_y),
         "n_val": len(splits.val_y),
         "n_test": len(splits.test_y),
+        "skipped_bad_images": len(splits.skipped),
         "class_names": splits.class_names,
         "test_acc": test_metrics["acc"],
         "test_top5": test_metrics.get("top5"),
@@ -217,7 +249,12 @@ def _run_experiment_locked(
         "notes": cfg.notes,
         "code_version": meta["code_version"],
     }
-    _write_json(metrics_path, metrics)
+    metrics["world_size"] = fabric.world_size
+    metrics["feature_cache"] = cached.summary(result.train_seconds)  # used or why not; pass vs head seconds
+    if writer and recorder is not None:
+        save_test_predictions(run_dir, recorder, splits, cfg.seed)  # predictions.json, test_samples.safetensors
+    if writer:
+        _write_json(metrics_path, metrics)
     console.print(
         f"  [green]{cfg.name}[/]: test acc {metrics['test_acc']:.4f}, trained {metrics['train_seconds']:.1f}s, "
         f"inference {metrics['inference_images_per_s']:.0f} img/s -> {run_dir}"

@@ -12,6 +12,12 @@ is frozen entirely — updating its running statistics would silently change a "
 ``freeze_first``   the first N stages / children / parameter tensors frozen, the rest trains
 ``bn_only``        only BatchNorm affine parameters (and their running stats) and the head train
 =================  ==============================================================================
+
+On top of any strategy, a *trainability schedule* (``strategy.unfreeze`` or fastai-style
+``strategy.freeze_epochs``) unfreezes the frozen stages during training, top stage first, and
+``train.lr_ratio`` gives every stage its own learning rate (``optimizer_param_groups``). The
+trainable set is a pure function of the epoch (``apply_strategy_at_epoch``), which is what makes a
+resumed run continue exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from transferlab.config import ConfigError, StrategyConfig
+from transferlab.config import ConfigError, ExperimentConfig, StrategyConfig
 from transferlab.models.model import BN_TYPES, TransferModel
 
 Strategy = Callable[[TransferModel, StrategyConfig], None]
@@ -176,3 +182,191 @@ def apply_strategy(model: TransferModel, cfg: StrategyConfig) -> None:
     if cfg.name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {cfg.name!r}; available: {', '.join(STRATEGIES)}")
     STRATEGIES[cfg.name](model, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# trainability schedules (gradual unfreezing) and discriminative learning rates
+
+
+def backbone_stages(model: TransferModel) -> list[tuple[str, list[nn.Parameter]]]:
+    """The backbone's parameters per stage group, stem first: ``[("stem", [...]), ("layer1", [...]), ...]``.
+
+    The groups are ``stage_groups`` (timm's coarse ``group_matcher``); a group is labelled with the
+    module that holds it, or ``stage <i>`` when no single module does.
+    """
+    from transferlab.models.truncate import stage_groups_labelled
+
+    stage_groups(model.backbone)  # the error for a backbone without group_matcher
+    params = dict(model.backbone.named_parameters())
+    return [(label, [params[n] for n in names]) for label, names, _ in stage_groups_labelled(model.backbone)]
+
+
+def unfreeze_milestones(cfg: StrategyConfig) -> tuple[list[int], int | None]:
+    """(epochs at which stages unfreeze, stage groups per step; ``None`` = all at once)."""
+    if cfg.freeze_epochs is not None:
+        return [cfg.freeze_epochs], None
+    if cfg.unfreeze is not None:
+        return list(cfg.unfreeze.at_epochs), cfg.unfreeze.stages_per_step
+    return [], None
+
+
+def has_schedule(cfg: StrategyConfig) -> bool:
+    """True when the trainable set changes during training (``unfreeze`` or ``freeze_epochs``)."""
+    return bool(unfreeze_milestones(cfg)[0])
+
+
+def apply_strategy_at_epoch(model: TransferModel, cfg: StrategyConfig, epoch: int) -> list[str]:
+    """Set the trainable parameters (and frozen BatchNorm) for ``epoch`` (0-based); returns the
+    stage groups the schedule has unfrozen by then, topmost first.
+
+    A pure function of the epoch: the strategy is applied afresh, then, for every milestone
+    ``<= epoch``, the next ``stages_per_step`` stage groups that the strategy froze (even in part)
+    become fully trainable, from the top of the backbone down (fastai / ULMFiT gradual
+    unfreezing). BatchNorm layers of still-frozen stages stay in eval mode. A resumed run calls it
+    for the epoch it resumes in and gets exactly the set the interrupted run had.
+    """
+    apply_strategy(model, cfg)
+    milestones, per_step = unfreeze_milestones(cfg)
+    steps = sum(epoch >= m for m in milestones)
+    if steps == 0:
+        return []
+    frozen = [(label, ps) for label, ps in backbone_stages(model) if any(not p.requires_grad for p in ps)]
+    n = len(frozen) if per_step is None else min(len(frozen), steps * per_step)
+    chosen = frozen[len(frozen) - n :]
+    for _, ps in chosen:
+        for p in ps:
+            p.requires_grad_(True)
+    sync_frozen_batchnorm(model)
+    return [label for label, _ in reversed(chosen)]
+
+
+def _transfer_model(model: nn.Module) -> TransferModel:
+    """The ``TransferModel`` itself, also when the loop trains a wrapper of it (``.model``, e.g. the feature cache's)."""
+    if isinstance(model, TransferModel):
+        return model
+    inner = getattr(model, "model", None)
+    if isinstance(inner, TransferModel):
+        return inner
+    raise TypeError(f"expected a TransferModel (or a wrapper with .model), got {type(model).__name__}")
+
+
+def trainability_for_epoch(model: nn.Module, cfg: ExperimentConfig, epoch: int, world_size: int = 1) -> str | None:
+    """Called by the training loop at the start of every epoch: applies the schedule for ``epoch``.
+
+    No-op (``None``) without a schedule. Returns a line for the log when stages unfroze at this epoch.
+    """
+    if not has_schedule(cfg.strategy):
+        return None
+    model = _transfer_model(model)
+    if world_size > 1:
+        raise ValueError(
+            f"experiment '{cfg.name}': gradual unfreezing (strategy.unfreeze / freeze_epochs) is not supported with "
+            f"{world_size} processes: DDP fixes the trainable parameters when it wraps the model"
+        )
+    now = apply_strategy_at_epoch(model, cfg.strategy, epoch)
+    if epoch not in unfreeze_milestones(cfg.strategy)[0]:
+        return None
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"  epoch {epoch + 1}: unfrozen so far: {', '.join(now) or 'nothing'}; {trainable:,}/{total:,} params trainable"
+
+
+def _lr_multipliers(model: TransferModel, ratio: float | list[float], name: str) -> tuple[list[str], list[float]]:
+    """Labels (stem … top stage, head) and the lr multiplier of each."""
+    labels = [label for label, _ in backbone_stages(model)] + ["head"]
+    if isinstance(ratio, list):
+        if len(ratio) != len(labels):
+            raise ConfigError(
+                f"experiment '{name}': train.lr_ratio has {len(ratio)} values but {type(model.backbone).__name__} has "
+                f"{len(labels)} parameter groups ({', '.join(labels)}); give one multiplier per group, stem first"
+            )
+        return labels, [float(r) for r in ratio]
+    n = len(labels) - 1
+    return labels, [float(ratio) ** (n - i) for i in range(n)] + [1.0]
+
+
+def optimizer_param_groups(model: nn.Module, cfg: ExperimentConfig) -> list[nn.Parameter] | list[dict]:
+    """What the optimizer is built over.
+
+    Without a schedule and without ``train.lr_ratio``: the trainable parameters (one group). Otherwise
+    one group per stage — head first, then the backbone from the top stage down to the stem — each
+    with its learning rate (``train.lr`` times the ``lr_ratio`` multiplier) and every parameter that
+    trains at *some* epoch of the schedule. Parameters still frozen have ``requires_grad=False`` and
+    no gradient, so optimizers skip them and create their state when they start training; the groups
+    never change, so a checkpoint's optimizer state always fits.
+    """
+    milestones, _ = unfreeze_milestones(cfg.strategy)
+    ratio = cfg.train.lr_ratio
+    if not milestones and ratio is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    model = _transfer_model(model)
+    if milestones:  # everything the last milestone makes trainable, then back to the first epoch's set
+        apply_strategy_at_epoch(model, cfg.strategy, max(milestones))
+        ever = {id(p) for p in model.parameters() if p.requires_grad}
+        apply_strategy_at_epoch(model, cfg.strategy, 0)
+    else:
+        ever = {id(p) for p in model.parameters() if p.requires_grad}
+    stages = backbone_stages(model) + [("head", list(model.head.parameters()))]
+    if ratio is not None:
+        _, mults = _lr_multipliers(model, ratio, cfg.name)
+    else:
+        mults = [1.0] * len(stages)
+    groups = []
+    for (label, ps), mult in reversed(list(zip(stages, mults))):
+        chosen = [p for p in ps if id(p) in ever]
+        if chosen:
+            groups.append({"params": chosen, "lr": cfg.train.lr * mult, "name": label})
+    covered = {id(p) for g in groups for p in g["params"]}
+    if covered != ever:
+        raise RuntimeError(f"{len(ever - covered)} trainable parameters belong to no stage group")  # programming error
+    return groups
+
+
+def check_surgery_config(cfg: ExperimentConfig) -> None:
+    """Value checks for truncation, ``keep_head``, the conv head, unfreezing schedules and ``lr_ratio``.
+
+    Called by ``ExperimentConfig.validate``; errors name the experiment, the key and the value.
+    """
+
+    def bad(key: str, value: object, why: str) -> None:
+        raise ConfigError(f"experiment '{cfg.name}': {key}={value!r} {why}")
+
+    t = cfg.model.truncate
+    if t is not None:
+        given = {k: v for k, v in (("stages", t.stages), ("after", t.after)) if v is not None}
+        if len(given) != 1:
+            bad("model.truncate", given, "needs exactly one of stages / after")
+        if t.stages is not None and t.stages < 1:
+            bad("model.truncate.stages", t.stages, "must be >= 1 (the stem and the first N stages)")
+        if t.after is not None and not t.after.strip():
+            bad("model.truncate.after", t.after, "must name a module")
+    if cfg.model.keep_head and not cfg.model.weights.startswith("run:"):
+        bad("model.keep_head", True, f"needs weights: run:<run dir or experiment> (weights is {cfg.model.weights!r})")
+    h = cfg.head
+    if h.conv_channels < 1:
+        bad("head.conv_channels", h.conv_channels, "must be >= 1")
+    if h.kernel_size < 1 or h.kernel_size % 2 == 0:
+        bad("head.kernel_size", h.kernel_size, "must be odd and >= 1 ('same' padding)")
+    s = cfg.strategy
+    if s.unfreeze is not None and s.freeze_epochs is not None:
+        bad("strategy.freeze_epochs", s.freeze_epochs, "and strategy.unfreeze cannot both be set")
+    if s.freeze_epochs is not None and s.freeze_epochs < 1:
+        bad("strategy.freeze_epochs", s.freeze_epochs, "must be >= 1")
+    if s.unfreeze is not None:
+        at = s.unfreeze.at_epochs
+        if not at or any(e < 1 for e in at) or any(b <= a for a, b in zip(at, at[1:])):
+            bad("strategy.unfreeze.at_epochs", at, "must be a non-empty, strictly increasing list of epochs >= 1")
+        if s.unfreeze.stages_per_step is not None and s.unfreeze.stages_per_step < 1:
+            bad("strategy.unfreeze.stages_per_step", s.unfreeze.stages_per_step, "must be >= 1 (or null: all at once)")
+    milestones, _ = unfreeze_milestones(s)
+    for m in milestones:
+        if m >= cfg.train.epochs:
+            key = "strategy.freeze_epochs" if s.freeze_epochs is not None else "strategy.unfreeze.at_epochs"
+            bad(key, m, f"never comes: train.epochs={cfg.train.epochs} (epochs count from 0)")
+    if milestones and s.name in ("scratch", "finetune"):
+        bad("strategy.name", s.name, "trains everything already, so unfreeze / freeze_epochs would do nothing; use linear_probe, freeze_first or bn_only")
+    r = cfg.train.lr_ratio
+    if isinstance(r, list) and (not r or any(v <= 0 for v in r)):
+        bad("train.lr_ratio", r, "must be a non-empty list of multipliers > 0")
+    if isinstance(r, float) and r <= 0:
+        bad("train.lr_ratio", r, "must be > 0")

@@ -1,8 +1,14 @@
-"""Dataset registry. Each loader returns the dataset's own train and test splits as uint8 tensors.
+"""Dataset registry. Each loader returns the dataset's own splits: uint8 tensors, or image files.
 
-Small datasets are decoded once into memory (N, C, H, W) uint8 — about 47 MB for Fashion-MNIST —
-so every later step (selection, resizing, augmentation, normalisation) works on whole batches of
-tensors on the training device instead of one PIL image at a time.
+Array datasets (MNIST family, CIFAR, digits) are decoded once into memory (N, C, H, W) uint8 —
+about 47 MB for Fashion-MNIST — so every later step (selection, resizing, augmentation,
+normalisation) works on whole batches of tensors on the training device instead of one PIL image at
+a time. File datasets (``folder``, ``tiny_imagenet``) return ``FileImages`` (paths); ``prepare_splits``
+decodes the selected files into memory when they fit, or leaves them to the PIL DataLoader path.
+
+Registered here: ``fashion_mnist``, ``mnist``, ``digits``, ``synthetic``; in ``cifar.py``:
+``cifar10``, ``cifar100``, ``cifar100_coarse``; ``tiny_imagenet.py``: ``tiny_imagenet``;
+``folder.py``: ``folder``.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ import gzip
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from transferlab.config import DataConfig
+from transferlab.data.images import FileImages, Problem
 
 
 class DatasetError(RuntimeError):
@@ -26,14 +33,21 @@ class DatasetError(RuntimeError):
 
 @dataclass
 class RawDataset:
-    """A dataset's official splits, decoded into memory."""
+    """A dataset's official splits: uint8 (N, C, H, W) tensors, or ``FileImages`` for image files."""
 
-    train_x: torch.Tensor  # (N, C, H, W) uint8
+    train_x: torch.Tensor | FileImages  # (N, C, H, W) uint8, or N image files
     train_y: torch.Tensor  # (N,) int64
-    test_x: torch.Tensor
+    test_x: torch.Tensor | FileImages
     test_y: torch.Tensor
     class_names: list[str]
     source: str  # where it was read from, recorded in the run
+    val_x: torch.Tensor | FileImages | None = None
+    """The dataset's own validation split, when it has one (a ``val/`` folder next to ``train/`` and ``test/``)."""
+    val_y: torch.Tensor | None = None
+    skipped: list[Problem] = field(default_factory=list)
+    """Bad images left out because ``data.skip_bad_images`` is on (recorded in the run)."""
+    warnings: list[Problem] = field(default_factory=list)
+    """Non-fatal findings (ignored non-image files, huge images), listed by ``check-data``."""
 
 
 DatasetLoader = Callable[[DataConfig], RawDataset]
@@ -131,6 +145,32 @@ def default_data_root() -> Path:
     return Path(os.environ.get("TRANSFERLAB_DATA", Path.home() / ".cache" / "transferlab" / "data"))
 
 
+def _idx_dataset(cfg: DataConfig, key: str, tv_name: str, class_names: list[str], system_dirs: list[Path], label: str, apt: str) -> RawDataset:
+    """Find (or download with torchvision, checksummed) the four IDX files of an MNIST-style dataset."""
+    roots = [Path(cfg.root)] if cfg.root else []
+    roots.append(default_data_root() / key)
+    candidates = [d for r in roots for d in (r, r / tv_name / "raw")] + system_dirs
+    found = _find_idx_dir(candidates)
+    if found is None:
+        target = roots[0]
+        try:  # online users: torchvision's downloader (MD5-checked IDX files) into the first root
+            import torchvision.datasets
+
+            tv_cls = getattr(torchvision.datasets, tv_name)
+            tv_cls(str(target), train=True, download=True)
+            tv_cls(str(target), train=False, download=True)
+        except Exception as e:  # noqa: BLE001 - any failure means: explain where to get it
+            looked = ", ".join(str(c) for c in candidates)
+            raise DatasetError(
+                f"{label} not found (looked in: {looked}) and download failed ({type(e).__name__}: {e}). "
+                f"{apt}put the four idx files (train-images-idx3-ubyte[.gz], ...) in a folder and set data.root to it."
+            ) from None
+        found = _find_idx_dir([target / tv_name / "raw"])
+        if found is None:
+            raise DatasetError(f"{label} download into {target} left no idx files")
+    return _load_idx_dataset(found, class_names)
+
+
 @register_dataset("fashion_mnist")
 def fashion_mnist(cfg: DataConfig) -> RawDataset:
     """Fashion-MNIST (Zalando), 60 000 train / 10 000 test, 28x28 grayscale, 10 classes.
@@ -139,28 +179,23 @@ def fashion_mnist(cfg: DataConfig) -> RawDataset:
     layout), ``$TRANSFERLAB_DATA/fashion_mnist``, the Debian package ``dataset-fashion-mnist``
     (``/usr/share/datasets/fashion-mnist``), then a torchvision download when online.
     """
-    roots = [Path(cfg.root)] if cfg.root else []
-    roots.append(default_data_root() / "fashion_mnist")
-    candidates = [d for r in roots for d in (r, r / "FashionMNIST" / "raw")] + [FASHION_MNIST_DEBIAN_DIR]
-    found = _find_idx_dir(candidates)
-    if found is None:
-        target = roots[0]
-        try:  # online users: torchvision's downloader (checksummed) into the first root
-            from torchvision.datasets import FashionMNIST
+    return _idx_dataset(
+        cfg, "fashion_mnist", "FashionMNIST", FASHION_MNIST_CLASSES, [FASHION_MNIST_DEBIAN_DIR], "Fashion-MNIST",
+        "Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or ",
+    )  # fmt: skip
 
-            FashionMNIST(str(target), train=True, download=True)
-            FashionMNIST(str(target), train=False, download=True)
-        except Exception as e:  # noqa: BLE001 - any failure means: explain where to get it
-            looked = ", ".join(str(c) for c in candidates)
-            raise DatasetError(
-                f"Fashion-MNIST not found (looked in: {looked}) and download failed ({type(e).__name__}: {e}). "
-                "Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four "
-                "idx files (train-images-idx3-ubyte[.gz], ...) in a folder and set data.root to it."
-            ) from None
-        found = _find_idx_dir([target / "FashionMNIST" / "raw"])
-        if found is None:
-            raise DatasetError(f"Fashion-MNIST download into {target} left no idx files")
-    return _load_idx_dataset(found, FASHION_MNIST_CLASSES)
+
+MNIST_CLASSES = [str(i) for i in range(10)]
+
+
+@register_dataset("mnist")
+def mnist(cfg: DataConfig) -> RawDataset:
+    """MNIST handwritten digits, 60 000 train / 10 000 test, 28x28 grayscale, classes ``0``..``9``.
+
+    Looked up: ``data.root`` (and its ``MNIST/raw`` subfolder), ``$TRANSFERLAB_DATA/mnist``, then a
+    torchvision download (MD5-checked) when online.
+    """
+    return _idx_dataset(cfg, "mnist", "MNIST", MNIST_CLASSES, [], "MNIST", "Download it when online, or ")
 
 
 @register_dataset("digits")
@@ -205,3 +240,7 @@ def synthetic(cfg: DataConfig) -> RawDataset:
     train_x, train_y = make(n)
     test_x, test_y = make(max(n // 2, n_cls))
     return RawDataset(train_x, train_y, test_x, test_y, [f"class_{c}" for c in range(n_cls)], "synthetic")
+
+
+# the other loaders register themselves on import (they need the names above)
+from transferlab.data import cifar, folder, tiny_imagenet  # noqa: E402,F401

@@ -23,8 +23,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from transferlab.config import ExperimentConfig
 from transferlab.data.prepare import TensorBatches
+from transferlab.distributed import all_reduce_sum
 from transferlab.evaluation import evaluate
 from transferlab.models.model import TransferModel
+from transferlab.strategies import optimizer_param_groups, trainability_for_epoch
 from transferlab.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from transferlab.training.optim import make_optimizer, make_scheduler
 
@@ -110,7 +112,7 @@ def fit(
     """
     console = console or Console()
     tc = cfg.train
-    optimizer = make_optimizer(model.parameters(), tc)
+    optimizer = make_optimizer(optimizer_param_groups(model, cfg), tc)  # per-stage groups with a schedule / lr_ratio
     fmodel, optimizer = fabric.setup(model, optimizer)
     scheduler = make_scheduler(optimizer, tc, len(train))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
@@ -149,14 +151,27 @@ def fit(
         json.dumps(full)  # fail here, loudly, if anything is not JSON
         save_checkpoint(ckpt_dir / f"{kind}.safetensors", model.state_dict(), full, optimizer.state_dict(), rng)
 
+    distributed = fabric.world_size > 1
     every_steps = tc.checkpoint_every_steps or 0
-    every_s = 60 * tc.checkpoint_every_minutes if tc.checkpoint_every_minutes else float("inf")
+    # time-based saves only in a single process: under DDP every rank must take the same decision
+    every_s = 60 * tc.checkpoint_every_minutes if tc.checkpoint_every_minutes and not distributed else float("inf")
     show = tc.progress and fabric.is_global_zero
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+
+    def reduced(loss_sum: torch.Tensor, correct: torch.Tensor, first_bad: torch.Tensor) -> tuple[float, int, int, bool]:
+        """Running sums and the divergence flag summed over ranks (one host sync)."""
+        t = torch.stack([loss_sum, correct.double(), torch.tensor(float(st.seen), device=fabric.device, dtype=torch.float64), (first_bad >= 0).double()])
+        t = all_reduce_sum(t).tolist()
+        return t[0], int(t[1]), int(t[2]), t[3] > 0
+
+    if distributed and not fabric.is_global_zero:  # rank 0 alone carries the restored partial sums
+        st.loss_sum, st.correct, st.seen = 0.0, 0, 0
     with Progress(*columns, console=console, disable=not show, transient=True) as progress:
         while st.epoch < tc.epochs and not st.stopped_early:
             epoch = st.epoch
             t0 = last_save = time.perf_counter()
+            if (note := trainability_for_epoch(model, cfg, epoch, fabric.world_size)) and fabric.is_global_zero:  # gradual unfreezing
+                console.print(note)
             fmodel.train()
             train.set_epoch(epoch)
             task = progress.add_task(f"{cfg.name} epoch {epoch + 1}/{tc.epochs}", total=len(train), info="", completed=st.step)
@@ -186,23 +201,28 @@ def fit(
                 progress.update(task, advance=1)
                 now = time.perf_counter()
                 if st.step < len(train) and ((every_steps and st.step % every_steps == 0) or now - last_save > every_s):
-                    if int(first_bad) >= 0:
+                    sums = reduced(loss_sum, correct, first_bad)
+                    if sums[3]:
                         break  # never checkpoint a diverged state
-                    st.loss_sum, st.correct = float(loss_sum), int(correct)
+                    st.loss_sum, st.correct, seen_local, st.seen = sums[0], sums[1], st.seen, sums[2]
                     st.seconds += now - t0
                     t0 = last_save = now
                     save("last")
-            if (bad := int(first_bad)) >= 0:  # the epoch's one host sync for the loss
+                    st.seen = seen_local
+            epoch_loss, epoch_correct, seen, diverged = reduced(loss_sum, correct, first_bad)  # the epoch's host sync
+            if diverged:
+                where = f"step {int(first_bad) + 1}" if int(first_bad) >= 0 else "a step on another rank"
                 raise TrainingDiverged(
-                    f"experiment '{cfg.name}': loss became non-finite at epoch {epoch + 1}, step {bad + 1} "
+                    f"experiment '{cfg.name}': loss became non-finite at epoch {epoch + 1}, {where} "
                     f"(lr {tc.lr:g}); the last good checkpoint is kept in {ckpt_dir}"
                 )
             st.seconds += time.perf_counter() - t0
-            val_metrics = evaluate(fmodel, val, model.num_classes, fabric.device)
+            with fabric.autocast():  # the bare module: DDP's forward would sync buffers per call
+                val_metrics = evaluate(model, val, model.num_classes, fabric.device)
             row = {
                 "epoch": epoch + 1,
-                "train_loss": float(loss_sum) / st.seen,
-                "train_acc": float(correct) / st.seen,
+                "train_loss": epoch_loss / seen,
+                "train_acc": epoch_correct / seen,
                 "val_loss": val_metrics["loss"],
                 "val_acc": val_metrics["acc"],
                 "lr": step_lr,

@@ -10,11 +10,17 @@ from torch.optim.lr_scheduler import LRScheduler
 from transferlab.config import TrainConfig
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``sgd`` (Nesterov momentum), ``adam``, ``adamw`` or ``rmsprop`` over the trainable parameters."""
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ValueError("the strategy left no trainable parameters")
+def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``sgd`` (Nesterov momentum), ``adam``, ``adamw`` or ``rmsprop`` over the trainable parameters,
+    or over parameter groups (dicts with ``params`` and ``lr``, e.g. per-stage learning rates)."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        if not any(g["params"] for g in params):
+            raise ValueError("the strategy left no trainable parameters")
+    else:
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError("the strategy left no trainable parameters")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
@@ -39,7 +45,7 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
     if cfg.schedule == "step":
         return S.StepLR(opt, step_size=cfg.step_size * steps_per_epoch, gamma=cfg.gamma)
     if cfg.schedule == "onecycle":
-        return S.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1))
+        return S.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total, 1))  # per-group peaks
     if cfg.schedule == "none":
         return S.LambdaLR(opt, lambda _step: 1.0)
     raise ValueError(f"unknown schedule {cfg.schedule!r}")

@@ -1,0 +1,142 @@
+"""Benchmark: a head on the frozen ImageNet EfficientNet-Lite0, with feature caching vs the plain loop.
+
+Fashion-MNIST at 64 px, ``weights: embedded`` (offline), ``strategy: linear_probe``; the same study
+is run twice in one process — ``train.cache: auto`` (the backbone runs once, the head trains on
+cached features) and ``train.cache: off`` (the plain loop runs the frozen backbone every epoch) —
+and the ratios are printed side by side. Then 600 five-way five-shot ProtoNet episodes are timed on
+the cached test features.
+
+    .venv/bin/python benchmarks/feature_cache.py                 # full: 18 000 train / 2 000 val / 10 000 test, 20 epochs
+    .venv/bin/python benchmarks/feature_cache.py --size small    # a quick check that it works (about a minute)
+
+Targets (issue 4): cached ≥ 10× faster end to end, test accuracy within 0.3 points; 600 episodes ≤ 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+SIZES = {
+    "full": {"train_subset": 20000, "val_count": 2000, "test_subset": None, "epochs": 20},
+    "small": {"train_subset": 1200, "val_count": 200, "test_subset": 500, "epochs": 3},
+}
+
+
+def _cfg(name: str, size: dict, head: str, cache: str, accelerator: str):  # noqa: ANN202
+    from transferlab.config import ExperimentConfig, from_dict
+
+    cfg = from_dict(ExperimentConfig, {
+        "name": name,
+        "data": {"dataset": "fashion_mnist", "train_subset": size["train_subset"], "val_count": size["val_count"],
+                 "test_subset": size["test_subset"], "image_size": 64},
+        "model": {"backbone": "tf_efficientnet_lite0", "weights": "embedded"},
+        "head": {"type": head, "hidden": 256, "dropout": 0.2 if head == "mlp" else 0.0},
+        "strategy": {"name": "linear_probe"},
+        "train": {"epochs": size["epochs"], "batch_size": 128, "eval_batch_size": 512, "optimizer": "adamw", "lr": 3e-3,
+                  "schedule": "cosine", "accelerator": accelerator, "progress": False, "cache": cache,
+                  "checkpoint_every_minutes": None},
+    })
+    cfg.validate()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="full")
+    p.add_argument("--heads", default="linear", help="comma-separated: linear, mlp (default linear)")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--runs-dir", type=Path, help="keep the run directories here (default: a temporary folder)")
+    p.add_argument("--json", dest="json_out", type=Path, help="also write the numbers as JSON")
+    args = p.parse_args(argv)
+
+    from transferlab.data.prepare import prepare_splits
+    from transferlab.features import STORE, default_cache_dir, frozen_features
+    from transferlab.fewshot import protonet_accuracy, sample_episodes
+    from transferlab.models.model import build_model
+    from transferlab.runs import make_fabric, run_experiment
+    from transferlab.strategies import linear_probe
+
+    console = Console(width=160)
+    size = SIZES[args.size]
+    tmp = tempfile.TemporaryDirectory(prefix="transferlab-bench-")
+    runs = args.runs_dir or Path(tmp.name)
+    quiet = Console(quiet=True)
+    results = []
+    for head in [h.strip() for h in args.heads.split(",") if h.strip()]:
+        row = {"head": head}
+        for cache in ("auto", "off"):
+            STORE.clear()  # a cold cache: the cached run pays its one backbone pass
+            cfg = _cfg(f"{head}_{cache}", size, head, cache, args.accelerator)
+            t0 = time.perf_counter()
+            m = run_experiment(cfg, runs / "bench" / cfg.name, overwrite=True, console=quiet)
+            wall = time.perf_counter() - t0
+            fc = m["feature_cache"]
+            row[cache] = {
+                "wall_seconds": wall, "train_seconds": m["train_seconds"], "pass_seconds": fc.get("pass_seconds", 0.0),
+                "data_seconds": m["data_seconds"], "test_acc": m["test_acc"], "cache_used": fc["used"], "cut": fc.get("cut"),
+                "n_train": m["n_train"], "n_val": m["n_val"], "n_test": m["n_test"], "epochs": m["epochs_run"],
+            }
+            console.print(f"  {cfg.name}: test acc {100 * m['test_acc']:.2f}%, {wall:.1f}s wall "
+                          f"(train loop {m['train_seconds']:.1f}s, backbone pass {fc.get('pass_seconds', 0.0):.1f}s, data {m['data_seconds']:.1f}s)")
+        on, off = row["auto"], row["off"]
+        # end to end without the data loading both share: the cached run's pass + loop vs the plain loop
+        row["speedup_train"] = off["train_seconds"] / (on["train_seconds"] + on["pass_seconds"])
+        row["speedup_wall"] = off["wall_seconds"] / on["wall_seconds"]
+        row["acc_diff_points"] = 100 * (on["test_acc"] - off["test_acc"])
+        results.append(row)
+
+    # 600 five-way five-shot episodes on cached features (the test split's pooled features)
+    cfg = _cfg("episodes", size, "linear", "auto", args.accelerator)
+    fabric = make_fabric(cfg)
+    splits = prepare_splits(cfg.data, cfg.seed)
+    model, _ = build_model(cfg.model, cfg.head, splits.num_classes)
+    linear_probe(model, cfg.strategy)
+    model.to(fabric.device).eval()
+    kw = dict(preprocess=model.preprocess(), device=fabric.device, channels_last=True, num_workers=None)
+    feats, _ = frozen_features(model, splits, "test", cfg, fabric.device, kw, default_cache_dir(runs / "bench" / "x"), fabric.autocast)
+    x = feats.features.to(fabric.device)
+    t0 = time.perf_counter()
+    episodes = sample_episodes(feats.labels, list(range(splits.num_classes)), 5, 5, 15, 600, seed=0)
+    acc = protonet_accuracy(x, episodes, 5, "euclidean")
+    if fabric.device.type == "cuda":
+        torch.cuda.synchronize()
+    episode_seconds = time.perf_counter() - t0
+
+    table = Table(title=f"feature caching, Fashion-MNIST 64 px, EfficientNet-Lite0 (embedded), size {args.size}")
+    for col in ("head", "epochs", "train/val/test", "plain loop (s)", "cached: pass + loop (s)", "speedup (train)",
+                "speedup (wall)", "test acc plain", "test acc cached", "diff (points)"):
+        table.add_column(col, justify="left" if col == "head" else "right")
+    for r in results:
+        on, off = r["auto"], r["off"]
+        table.add_row(
+            r["head"], str(off["epochs"]), f"{off['n_train']}/{off['n_val']}/{off['n_test']}", f"{off['train_seconds']:.1f}",
+            f"{on['pass_seconds']:.1f} + {on['train_seconds']:.1f}", f"{r['speedup_train']:.1f}×", f"{r['speedup_wall']:.1f}×",
+            f"{100 * off['test_acc']:.2f}%", f"{100 * on['test_acc']:.2f}%", f"{r['acc_diff_points']:+.2f}",
+        )
+    console.print(table)
+    console.print(f"600 five-way five-shot ProtoNet episodes on {len(feats.labels)} cached test features ({x.shape[1]}-d): "
+                  f"{episode_seconds:.2f}s (sampling included), accuracy {100 * float(acc.mean()):.2f}%")
+    console.print(f"device: {fabric.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+                  f"{torch.get_num_threads()} threads")
+    ok = all(r["speedup_train"] >= 10 and abs(r["acc_diff_points"]) <= 0.3 for r in results) and episode_seconds <= 5
+    console.print(f"targets (≥ 10× faster, ≤ 0.3 points, episodes ≤ 5 s): {'met' if ok else 'NOT met'}"
+                  + (" (the small size is a smoke test: targets are for the full size)" if args.size == "small" else ""))
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"size": args.size, "results": results, "episode_seconds": episode_seconds,
+                                             "episode_acc": float(acc.mean()), "device": str(fabric.device)}, indent=2))
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""``transferlab check-data``: scan a dataset before training and list every problem at once.
+
+For image folders, CSV lists and Tiny ImageNet it reads the structure (class folders, splits,
+annotation files), decodes every image once (in parallel), and hashes every file to find
+duplicates. For array datasets (CIFAR, MNIST family, digits) it loads and validates the files and
+finds duplicate images. For a study file it checks the data of every experiment, including its
+selection (``classes``, ``train_subset``, ``k_per_class``, ``val_fraction`` …), without training.
+
+Errors (training would fail or be wrong): unreadable, empty, truncated or non-image files; empty
+class folders; a root without class folders; splits with different class sets; identical files
+under different classes; impossible selections. Warnings: ignored non-image files, huge images,
+images of mixed sizes without ``data.image_size``, duplicate files within a class or across splits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from transferlab.config import ConfigError, DataConfig, load_study
+from transferlab.data.datasets import DATASETS, DatasetError, RawDataset, load_dataset
+from transferlab.data.folder import FolderScan, probe_scan, raw_from_scan, scan_folder
+from transferlab.data.images import ImageReadError, Problem, load_image, map_files
+
+
+@dataclass
+class DataReport:
+    """The result of checking one dataset: what was checked, its size, and every problem found."""
+
+    target: str
+    dataset: str
+    problems: list[Problem] = field(default_factory=list)
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    n_classes: int = 0
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing would stop or spoil training (warnings are allowed)."""
+        return not self.errors
+
+    def format(self, limit: int = 200) -> str:
+        sizes = ", ".join(f"{k} {v:,}" for k, v in self.split_sizes.items())
+        head = f"{self.dataset} ({self.target}): {sum(self.split_sizes.values()):,} images, {self.n_classes} classes"
+        head += f" ({sizes})" if sizes else ""
+        if not self.problems:
+            return head + "\n  ok: no problems found"
+        lines = [head, f"  {len(self.errors)} error(s), {len(self.warnings)} warning(s):"]
+        ordered = self.errors + self.warnings
+        for p in ordered[:limit]:
+            lines.append(f"  {p.severity:<7} {p.kind:<14} {p}")
+        if len(ordered) > limit:
+            lines.append(f"  ... and {len(ordered) - limit} more")
+        return "\n".join(lines)
+
+
+def _digest(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _duplicates(items: list[tuple[str, str, str, str]]) -> list[Problem]:
+    """items: (digest, where, split, class name) -> one problem per group of identical items."""
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    for digest, where, split, cls in items:
+        groups.setdefault(digest, []).append((where, split, cls))
+    problems = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        classes = sorted({c for _, _, c in members})
+        splits = sorted({s for _, s, _ in members})
+        where = ", ".join(m[0] for m in members[:5]) + (f" (+{len(members) - 5} more)" if len(members) > 5 else "")
+        if len(classes) > 1:
+            problems.append(Problem(members[0][0], f"identical images under different classes {classes}: {where}", "duplicate", "error"))
+        elif len(splits) > 1:
+            problems.append(Problem(members[0][0], f"identical images in splits {splits} (test leakage): {where}", "duplicate", "warning"))
+        else:
+            problems.append(Problem(members[0][0], f"{len(members)} identical images: {where}", "duplicate", "warning"))
+    return problems
+
+
+def check_scan(scan: FolderScan, decode: bool = True, workers: int | None = None) -> list[Problem]:
+    """Problems of a scanned file dataset: the scan's own, plus full decoding and duplicate files."""
+    problems = list(scan.problems)
+    already_bad = {p.path for p in problems if p.kind == "bad_image"}
+    entries = [
+        (path, split, scan.class_names[label])
+        for split, (paths, labels) in scan.splits.items()
+        for path, label in zip(paths, labels)
+        if path not in already_bad
+    ]
+    if decode:
+        results = map_files(lambda p: load_image(p, scan.channels), [e[0] for e in entries], workers)
+        for (path, _, _), r in zip(entries, results):
+            if isinstance(r, Exception):
+                problems.append(Problem(path, str(r) if isinstance(r, ImageReadError) else f"{type(r).__name__}: {r}"))
+                already_bad.add(path)
+    digests = map_files(_digest, [e[0] for e in entries], workers)
+    items = [(d, path, split, cls) for (path, split, cls), d in zip(entries, digests) if isinstance(d, str) and path not in already_bad]
+    problems += _duplicates(items)
+    return problems
+
+
+def _array_duplicates(raw: RawDataset) -> list[Problem]:
+    items = []
+    for split, x, y in (("train", raw.train_x, raw.train_y), ("test", raw.test_x, raw.test_y)):
+        if not isinstance(x, torch.Tensor):
+            return []
+        arr = x.numpy().reshape(len(x), -1)
+        for i in range(len(arr)):
+            items.append((hashlib.blake2b(arr[i].tobytes(), digest_size=16).hexdigest(), f"{split}[{i}]", split, raw.class_names[int(y[i])]))
+    return _duplicates(items)
+
+
+def _selection_problems(cfg: DataConfig, raw: RawDataset, seed: int) -> list[Problem]:
+    """Run the selection (no decoding, no resizing) and turn a failure into a problem."""
+    from transferlab.data.prepare import prepare_splits
+
+    dry = dataclasses.replace(cfg, in_memory=False, skip_bad_images=False, image_size=cfg.image_size if not isinstance(raw.train_x, torch.Tensor) else None)
+    try:
+        prepare_splits(dry, seed, raw)
+    except DatasetError as e:
+        return [Problem(raw.source, str(e), "selection")]
+    return []
+
+
+def check_config(cfg: DataConfig, seed: int = 0, decode: bool = True, workers: int | None = None) -> DataReport:
+    """Check the data one experiment would use (every file, the structure, the selection)."""
+    from transferlab.data.tiny_imagenet import _locate, scan_tiny_imagenet
+
+    report = DataReport(target=str(cfg.root or "default location"), dataset=cfg.dataset)
+    scan: FolderScan | None = None
+    try:
+        if cfg.dataset == "folder":
+            if not cfg.root:
+                raise DatasetError("dataset 'folder' needs data.root")
+            scan = scan_folder(cfg.root)
+        elif cfg.dataset == "tiny_imagenet":
+            scan = scan_tiny_imagenet(_locate(cfg))
+            probe_scan(scan)
+            scan.channels, scan.size = 3, scan.size or (64, 64)
+    except DatasetError as e:
+        report.problems.append(Problem(str(cfg.root or cfg.dataset), str(e), "no_classes"))
+        return report
+    if scan is not None:
+        report.target = str(scan.root)
+        report.problems += check_scan(scan, decode, workers)
+        report.split_sizes = {s: len(p) for s, (p, _) in scan.splits.items()}
+        report.n_classes = len(scan.class_names)
+        if any(p.severity == "error" and p.kind != "bad_image" for p in report.problems):
+            return report  # the structure is broken: a selection cannot be tried
+        raw = raw_from_scan(scan, dataclasses.replace(cfg, skip_bad_images=True))
+    else:
+        try:
+            raw = load_dataset(cfg)
+        except DatasetError as e:
+            report.problems.append(Problem(str(cfg.root or cfg.dataset), str(e), "bad_image"))
+            return report
+        report.target = raw.source
+        report.split_sizes = {"train": len(raw.train_y), "test": len(raw.test_y)}
+        report.n_classes = len(raw.class_names)
+        report.problems += _array_duplicates(raw)
+    report.problems += _selection_problems(cfg, raw, seed)
+    return report
+
+
+def check_path(target: str | Path, root: str | None = None, decode: bool = True) -> list[DataReport]:
+    """Check a study file (every experiment's data), a folder or CSV, or a registered dataset name."""
+    path = Path(target)
+    if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
+        try:
+            study = load_study(path)
+        except ConfigError as e:
+            return [DataReport(str(path), "study", [Problem(str(path), str(e), "config")])]
+        reports: list[DataReport] = []
+        seen: dict[str, DataReport] = {}
+        for exp in study.experiments:
+            key = repr(dataclasses.asdict(exp.data))  # one report per distinct data config (not per seed)
+            if key in seen:
+                continue
+            scan_key = repr((exp.data.dataset, exp.data.root))
+            if scan_key in seen:  # same files: only the selection differs
+                first = seen[scan_key]
+                rep = DataReport(first.target, f"{exp.data.dataset} [{exp.name}]", [], dict(first.split_sizes), first.n_classes)
+                if first.ok:
+                    try:
+                        raw = load_dataset(dataclasses.replace(exp.data, skip_bad_images=True))
+                        rep.problems += _selection_problems(exp.data, raw, exp.seed)
+                    except DatasetError as e:
+                        rep.problems.append(Problem(first.target, str(e), "selection"))
+                else:
+                    rep.problems.append(Problem(first.target, "see the report above", "selection", "warning"))
+            else:
+                rep = check_config(exp.data, exp.seed, decode)
+                rep.dataset = f"{exp.data.dataset} [{exp.name}]"
+                seen[scan_key] = rep
+            seen[key] = rep
+            reports.append(rep)
+        return reports
+    if path.exists():
+        return [check_config(DataConfig(dataset="folder", root=str(path)), decode=decode)]
+    if str(target) in DATASETS:
+        return [check_config(DataConfig(dataset=str(target), root=root), decode=decode)]
+    raise DatasetError(f"check-data: {target} is not a study file, a folder, a CSV file or a dataset name ({', '.join(sorted(DATASETS))})")
+

@@ -1,0 +1,342 @@
+"""Voting ensembles over finished runs, evaluated and recorded like any run.
+
+Each member is a run directory. It keeps its own preprocessing: its test images are taken from
+its dataset by the indices in its ``selection.json``, resized to its own ``data.image_size`` and
+normalised by its own model (``Run.load_model().preprocess()``), so members with different
+backbones, input sizes and normalisations vote on exactly the same test images. Members must agree
+on the class names (same order) and on the test images; anything else is an error naming the run.
+
+Votes (``combine_votes``):
+
+* ``soft`` — the class with the highest mean softmax probability over the members; an exact tie
+  goes to the lowest class index.
+* ``hard`` — every member votes for its top class (its own exact ties: lowest index); the class
+  with the most votes wins. A tie between classes (e.g. three members, three different answers)
+  goes to the tied class with the highest summed probability over the members, and an exact tie of
+  those sums to the lowest class index. The number of tied images is recorded (``vote_ties``).
+
+The result is a run directory (``metrics.json`` with status ``ok``, test accuracy, per-class
+accuracy, confusion matrix, inference images/s; ``ensemble.yaml`` with the members and the vote), so
+``transferlab compare`` lists it beside its members.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from rich.console import Console
+
+from transferlab.runs import METRICS_FILE, Run, RunError, code_version, load_run, run_lock
+
+VOTES = ("hard", "soft")
+
+
+class EnsembleError(RunError):
+    """Members that cannot vote together (other classes, other test images). The message names the run."""
+
+
+def combine_votes(probs: torch.Tensor, vote: str) -> tuple[torch.Tensor, int]:
+    """Predicted class per image from the members' probabilities ``probs`` (members × images × classes).
+
+    Returns (predictions, number of images whose vote was a tie). Tie rules: module docstring.
+    """
+    if vote not in VOTES:
+        raise ValueError(f"unknown vote {vote!r}; use one of {', '.join(VOTES)}")
+    if probs.ndim != 3:
+        raise ValueError(f"expected members × images × classes probabilities, got shape {tuple(probs.shape)}")
+    total = probs.sum(0)
+    if vote == "soft":
+        ties = int(((total == total.max(1, keepdim=True).values).sum(1) > 1).sum())
+        return total.argmax(1), ties  # argmax returns the first (lowest) index of equal maxima
+    counts = F.one_hot(probs.argmax(2), probs.shape[2]).sum(0)  # images × classes: votes per class
+    tied = counts == counts.max(1, keepdim=True).values
+    ties = int((tied.sum(1) > 1).sum())
+    key = torch.where(tied, total, torch.full_like(total, -float("inf")))
+    return key.argmax(1), ties
+
+
+# --------------------------------------------------------------------------------------------
+# the members' test images
+
+
+_RAW_CACHE: dict[str, Any] = {}
+
+
+def _raw_dataset(run: Run) -> Any:
+    """The member's raw dataset, loaded once per dataset (selection keys do not change what is loaded)."""
+    from transferlab.data.datasets import load_dataset
+
+    d = run.config.data
+    key = repr(dataclasses.replace(d, image_size=None, augment=[], train_subset=None, test_subset=None, k_per_class=None, val_count=None, classes=None, num_workers=None, val_fraction=0.1))
+    if key not in _RAW_CACHE:
+        _RAW_CACHE.clear()  # one dataset in memory at a time
+        _RAW_CACHE[key] = load_dataset(d)
+    return _RAW_CACHE[key]
+
+
+def member_test_images(run: Run) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(uint8 images as the member saw them, labels, dataset indices) of the member's test split."""
+    from transferlab.data.images import FileImages, decode_files, format_problems
+    from transferlab.data.prepare import resize_uint8
+
+    sel_path = run.path / "selection.json"
+    if not sel_path.is_file():
+        raise EnsembleError(f"{run.path}: no selection.json, so its test images are unknown")
+    sel = json.loads(sel_path.read_text())
+    idx = [int(i) for i in sel["test"]]
+    raw = _raw_dataset(run)
+    labels = raw.test_y[torch.tensor(idx, dtype=torch.long)]
+    if "classes" in sel:  # data.classes: dataset class index -> this task's class index
+        relabel = {c: i for i, c in enumerate(sel["classes"]["dataset_index"])}
+        labels = torch.tensor([relabel[int(v)] for v in labels.tolist()], dtype=torch.long)
+    x = raw.test_x[torch.tensor(idx, dtype=torch.long)]
+    size = run.config.data.image_size
+    if isinstance(x, FileImages):
+        x, bad = decode_files(dataclasses.replace(x, resize=size))
+        if bad:
+            raise EnsembleError(f"{run.path}: {len(bad)} test image(s) cannot be read now:\n{format_problems([p for _, p in bad])}")
+    elif size:
+        x = resize_uint8(x, size)
+    return x, labels, idx
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision.startswith("16") and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def member_probabilities(run: Run, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float, Any]:
+    """(softmax probabilities images × classes on the CPU, seconds of preprocessing + forward passes,
+    the member's ``Preprocess``)."""
+    from transferlab.data.prepare import TensorBatches
+
+    model = run.load_model().to(device)
+    cfg = run.config
+    batches = TensorBatches(x, y, cfg.train.eval_batch_size, model.preprocess(), device, channels_last=cfg.model.channels_last)
+    out = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with _autocast(cfg.train.precision, device):
+        for xb, _ in batches:
+            out.append(model(xb).float().softmax(1))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return torch.cat(out).cpu(), seconds, batches.preprocess
+
+
+def _load_member(path: Path) -> Run:
+    if (path / "ensemble.yaml").is_file():
+        raise EnsembleError(f"{path}: an ensemble, not a finished single-model run (list its members instead)")
+    return load_run(path)
+
+
+@dataclass
+class EnsembleResult:
+    """The ensemble's metrics (what ``metrics.json`` holds) and its predictions."""
+
+    metrics: dict[str, Any]
+    predictions: torch.Tensor
+    labels: torch.Tensor
+    member_predictions: torch.Tensor
+    """members × images: each member's own top class."""
+
+
+def _metrics(preds: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+    return {
+        "acc": float(MulticlassAccuracy(num_classes, average="micro")(preds, y)),
+        "per_class_acc": [float(v) for v in MulticlassAccuracy(num_classes, average="none")(preds, y)],
+        "confusion_matrix": MulticlassConfusionMatrix(num_classes)(preds, y).tolist(),
+    }
+
+
+def evaluate_ensemble(
+    runs: Sequence[str | Path | Run], vote: str = "hard", device: str | torch.device = "auto", console: Console | None = None
+) -> EnsembleResult:
+    """Evaluate a ``vote`` ensemble of finished runs on their (common) test images."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    console = console or Console(quiet=True)
+    if vote not in VOTES:
+        raise ValueError(f"unknown vote {vote!r}; use one of {', '.join(VOTES)}")
+    members = [r if isinstance(r, Run) else _load_member(Path(r)) for r in runs]
+    if len(members) < 2:
+        raise EnsembleError(f"an ensemble needs at least 2 runs, got {len(members)}")
+    for m in members:
+        if m.metrics.get("status") != "ok" or m.metrics.get("kind") == "ensemble":
+            raise EnsembleError(f"{m.path}: not a finished single-model run (status {m.metrics.get('status')!r}, kind {m.metrics.get('kind', 'run')!r})")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device)
+    first = members[0]
+    names = first.class_names
+    all_probs, seconds, rows = [], 0.0, []
+    ref_idx: list[int] | None = None
+    ref_y: torch.Tensor | None = None
+    wall0 = time.perf_counter()
+    for m in members:
+        if m.class_names != names:
+            raise EnsembleError(
+                f"{m.path}: class names differ from {first.path}: expected {names[:10]}{' …' if len(names) > 10 else ''}, "
+                f"found {m.class_names[:10]}{' …' if len(m.class_names) > 10 else ''}"
+            )
+        x, y, idx = member_test_images(m)
+        if ref_idx is None:
+            ref_idx, ref_y = idx, y
+        elif idx != ref_idx or m.config.data.dataset != first.config.data.dataset or not torch.equal(y, ref_y):
+            raise EnsembleError(
+                f"{m.path}: tested on other images than {first.path} ({m.config.data.dataset}, {len(idx)} test images vs "
+                f"{first.config.data.dataset}, {len(ref_idx)}): members must share dataset, data.classes and data.test_subset"
+            )
+        probs, s, pre = member_probabilities(m, x, y, dev)
+        seconds += s
+        all_probs.append(probs)
+        own = probs.argmax(1)
+        acc = float((own == y).double().mean())
+        rows.append(
+            {
+                "run": str(m.path),
+                "experiment": m.metrics.get("experiment"),
+                "backbone": m.config.model.backbone,
+                "image_size": int(x.shape[-1]),
+                "normalization": {"mean": list(pre.mean), "std": list(pre.std)},
+                "test_acc": acc,
+                "recorded_test_acc": m.metrics.get("test_acc"),
+                "inference_seconds": s,
+            }
+        )
+        console.print(f"  member {m.path.name}: {m.config.model.backbone} at {x.shape[-1]}px, test acc {acc:.4f}")
+    assert ref_y is not None
+    probs = torch.stack(all_probs)
+    preds, ties = combine_votes(probs, vote)
+    k = len(names)
+    metrics_ = _metrics(preds, ref_y, k)
+    mean = probs.mean(0)
+    top5 = float(MulticlassAccuracy(k, top_k=5, average="micro")(mean, ref_y)) if vote == "soft" and k > 5 else None
+    loss = float(F.nll_loss(mean.clamp_min(1e-12).log(), ref_y)) if vote == "soft" else None
+    n = len(ref_y)
+    metrics = {
+        "status": "ok",
+        "kind": "ensemble",
+        "vote": vote,
+        "experiment": None,
+        "seed": first.config.seed,
+        "backbone": "+".join(m.config.model.backbone for m in members),
+        "weights": "ensemble of runs",
+        "strategy": f"{vote} vote",
+        "head": "—",
+        "dataset": first.config.data.dataset,
+        "image_size": rows[0]["image_size"],
+        "n_train": first.metrics.get("n_train"),
+        "n_val": first.metrics.get("n_val"),
+        "n_test": n,
+        "class_names": names,
+        "test_acc": metrics_["acc"],
+        "test_top5": top5,
+        "test_loss": loss,
+        "per_class_acc": metrics_["per_class_acc"],
+        "confusion_matrix": metrics_["confusion_matrix"],
+        "vote_ties": ties,
+        "tie_rule": (
+            "hard: most votes; tied classes -> highest summed probability, then lowest class index"
+            if vote == "hard"
+            else "soft: highest mean probability; exact ties -> lowest class index"
+        ),
+        "members": rows,
+        "best_epoch": None,
+        "epochs_run": 0,
+        "train_seconds": float(sum(m.metrics.get("train_seconds") or 0.0 for m in members)),
+        "data_seconds": 0.0,
+        "wall_seconds": time.perf_counter() - wall0,
+        "inference_seconds": seconds,
+        "inference_images_per_s": n / seconds if seconds > 0 else float("nan"),
+        "total_params": int(sum(m.metrics.get("total_params") or 0 for m in members)),
+        "trainable_params": 0,
+        "device": str(dev),
+        "notes": "",
+        "code_version": code_version(),
+    }
+    return EnsembleResult(metrics, preds, ref_y, probs.argmax(2))
+
+
+def run_ensemble(
+    runs: Sequence[str | Path],
+    out_dir: str | Path,
+    vote: str = "hard",
+    name: str | None = None,
+    notes: str = "",
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Evaluate an ensemble of ``runs`` and write it as run directory ``out_dir``; returns its metrics.
+
+    Like ``run_experiment``: an existing finished directory is skipped with ``resume``, replaced
+    with ``overwrite``, and an error otherwise.
+    """
+    console = console or Console()
+    out = Path(out_dir)
+    name = name or out.name
+    with run_lock(out):
+        metrics_path = out / METRICS_FILE
+        if out.exists() and any(out.iterdir()):
+            if resume and metrics_path.exists() and json.loads(metrics_path.read_text()).get("status") == "ok":
+                console.print(f"[dim]{name}: already finished in {out}, skipped[/]")
+                return json.loads(metrics_path.read_text())
+            if not resume and not overwrite:
+                raise RunError(f"run directory {out} already exists: pass --resume to keep it or --overwrite to replace it")
+            import shutil
+
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        spec = {"name": name, "vote": vote, "members": [str(Path(r)) for r in runs], "notes": notes}
+        (out / "ensemble.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        console.print(f"[bold]{name}[/]: {vote} vote of {len(runs)} runs")
+        result = evaluate_ensemble(runs, vote, device=device, console=console)
+        metrics = {**result.metrics, "experiment": name, "notes": notes or f"{vote} vote of " + ", ".join(Path(r).name for r in runs)}
+        tmp = metrics_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(metrics_path)
+    console.print(
+        f"  [green]{name}[/]: test acc {metrics['test_acc']:.4f} (members "
+        + ", ".join(f"{r['test_acc']:.4f}" for r in metrics["members"])
+        + f"), {metrics['vote_ties']} tied votes, inference {metrics['inference_images_per_s']:.0f} img/s -> {out}"
+    )
+    return metrics
+
+
+def write_ensemble_failure(out_dir: Path, name: str, vote: str, error: BaseException) -> dict[str, Any]:
+    """Record a failed ensemble so the comparison shows it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "status": "failed",
+        "kind": "ensemble",
+        "experiment": name,
+        "strategy": f"{vote} vote",
+        "backbone": "ensemble",
+        "weights": "ensemble of runs",
+        "error": f"{type(error).__name__}: {error}",
+        "code_version": code_version(),
+    }
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    return metrics
