@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     from transferlab.runs import make_fabric, run_experiment
     from transferlab.strategies import linear_probe
 
+    from transferlab.models.embedded import embedded_state_dict
+
+    # The first call in a process maps the embedded weights with a throw-away timm model, which draws from
+    # torch's global RNG; do it before the runs so both start from the same RNG state (same head init).
+    embedded_state_dict()
     console = Console(width=160)
     size = SIZES[args.size]
     tmp = tempfile.TemporaryDirectory(prefix="transferlab-bench-")

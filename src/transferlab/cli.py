@@ -210,7 +210,13 @@ def main(argv: list[str] | None = None) -> int:
             from transferlab.study import run_study
 
             study = args.study if args.command == "run" else demo_study_path()
+            from transferlab.distributed import world
+
+            if world()[0] != 0:  # torchrun: the other ranks train silently; rank 0 reports
+                console = Console(quiet=True)
             result = run_study(study, args.runs_dir, resume=args.resume, overwrite=args.overwrite, only=args.only, console=console)
+            if world()[0] != 0:
+                return 1 if result.failed else 0
             compare(result.runs_dir, console=console)
             console.print(f"results: {result.runs_dir}/ (config.yaml, metrics.json, history.csv, checkpoints/ per run)")
             if result.failed:

@@ -458,9 +458,11 @@ def _parse_ensembles(raw: Any, source: str, experiment_names: set[str]) -> list[
         where = f"ensembles[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"] or "/" in entry["name"]:
             raise ConfigError(f"{source}: {where} must be a mapping with a 'name' (no '/')")
+        if not isinstance(entry.get("members"), list):
+            raise ConfigError(f"{source}: {where}.members: expected a list of experiments or run directories, got {entry.get('members')!r}")
         try:
             ens = from_dict(EnsembleConfig, entry, where)
-        except (ConfigError, TypeError) as e:
+        except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         if ens.name in experiment_names or ens.name in {o.name for o in out}:
             raise ConfigError(f"{source}: {where}: name {ens.name!r} is already used by an experiment or an ensemble")

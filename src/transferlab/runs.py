@@ -151,11 +151,14 @@ def _run_experiment_locked(
             return json.loads(metrics_path.read_text())
         if not resume and not overwrite:
             raise RunError(f"run directory {run_dir} already exists: pass --resume to continue it or --overwrite to replace it")
-        fabric.barrier()
-        if overwrite and not resume and writer:
-            import shutil
+        replace = overwrite and not resume
+    else:
+        replace = False
+    fabric.barrier()  # every rank has decided from the same view of the folder; now rank 0 may change it
+    if replace and writer:
+        import shutil
 
-            shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir)
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

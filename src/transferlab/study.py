@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
+from transferlab.distributed import world
 from transferlab.config import EnsembleConfig, ExperimentConfig, Study, load_study, run_name
 from transferlab.runs import run_experiment, write_failure
 
@@ -49,9 +51,10 @@ def run_study(
     result = StudyResult(study.name, out)
     out.mkdir(parents=True, exist_ok=True)
     order = list(dict.fromkeys(c.name for c in study.experiments))
-    (out / "study.json").write_text(json.dumps({"study": study.name, "source": study.source, "experiments": order}, indent=2))
-    if study.source and Path(study.source).is_file():
-        shutil.copyfile(study.source, out / "study.yaml")  # the study file as it was when run
+    if world()[0] == 0:  # under torchrun only rank 0 writes
+        (out / "study.json").write_text(json.dumps({"study": study.name, "source": study.source, "experiments": order}, indent=2))
+        if study.source and Path(study.source).is_file():
+            shutil.copyfile(study.source, out / "study.yaml")  # the study file as it was when run
     names = {c.name for c in study.experiments} | {c.sweep.group for c in study.experiments if c.sweep}  # a sweep's name selects its points
     names |= {e.name for e in study.ensembles}
     for name in only or []:
@@ -70,7 +73,7 @@ def run_study(
         except Exception as e:  # noqa: BLE001 - record and continue with the next experiment
             from transferlab.runs import RunError
 
-            console.print(f"[red]{run} failed: {type(e).__name__}: {e}[/]")
+            console.print(f"[red]{escape(run)} failed: {escape(type(e).__name__)}: {escape(str(e))}[/]")
             if not isinstance(e, RunError):  # never overwrite somebody else's run directory
                 write_failure(out / run, cfg, e)
             result.failed[run] = f"{type(e).__name__}: {e}"
@@ -138,7 +141,7 @@ def _run_study_ensemble(
         except Exception as e:  # noqa: BLE001 - record and continue
             from transferlab.runs import RunError
 
-            console.print(f"[red]{run} failed: {type(e).__name__}: {e}[/]")
+            console.print(f"[red]{escape(run)} failed: {escape(type(e).__name__)}: {escape(str(e))}[/]")
             if not isinstance(e, RunError) or type(e).__name__ == "EnsembleError":
                 write_ensemble_failure(out / run, ens.name, ens.vote, e)
             result.failed[run] = f"{type(e).__name__}: {e}"
