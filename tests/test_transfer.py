@@ -178,3 +178,25 @@ def test_seed_rows_have_study_files():
     for row in ("0b", "0c", "2b", "2c"):
         assert any(f"row {row}" in t for t in text.values()), f"no study file mentions seed row {row}"
     assert len(files) >= 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "study, floors",
+    [
+        ("transfer_fmnist_to_digits.yaml", {"fmnist_cnn": 0.8, "digits_probe": 0.7, "digits_fine_tune": 0.95, "digits_scratch": 0.9}),
+        (
+            "transfer_fmnist_0-4_to_5-9.yaml",
+            {"source_0to4": 0.8, "truncated_probe_5to9": 0.7, "truncated_finetune_0to4": 0.75, "scratch_5to9": 0.85, "truncated_gradual_5to9": 0.8},
+        ),
+    ],
+)
+def test_fashion_mnist_transfer_studies_run_end_to_end(study, floors, tmp_path):
+    """Real data, the shipped study files (a few minutes each on 2 CPU cores)."""
+    result = run_study(STUDIES / study, tmp_path, console=QUIET)
+    assert result.ok, result.failed
+    for name, floor in floors.items():
+        m = json.loads((result.runs_dir / name / "metrics.json").read_text())
+        assert m["test_acc"] >= floor, (name, m["test_acc"])
+        if m["weights"].startswith("run:"):
+            assert "head of the source run" in m["weights_source"]

@@ -559,9 +559,10 @@ def extract_features(
     was_training = model.training
     model.train(mode == "train")
     try:
-        with torch.inference_mode(), autocast():
-            for x, y in batches:
-                yield cut.prefix(model, x), y
+        for x, y in batches:
+            with torch.inference_mode(), autocast():  # per batch: grad mode is never left changed across a yield
+                out = cut.prefix(model, x)
+            yield out, y
     finally:
         model.train(was_training)
 
@@ -809,8 +810,8 @@ def cached_training(
     def off(reason: str) -> CachedTraining:
         if mode_setting == "on":
             raise FeatureCacheError(f"experiment '{cfg.name}': train.cache: on, but features cannot be cached: {reason}")
-        if mode_setting != "off":
-            console.print(f"  feature cache off: {reason}")
+        if mode_setting != "off" and any(not p.requires_grad for p in model.backbone.parameters()):
+            console.print(f"  feature cache off: {reason}")  # (nothing frozen: nothing to say in the log)
         return CachedTraining(False, reason, record={"rejected_cuts": [f"{c}: {r}" if c else r for c, r in tried]} if tried else {})
 
     if mode_setting == "off":
