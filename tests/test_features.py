@@ -62,17 +62,19 @@ def _history(run_dir: Path) -> list[dict[str, float]]:
 
 
 @pytest.mark.parametrize(
-    "backbone,strategy,head,cut",
+    "backbone,strategy,head,cut,data",
     [
-        (TINY, {"name": "linear_probe"}, {"type": "mlp", "hidden": 32, "dropout": 0.3}, "pooled"),
-        ("test_resnet", {"name": "freeze_first", "stages": 2}, {"type": "linear"}, "after:layer2"),
+        (TINY, {"name": "linear_probe"}, {"type": "mlp", "hidden": 32, "dropout": 0.3}, "pooled", {}),
+        ("test_resnet", {"name": "freeze_first", "stages": 2}, {"type": "linear"}, "after:layer2", {}),
+        (TINY, {"name": "linear_probe"}, {"type": "conv", "hidden": 16}, "features", {"in_memory": False, "num_workers": 0}),
     ],
 )
-def test_cached_training_matches_the_plain_loop(make_cfg, tmp_path, backbone, strategy, head, cut):
-    """Same shuffling, same head dropout, same inputs: the histories and the trained weights agree."""
+def test_cached_training_matches_the_plain_loop(make_cfg, tmp_path, backbone, strategy, head, cut, data):
+    """Same shuffling, same head dropout, same inputs: the histories and the trained weights agree
+    (in-memory batches and the PIL DataLoader path; pooled, stage and feature-map cuts)."""
     runs = {}
     for mode in ("off", "auto"):
-        cfg = _cfg(make_cfg, backbone, strategy, head=head, train={"epochs": 3, "cache": mode, "lr": 0.01})
+        cfg = _cfg(make_cfg, backbone, strategy, head=head, data=data, train={"epochs": 3, "cache": mode, "lr": 0.01})
         runs[mode] = run_experiment(cfg, tmp_path / mode, console=QUIET)
     off, on = runs["off"], runs["auto"]
     assert off["feature_cache"] == {"used": False, "reason": "train.cache: off", "head_seconds": off["train_seconds"]}
@@ -302,3 +304,31 @@ def test_spilled_cache_is_reused_by_a_later_run(make_cfg, tmp_path, monkeypatch)
     m2 = run_experiment(cfg, tmp_path / "study" / "b", console=QUIET)
     assert m2["feature_cache"]["sources"] == ["disk", "disk"]
     assert m2["test_acc"] == m1["test_acc"]
+
+
+def test_an_interrupted_cached_run_resumes_bit_identically(make_cfg, tmp_path, monkeypatch):
+    import transferlab.training.engine as engine
+
+    cfg = _cfg(make_cfg, head={"type": "mlp", "hidden": 16, "dropout": 0.3}, train={"epochs": 3, "checkpoint_every_steps": 2})
+    full = run_experiment(cfg, tmp_path / "full", console=QUIET)
+    real_save = engine.save_checkpoint
+
+    def save_then_die(path, *args, **kwargs):
+        real_save(path, *args, **kwargs)
+        t = args[1]["trainer"]
+        if path.name == "last.safetensors" and t["epoch"] == 1 and t["step"] == 2:  # mid-way through epoch 2
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", console=QUIET)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    STORE.clear()  # a new process: the features are computed again
+    resumed = run_experiment(cfg, tmp_path / "cut", resume=True, console=QUIET)
+    assert resumed["feature_cache"]["used"] and resumed["resumed_from"].endswith("last.safetensors")
+    a = load_file(tmp_path / "full" / "checkpoints" / "last.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # weights, optimizer state, RNG
+    assert resumed["test_acc"] == full["test_acc"]

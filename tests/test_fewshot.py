@@ -185,3 +185,34 @@ def test_fewshot_cli_on_a_backbone_and_on_an_earlier_run(tmp_path, capsys):
     assert main(["fewshot", "test_resnet:scratch", "--dataset", "digits", "--queries", "50", "--runs-dir", runs,
                  "--name", "toomany", "--accelerator", "cpu"]) == 2
     assert "has only 45 images in the test split" in capsys.readouterr().out.replace("\n", "")
+
+
+STUDIES = __import__("pathlib").Path(__file__).resolve().parents[1] / "studies"
+
+
+def test_seed_few_data_rows_are_ordinary_studies_with_selections():
+    from transferlab.config import load_study
+
+    cifar = {c.name: c for c in load_study(STUDIES / "seed000_few_data.yaml").experiments}
+    assert cifar["resnet50_10pct"].data.train_subset == 0.1  # row 0e
+    assert cifar["resnet50_50_per_class"].data.k_per_class == 60 and cifar["resnet50_50_per_class"].data.val_count == 100  # 0f
+    g = cifar["protonet_on_0e_cifar100"]  # 0g
+    assert g.kind == "fewshot" and g.model.weights == "run:resnet50_10pct" and g.data.dataset == "cifar100"
+    h = cifar["resnet50_imagenet_augment"]  # 0h
+    assert h.model.weights == "imagenet" and h.data.augment and h.data.k_per_class == 60
+    fm = {c.name: c for c in load_study(STUDIES / "fewshot_fmnist.yaml").experiments}
+    assert {c.kind for c in fm.values()} == {"train", "logistic", "knn", "fewshot"}
+    assert fm["protonet_novel_5to9"].model.weights == "run:source_0to4_10pct"
+
+
+@pytest.mark.slow
+def test_fewshot_fmnist_study_runs_end_to_end(tmp_path):
+    """The offline few-data study on real Fashion-MNIST (about 10 minutes on 2 cores)."""
+    from transferlab.study import run_study
+
+    result = run_study(STUDIES / "fewshot_fmnist.yaml", tmp_path, console=QUIET)
+    assert result.ok, result.failed
+    m = {n: json.loads((tmp_path / "fewshot_fmnist" / n / "metrics.json").read_text()) for n in result.finished}
+    assert m["lite0_logistic_50"]["test_acc"] > 0.7 and m["lite0_knn_50"]["test_acc"] > 0.65
+    assert m["lite0_mlp_head_50"]["feature_cache"]["sources"] == ["memory", "memory"]  # the probes' pass, reused
+    assert m["lite0_protonet_5to9"]["test_acc"] > 0.5 and m["protonet_novel_5to9"]["test_acc"] > 0.3  # chance: 0.2

@@ -36,13 +36,12 @@ def test_imagenet_lite0_ranks_above_the_same_architecture_with_random_weights():
     """A task where one candidate is clearly better: Fashion-MNIST at 64 px, 300 images, no fine-tuning."""
     data = DataConfig(dataset="fashion_mnist", train_subset=300, val_fraction=0.25, test_subset=20, image_size=64)
     cands = parse_candidates("tf_efficientnet_lite0:scratch,tf_efficientnet_lite0:embedded")
-    for score in ("logme", "knn"):
-        STORE.clear()
-        result = rank_backbones(data, cands, [score, "logme" if score == "knn" else "knn"], accelerator="cpu")
-        assert [r.candidate.weights for r in result.rows] == ["embedded", "scratch"], (score, [r.scores for r in result.rows])
-        assert result.n_train == 225 and result.n_val == 75 and result.seconds > 0
-        assert all(r.seconds > 0 and r.feature_dim == 1280 for r in result.rows)
+    result = rank_backbones(data, cands, ["logme", "knn"], accelerator="cpu")
+    assert [r.candidate.weights for r in result.rows] == ["embedded", "scratch"], [r.scores for r in result.rows]
+    assert result.n_train == 225 and result.n_val == 75 and result.seconds > 0
+    assert all(r.seconds > 0 and r.feature_dim == 1280 for r in result.rows)
     best, worst = result.rows
+    # both scores agree, LogME by a wide margin
     assert best.scores["logme"] > worst.scores["logme"] + 0.03 and best.scores["knn"] > worst.scores["knn"]
 
 

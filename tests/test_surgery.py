@@ -11,13 +11,12 @@ import torch
 from rich.console import Console
 
 import transferlab.models  # noqa: F401 - registers the built-in CNNs
-from transferlab.config import ConfigError, HeadConfig, ModelConfig, TruncateConfig
+from transferlab.config import ConfigError, HeadConfig, ModelConfig, StrategyConfig, TruncateConfig
 from transferlab.models import build_model
 from transferlab.models.model import ConvHead
 from transferlab.models.truncate import is_truncated, stage_modules, truncate_backbone
 from transferlab.runs import load_run, run_experiment
 from transferlab.strategies import apply_strategy
-from transferlab.config import StrategyConfig
 
 QUIET = Console(quiet=True)
 
@@ -194,8 +193,8 @@ def test_reinit_head_touches_only_the_head():
     head_params = [id(p) for p in model.head.parameters()]
     model.reinit_head()
     after = model.state_dict()
-    for k in before:
-        same = torch.equal(before[k], after[k])
+    for k, v in before.items():
+        same = torch.equal(v, after[k])
         assert same != k.startswith("head."), k  # backbone identical, every head tensor redrawn
     assert [id(p) for p in model.head.parameters()] == head_params  # same tensors: an optimizer keeps working
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from transferlab.config import ConfigError, HeadConfig, ModelConfig, TruncateConfig, load_study, parse_study
+from transferlab.config import HeadConfig, ModelConfig, TruncateConfig, load_study, parse_study
 from transferlab.data import TensorBatches, prepare_splits
 from transferlab.models import WeightsError, build_model
 from transferlab.runs import load_run, run_experiment

@@ -8,12 +8,12 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-import transferlab.training.engine as engine
 from transferlab.config import ConfigError
 from transferlab.models import build_model
 from transferlab.models.model import BN_TYPES
 from transferlab.runs import load_run, run_experiment
 from transferlab.strategies import apply_strategy_at_epoch, optimizer_param_groups
+from transferlab.training import engine
 from transferlab.training.optim import make_optimizer, make_scheduler
 
 QUIET = Console(quiet=True)

@@ -247,13 +247,13 @@ class ExperimentConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    notes: str = ""
+    """Free text shown in the comparison table (e.g. 'train subset 6 000, 32 px')."""
     kind: Literal["train", "logistic", "knn", "fewshot"] = "train"
     """``train``: the training loop; ``logistic`` / ``knn``: a probe on cached frozen features (``probe``);
     ``fewshot``: episodic ProtoNet evaluation (``fewshot``)."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
-    notes: str = ""
-    """Free text shown in the comparison table (e.g. 'train subset 6 000, 32 px')."""
     sweep: SweepPoint | None = None
     """Set by a study's ``sweep:``: which sweep this experiment is a point of, and its values (not written by hand)."""
 

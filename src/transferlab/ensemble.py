@@ -210,8 +210,7 @@ def evaluate_ensemble(
         probs, s, pre = member_probabilities(m, x, y, dev)
         seconds += s
         all_probs.append(probs)
-        own = probs.argmax(1)
-        acc = float((own == y).double().mean())
+        acc = _metrics(probs.argmax(1), y, len(names))["acc"]  # torchmetrics, as the member's own run computed it
         rows.append(
             {
                 "run": str(m.path),

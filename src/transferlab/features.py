@@ -392,6 +392,9 @@ def _open_mmap(path: Path, key: str) -> FeatureSet:
         raise FeatureCacheError(f"{path}: unreadable feature cache file ({type(e).__name__}: {e})") from None
     if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
         raise FeatureCacheError(f"{path}: feature cache file for another key or format")
+    with contextlib.suppress(OSError, ValueError):  # the sidecar also has the time the pass took
+        side = json.loads(path.with_suffix(".json").read_text())
+        meta.update({k: side[k] for k in ("seconds", "images_per_s") if k in side})
     size = path.stat().st_size
     out = {}
     for name in ("features", "labels"):

@@ -22,6 +22,7 @@ resumed run continue exactly.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 from torch import nn
@@ -354,7 +355,7 @@ def check_surgery_config(cfg: ExperimentConfig) -> None:
         bad("strategy.freeze_epochs", s.freeze_epochs, "must be >= 1")
     if s.unfreeze is not None:
         at = s.unfreeze.at_epochs
-        if not at or any(e < 1 for e in at) or any(b <= a for a, b in zip(at, at[1:])):
+        if not at or any(e < 1 for e in at) or any(b <= a for a, b in itertools.pairwise(at)):
             bad("strategy.unfreeze.at_epochs", at, "must be a non-empty, strictly increasing list of epochs >= 1")
         if s.unfreeze.stages_per_step is not None and s.unfreeze.stages_per_step < 1:
             bad("strategy.unfreeze.stages_per_step", s.unfreeze.stages_per_step, "must be >= 1 (or null: all at once)")

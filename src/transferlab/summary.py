@@ -87,7 +87,9 @@ class ModelSummary:
         header, body = self._cells()
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         right = {4, 5, 6, 7}
-        fmt = lambda row: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+        def fmt(row: list[str]) -> str:
+            return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
         return "\n".join([self.caption(), fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)]) + "\n"
 
     def rich_table(self) -> Any:

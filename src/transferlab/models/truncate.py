@@ -313,8 +313,8 @@ def truncate_backbone(
 
     after = set(order[exit_pos:])
     removed: list[str] = []
-    for n in modules:  # outermost first: named_modules yields parents before children
-        if n and n not in keep and (n in after or has_tensors(modules[n])) and not any(a in removed for a in _ancestors(n)):
+    for n, m in modules.items():  # outermost first: named_modules yields parents before children
+        if n and n not in keep and (n in after or has_tensors(m)) and not any(a in removed for a in _ancestors(n)):
             removed.append(n)
     _replace(probe, removed)
     probe.__class__ = _truncated_class(type(probe))

@@ -185,7 +185,7 @@ def create_backbone(
     """
     model, report = _create_backbone(name, weights, drop_rate, truncate)
     if truncate is not None and report is not None and report.loaded < 0:  # hub weights: loaded before the cut
-        report.truncated = list(getattr(model, "_truncation_report").removed_keys)
+        report.truncated = list(model._truncation_report.removed_keys)
     return model, report
 
 

@@ -703,7 +703,7 @@ def build_report(
         header.append(f"<br>study file: <code>{esc(study.source)}</code>")
     header.append(f"<br>generated {esc(datetime.datetime.now().isoformat(timespec='seconds'))}</p>")
     body += header
-    md += [md_esc(" · ".join(meta)), "", f"Runs: `{md_esc(study_dir.resolve())}` — full report with plots: {md_esc(html_path.name)}", ""]
+    md += [md_esc(" · ".join(meta)), "", f"Runs: {md_esc(study_dir.resolve())} — full report with plots: {md_esc(html_path.name)}", ""]
 
     # comparison table
     sections.append(("comparison", "Comparison"))
