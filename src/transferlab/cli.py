@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -16,6 +17,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="skip finished runs, continue interrupted ones from their last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete and redo existing run directories")
     p.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="run only these experiments of the study")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html / report.md (transferlab report) afterwards")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,6 +221,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 1 if result.failed else 0
             compare(result.runs_dir, console=console)
             console.print(f"results: {result.runs_dir}/ (config.yaml, metrics.json, history.csv, checkpoints/ per run)")
+            if not args.no_report:
+                from transferlab.report import build_report
+
+                try:
+                    rep = build_report(result.runs_dir)
+                    console.print(f"report: {rep.html_path} (summary: {rep.md_path.name})", markup=False, highlight=False)
+                except Exception as e:  # noqa: BLE001 - the runs are done; a report problem must not hide them
+                    console.print(f"note: could not write the report ({type(e).__name__}: {e}); try `transferlab report {result.runs_dir}`",
+                                  markup=False, highlight=False)
             if result.failed:
                 console.print(f"[red]{len(result.failed)} experiment(s) failed:[/]")
                 for name, err in result.failed.items():
@@ -256,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print("weights:    scratch, imagenet, embedded (tf_efficientnet_lite0), file:<path>, run:<run dir>")
             return 0
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     return 0
 

@@ -847,7 +847,7 @@ def cached_training(
 
     weights = state_hash(model.backbone)
     train_mode = "eval" if check.mode_free else "train"
-    ebs = cfg.train.eval_batch_size
+    ebs = extraction_batch_size(cfg, device)
     t0 = time.perf_counter()
     computed_seconds = 0.0
     train_sets: list[FeatureSet] = []
@@ -893,6 +893,13 @@ def cached_training(
     return CachedTraining(True, f"cached at {check.cut.name}", check.cut.name, suffix, train, val, record)
 
 
+def extraction_batch_size(cfg: Any, device: torch.device) -> int:
+    """Batch size of the feature pass: ``train.eval_batch_size``, at most 64 on the CPU (where small batches
+    stay in cache: EfficientNet-Lite0 at 64 px runs about 1.8x faster with 64 than with 512)."""
+    bs = int(cfg.train.eval_batch_size)
+    return min(bs, 64) if torch.device(device).type == "cpu" else bs
+
+
 def default_cache_dir(run_dir: Path) -> Path:
     """Where a run's feature sets spill: ``$TRANSFERLAB_FEATURE_CACHE_DIR`` or ``<study dir>/.feature_cache``."""
     env = os.environ.get("TRANSFERLAB_FEATURE_CACHE_DIR")
@@ -920,7 +927,7 @@ def frozen_features(
     from transferlab.data.prepare import make_batches
 
     n = len(getattr(splits, f"{split}_y"))
-    src = make_batches(splits, split, cfg.train.eval_batch_size, **batch_kwargs)
+    src = make_batches(splits, split, extraction_batch_size(cfg, device), **batch_kwargs)
     sample = next(iter(make_batches(splits, split, 2, **{**batch_kwargs, "num_workers": 0})))[0][:2]
     cut = CutPoint("pooled")
     was_training = model.training

@@ -330,7 +330,7 @@ def run_feature_experiment(
         return run_fewshot_experiment(cfg, run_dir, resume, overwrite, console, splits)
     if cfg.kind not in ("logistic", "knn"):
         raise ValueError(f"experiment '{cfg.name}': kind {cfg.kind!r} is not a feature experiment")
-    from transferlab.data.prepare import make_batches, prepare_splits
+    from transferlab.data.prepare import prepare_splits
     from transferlab.evaluation import evaluate
     from transferlab.features import CachedSuffix, CutPoint, FeatureBatches, default_cache_dir, frozen_features, state_hash
     from transferlab.models.model import build_model

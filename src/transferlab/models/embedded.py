@@ -70,7 +70,8 @@ def _load_raw() -> dict[str, torch.Tensor]:
 @functools.lru_cache(maxsize=1)
 def _mapped_state_dict() -> dict[str, torch.Tensor]:
     src = _load_raw()
-    dst = timm.create_model(EMBEDDED_ARCH, pretrained=False, num_classes=1000).state_dict()
+    with torch.random.fork_rng():  # building the key template must not consume the caller's random numbers
+        dst = timm.create_model(EMBEDDED_ARCH, pretrained=False, num_classes=1000).state_dict()
 
     # BatchNorm ``num_batches_tracked`` counters are not learned weights. They are
     # left out of the one-to-one pairing on both sides, so the pairing still works

@@ -279,13 +279,13 @@ def _scatter_figure(exps: list[ExperimentRecord], front: list[int]) -> bytes:
     ax = fig.add_subplot()
     times = [e.row["train_seconds"] for e in exps]
     accs = [100 * e.row["test_acc"] for e in exps]
-    for e, t, a in zip(exps, times, accs):
+    for k, (e, t, a) in enumerate(zip(exps, times, accs)):
         multi = e.row.get("n_seeds", 0) > 1
         ax.errorbar(
             t, a, xerr=e.row["train_seconds_std"] if multi else None, yerr=100 * e.row["test_acc_std"] if multi else None,
             fmt="o", color=e.color, ms=8, capsize=3, label=_mpl(e.name),
         )
-        ax.annotate(_mpl(e.name), (t, a), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ax.annotate(_mpl(e.name), (t, a), textcoords="offset points", xytext=(6, 6 if k % 2 == 0 else -13), fontsize=8)  # alternate: fewer overlaps
     if front:
         fx, fy = [times[i] for i in front], [accs[i] for i in front]
         ax.plot(fx, fy, "--", color="0.3", drawstyle="steps-post", lw=1.2, label="Pareto front")

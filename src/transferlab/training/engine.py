@@ -169,7 +169,7 @@ def fit(
     with Progress(*columns, console=console, disable=not show, transient=True) as progress:
         while st.epoch < tc.epochs and not st.stopped_early:
             epoch = st.epoch
-            t0 = last_save = time.perf_counter()
+            t0 = last_save = epoch_start = time.perf_counter()
             if (note := trainability_for_epoch(model, cfg, epoch, fabric.world_size)) and fabric.is_global_zero:  # gradual unfreezing
                 console.print(note)
             fmodel.train()
@@ -226,7 +226,7 @@ def fit(
                 "val_loss": val_metrics["loss"],
                 "val_acc": val_metrics["acc"],
                 "lr": step_lr,
-                "seconds": time.perf_counter() - t0,
+                "seconds": time.perf_counter() - epoch_start,
             }
             history.append(row)
             progress.remove_task(task)
