@@ -26,6 +26,12 @@ COLUMNS = [
 ]
 
 
+def training_cost_seconds(metrics: dict[str, Any]) -> float:
+    """What training cost: the loop's time plus, when features were cached, the one backbone pass."""
+    cache = metrics.get("feature_cache") or {}
+    return float(metrics["train_seconds"]) + (float(cache.get("pass_seconds", 0.0)) if cache.get("used") else 0.0)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -58,8 +64,9 @@ def collect(study_dir: str | Path) -> list[dict[str, Any]]:
             "status": "ok" if len(ok) == len(runs) else f"{len(runs) - len(ok)} failed: {[r for r in runs if r.get('status') != 'ok'][0].get('error', '')[:120]}",
         }
         if ok:
-            for key in ("test_acc", "train_seconds", "inference_images_per_s"):
+            for key in ("test_acc", "inference_images_per_s"):
                 row[key], row[f"{key}_std"] = _mean_std([r[key] for r in ok])
+            row["train_seconds"], row["train_seconds_std"] = _mean_std([training_cost_seconds(r) for r in ok])
             row["trainable_params"] = first["trainable_params"]
             row["total_params"] = first["total_params"]
             row["data"] = f"{first['dataset']} {first['n_train']} train, {first['image_size']}px"
