@@ -34,11 +34,13 @@ RUNNER = textwrap.dedent(
 )
 
 
-def _cfg(make_cfg):
+def _cfg(make_cfg, gradual: bool = False):
+    extra = {"strategy": {"name": "linear_probe", "unfreeze": {"at_epochs": [1, 2], "stages_per_step": 1}}} if gradual else {}
     return make_cfg(
         data={"synthetic_size": 512, "augment": ["flip", "crop"]},  # 384 train images, 24 steps of 16 per epoch
         head={"type": "mlp", "hidden": 32, "dropout": 0.3},
         train={"epochs": 3, "batch_size": 16, "schedule": "onecycle", "checkpoint_every_steps": 1},
+        **extra,
     )
 
 
@@ -58,9 +60,9 @@ def _trainer_position(run_dir: Path) -> tuple[int, int] | None:
     return t["epoch"], t["step"]
 
 
-@pytest.mark.parametrize("kill_at", [(0, 7), (1, 13)])
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(make_cfg, tmp_path, kill_at):
-    cfg = _cfg(make_cfg)
+@pytest.mark.parametrize("kill_at, gradual", [((0, 7), False), ((1, 13), False), ((1, 5), True)], ids=["epoch1", "epoch2", "gradual-unfreezing"])
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(make_cfg, tmp_path, kill_at, gradual):
+    cfg = _cfg(make_cfg, gradual)
     ref = tmp_path / "ref"
     assert _start(tmp_path, cfg, ref, "fresh").wait(timeout=300) == 0
 
