@@ -84,3 +84,19 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t
+
+
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group cleanly (no-op for a plain process).
+
+    Without this a rank that finishes first exits while gloo's worker threads are still alive, and
+    the C++ runtime aborts it ("terminate called without an active exception", SIGABRT), which
+    torchrun reports as a failed job although every result was written. ``wait`` holds every rank
+    until all are done; pass ``False`` after an error, when the other ranks may never arrive.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()

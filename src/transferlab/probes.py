@@ -277,24 +277,12 @@ def start_feature_run(cfg: ExperimentConfig, run_dir: Path, resume: bool, overwr
 
 def common_metrics(cfg: ExperimentConfig, splits: Any, weights_report: Any, device: torch.device) -> dict[str, Any]:
     """The metrics.json keys every run has (``compare`` and reports read them)."""
-    from transferlab.runs import code_version
+    from transferlab.runs import code_version, run_identity
 
     return {
         "status": "ok",
         "kind": cfg.kind,
-        "experiment": cfg.name,
-        "seed": cfg.seed,
-        "backbone": cfg.model.backbone,
-        "weights": cfg.model.weights,
-        "head": cfg.head.type,
-        "dataset": cfg.data.dataset,
-        "image_size": int(splits.train_x.shape[-1]),
-        "channels": int(splits.train_x.shape[1]),
-        "n_train": len(splits.train_y),
-        "n_val": len(splits.val_y),
-        "n_test": len(splits.test_y),
-        "skipped_bad_images": len(splits.skipped),
-        "class_names": splits.class_names,
+        **run_identity(cfg, splits),
         "weights_source": weights_report.describe() if weights_report else "random init",
         "device": str(device),
         "resumed_from": None,

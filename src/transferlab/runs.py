@@ -216,20 +216,8 @@ def _run_experiment_locked(
         )
     metrics: dict[str, Any] = {
         "status": "ok",
-        "experiment": cfg.name,
-        "seed": cfg.seed,
-        "backbone": cfg.model.backbone,
-        "weights": cfg.model.weights,
+        **run_identity(cfg, splits),
         "strategy": cfg.strategy.name,
-        "head": cfg.head.type,
-        "dataset": cfg.data.dataset,
-        "image_size": int(splits.train_x.shape[-1]),
-        "channels": int(splits.train_x.shape[1]),
-        "n_train": len(splits.train_y),
-        "n_val": len(splits.val_y),
-        "n_test": len(splits.test_y),
-        "skipped_bad_images": len(splits.skipped),
-        "class_names": splits.class_names,
         "test_acc": test_metrics["acc"],
         "test_top5": test_metrics.get("top5"),
         "test_loss": test_metrics["loss"],
@@ -263,6 +251,25 @@ def _run_experiment_locked(
         f"inference {metrics['inference_images_per_s']:.0f} img/s -> {run_dir}"
     )
     return metrics
+
+
+def run_identity(cfg: ExperimentConfig, splits: ImageSplits) -> dict[str, Any]:
+    """The fields every ``metrics.json`` starts with: which experiment ran, with what, on which data."""
+    return {
+        "experiment": cfg.name,
+        "seed": cfg.seed,
+        "backbone": cfg.model.backbone,
+        "weights": cfg.model.weights,
+        "head": cfg.head.type,
+        "dataset": cfg.data.dataset,
+        "image_size": int(splits.train_x.shape[-1]),
+        "channels": int(splits.train_x.shape[1]),
+        "n_train": len(splits.train_y),
+        "n_val": len(splits.val_y),
+        "n_test": len(splits.test_y),
+        "skipped_bad_images": len(splits.skipped),
+        "class_names": splits.class_names,
+    }
 
 
 def write_failure(run_dir: Path, cfg: ExperimentConfig, error: BaseException) -> dict[str, Any]:
