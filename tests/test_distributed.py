@@ -74,3 +74,18 @@ def test_two_gloo_processes_match_one_process_and_write_one_run_directory(tmp_pa
     for ra, rb in zip(ha, hb):  # train loss/acc (summed over ranks) and val metrics agree
         va, vb = [float(v) for v in ra.split(",")[1:5]], [float(v) for v in rb.split(",")[1:5]]
         assert va == pytest.approx(vb, rel=1e-4, abs=1e-5)
+
+
+def test_shutdown_leaves_the_process_group_and_is_a_no_op_without_one(tmp_path):
+    from transferlab.distributed import shutdown
+
+    dist = torch.distributed
+    shutdown()  # no process group: nothing to do, no error
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        shutdown()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

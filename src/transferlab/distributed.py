@@ -11,6 +11,8 @@ Only rank 0 writes the run directory and checkpoints.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -100,3 +102,13 @@ def shutdown(wait: bool = True) -> None:
     if wait:
         dist.barrier()
     dist.destroy_process_group()
+
+
+@functools.cache
+def leave_process_group_at_exit() -> None:
+    """Register (once) a plain ``shutdown(wait=False)`` at interpreter exit, while Python is still alive.
+
+    ``transferlab.run_study`` called from a user's own script under torchrun gets the clean exit the
+    CLI has, without us guessing when the user is done with the process group.
+    """
+    atexit.register(shutdown, wait=False)

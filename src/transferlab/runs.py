@@ -30,7 +30,7 @@ import yaml
 from rich.console import Console
 
 from transferlab.config import ExperimentConfig, config_from_yaml_text
-from transferlab.distributed import RoundRobin, SliceOfGlobalBatch, fabric_kwargs, world
+from transferlab.distributed import RoundRobin, SliceOfGlobalBatch, fabric_kwargs, leave_process_group_at_exit, world
 from transferlab.data.prepare import ImageSplits, make_batches, prepare_splits
 from transferlab.evaluation import evaluate
 from transferlab.models.model import TransferModel, build_model, count_params
@@ -81,6 +81,8 @@ def make_fabric(cfg: ExperimentConfig):  # noqa: ANN201 - lightning type
 
     fabric = Fabric(accelerator=cfg.train.accelerator, precision=cfg.train.precision, **fabric_kwargs())
     fabric.launch()  # joins the process group under torchrun; nothing to do for a single process
+    if world()[1] > 1:
+        leave_process_group_at_exit()  # for API users under torchrun; the CLI leaves it explicitly
     return fabric
 
 
