@@ -8,6 +8,11 @@ between the two to cancel machine noise; the printed ratio is the median over ro
 
     python benchmarks/train_step.py                 # transferlab_cnn_deep at 28 px, 6 000 images
     python benchmarks/train_step.py --backbone resnet18 --size 32 --images 4000
+    python benchmarks/train_step.py --variants bf16-mixed,compile   # also: transferlab with these vs fp32 eager
+
+``--variants`` measures transferlab's own training settings against its fp32 eager default: each
+variant trains 2 epochs; the second epoch's time is the steady-state figure, the first epoch's extra
+time is the one-off cost (oneDNN kernel selection, torch.compile's compilation).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", default="", help="comma-separated: bf16-mixed, compile, compile+bf16-mixed")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -54,15 +60,20 @@ def main() -> None:
         apply_strategy(model, cfg.strategy)
         return model
 
-    def transferlab_epoch() -> float:
+    def transferlab_fit(c: ExperimentConfig = cfg) -> tuple[float, list[float]]:
+        """Wall time of ``fit`` and the seconds of each epoch (from its history)."""
         model = fresh()
         pre = model.preprocess()
-        train = TensorBatches(x, y, args.batch, pre, shuffle=True, seed=0)
-        val = TensorBatches(x[:128], y[:128], 512, pre)
+        train = TensorBatches(x, y, args.batch, pre, shuffle=True, seed=0, channels_last=True)
+        val = TensorBatches(x[:128], y[:128], 512, pre, channels_last=True)
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
-            fit(model, train, val, cfg, Fabric(accelerator="cpu", devices=1), Path(d), {}, console=Console(quiet=True))
-            return time.perf_counter() - t
+            fabric = Fabric(accelerator="cpu", devices=1, precision=c.train.precision)
+            result = fit(model, train, val, c, fabric, Path(d), {}, console=Console(quiet=True))
+            return time.perf_counter() - t, [row["seconds"] for row in result.history]
+
+    def transferlab_epoch() -> float:
+        return transferlab_fit()[0]
 
     def bare_epoch() -> float:
         model = fresh().to(memory_format=torch.channels_last)
@@ -93,8 +104,44 @@ def main() -> None:
     ratio = statistics.median(r["ratio"] for r in rows)
     print(f"{args.backbone} {args.size}px batch {args.batch}, {args.images} images, threads {torch.get_num_threads()}: "
           f"transferlab / bare throughput = {ratio:.3f} (median of {args.rounds}; target >= 0.9)")
+    variants = _measure_variants(args, cfg, transferlab_fit) if args.variants else {}
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rounds": rows, "ratio": ratio}, indent=2))
+        out = {"args": vars(args) | {"json": str(args.json)}, "rounds": rows, "ratio": ratio, "variants": variants}
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+def _measure_variants(args: argparse.Namespace, cfg: ExperimentConfig, transferlab_fit) -> dict:  # noqa: ANN001
+    """transferlab under other training settings vs its fp32 eager default, rounds alternating."""
+    import dataclasses
+
+    def settings(name: str) -> ExperimentConfig:
+        parts = set(name.split("+"))
+        unknown = parts - {"fp32", "bf16-mixed", "compile"}
+        if unknown:
+            raise SystemExit(f"--variants: unknown {sorted(unknown)}; use bf16-mixed, compile or compile+bf16-mixed")
+        train = dataclasses.replace(cfg.train, epochs=2, precision="bf16-mixed" if "bf16-mixed" in parts else "32-true",
+                                    compile="compile" in parts)
+        return dataclasses.replace(cfg, train=train)
+
+    names = ["fp32"] + [v.strip() for v in args.variants.split(",") if v.strip()]
+    per: dict[str, list[list[float]]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for n in names:
+            if "compile" in n:
+                import torch._dynamo
+
+                torch._dynamo.reset()  # every round pays (and shows) the compilation again
+            per[n].append(transferlab_fit(settings(n))[1])
+        print(f"round {r}: " + " | ".join(f"{n} {args.images / per[n][-1][1]:6.0f} img/s" for n in names), flush=True)
+    base = statistics.median(e[1] for e in per["fp32"])
+    out = {}
+    print(f"\n{'variant':<22}{'img/s (epoch 2)':>16}{'vs fp32 eager':>15}{'one-off cost (s)':>18}")
+    for n in names:
+        steady = statistics.median(e[1] for e in per[n])
+        warm = statistics.median(e[0] - e[1] for e in per[n])
+        out[n] = {"steady_epoch_s": steady, "img_s": args.images / steady, "speedup": base / steady, "one_off_s": warm}
+        print(f"{n:<22}{args.images / steady:>16.0f}{base / steady:>14.2f}x{warm:>18.1f}")
+    return out
 
 
 if __name__ == "__main__":

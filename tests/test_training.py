@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -162,3 +163,74 @@ def test_optimizers_and_schedules(optimizer, schedule, make_cfg, tmp_path):
         assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001])
     else:  # cosine and one-cycle anneal towards zero by the end
         assert lrs[-1] < 0.05 * 0.01 and max(lrs) <= 0.01 + 1e-12
+
+
+def test_bf16_mixed_on_the_cpu_trains_in_bfloat16_and_saves_float32_weights(make_cfg, tmp_path):
+    seen: list[torch.dtype] = []  # dtype of every Conv2d output in training mode
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Conv2d) and module.training:
+            seen.append(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        m = run_experiment(make_cfg(train={"precision": "bf16-mixed", "epochs": 3}), tmp_path / "run", console=QUIET)
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # autocast ran the convolutions in bfloat16
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "best.safetensors"))
+    assert {t.dtype for k, t in weights.items() if k.startswith("model.")} <= {torch.float32, torch.int64}  # fp32 master weights
+    assert m["test_acc"] > 0.5  # 4 separable synthetic classes: it learned
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_compile_trains_the_same_model_through_torch_compile(make_cfg, tmp_path, monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # dropout masks drawn as in eager mode
+
+    run_experiment(make_cfg(train={"epochs": 1}), tmp_path / "plain", console=QUIET)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    run_experiment(make_cfg(train={"epochs": 1, "compile": True}), tmp_path / "compiled", console=QUIET)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the training forward went through dynamo
+    # same seed, same batches: the compiled kernels reproduce the eager run up to float reassociation
+    loss = [float(load_run(tmp_path / d).history[0]["train_loss"]) for d in ("plain", "compiled")]
+    assert loss[1] == pytest.approx(loss[0], rel=1e-3)
+    a = load_file(str(tmp_path / "plain" / "checkpoints" / "last.safetensors"))
+    b = load_file(str(tmp_path / "compiled" / "checkpoints" / "last.safetensors"))
+    assert a.keys() == b.keys()  # plain module names, no '_orig_mod.' prefix: checkpoints stay interchangeable
+    # Adam's normalised step can turn a rounding difference in a near-zero gradient into a full lr step,
+    # so compare each tensor's bulk, not its worst element
+    for k in a:
+        if a[k].is_floating_point() and a[k].numel() > 1:
+            assert (a[k] - b[k]).abs().mean() < 1e-3, k
+
+
+def test_flip_tta_averages_the_softmax_of_image_and_mirror_everywhere_the_run_is_evaluated(make_cfg, tmp_path):
+    from transferlab.config import ConfigError
+    from transferlab.data import TensorBatches, prepare_splits
+    from transferlab.ensemble import member_probabilities
+    from transferlab.evaluation import TestTimeAugmentation, evaluate, with_tta
+
+    cfg = make_cfg(train={"tta": "flip", "epochs": 2}, data={"augment": ["flip"]})
+    m = run_experiment(cfg, tmp_path / "run", console=QUIET)
+    run = load_run(tmp_path / "run")
+    model = run.load_model()
+    splits = prepare_splits(cfg.data, cfg.seed)
+    x = model.preprocess()(splits.test_x[:8])
+    with torch.inference_mode():
+        expected = (model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2
+        assert torch.allclose(TestTimeAugmentation(model)(x).exp(), expected, atol=1e-6)
+        assert not torch.allclose(model(x).softmax(1), expected, atol=1e-4)  # the mirror view changes the prediction
+    assert with_tta(model, "none") is model
+    # the recorded test accuracy is the TTA one, and the ensemble re-evaluates members the same way
+    test = TensorBatches(splits.test_x, splits.test_y, 64, model.preprocess())
+    assert evaluate(with_tta(model, "flip"), test, 4)["acc"] == pytest.approx(m["test_acc"], abs=1e-9)
+    probs, _, _ = member_probabilities(run, splits.test_x, splits.test_y, torch.device("cpu"))
+    assert float((probs.argmax(1) == splits.test_y).float().mean()) == pytest.approx(m["test_acc"], abs=1e-6)
+    with pytest.raises(ConfigError, match="train.tta.*kind: train only"):
+        make_cfg(kind="logistic", train={"tta": "flip"})
+    with pytest.raises(ConfigError, match="train.tta"):
+        make_cfg(train={"tta": "rotate"})

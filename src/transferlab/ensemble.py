@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import yaml
 from rich.console import Console
 
+from transferlab.evaluation import with_tta
 from transferlab.runs import METRICS_FILE, Run, RunError, code_version, load_run, run_lock
 
 VOTES = ("hard", "soft")
@@ -128,9 +129,10 @@ def member_probabilities(run: Run, x: torch.Tensor, y: torch.Tensor, device: tor
     the member's ``Preprocess``)."""
     from transferlab.data.prepare import TensorBatches
 
-    model = run.load_model().to(device)
     cfg = run.config
-    batches = TensorBatches(x, y, cfg.train.eval_batch_size, model.preprocess(), device, channels_last=cfg.model.channels_last)
+    plain = run.load_model().to(device)
+    batches = TensorBatches(x, y, cfg.train.eval_batch_size, plain.preprocess(), device, channels_last=cfg.model.channels_last)
+    model = with_tta(plain, cfg.train.tta)  # as the member's own run was tested
     out = []
     if device.type == "cuda":
         torch.cuda.synchronize()

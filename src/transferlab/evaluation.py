@@ -12,6 +12,32 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from transferlab.distributed import all_reduce_sum
 
+TTA_VIEWS = ("none", "flip")
+
+
+class TestTimeAugmentation(torch.nn.Module):
+    """A classifier whose prediction is the mean softmax over views of each image (``flip``: the image
+    and its horizontal mirror).
+
+    It returns the *log* of that mean probability, so everything downstream — cross-entropy (the
+    NLL of the averaged prediction), argmax, top-k, softmax — sees the averaged prediction.
+    """
+
+    def __init__(self, model: torch.nn.Module, views: str = "flip") -> None:
+        super().__init__()
+        if views not in TTA_VIEWS[1:]:
+            raise ValueError(f"unknown test-time augmentation {views!r}; use one of {', '.join(TTA_VIEWS)}")
+        self.model, self.views = model, views
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.model(x).float().softmax(-1) + self.model(x.flip(-1)).float().softmax(-1)
+        return (probs / 2).clamp_min(1e-12).log()
+
+
+def with_tta(model: torch.nn.Module, tta: str) -> torch.nn.Module:
+    """``model`` itself for ``tta: none``, else wrapped in ``TestTimeAugmentation``."""
+    return model if tta == "none" else TestTimeAugmentation(model, tta)
+
 
 @torch.inference_mode()
 def evaluate(

@@ -819,6 +819,8 @@ def cached_training(
 
     if mode_setting == "off":
         return off("train.cache: off")
+    if tc.tta != "none":
+        return off(f"train.tta: {tc.tta} evaluates on transformed images, which a feature cache does not hold")
     if fabric.world_size > 1:
         return off(f"distributed run (world size {fabric.world_size}): every rank would repeat the pass; caching is single-process only")
     for key in ("unfreeze", "freeze_epochs"):  # a schedule that unfreezes mid-run would make any cache stale

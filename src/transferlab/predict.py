@@ -300,6 +300,9 @@ def predict(
     channels, size = run_input_spec(run)
     model = run.load_model(checkpoint).to(device)
     pre = model.preprocess()
+    from transferlab.evaluation import with_tta
+
+    model = with_tta(model, run.config.train.tta)  # predict as the run was evaluated
     names = run.class_names
     x, ok, errors = load_images(files, channels, size)
     out = [ImagePrediction(str(f), error=errors.get(i)) for i, f in enumerate(files)]

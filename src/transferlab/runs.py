@@ -32,7 +32,7 @@ from rich.console import Console
 from transferlab.config import ExperimentConfig, config_from_yaml_text
 from transferlab.distributed import RoundRobin, SliceOfGlobalBatch, fabric_kwargs, leave_process_group_at_exit, world
 from transferlab.data.prepare import ImageSplits, make_batches, prepare_splits
-from transferlab.evaluation import evaluate
+from transferlab.evaluation import evaluate, with_tta
 from transferlab.models.model import TransferModel, build_model, count_params
 from transferlab.strategies import apply_strategy
 from transferlab.training.checkpoint import load_model_weights
@@ -211,10 +211,11 @@ def _run_experiment_locked(
     load_model_weights(model, best_path if best_path.exists() else run_dir / "checkpoints" / "last.safetensors")
     from transferlab.predict import PredictionRecorder, save_test_predictions
 
-    recorder = PredictionRecorder(model) if fabric.world_size == 1 else None  # per-image test predictions (report)
+    tested = with_tta(model, cfg.train.tta)
+    recorder = PredictionRecorder(tested) if fabric.world_size == 1 else None  # per-image test predictions (report)
     with fabric.autocast():
         test_metrics = evaluate(
-            model if recorder is None else recorder, test if recorder is None else recorder.batches(test), splits.num_classes, device
+            tested if recorder is None else recorder, test if recorder is None else recorder.batches(test), splits.num_classes, device
         )
     metrics: dict[str, Any] = {
         "status": "ok",

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transferlab.config import ExperimentConfig
 from transferlab.data.prepare import TensorBatches
 from transferlab.distributed import all_reduce_sum
-from transferlab.evaluation import evaluate
+from transferlab.evaluation import evaluate, with_tta
 from transferlab.models.model import TransferModel
 from transferlab.strategies import optimizer_param_groups, trainability_for_epoch
 from transferlab.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -113,7 +113,8 @@ def fit(
     console = console or Console()
     tc = cfg.train
     optimizer = make_optimizer(optimizer_param_groups(model, cfg), tc)  # per-stage groups with a schedule / lr_ratio
-    fmodel, optimizer = fabric.setup(model, optimizer)
+    # A compiled module handed to Fabric is unwrapped, set up (DDP, precision) and compiled again on top.
+    fmodel, optimizer = fabric.setup(torch.compile(model) if tc.compile else model, optimizer)
     scheduler = make_scheduler(optimizer, tc, len(train))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
     mode_max = tc.early_stopping.monitor == "val_acc"
@@ -218,7 +219,7 @@ def fit(
                 )
             st.seconds += time.perf_counter() - t0
             with fabric.autocast():  # the bare module: DDP's forward would sync buffers per call
-                val_metrics = evaluate(model, val, model.num_classes, fabric.device)
+                val_metrics = evaluate(with_tta(model, tc.tta), val, model.num_classes, fabric.device)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": epoch_loss / seen,
