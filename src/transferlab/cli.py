@@ -212,16 +212,11 @@ def main(argv: list[str] | None = None) -> int:
             from transferlab.study import run_study
 
             study = args.study if args.command == "run" else demo_study_path()
-            from transferlab.distributed import shutdown, world
+            from transferlab.distributed import world
 
             if world()[0] != 0:  # torchrun: the other ranks train silently; rank 0 reports
                 console = Console(quiet=True)
-            try:
-                result = run_study(study, args.runs_dir, resume=args.resume, overwrite=args.overwrite, only=args.only, console=console)
-            except BaseException:
-                shutdown(wait=False)
-                raise
-            shutdown()  # every rank leaves the process group together, before rank 0 writes the report
+            result = run_study(study, args.runs_dir, resume=args.resume, overwrite=args.overwrite, only=args.only, console=console)
             if world()[0] != 0:
                 return 1 if result.failed else 0
             compare(result.runs_dir, console=console)

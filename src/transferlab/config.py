@@ -179,7 +179,7 @@ class TrainConfig:
     """Lightning Fabric accelerator: ``auto``, ``cpu``, ``cuda``."""
     precision: str = "32-true"
     """Lightning Fabric precision, e.g. ``32-true``, ``bf16-mixed``, ``16-mixed``. ``bf16-mixed`` runs the
-    convolutions in bfloat16 on CPUs with AVX512-BF16/AMX too (2.1x the fp32 step here, see benchmarks/)."""
+    convolutions in bfloat16 on CPUs with AVX512-BF16/AMX too (see benchmarks/RESULTS.md for the measured gain)."""
     compile: bool = False
     """Train through ``torch.compile`` (opt-in: the first steps pay the compile time, and on the CPU it
     needs a C++ compiler). Checkpoints and evaluation use the plain module, so runs stay interchangeable."""

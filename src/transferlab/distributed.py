@@ -106,9 +106,10 @@ def shutdown(wait: bool = True) -> None:
 
 @functools.cache
 def leave_process_group_at_exit() -> None:
-    """Register (once) a plain ``shutdown(wait=False)`` at interpreter exit, while Python is still alive.
+    """Register (once) ``shutdown(wait=False)`` at interpreter exit, while Python is still alive.
 
-    ``transferlab.run_study`` called from a user's own script under torchrun gets the clean exit the
-    CLI has, without us guessing when the user is done with the process group.
+    Called where the process group is joined (``runs.make_fabric``), so the CLI and a user's own
+    script calling ``run_study`` under torchrun both exit cleanly, without guessing when the user is
+    done with the process group. No barrier: a rank that is done need not wait for the others.
     """
     atexit.register(shutdown, wait=False)

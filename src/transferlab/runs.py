@@ -82,7 +82,7 @@ def make_fabric(cfg: ExperimentConfig):  # noqa: ANN201 - lightning type
     fabric = Fabric(accelerator=cfg.train.accelerator, precision=cfg.train.precision, **fabric_kwargs())
     fabric.launch()  # joins the process group under torchrun; nothing to do for a single process
     if world()[1] > 1:
-        leave_process_group_at_exit()  # for API users under torchrun; the CLI leaves it explicitly
+        leave_process_group_at_exit()  # a gloo rank that exits without leaving is aborted at teardown
     return fabric
 
 
