@@ -44,7 +44,7 @@ def _cfg(name: str, size: dict, head: str, cache: str, accelerator: str):  # noq
         "model": {"backbone": "tf_efficientnet_lite0", "weights": "embedded"},
         "head": {"type": head, "hidden": 256, "dropout": 0.2 if head == "mlp" else 0.0},
         "strategy": {"name": "linear_probe"},
-        "train": {"epochs": size["epochs"], "batch_size": 128, "eval_batch_size": 512, "optimizer": "adamw", "lr": 3e-3,
+        "train": {"epochs": size["epochs"], "batch_size": 128, "optimizer": "adamw", "lr": 3e-3,
                   "schedule": "cosine", "accelerator": accelerator, "progress": False, "cache": cache,
                   "checkpoint_every_minutes": None},
     })

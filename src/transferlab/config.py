@@ -153,7 +153,9 @@ class TrainConfig:
 
     epochs: int = 10
     batch_size: int = 128
-    eval_batch_size: int = 512
+    eval_batch_size: int = 128
+    """Batch of validation, test, predictions and ensembles. 128: on a CPU larger batches are slower
+    (512 measured 1.7-2.4x slower for three of four models, benchmarks/eval_batch.py); raise it on a GPU."""
     tta: Literal["none", "flip"] = "none"
     """Test-time augmentation for validation and test (and ``predict``, ensembles): ``flip`` averages the
     softmax of each image and its horizontal mirror (train with ``data.augment: [flip]``). Twice the
