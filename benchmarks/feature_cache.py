@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"600 five-way five-shot ProtoNet episodes on {len(feats.labels)} cached test features ({x.shape[1]}-d): "
                   f"{episode_seconds:.2f}s (sampling included), accuracy {100 * float(acc.mean()):.2f}%")
     console.print(f"device: {fabric.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-                  f"{torch.get_num_threads()} threads")
+                  f"{torch.get_num_threads()} threads, {'after untimed warm-up runs' if args.warmup else 'no warm-up'}")
     ok = all(r["speedup_train"] >= 10 and abs(r["acc_diff_points"]) <= 0.3 for r in results) and episode_seconds <= 5
     console.print(f"targets (≥ 10× faster, ≤ 0.3 points, episodes ≤ 5 s): {'met' if ok else 'NOT met'}"
                   + (f" (the {args.size} size is a check: the targets are for the full size)" if args.size != "full" else ""))
