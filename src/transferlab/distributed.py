@@ -88,28 +88,25 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def shutdown(wait: bool = True) -> None:
-    """Leave the process group cleanly (no-op for a plain process).
+def shutdown() -> None:
+    """Leave the process group (no-op for a plain process).
 
     Without this a rank that finishes first exits while gloo's worker threads are still alive, and
     the C++ runtime aborts it ("terminate called without an active exception", SIGABRT), which
-    torchrun reports as a failed job although every result was written. ``wait`` holds every rank
-    until all are done; pass ``False`` after an error, when the other ranks may never arrive.
+    torchrun reports as a failed job although every result was written. No barrier: a rank that is
+    done need not wait for the others, and after an error the others may never arrive.
     """
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if wait:
-        dist.barrier()
-    dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @functools.cache
 def leave_process_group_at_exit() -> None:
-    """Register (once) ``shutdown(wait=False)`` at interpreter exit, while Python is still alive.
+    """Register (once) ``shutdown`` at interpreter exit, while Python is still alive.
 
     Called where the process group is joined (``runs.make_fabric``), so the CLI and a user's own
     script calling ``run_study`` under torchrun both exit cleanly, without guessing when the user is
-    done with the process group. No barrier: a rank that is done need not wait for the others.
+    done with the process group.
     """
-    atexit.register(shutdown, wait=False)
+    atexit.register(shutdown)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from transferlab.evaluation import with_tta
+
 if TYPE_CHECKING:
     from transferlab.data.prepare import ImageSplits
     from transferlab.runs import Run
@@ -300,8 +302,6 @@ def predict(
     channels, size = run_input_spec(run)
     model = run.load_model(checkpoint).to(device)
     pre = model.preprocess()
-    from transferlab.evaluation import with_tta
-
     model = with_tta(model, run.config.train.tta)  # predict as the run was evaluated
     names = run.class_names
     x, ok, errors = load_images(files, channels, size)
