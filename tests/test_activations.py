@@ -12,7 +12,7 @@ from report_fixtures import synthetic_class_image, tiny_study_dir
 from torch import nn
 
 import transferlab
-from transferlab.activations import ActivationError, capture_activations, default_layers, gradcam, save_activations
+from transferlab.tools.activations import ActivationError, capture_activations, default_layers, gradcam, save_activations
 from transferlab.cli import main
 from transferlab.config import HeadConfig, ModelConfig
 from transferlab.models.model import build_model

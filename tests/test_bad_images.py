@@ -25,9 +25,10 @@ from PIL import Image
 from transferlab.cli import main
 from transferlab.config import DataConfig, ExperimentConfig, from_dict
 from transferlab.data.check import check_config, check_path
-from transferlab.data.datasets import DatasetError, load_dataset
+from transferlab.data.sources import DatasetError, load_dataset
 from transferlab.data.images import ImageReadError, load_image, probe_image
-from transferlab.data.prepare import Preprocess, make_batches, prepare_splits
+from transferlab.data.batches import Preprocess, make_batches
+from transferlab.data.prepare import prepare_splits
 
 
 def folder_cfg(root: Path, **kw: object) -> DataConfig:
@@ -222,7 +223,7 @@ def test_all_bad_files_listed_at_once(tmp_path: Path) -> None:
 
 
 def test_skip_bad_images_records_list_and_count(tmp_path: Path) -> None:
-    from transferlab.runs import run_experiment
+    from transferlab.kinds import run_experiment
 
     good_tree(tmp_path / "ds")
     t1 = truncated_jpeg(tmp_path / "ds" / "train" / "cat" / "t.jpg")

@@ -21,11 +21,13 @@ from safetensors.torch import save_file
 from transferlab.cli import main
 from transferlab.config import ConfigError, ExperimentConfig, StrategyConfig, from_dict, parse_study
 from transferlab.data import DatasetError, prepare_splits
-from transferlab.data.datasets import load_dataset
+from transferlab.data.sources import load_dataset
 from transferlab.models import WeightsError, build_model, create_backbone
-from transferlab.runs import RunError, load_run, run_experiment
+from transferlab.kinds import run_experiment
+from transferlab.rundir import RunError, load_run
 from transferlab.strategies import apply_strategy
-from transferlab.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
+from transferlab.files import CheckpointError, load_checkpoint, save_checkpoint
+from transferlab.models.weights import load_model_weights
 
 QUIET = Console(quiet=True)
 BASE = {"name": "e", "data": {"dataset": "synthetic", "synthetic_size": 64, "val_fraction": 0.25}, "train": {"epochs": 1, "progress": False}}
@@ -200,7 +202,7 @@ def k_not_a_checkpoint(tmp, run):
 
 
 def k_different_class_order(tmp, run):
-    from transferlab.ensemble import evaluate_ensemble
+    from transferlab.kinds.ensemble import evaluate_ensemble
 
     other = tmp / "other"
     import shutil

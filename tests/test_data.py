@@ -12,14 +12,11 @@ import torch
 
 from transferlab.config import DataConfig
 from transferlab.data import datasets
-from transferlab.data.datasets import (
-    FASHION_MNIST_CLASSES,
-    DatasetError,
-    RawDataset,
-    load_dataset,
-    read_idx,
-)
-from transferlab.data.prepare import Preprocess, TensorBatches, augment_batch, prepare_splits
+from transferlab.data.datasets import FASHION_MNIST_CLASSES, read_idx
+from transferlab.data.sources import DatasetError, RawDataset, load_dataset
+from transferlab.data.augment import augment_batch
+from transferlab.data.batches import Preprocess, TensorBatches
+from transferlab.data.prepare import prepare_splits
 
 FASHION_NAMES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

@@ -30,19 +30,14 @@ from data_fixtures import (
 from PIL import Image
 
 from transferlab.config import ConfigError, DataConfig, ExperimentConfig, from_dict, parse_study
-from transferlab.data import cifar, prepare
+from transferlab.data import cifar
+from transferlab.data import resize as prepare
 from transferlab.data.archives import download_archive, safe_extract
 from transferlab.data.augment import AUGMENTATIONS, inverse_affine_matrices, parse_augmentation, warp_batch
-from transferlab.data.datasets import DatasetError, RawDataset, load_dataset
+from transferlab.data.sources import DatasetError, RawDataset, load_dataset
 from transferlab.data.images import FileImages
-from transferlab.data.prepare import (
-    ImageDataset,
-    LoaderBatches,
-    Preprocess,
-    TensorBatches,
-    make_batches,
-    prepare_splits,
-)
+from transferlab.data.batches import ImageDataset, LoaderBatches, Preprocess, TensorBatches, make_batches
+from transferlab.data.prepare import prepare_splits
 
 IDENTITY = Preprocess(mean=(0.0,), std=(1.0 / 255,), in_chans=1)
 REAL_DATA = os.environ.get("TRANSFERLAB_DATA")  # read before the fixture below empties it
@@ -742,9 +737,9 @@ def test_loader_batches_reproducible_and_worker_independent() -> None:
 def _train_digits(in_memory: bool, augment: list) -> float:
     from lightning.fabric import Fabric
 
-    from transferlab.evaluation import evaluate
+    from transferlab.engine.evaluation import evaluate
     from transferlab.models.model import build_model
-    from transferlab.training.engine import fit
+    from transferlab.engine import fit
 
     cfg = from_dict(
         ExperimentConfig,
@@ -833,7 +828,7 @@ def test_every_loader_from_the_cli(tmp_path: Path, kind: str) -> None:
 
 
 def test_selection_recorded_in_run_directory(tmp_path: Path) -> None:
-    from transferlab.runs import run_experiment
+    from transferlab.kinds import run_experiment
 
     write_folder(tmp_path / "d", ["a", "b", "c"], 10)
     cfg = from_dict(

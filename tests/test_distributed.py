@@ -77,7 +77,7 @@ def test_two_gloo_processes_match_one_process_and_write_one_run_directory(tmp_pa
 
 
 def test_shutdown_leaves_the_process_group_and_is_a_no_op_without_one(tmp_path):
-    from transferlab.distributed import shutdown
+    from transferlab.engine.distributed import shutdown
 
     dist = torch.distributed
     shutdown()  # no process group: nothing to do, no error

@@ -9,11 +9,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from transferlab.compare import collect
+from transferlab.results.compare import collect
 from transferlab.config import ConfigError, parse_study
 from transferlab.data import TensorBatches, prepare_splits
-from transferlab.ensemble import EnsembleError, combine_votes, evaluate_ensemble, run_ensemble
-from transferlab.runs import load_run, run_experiment
+from transferlab.kinds.ensemble import EnsembleError, combine_votes, evaluate_ensemble, run_ensemble
+from transferlab.kinds import run_experiment
+from transferlab.rundir import load_run
 from transferlab.study import run_study
 
 QUIET = Console(quiet=True)
@@ -121,7 +122,10 @@ def test_cli_ensemble_writes_a_run_directory(study_dir, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["experiment"] == "pair" and len(m["members"]) == 2
     assert main(["ensemble", str(study_dir / "cnn16"), str(study_dir / "lite0_24"), "--out", str(out)]) == 2  # exists: refused
-    assert main(["ensemble", str(study_dir / "cnn16"), str(study_dir / "lite0_24"), "--out", str(out), "--resume"]) == 0
+    # --resume keeps the finished ensemble only when it is the one asked for (here: soft vote, named pair)
+    assert main(["ensemble", str(study_dir / "cnn16"), str(study_dir / "lite0_24"), "--out", str(out), "--resume"]) == 2
+    same = ["--vote", "soft", "--name", "pair", "--resume"]
+    assert main(["ensemble", str(study_dir / "cnn16"), str(study_dir / "lite0_24"), "--out", str(out), *same]) == 0
 
 
 def test_members_must_share_classes_and_test_images(study_dir, make_cfg, tmp_path):

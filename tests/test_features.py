@@ -12,8 +12,9 @@ from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from transferlab.data.prepare import TensorBatches, prepare_splits
-from transferlab.features import (
+from transferlab.data.batches import TensorBatches
+from transferlab.data.prepare import prepare_splits
+from transferlab.engine.features import (
     STORE,
     CachedSuffix,
     CutPoint,
@@ -27,7 +28,9 @@ from transferlab.features import (
     state_hash,
 )
 from transferlab.models.model import build_model
-from transferlab.runs import load_run, make_fabric, run_experiment
+from transferlab.engine.distributed import make_fabric
+from transferlab.kinds import run_experiment
+from transferlab.rundir import load_run
 from transferlab.strategies import apply_strategy
 
 QUIET = Console(quiet=True)
@@ -91,7 +94,7 @@ def test_cached_training_matches_the_plain_loop(make_cfg, tmp_path, backbone, st
         torch.testing.assert_close(w_on[k], w_off[k], rtol=1e-3, atol=1e-4, msg=k)
     assert on["test_acc"] == pytest.approx(off["test_acc"], abs=1 / on["n_test"] + 1e-9)
     # the test split runs through the whole model on images: the reloaded model reproduces the number
-    from transferlab.evaluation import evaluate
+    from transferlab.engine.evaluation import evaluate
 
     model = load_run(tmp_path / "auto").load_model()
     splits = prepare_splits(load_run(tmp_path / "auto").config.data, 0)
@@ -167,7 +170,7 @@ def test_feature_batches_follow_the_loops_order():
     x = torch.arange(10, dtype=torch.float32)[:, None]
     y = torch.arange(10)
     images = torch.zeros(10, 1, 4, 4, dtype=torch.uint8)
-    from transferlab.data.prepare import Preprocess
+    from transferlab.data.batches import Preprocess
 
     tb = TensorBatches(images, y, 3, Preprocess((0.5,), (0.5,), 1), shuffle=True, seed=7)
     fb = FeatureBatches([x], y, 3, shuffle=True, seed=7)
@@ -293,7 +296,7 @@ def test_memory_store_evicts_least_recent_to_disk(tmp_path):
 
 def test_spilled_cache_is_reused_by_a_later_run(make_cfg, tmp_path, monkeypatch):
     """Sets above the memory budget go to <study>/.feature_cache and a second run (new store) maps them."""
-    import transferlab.features as features
+    import transferlab.engine.features.store as features
 
     monkeypatch.setattr(features.STORE, "memory_bytes", 1)
     cfg = _cfg(make_cfg, train={"epochs": 1})
@@ -307,7 +310,7 @@ def test_spilled_cache_is_reused_by_a_later_run(make_cfg, tmp_path, monkeypatch)
 
 
 def test_an_interrupted_cached_run_resumes_bit_identically(make_cfg, tmp_path, monkeypatch):
-    import transferlab.training.engine as engine
+    import transferlab.engine.checkpointing as engine
 
     cfg = _cfg(make_cfg, head={"type": "mlp", "hidden": 16, "dropout": 0.3}, train={"epochs": 3, "checkpoint_every_steps": 2})
     full = run_experiment(cfg, tmp_path / "full", console=QUIET)

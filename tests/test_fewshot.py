@@ -11,9 +11,10 @@ from rich.console import Console
 
 from transferlab.cli import main
 from transferlab.config import ConfigError, ExperimentConfig, from_dict
-from transferlab.features import STORE
-from transferlab.fewshot import FewShotError, FewShotResult, protonet_accuracy, resolve_classes, sample_episodes
-from transferlab.runs import load_run, run_experiment
+from transferlab.engine.features import STORE
+from transferlab.engine.episodes import FewShotError, FewShotResult, protonet_accuracy, resolve_classes, sample_episodes
+from transferlab.kinds import run_experiment
+from transferlab.rundir import load_run
 
 QUIET = Console(quiet=True)
 
@@ -123,7 +124,7 @@ def test_fewshot_run_directory(tmp_path):
     assert fs["results"]["euclidean"]["episodes"] == 200
     assert [a is None for a in m["per_class_acc"]] == [True] * 5 + [False] * 5  # only novel classes were queried
     assert "5-way 5-shot ProtoNet (cosine), 200 episodes" in m["notes"]
-    from transferlab.compare import collect
+    from transferlab.results.compare import collect
 
     (row,) = collect(tmp_path)
     assert row["test_acc"] == m["test_acc"] and row["strategy"] == "protonet"
@@ -134,7 +135,7 @@ def test_episodic_finetuning_trains_the_backbone_not_the_head(tmp_path):
     import copy
 
     from transferlab.data.prepare import prepare_splits
-    from transferlab.fewshot import episodic_finetune
+    from transferlab.engine.episodes import episodic_finetune
     from transferlab.models.model import build_model
     from transferlab.strategies import apply_strategy
 

@@ -12,7 +12,8 @@ from report_fixtures import synthetic_class_image, tiny_study_dir
 
 import transferlab
 from transferlab.cli import main
-from transferlab.predict import PredictError, collect_image_files, load_test_predictions, predict
+from transferlab.rundir import load_test_predictions
+from transferlab.tools.predict import PredictError, collect_image_files, predict
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import torch
 from rich.console import Console
 
 from transferlab.config import ConfigError, ExperimentConfig, from_dict, parse_study
-from transferlab.features import STORE
-from transferlab.probes import KNNClassifier, fit_knn, fit_logistic, knn_topk, logme
+from transferlab.engine.features import STORE
+from transferlab.engine.probes import KNNClassifier, fit_knn, fit_logistic, knn_topk, logme
 
 QUIET = Console(quiet=True)
 
@@ -138,10 +138,11 @@ def _probe_study(kind_entries: list[dict], tmp_path):
 
 
 def test_logistic_and_knn_runs_are_ordinary_run_directories(tmp_path):
-    from transferlab.compare import collect
-    from transferlab.data.prepare import TensorBatches, prepare_splits
-    from transferlab.evaluation import evaluate
-    from transferlab.runs import load_run
+    from transferlab.results.compare import collect
+    from transferlab.data.batches import TensorBatches
+    from transferlab.data.prepare import prepare_splits
+    from transferlab.engine.evaluation import evaluate
+    from transferlab.rundir import load_run
 
     result = _probe_study([
         {"name": "logistic", "kind": "logistic", "probe": {"l2": [1e-3, 1e-1, 10.0]}},
@@ -185,7 +186,7 @@ def test_probe_config_is_strict():
 @pytest.mark.slow
 def test_logistic_probe_on_imagenet_lite0_fashion_mnist(tmp_path):
     """Real data: the embedded ImageNet EfficientNet-Lite0, 5 000 Fashion-MNIST images at 64 px."""
-    from transferlab.runs import run_experiment
+    from transferlab.kinds import run_experiment
 
     cfg = from_dict(ExperimentConfig, {
         "name": "lite0_logistic", "kind": "logistic",

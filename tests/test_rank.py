@@ -9,8 +9,8 @@ from rich.console import Console
 
 from transferlab.cli import main
 from transferlab.config import ConfigError, DataConfig
-from transferlab.features import STORE
-from transferlab.rank import Candidate, parse_candidates, rank_backbones
+from transferlab.engine.features import STORE
+from transferlab.tools.rank import Candidate, parse_candidates, rank_backbones
 
 QUIET = Console(quiet=True)
 

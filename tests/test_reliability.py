@@ -17,8 +17,9 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
-from transferlab.runs import RunError, run_experiment, run_lock
-from transferlab.training import checkpoint as ckpt
+from transferlab.kinds import run_experiment
+from transferlab.rundir import RunError, run_lock
+from transferlab import files as ckpt
 
 QUIET = Console(quiet=True)
 
@@ -27,7 +28,7 @@ RUNNER = textwrap.dedent(
     import sys, yaml
     from rich.console import Console
     from transferlab.config import ExperimentConfig, from_dict
-    from transferlab.runs import run_experiment
+    from transferlab.kinds import run_experiment
     cfg = from_dict(ExperimentConfig, yaml.safe_load(open(sys.argv[1])))
     run_experiment(cfg, sys.argv[2], resume=sys.argv[3] == "resume", console=Console(quiet=True))
     """
@@ -129,7 +130,7 @@ def test_truncated_checkpoint_error_names_the_file(tmp_path):
 def test_second_writer_of_a_run_directory_is_refused(tmp_path, make_cfg):
     run_dir = tmp_path / "study" / "exp"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from transferlab.runs import run_lock\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from transferlab.rundir import run_lock\n"
          "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(run_dir)],
         stdout=subprocess.PIPE, text=True,
     )

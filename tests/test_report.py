@@ -15,8 +15,8 @@ import pytest
 from report_fixtures import tiny_study_dir
 
 from transferlab.cli import main
-from transferlab.report import ReportError, build_report, confused_pairs, pareto_front
-from transferlab.report.browser import Shot, check_page, find_chromium
+from transferlab.results.report import ReportError, build_report, confused_pairs, pareto_front
+from transferlab.results.report.browser import Shot, check_page, find_chromium
 
 
 @pytest.fixture(scope="session")

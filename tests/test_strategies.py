@@ -13,7 +13,7 @@ from transferlab.data import TensorBatches, prepare_splits
 from transferlab.models import build_model
 from transferlab.models.model import BN_TYPES
 from transferlab.strategies import STRATEGIES, apply_strategy, stage_groups
-from transferlab.training import fit
+from transferlab.engine import fit
 
 
 def _train(cfg, tmp_path):

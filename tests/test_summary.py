@@ -8,8 +8,8 @@ import timm
 from rich.console import Console
 
 from transferlab.config import ConfigError, StrategyConfig, TruncateConfig
-from transferlab.runs import run_experiment
-from transferlab.summary import model_summary
+from transferlab.kinds import run_experiment
+from transferlab.tools.summary import model_summary
 
 QUIET = Console(quiet=True)
 

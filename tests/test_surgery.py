@@ -13,9 +13,10 @@ from rich.console import Console
 import transferlab.models  # noqa: F401 - registers the built-in CNNs
 from transferlab.config import ConfigError, HeadConfig, ModelConfig, StrategyConfig, TruncateConfig
 from transferlab.models import build_model
-from transferlab.models.model import ConvHead
+from transferlab.models.heads import ConvHead
 from transferlab.models.truncate import is_truncated, stage_modules, truncate_backbone
-from transferlab.runs import load_run, run_experiment
+from transferlab.kinds import run_experiment
+from transferlab.rundir import load_run
 from transferlab.strategies import apply_strategy
 
 QUIET = Console(quiet=True)
@@ -115,7 +116,7 @@ def test_truncated_model_trains_and_its_run_reloads(make_cfg, tmp_path):
 
     from transferlab.data import TensorBatches, prepare_splits
     from transferlab.models.model import BN_TYPES
-    from transferlab.training import fit
+    from transferlab.engine import fit
 
     cfg = make_cfg(
         model={"backbone": "resnet18", "truncate": {"stages": 2}},

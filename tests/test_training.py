@@ -10,10 +10,12 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-import transferlab.training.engine as engine
-from transferlab.runs import RunError, load_run, run_experiment
-from transferlab.training import TrainingDiverged
-from transferlab.training.checkpoint import CheckpointError, read_metadata
+import transferlab.engine.checkpointing as engine
+from transferlab.kinds import run_experiment
+from transferlab.rundir import RunError, load_run
+from transferlab.engine import TrainingDiverged
+from transferlab.files import CheckpointError
+from transferlab.files import read_checkpoint_metadata as read_metadata
 
 QUIET = Console(quiet=True)
 
@@ -52,7 +54,7 @@ def test_run_directory_contents_and_load_run_reproduces_the_model(make_cfg, tmp_
     model = run.load_model()
     # evaluating the reloaded model on the test split gives the recorded accuracy
     from transferlab.data import TensorBatches, prepare_splits
-    from transferlab.evaluation import evaluate
+    from transferlab.engine.evaluation import evaluate
 
     splits = prepare_splits(cfg.data, cfg.seed)
     test = TensorBatches(splits.test_x, splits.test_y, 64, model.preprocess())
@@ -211,8 +213,8 @@ def test_compile_trains_the_same_model_through_torch_compile(make_cfg, tmp_path,
 def test_flip_tta_averages_the_softmax_of_image_and_mirror_everywhere_the_run_is_evaluated(make_cfg, tmp_path):
     from transferlab.config import ConfigError
     from transferlab.data import TensorBatches, prepare_splits
-    from transferlab.ensemble import member_probabilities
-    from transferlab.evaluation import TestTimeAugmentation, evaluate, with_tta
+    from transferlab.kinds.ensemble import member_probabilities
+    from transferlab.engine.evaluation import TestTimeAugmentation, evaluate, with_tta
 
     cfg = make_cfg(train={"tta": "flip", "epochs": 2}, data={"augment": ["flip"]})
     m = run_experiment(cfg, tmp_path / "run", console=QUIET)

@@ -16,7 +16,8 @@ from rich.console import Console
 from transferlab.config import HeadConfig, ModelConfig, TruncateConfig, load_study, parse_study
 from transferlab.data import TensorBatches, prepare_splits
 from transferlab.models import WeightsError, build_model
-from transferlab.runs import load_run, run_experiment
+from transferlab.kinds import run_experiment
+from transferlab.rundir import load_run
 from transferlab.study import run_study
 
 QUIET = Console(quiet=True)

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from transferlab.config import ConfigError
 from transferlab.models import build_model
 from transferlab.models.model import BN_TYPES
-from transferlab.runs import load_run, run_experiment
+from transferlab.kinds import run_experiment
+from transferlab.rundir import load_run
 from transferlab.strategies import apply_strategy_at_epoch, optimizer_param_groups
-from transferlab.training import engine
-from transferlab.training.optim import make_optimizer, make_scheduler
+from transferlab.engine import checkpointing as engine
+from transferlab.engine.optim import make_optimizer, make_scheduler
 
 QUIET = Console(quiet=True)
 # transferlab_cnn: stem = blocks.0, stages = blocks.1, blocks.2

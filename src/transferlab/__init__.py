@@ -9,12 +9,18 @@ Python API::
     model = run.load_model()
 """
 
-__version__ = "0.1.0"
+from importlib import metadata
 
-from transferlab.compare import compare
 from transferlab.config import ConfigError, ExperimentConfig, Study, load_study, parse_study
-from transferlab.runs import Run, load_run, run_experiment
+from transferlab.kinds import run_experiment
+from transferlab.results.compare import compare
+from transferlab.rundir import Run, load_run
 from transferlab.study import StudyResult, run_study
+
+try:
+    __version__ = metadata.version("transferlab")
+except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "unknown"
 
 __all__ = [
     "ConfigError",

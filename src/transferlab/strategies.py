@@ -22,21 +22,18 @@ resumed run continue exactly.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
+from timm.models import group_parameters
 from torch import nn
 
-from transferlab.config import ConfigError, ExperimentConfig, StrategyConfig
+from transferlab.config import ConfigError, ExperimentConfig, StrategyConfig, register_check, unfreeze_milestones
 from transferlab.models.model import BN_TYPES, TransferModel
+from transferlab.models.truncate import stage_groups_labelled
+from transferlab.registry import Registry, UnknownNameError
 
 Strategy = Callable[[TransferModel, StrategyConfig], None]
-STRATEGIES: dict[str, Strategy] = {}
-
-
-def register_strategy(fn: Strategy) -> Strategy:
-    STRATEGIES[fn.__name__] = fn
-    return fn
+STRATEGIES: Registry[Strategy] = Registry("strategy", "strategy.name: which parameters train")
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,8 +80,6 @@ def stage_groups(backbone: nn.Module) -> list[list[str]]:
     it works for any timm architecture: ResNet → [stem, layer1, …, layer4], EfficientNet →
     [stem, blocks.0, …, blocks.6, head conv].
     """
-    from timm.models import group_parameters
-
     if not hasattr(backbone, "group_matcher"):
         raise ConfigError(f"{type(backbone).__name__} has no timm group_matcher; use freeze_first with children or params")
     groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
@@ -95,21 +90,21 @@ def stage_groups(backbone: nn.Module) -> list[list[str]]:
 # strategies
 
 
-@register_strategy
+@STRATEGIES.register()
 def scratch(model: TransferModel, cfg: StrategyConfig) -> None:
     """Train every parameter (use with ``weights: scratch``: a from-scratch baseline)."""
     unfreeze(model)
     sync_frozen_batchnorm(model)
 
 
-@register_strategy
+@STRATEGIES.register()
 def finetune(model: TransferModel, cfg: StrategyConfig) -> None:
     """Train every parameter, starting from the loaded (e.g. ImageNet) weights."""
     unfreeze(model)
     sync_frozen_batchnorm(model)
 
 
-@register_strategy
+@STRATEGIES.register()
 def linear_probe(model: TransferModel, cfg: StrategyConfig) -> None:
     """Freeze the whole backbone (BatchNorm in eval mode); only the head trains.
 
@@ -121,7 +116,7 @@ def linear_probe(model: TransferModel, cfg: StrategyConfig) -> None:
     sync_frozen_batchnorm(model)
 
 
-@register_strategy
+@STRATEGIES.register()
 def freeze_first(model: TransferModel, cfg: StrategyConfig) -> None:
     """Freeze the first part of the backbone; the rest and the head train.
 
@@ -167,7 +162,7 @@ def freeze_first(model: TransferModel, cfg: StrategyConfig) -> None:
     sync_frozen_batchnorm(model)
 
 
-@register_strategy
+@STRATEGIES.register()
 def bn_only(model: TransferModel, cfg: StrategyConfig) -> None:
     """Train only BatchNorm affine parameters (their running stats update too) and the head."""
     freeze(model.backbone)
@@ -180,9 +175,11 @@ def bn_only(model: TransferModel, cfg: StrategyConfig) -> None:
 
 def apply_strategy(model: TransferModel, cfg: StrategyConfig) -> None:
     """Apply the strategy named ``cfg.name`` to ``model``."""
-    if cfg.name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {cfg.name!r}; available: {', '.join(STRATEGIES)}")
-    STRATEGIES[cfg.name](model, cfg)
+    try:
+        strategy = STRATEGIES.get(cfg.name)
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
+    strategy(model, cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,20 +192,9 @@ def backbone_stages(model: TransferModel) -> list[tuple[str, list[nn.Parameter]]
     The groups are ``stage_groups`` (timm's coarse ``group_matcher``); a group is labelled with the
     module that holds it, or ``stage <i>`` when no single module does.
     """
-    from transferlab.models.truncate import stage_groups_labelled
-
     stage_groups(model.backbone)  # the error for a backbone without group_matcher
     params = dict(model.backbone.named_parameters())
     return [(label, [params[n] for n in names]) for label, names, _ in stage_groups_labelled(model.backbone)]
-
-
-def unfreeze_milestones(cfg: StrategyConfig) -> tuple[list[int], int | None]:
-    """(epochs at which stages unfreeze, stage groups per step; ``None`` = all at once)."""
-    if cfg.freeze_epochs is not None:
-        return [cfg.freeze_epochs], None
-    if cfg.unfreeze is not None:
-        return list(cfg.unfreeze.at_epochs), cfg.unfreeze.stages_per_step
-    return [], None
 
 
 def has_schedule(cfg: StrategyConfig) -> bool:
@@ -323,51 +309,10 @@ def optimizer_param_groups(model: nn.Module, cfg: ExperimentConfig) -> list[nn.P
     return groups
 
 
-def check_surgery_config(cfg: ExperimentConfig) -> None:
-    """Value checks for truncation, ``keep_head``, the conv head, unfreezing schedules and ``lr_ratio``.
-
-    Called by ``ExperimentConfig.validate``; errors name the experiment, the key and the value.
-    """
-
-    def bad(key: str, value: object, why: str) -> None:
-        raise ConfigError(f"experiment '{cfg.name}': {key}={value!r} {why}")
-
-    t = cfg.model.truncate
-    if t is not None:
-        given = {k: v for k, v in (("stages", t.stages), ("after", t.after)) if v is not None}
-        if len(given) != 1:
-            bad("model.truncate", given, "needs exactly one of stages / after")
-        if t.stages is not None and t.stages < 1:
-            bad("model.truncate.stages", t.stages, "must be >= 1 (the stem and the first N stages)")
-        if t.after is not None and not t.after.strip():
-            bad("model.truncate.after", t.after, "must name a module")
-    if cfg.model.keep_head and not cfg.model.weights.startswith("run:"):
-        bad("model.keep_head", True, f"needs weights: run:<run dir or experiment> (weights is {cfg.model.weights!r})")
-    h = cfg.head
-    if h.conv_channels < 1:
-        bad("head.conv_channels", h.conv_channels, "must be >= 1")
-    if h.kernel_size < 1 or h.kernel_size % 2 == 0:
-        bad("head.kernel_size", h.kernel_size, "must be odd and >= 1 ('same' padding)")
-    s = cfg.strategy
-    if s.unfreeze is not None and s.freeze_epochs is not None:
-        bad("strategy.freeze_epochs", s.freeze_epochs, "and strategy.unfreeze cannot both be set")
-    if s.freeze_epochs is not None and s.freeze_epochs < 1:
-        bad("strategy.freeze_epochs", s.freeze_epochs, "must be >= 1")
-    if s.unfreeze is not None:
-        at = s.unfreeze.at_epochs
-        if not at or any(e < 1 for e in at) or any(b <= a for a, b in itertools.pairwise(at)):
-            bad("strategy.unfreeze.at_epochs", at, "must be a non-empty, strictly increasing list of epochs >= 1")
-        if s.unfreeze.stages_per_step is not None and s.unfreeze.stages_per_step < 1:
-            bad("strategy.unfreeze.stages_per_step", s.unfreeze.stages_per_step, "must be >= 1 (or null: all at once)")
-    milestones, _ = unfreeze_milestones(s)
-    for m in milestones:
-        if m >= cfg.train.epochs:
-            key = "strategy.freeze_epochs" if s.freeze_epochs is not None else "strategy.unfreeze.at_epochs"
-            bad(key, m, f"never comes: train.epochs={cfg.train.epochs} (epochs count from 0)")
-    if milestones and s.name in ("scratch", "finetune"):
-        bad("strategy.name", s.name, "trains everything already, so unfreeze / freeze_epochs would do nothing; use linear_probe, freeze_first or bn_only")
-    r = cfg.train.lr_ratio
-    if isinstance(r, list) and (not r or any(v <= 0 for v in r)):
-        bad("train.lr_ratio", r, "must be a non-empty list of multipliers > 0")
-    if isinstance(r, float) and r <= 0:
-        bad("train.lr_ratio", r, "must be > 0")
+@register_check
+def check_strategy_name(cfg: ExperimentConfig) -> None:
+    """``strategy.name`` is a registered strategy."""
+    try:
+        STRATEGIES.get(cfg.strategy.name, "strategy.name")
+    except UnknownNameError as e:
+        raise cfg.error(str(e)) from None

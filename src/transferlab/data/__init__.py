@@ -1,17 +1,12 @@
-"""Datasets, selections, image files, augmentations and batches (in memory or through PIL)."""
+"""Datasets (each registers itself), image decoding, archives, augmentations, selections, batches, check-data."""
 
+from transferlab.data import cifar, datasets, folder, tiny_imagenet  # noqa: F401 - each registers its datasets
 from transferlab.data.augment import AUGMENTATIONS, Augmentation, AugmentationError, augment_batch, parse_augmentations
-from transferlab.data.datasets import DATASETS, DatasetError, RawDataset, load_dataset, register_dataset
+from transferlab.data.batches import ImageDataset, LoaderBatches, Preprocess, TensorBatches, make_batches
 from transferlab.data.images import FileImages, Problem
-from transferlab.data.prepare import (
-    ImageDataset,
-    ImageSplits,
-    LoaderBatches,
-    Preprocess,
-    TensorBatches,
-    make_batches,
-    prepare_splits,
-)
+from transferlab.data.prepare import ImageSplits, prepare_splits
+from transferlab.data.resize import resize_uint8
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset, load_dataset
 
 __all__ = [
     "AUGMENTATIONS",
@@ -32,5 +27,5 @@ __all__ = [
     "make_batches",
     "parse_augmentations",
     "prepare_splits",
-    "register_dataset",
+    "resize_uint8",
 ]

@@ -13,7 +13,7 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from transferlab.data.datasets import DatasetError
+from transferlab.data.sources import DatasetError
 
 
 def _check_member_path(name: str, target: Path, archive: Path) -> Path:

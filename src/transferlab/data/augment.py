@@ -40,7 +40,6 @@ are pixel values (0..255).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +47,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from transferlab.config import ExperimentConfig, register_check
+from transferlab.registry import Registry, UnknownNameError, suggestion
+
+AUGMENTATIONS: Registry[type[Augmentation]] = Registry("augmentation", "data.augment: training augmentations")
+"""Augmentation name -> class (registered by each class's ``name``). The names ``data.augment`` accepts."""
+
 
 class AugmentationError(ValueError):
     """An augmentation name or parameter is invalid; the message names it and the valid choices."""
@@ -163,6 +169,7 @@ def _v2_affine(degrees: float, translate: float, zoom: float, shear: float, fill
 # the augmentations
 
 
+@AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class Flip(Augmentation):
     name: ClassVar[str] = "flip"
@@ -182,6 +189,7 @@ class Flip(Augmentation):
         return v2.RandomHorizontalFlip(self.p)
 
 
+@AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class VFlip(Flip):
     name: ClassVar[str] = "vflip"
@@ -199,6 +207,7 @@ class VFlip(Flip):
 _PAD_MODES = {"reflect": "reflect", "constant": "constant", "edge": "replicate"}
 
 
+@AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class Crop(Augmentation):
     name: ClassVar[str] = "crop"
@@ -236,6 +245,7 @@ class Crop(Augmentation):
         return v2.RandomCrop(size, padding=self.padding, padding_mode=self.padding_mode, fill=self.fill)
 
 
+@AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class Translate(Augmentation):
     name: ClassVar[str] = "translate"
@@ -255,6 +265,7 @@ class Translate(Augmentation):
         return _v2_affine(0.0, self.fraction, 0.0, 0.0, self.fill)
 
 
+@AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class Rotate(Augmentation):
     name: ClassVar[str] = "rotate"
@@ -274,6 +285,7 @@ class Rotate(Augmentation):
         return _v2_affine(self.degrees, 0.0, 0.0, 0.0, self.fill)
 
 
+@AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class Affine(Augmentation):
     name: ClassVar[str] = "affine"
@@ -327,6 +339,7 @@ def _boxes(n: int, h: int, w: int, scale: Sequence[float], ratio: Sequence[float
     return ok, top, left, bh, bw
 
 
+@AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class Erase(Augmentation):
     name: ClassVar[str] = "erase"
@@ -360,6 +373,7 @@ class Erase(Augmentation):
         return v2.RandomErasing(p=self.p, scale=tuple(self.scale), ratio=tuple(self.ratio), value=self.value)
 
 
+@AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class ResizedCrop(Augmentation):
     name: ClassVar[str] = "resized_crop"
@@ -402,12 +416,6 @@ class ResizedCrop(Augmentation):
         return v2.RandomResizedCrop(size, scale=tuple(self.scale), ratio=tuple(self.ratio), interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
-AUGMENTATIONS: dict[str, type[Augmentation]] = {
-    cls.name: cls for cls in (Flip, VFlip, Crop, Translate, Rotate, Affine, Erase, ResizedCrop)
-}
-"""Augmentation name -> class. The names ``data.augment`` accepts."""
-
-
 # --------------------------------------------------------------------------------------------
 # parsing
 
@@ -442,11 +450,10 @@ def parse_augmentation(spec: Any) -> Augmentation:
         name, params = next(iter(spec.items()))
     else:
         raise AugmentationError(f"expected a name or a one-key mapping {{name: parameters}}, got {spec!r}")
-    if name not in AUGMENTATIONS:
-        close = difflib.get_close_matches(str(name), list(AUGMENTATIONS), n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise AugmentationError(f"unknown augmentation {name!r}{hint}; available: {', '.join(AUGMENTATIONS)}")
-    cls = AUGMENTATIONS[name]
+    try:
+        cls = AUGMENTATIONS.get(name)
+    except UnknownNameError as e:
+        raise AugmentationError(str(e)) from None
     fields = {f.name: f.default for f in dataclasses.fields(cls)}
     if params is None:
         params = {}
@@ -457,9 +464,7 @@ def parse_augmentation(spec: Any) -> Augmentation:
     kwargs = {}
     for key, value in params.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise AugmentationError(f"{name}: unknown parameter {key!r}{hint}; valid: {', '.join(fields)}")
+            raise AugmentationError(f"{name}: unknown parameter {key!r}{suggestion(key, list(fields))}; valid: {', '.join(fields)}")
         if key == cls.primary and isinstance(fields[key], tuple) and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value, fields[key][1]]  # {resized_crop: 0.5} = scale [0.5, 1.0]
         kwargs[key] = _coerce(name, key, value, fields[key])
@@ -498,3 +503,12 @@ def pil_pipeline(augs: Sequence[Augmentation], size: tuple[int, int]) -> tuple[A
         seen_tensor = seen_tensor or aug.tensor_stage
         (tensor_stage if seen_tensor else pil_stage).append(aug.pil_transform(size))
     return v2.Compose(pil_stage) if pil_stage else None, v2.Compose(tensor_stage) if tensor_stage else None
+
+
+@register_check
+def check_augmentations(cfg: ExperimentConfig) -> None:
+    """``data.augment`` names registered augmentations with valid parameters."""
+    try:
+        parse_augmentations(cfg.data.augment)
+    except AugmentationError as e:
+        raise cfg.error(str(e)) from None

@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 
 from transferlab.config import ConfigError, DataConfig, load_study
-from transferlab.data.datasets import DATASETS, DatasetError, RawDataset, load_dataset
+from transferlab.data.prepare import prepare_splits
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset, load_dataset
+from transferlab.data.tiny_imagenet import locate as locate_tiny_imagenet
+from transferlab.data.tiny_imagenet import scan_tiny_imagenet
 from transferlab.data.folder import FolderScan, probe_scan, raw_from_scan, scan_folder
 from transferlab.data.images import ImageReadError, Problem, load_image, map_files
 
@@ -129,7 +132,6 @@ def _array_duplicates(raw: RawDataset) -> list[Problem]:
 
 def _selection_problems(cfg: DataConfig, raw: RawDataset, seed: int) -> list[Problem]:
     """Run the selection (no decoding, no resizing) and turn a failure into a problem."""
-    from transferlab.data.prepare import prepare_splits
 
     dry = dataclasses.replace(cfg, in_memory=False, skip_bad_images=False, image_size=cfg.image_size if not isinstance(raw.train_x, torch.Tensor) else None)
     try:
@@ -141,7 +143,6 @@ def _selection_problems(cfg: DataConfig, raw: RawDataset, seed: int) -> list[Pro
 
 def check_config(cfg: DataConfig, seed: int = 0, decode: bool = True, workers: int | None = None) -> DataReport:
     """Check the data one experiment would use (every file, the structure, the selection)."""
-    from transferlab.data.tiny_imagenet import _locate, scan_tiny_imagenet
 
     report = DataReport(target=str(cfg.root or "default location"), dataset=cfg.dataset)
     scan: FolderScan | None = None
@@ -151,7 +152,7 @@ def check_config(cfg: DataConfig, seed: int = 0, decode: bool = True, workers: i
                 raise DatasetError("dataset 'folder' needs data.root")
             scan = scan_folder(cfg.root)
         elif cfg.dataset == "tiny_imagenet":
-            scan = scan_tiny_imagenet(_locate(cfg))
+            scan = scan_tiny_imagenet(locate_tiny_imagenet(cfg))
             probe_scan(scan)
             scan.channels, scan.size = 3, scan.size or (64, 64)
     except DatasetError as e:

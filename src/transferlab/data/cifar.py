@@ -19,7 +19,7 @@ import torch
 
 from transferlab.config import DataConfig
 from transferlab.data.archives import download_archive, safe_extract
-from transferlab.data.datasets import DatasetError, RawDataset, default_data_root, register_dataset
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct, scalar
@@ -132,7 +132,7 @@ def _find(kind: str, cfg: DataConfig) -> Path | None:
     return None
 
 
-def _locate(kind: str, cfg: DataConfig) -> Path:
+def locate(kind: str, cfg: DataConfig) -> Path:
     """The folder with the batch files: data.root (or its cifar-*-py subfolder), $TRANSFERLAB_DATA/<kind>, else download."""
     found = _find(kind, cfg)
     if found is not None:
@@ -155,7 +155,7 @@ def _locate(kind: str, cfg: DataConfig) -> Path:
 
 
 def _load(kind: str, cfg: DataConfig, coarse: bool = False) -> RawDataset:
-    d = _locate(kind, cfg)
+    d = locate(kind, cfg)
     spec = CIFAR[kind]
     if kind == "cifar10":
         label_key, names_key, n = "labels", "label_names", 10
@@ -176,7 +176,7 @@ def _load(kind: str, cfg: DataConfig, coarse: bool = False) -> RawDataset:
     )
 
 
-@register_dataset("cifar10")
+@DATASETS.register("cifar10")
 def cifar10(cfg: DataConfig) -> RawDataset:
     """CIFAR-10: 50 000 train / 10 000 test, 32x32 RGB, 10 classes (``cifar-10-batches-py``).
 
@@ -187,13 +187,13 @@ def cifar10(cfg: DataConfig) -> RawDataset:
     return _load("cifar10", cfg)
 
 
-@register_dataset("cifar100")
+@DATASETS.register("cifar100")
 def cifar100(cfg: DataConfig) -> RawDataset:
     """CIFAR-100 with its 100 fine labels: 50 000 train / 10 000 test, 32x32 RGB (``cifar-100-python``)."""
     return _load("cifar100", cfg)
 
 
-@register_dataset("cifar100_coarse")
+@DATASETS.register("cifar100_coarse")
 def cifar100_coarse(cfg: DataConfig) -> RawDataset:
     """CIFAR-100 with its 20 coarse labels (superclasses); same files and lookup as ``cifar100``."""
     return _load("cifar100", cfg, coarse=True)

@@ -1,78 +1,16 @@
-"""Dataset registry. Each loader returns the dataset's own splits: uint8 tensors, or image files.
-
-Array datasets (MNIST family, CIFAR, digits) are decoded once into memory (N, C, H, W) uint8 —
-about 47 MB for Fashion-MNIST — so every later step (selection, resizing, augmentation,
-normalisation) works on whole batches of tensors on the training device instead of one PIL image at
-a time. File datasets (``folder``, ``tiny_imagenet``) return ``FileImages`` (paths); ``prepare_splits``
-decodes the selected files into memory when they fit, or leaves them to the PIL DataLoader path.
-
-Registered here: ``fashion_mnist``, ``mnist``, ``digits``, ``synthetic``; in ``cifar.py``:
-``cifar10``, ``cifar100``, ``cifar100_coarse``; ``tiny_imagenet.py``: ``tiny_imagenet``;
-``folder.py``: ``folder``.
-"""
+"""The built-in array datasets: Fashion-MNIST and MNIST (IDX files), scikit-learn's digits, a synthetic toy task."""
 
 from __future__ import annotations
 
 import gzip
-import os
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from transferlab.config import DataConfig
-from transferlab.data.images import FileImages, Problem
-
-
-class DatasetError(RuntimeError):
-    """A dataset cannot be found or read. The message says which file and how to get it."""
-
-
-@dataclass
-class RawDataset:
-    """A dataset's official splits: uint8 (N, C, H, W) tensors, or ``FileImages`` for image files."""
-
-    train_x: torch.Tensor | FileImages  # (N, C, H, W) uint8, or N image files
-    train_y: torch.Tensor  # (N,) int64
-    test_x: torch.Tensor | FileImages
-    test_y: torch.Tensor
-    class_names: list[str]
-    source: str  # where it was read from, recorded in the run
-    val_x: torch.Tensor | FileImages | None = None
-    """The dataset's own validation split, when it has one (a ``val/`` folder next to ``train/`` and ``test/``)."""
-    val_y: torch.Tensor | None = None
-    skipped: list[Problem] = field(default_factory=list)
-    """Bad images left out because ``data.skip_bad_images`` is on (recorded in the run)."""
-    warnings: list[Problem] = field(default_factory=list)
-    """Non-fatal findings (ignored non-image files, huge images), listed by ``check-data``."""
-
-
-DatasetLoader = Callable[[DataConfig], RawDataset]
-DATASETS: dict[str, DatasetLoader] = {}
-
-
-def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
-    """Decorator: register a loader under ``name`` for use as ``data.dataset`` in a study file."""
-
-    def deco(fn: DatasetLoader) -> DatasetLoader:
-        DATASETS[name] = fn
-        return fn
-
-    return deco
-
-
-def load_dataset(cfg: DataConfig) -> RawDataset:
-    """Load the dataset named by ``cfg.dataset``."""
-    if cfg.dataset not in DATASETS:
-        import difflib
-
-        close = difflib.get_close_matches(cfg.dataset, list(DATASETS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise DatasetError(f"unknown dataset {cfg.dataset!r}{hint}; available: {', '.join(sorted(DATASETS))}")
-    return DATASETS[cfg.dataset](cfg)
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,11 +78,6 @@ def _load_idx_dataset(directory: Path, class_names: list[str]) -> RawDataset:
     )
 
 
-def default_data_root() -> Path:
-    """``$TRANSFERLAB_DATA`` or ``~/.cache/transferlab/data``."""
-    return Path(os.environ.get("TRANSFERLAB_DATA", Path.home() / ".cache" / "transferlab" / "data"))
-
-
 def _idx_dataset(cfg: DataConfig, key: str, tv_name: str, class_names: list[str], system_dirs: list[Path], label: str, apt: str) -> RawDataset:
     """Find (or download with torchvision, checksummed) the four IDX files of an MNIST-style dataset."""
     roots = [Path(cfg.root)] if cfg.root else []
@@ -171,7 +104,7 @@ def _idx_dataset(cfg: DataConfig, key: str, tv_name: str, class_names: list[str]
     return _load_idx_dataset(found, class_names)
 
 
-@register_dataset("fashion_mnist")
+@DATASETS.register("fashion_mnist")
 def fashion_mnist(cfg: DataConfig) -> RawDataset:
     """Fashion-MNIST (Zalando), 60 000 train / 10 000 test, 28x28 grayscale, 10 classes.
 
@@ -188,7 +121,7 @@ def fashion_mnist(cfg: DataConfig) -> RawDataset:
 MNIST_CLASSES = [str(i) for i in range(10)]
 
 
-@register_dataset("mnist")
+@DATASETS.register("mnist")
 def mnist(cfg: DataConfig) -> RawDataset:
     """MNIST handwritten digits, 60 000 train / 10 000 test, 28x28 grayscale, classes ``0``..``9``.
 
@@ -198,7 +131,7 @@ def mnist(cfg: DataConfig) -> RawDataset:
     return _idx_dataset(cfg, "mnist", "MNIST", MNIST_CLASSES, [], "MNIST", "Download it when online, or ")
 
 
-@register_dataset("digits")
+@DATASETS.register("digits")
 def digits(cfg: DataConfig) -> RawDataset:
     """scikit-learn's bundled 8x8 handwritten digits (1 797 images, 10 classes), scaled to 0..255.
 
@@ -223,7 +156,7 @@ def digits(cfg: DataConfig) -> RawDataset:
     )
 
 
-@register_dataset("synthetic")
+@DATASETS.register("synthetic")
 def synthetic(cfg: DataConfig) -> RawDataset:
     """A learnable toy task for tests: each class is a bright square at its own position plus noise."""
     g = torch.Generator().manual_seed(1234)
@@ -240,7 +173,3 @@ def synthetic(cfg: DataConfig) -> RawDataset:
     train_x, train_y = make(n)
     test_x, test_y = make(max(n // 2, n_cls))
     return RawDataset(train_x, train_y, test_x, test_y, [f"class_{c}" for c in range(n_cls)], "synthetic")
-
-
-# the other loaders register themselves on import (they need the names above)
-from transferlab.data import cifar, folder, tiny_imagenet  # noqa: E402,F401

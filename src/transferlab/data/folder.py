@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from transferlab.config import DataConfig
-from transferlab.data.datasets import DatasetError, RawDataset, register_dataset
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset
 from transferlab.data.images import FileImages, Problem, ScanResult, format_problems, is_image_file, scan_headers
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -329,7 +329,7 @@ def raw_from_scan(scan: FolderScan, cfg: DataConfig, source: str | None = None) 
     )
 
 
-@register_dataset("folder")
+@DATASETS.register("folder")
 def folder(cfg: DataConfig) -> RawDataset:
     """Images in ``data.root``: ``<class>/<image>`` folders, ``train``/``val``/``test`` subfolders, or a CSV.
 

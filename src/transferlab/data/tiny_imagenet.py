@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transferlab.config import DataConfig
 from transferlab.data.archives import download_archive, safe_extract
-from transferlab.data.datasets import DatasetError, RawDataset, default_data_root, register_dataset
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root
 from transferlab.data.folder import FolderScan, raw_from_scan
 from transferlab.data.images import Problem, is_image_file
 
@@ -100,7 +100,7 @@ def scan_tiny_imagenet(d: Path) -> FolderScan:
     return FolderScan(d, "tiny_imagenet", names, splits, problems, channels=3, size=(64, 64))
 
 
-def _locate(cfg: DataConfig) -> Path:
+def locate(cfg: DataConfig) -> Path:
     roots = ([Path(cfg.root)] if cfg.root else []) + [default_data_root() / "tiny_imagenet"]
     for r in roots:
         for d in (r, r / FOLDER):
@@ -121,7 +121,7 @@ def _locate(cfg: DataConfig) -> Path:
     return target / FOLDER
 
 
-@register_dataset("tiny_imagenet")
+@DATASETS.register("tiny_imagenet")
 def tiny_imagenet(cfg: DataConfig) -> RawDataset:
     """Tiny ImageNet 200: 100 000 train / 10 000 test (the official val), 64x64 RGB, 200 classes.
 
@@ -129,5 +129,5 @@ def tiny_imagenet(cfg: DataConfig) -> RawDataset:
     ``$TRANSFERLAB_DATA/tiny_imagenet``; otherwise the official zip is downloaded there (MD5-checked)
     and extracted safely. At 64 px the decoded images (1.4 GB) fit the in-memory path.
     """
-    d = _locate(cfg)
+    d = locate(cfg)
     return raw_from_scan(scan_tiny_imagenet(d), cfg, source=str(d))

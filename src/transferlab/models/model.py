@@ -14,69 +14,14 @@ import torch
 from torch import nn
 
 from transferlab.config import HeadConfig, ModelConfig
-from transferlab.data.prepare import Preprocess
-from transferlab.models.weights import LoadReport, create_backbone
+from transferlab.data.batches import Preprocess
+from transferlab.models.backbones import create_backbone
+from transferlab.models.heads import build_head, pooled_width
+from transferlab.models.weights import LoadReport, load_run_head
+
+__all__ = ["BN_TYPES", "TransferModel", "build_model", "count_params"]
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
-
-
-class ConvHead(nn.Module):
-    """Seed 002's head on the *unpooled* features: conv k×k (C filters, 'same' padding) → ReLU →
-    global average pool → dropout → fc(hidden) → ReLU → fc(classes).
-
-    ``input_kind = "spatial"`` tells ``TransferModel`` to give it the backbone's feature map
-    (N×C×H×W) instead of the pooled vector the ``linear`` and ``mlp`` heads get.
-    """
-
-    input_kind = "spatial"
-
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 32, kernel_size: int = 3, hidden: int = 1024, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, channels, kernel_size, padding=kernel_size // 2)
-        self.act = nn.ReLU(inplace=True)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(dropout)
-        self.fc1 = nn.Linear(channels, hidden)
-        self.act1 = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4:
-            raise ValueError(
-                f"the conv head needs N×C×H×W feature maps, got shape {tuple(x.shape)} "
-                "(transformer tokens or NHWC features: use a linear or mlp head)"
-            )
-        x = self.drop(self.pool(self.act(self.conv(x))).flatten(1))
-        return self.fc(self.act1(self.fc1(x)))
-
-
-def build_head(cfg: HeadConfig, in_features: int, num_classes: int) -> nn.Module:
-    """``linear``: dropout → fc. ``mlp``: fc(hidden) → ReLU → dropout → fc. ``conv``: ``ConvHead``.
-
-    ``in_features`` is the pooled feature width for ``linear``/``mlp`` and the feature-map channels
-    for ``conv``. Every head has dropout (``head.dropout``) before a linear layer.
-    """
-    if cfg.type == "linear":
-        return nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(in_features, num_classes))
-    if cfg.type == "mlp":
-        return nn.Sequential(
-            nn.Linear(in_features, cfg.hidden), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, num_classes)
-        )
-    if cfg.type == "conv":
-        return ConvHead(in_features, num_classes, cfg.conv_channels, cfg.kernel_size, cfg.hidden, cfg.dropout)
-    raise ValueError(f"unknown head.type {cfg.type!r}; available: linear, mlp, conv")
-
-
-def head_input_kind(head_cfg: HeadConfig) -> str:
-    """``spatial`` when the head takes the unpooled feature map, ``pooled`` when it takes the pooled vector."""
-    return "spatial" if head_cfg.type == "conv" else "pooled"
-
-
-def head_in_features(backbone: nn.Module, head_cfg: HeadConfig) -> int:
-    """Input width of a new head: feature-map channels (spatial heads) or pooled width (the others)."""
-    if head_input_kind(head_cfg) == "spatial":
-        return int(backbone.num_features)
-    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
 class TransferModel(nn.Module):
@@ -93,7 +38,7 @@ class TransferModel(nn.Module):
     @property
     def num_features(self) -> int:
         """Width of the pooled features (what ``forward_head(pre_logits=True)`` returns)."""
-        return int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)
+        return pooled_width(self.backbone)
 
     @property
     def head_input(self) -> str:
@@ -133,7 +78,7 @@ class TransferModel(nn.Module):
         """Replace the head with a freshly initialised one for ``num_classes`` classes."""
         self.head_cfg = head_cfg or self.head_cfg
         self.num_classes = num_classes
-        self.head = build_head(self.head_cfg, head_in_features(self.backbone, self.head_cfg), num_classes)
+        self.head = build_head(self.head_cfg, self.backbone, num_classes)
 
     def reinit_head(self) -> None:
         """Re-initialise the head's parameters in place (same architecture); the backbone is untouched.
@@ -165,13 +110,9 @@ class TransferModel(nn.Module):
 
 def build_model(model_cfg: ModelConfig, head_cfg: HeadConfig, num_classes: int) -> tuple[TransferModel, LoadReport | None]:
     """Create the backbone with its weights and attach a new head for ``num_classes`` classes."""
-    import transferlab.models.small_cnn  # noqa: F401 - registers the built-in CNNs with timm
-
     backbone, report = create_backbone(model_cfg.backbone, model_cfg.weights, model_cfg.drop_rate, truncate=model_cfg.truncate)
-    model = TransferModel(backbone, build_head(head_cfg, head_in_features(backbone, head_cfg), num_classes), head_cfg, num_classes)
+    model = TransferModel(backbone, build_head(head_cfg, backbone, num_classes), head_cfg, num_classes)
     if model_cfg.keep_head and model_cfg.weights.startswith("run:"):
-        from transferlab.models.weights import load_run_head
-
         load_run_head(model, model_cfg.weights[len("run:") :], head_cfg, num_classes, report)
     if model_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

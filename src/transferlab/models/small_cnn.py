@@ -59,6 +59,10 @@ class SmallCNN(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
+    def sequential_pieces(self) -> list[tuple[str, list[nn.Module]]]:
+        """``forward_features`` as named pieces run in order (what ``transferlab.models.archs`` reads)."""
+        return [(f"blocks.{i}", [b]) for i, b in enumerate(self.blocks)]
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

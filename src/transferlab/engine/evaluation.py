@@ -1,0 +1,113 @@
+"""Test-set evaluation with torchmetrics: accuracy, top-5, per-class accuracy, confusion matrix, speed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from transferlab.config import TrainConfig, register_choices
+from transferlab.engine.distributed import all_reduce_sum
+from transferlab.registry import Registry, UnknownNameError
+
+TTA: Registry[Callable[[torch.nn.Module], torch.nn.Module]] = Registry(
+    "test-time augmentation", "train.tta: the views averaged at evaluation"
+)
+
+
+class TestTimeAugmentation(torch.nn.Module):
+    """A classifier whose prediction is the mean softmax over views of each image (``flip``: the image
+    and its horizontal mirror).
+
+    It returns the *log* of that mean probability, so everything downstream — cross-entropy (the
+    NLL of the averaged prediction), argmax, top-k, softmax — sees the averaged prediction.
+    """
+
+    def __init__(self, model: torch.nn.Module, views: str = "flip") -> None:
+        super().__init__()
+        if views != "flip":
+            raise ValueError(f"unknown test-time augmentation {views!r}; use one of {', '.join(TTA.names())}")
+        self.model, self.views = model, views
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.model(x).float().softmax(-1) + self.model(x.flip(-1)).float().softmax(-1)
+        return (probs / 2).clamp_min(1e-12).log()
+
+
+@TTA.register("none")
+def no_tta(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself: one view per image."""
+    return model
+
+
+@TTA.register("flip")
+def flip_tta(model: torch.nn.Module) -> torch.nn.Module:
+    """Mean softmax of each image and its horizontal mirror (2x inference)."""
+    return TestTimeAugmentation(model, "flip")
+
+
+def with_tta(model: torch.nn.Module, tta: str) -> torch.nn.Module:
+    """``model`` wrapped by the registered test-time augmentation ``tta`` (``none``: itself)."""
+    try:
+        return TTA.get(tta)(model)
+    except UnknownNameError as e:
+        raise ValueError(str(e)) from None
+
+
+register_choices(TrainConfig, "tta", TTA.names)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``batches``; metrics accumulate on the device, logits are never all kept.
+
+    Returns ``loss``, ``acc`` (top-1), ``top5`` (when there are more than 5 classes),
+    ``per_class_acc``, ``confusion_matrix`` (rows = true class), ``n``, ``seconds`` and
+    ``images_per_s`` (forward passes only, including the preprocessing of each batch).
+    """
+    was_training = model.training
+    model.eval()
+    top1 = MulticlassAccuracy(num_classes, average="micro").to(device)
+    per_class = MulticlassAccuracy(num_classes, average="none").to(device)
+    confusion = MulticlassConfusionMatrix(num_classes).to(device)
+    top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro").to(device) if num_classes > 5 else None
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    n = 0
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for x, y in batches:
+        logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        n += len(y)
+        for metric in (top1, per_class, confusion, top5):
+            if metric is not None:
+                metric.update(logits, y)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    # under DDP every rank saw part of the data: sum loss and count over ranks (torchmetrics syncs itself)
+    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(n), device=device, dtype=torch.float64)]))
+    loss_sum, n = totals[0], int(totals[1])
+    out: dict[str, Any] = {
+        "loss": float(loss_sum) / max(n, 1),
+        "acc": float(top1.compute()),
+        "per_class_acc": [float(v) for v in per_class.compute()],
+        "confusion_matrix": confusion.compute().tolist(),
+        "n": n,
+        "seconds": seconds,
+        "images_per_s": n / seconds if seconds > 0 else float("nan"),
+    }
+    if top5 is not None:
+        out["top5"] = float(top5.compute())
+    return out

@@ -1,0 +1,338 @@
+"""The training loop, on Lightning Fabric: a short ``fit`` over ``train_one_epoch`` and ``validate``, with hooks.
+
+Per epoch: shuffle + augment (seeded by epoch, see ``transferlab.data.batches``), forward, loss,
+backward, step, schedule; evaluate on val; save ``best`` (when the monitored metric improved) and
+``last`` checkpoints; stop early when patience runs out. Loss sums and the non-finite check stay on
+the device, so the hot loop never waits for the host (one sync per epoch, in ``reduced_sums``).
+
+What varies between runs is not a branch in the step loop but a callback (Lightning's hooks):
+gradual unfreezing (``UnfreezeSchedule``), mid-epoch checkpoints (``MidEpochCheckpoint``), the
+progress bar and the epoch log. Each sees the whole ``Loop``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from transferlab.config import ExperimentConfig
+from transferlab.data.batches import TensorBatches
+from transferlab.engine.checkpointing import LoopCheckpoints, LoopState
+from transferlab.engine.distributed import all_reduce_sum
+from transferlab.engine.evaluation import evaluate, with_tta
+from transferlab.engine.optim import make_optimizer, make_scheduler
+from transferlab.models.model import TransferModel
+from transferlab.strategies import optimizer_param_groups, trainability_for_epoch
+
+__all__ = ["Callback", "FitResult", "Loop", "TrainingDiverged", "fit", "train_one_epoch", "validate"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite. The message names the experiment, epoch and step."""
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_metric: float
+    train_seconds: float
+    stopped_early: bool
+    resumed_from: str | None = None
+    log: list[str] = field(default_factory=list)
+
+
+class Callback:
+    """Hooks the loop calls (all optional), in the order of Lightning's: fit start, epoch start, batch end, epoch end, fit end."""
+
+    def on_fit_start(self, loop: Loop) -> None: ...
+    def on_train_epoch_start(self, loop: Loop) -> None: ...
+    def on_train_batch_end(self, loop: Loop) -> None: ...
+    def on_train_epoch_end(self, loop: Loop, row: dict[str, float]) -> None: ...
+    def on_fit_end(self, loop: Loop) -> None: ...
+
+
+@dataclass
+class Loop:
+    """One run's moving parts, as the hooks see them."""
+
+    cfg: ExperimentConfig
+    fabric: Fabric
+    model: TransferModel  # the bare module: checkpoints and evaluation
+    fmodel: Any  # what trains: set up by Fabric (DDP, precision), optionally compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train: Any
+    val: Any
+    checkpoints: LoopCheckpoints
+    console: Console
+    callbacks: Sequence[Callback] = ()
+    state: LoopState = field(default_factory=LoopState)
+    history: list[dict[str, float]] = field(default_factory=list)
+    # the epoch in progress: running sums on the device, the lr of the last step, clocks
+    loss_sum: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    first_bad: torch.Tensor | None = None
+    step_lr: float = 0.0
+    epoch_start: float = 0.0
+    clock: float = 0.0  # start of the training time not yet added to state.seconds
+    stop_epoch: bool = False  # set by a hook: leave the step loop now
+
+    def call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def save(self, kind: str) -> None:
+        self.checkpoints.save(kind, self.state, self.history, self.model, self.optimizer, self.scheduler)
+
+    def reduced_sums(self) -> tuple[float, int, int, bool]:
+        """The epoch's running sums and the divergence flag summed over ranks (one host sync)."""
+        dev = self.fabric.device
+        seen = torch.tensor(float(self.state.seen), device=dev, dtype=torch.float64)
+        t = all_reduce_sum(torch.stack([self.loss_sum, self.correct.double(), seen, (self.first_bad >= 0).double()])).tolist()
+        return t[0], int(t[1]), int(t[2]), t[3] > 0
+
+
+def fit(
+    model: TransferModel,
+    train: TensorBatches,
+    val: TensorBatches,
+    cfg: ExperimentConfig,
+    fabric: Fabric,
+    ckpt_dir: Path,
+    meta: dict[str, Any],
+    resume: bool = False,
+    console: Console | None = None,
+    callbacks: Sequence[Callback] | None = None,
+) -> FitResult:
+    """Train ``model`` (already strategy-applied) and write best/last checkpoints into ``ckpt_dir``.
+
+    ``last`` is written at the end of every epoch and, within an epoch, every
+    ``train.checkpoint_every_steps`` steps or ``train.checkpoint_every_minutes`` minutes; a resumed
+    run replays the interrupted epoch's batch order, skips the steps already done and continues
+    with the saved optimizer, scheduler, RNG and running sums — bit-identical on the CPU.
+    """
+    loop, resumed_from = setup(model, train, val, cfg, fabric, ckpt_dir, meta, resume, console or Console(), callbacks)
+    st = loop.state
+    loop.call("on_fit_start")
+    try:
+        while st.epoch < cfg.train.epochs and not st.stopped_early:
+            loop.epoch_start = loop.clock = time.perf_counter()
+            loop.call("on_train_epoch_start")
+            train_loss, train_acc = train_one_epoch(loop)
+            val_metrics = validate(loop)
+            row = end_epoch(loop, train_loss, train_acc, val_metrics)
+            loop.call("on_train_epoch_end", row)
+    finally:
+        loop.call("on_fit_end")
+    best = st.best if st.best is not None else float("nan")
+    return FitResult(loop.history, st.best_epoch + 1, best, st.seconds, st.stopped_early, resumed_from)
+
+
+def setup(
+    model: TransferModel, train: Any, val: Any, cfg: ExperimentConfig, fabric: Fabric, ckpt_dir: Path, meta: dict[str, Any],
+    resume: bool, console: Console, callbacks: Sequence[Callback] | None,
+) -> tuple[Loop, str | None]:
+    """Optimizer, scheduler and Fabric setup; with ``resume``, the newest checkpoint restored."""
+    tc = cfg.train
+    optimizer = make_optimizer(optimizer_param_groups(model, cfg), tc)  # per-stage groups with a schedule / lr_ratio
+    # A compiled module handed to Fabric is unwrapped, set up (DDP, precision) and compiled again on top.
+    fmodel, optimizer = fabric.setup(torch.compile(model) if tc.compile else model, optimizer)
+    scheduler = make_scheduler(optimizer, tc, len(train))
+    checkpoints = LoopCheckpoints(ckpt_dir, meta, fabric)
+    hooks = list(callbacks) if callbacks is not None else default_callbacks(cfg, fabric)
+    loop = Loop(cfg, fabric, model, fmodel, optimizer, scheduler, train, val, checkpoints, console, hooks)
+    resumed_from = None
+    if resume and (restored := checkpoints.restore(model, optimizer, scheduler, console)):
+        loop.state, loop.history, resumed_from = restored.state, restored.history, str(restored.path)
+        console.print(f"resumed from {restored.path} (epoch {loop.state.epoch + 1}, step {loop.state.step})")
+    if fabric.world_size > 1 and not fabric.is_global_zero:  # rank 0 alone carries the restored partial sums
+        loop.state.loss_sum, loop.state.correct, loop.state.seen = 0.0, 0, 0
+    return loop, resumed_from
+
+
+def train_one_epoch(loop: Loop) -> tuple[float, float]:
+    """One pass over the training batches: forward, loss, backward, step, schedule. Returns (loss, accuracy)."""
+    st, tc, dev = loop.state, loop.cfg.train, loop.fabric.device
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    loop.fmodel.train()
+    loop.train.set_epoch(st.epoch)
+    # running sums stay on the device: no host sync per step
+    loop.loss_sum = torch.tensor(st.loss_sum, device=dev, dtype=torch.float64)
+    loop.correct = torch.tensor(st.correct, device=dev, dtype=torch.long)
+    loop.first_bad = torch.full((), -1, device=dev, dtype=torch.long)
+    loop.step_lr, loop.stop_epoch = loop.optimizer.param_groups[0]["lr"], False
+    for step, (x, y) in enumerate(loop.train):
+        if step < st.step:  # resumed mid-epoch: replay the order (and augmentation RNG), skip the work
+            continue
+        logits = loop.fmodel(x)
+        loss = loss_fn(logits, y)
+        loop.optimizer.zero_grad(set_to_none=True)
+        loop.fabric.backward(loss)
+        if tc.max_grad_norm:
+            loop.fabric.clip_gradients(loop.fmodel, loop.optimizer, max_norm=tc.max_grad_norm)
+        loop.optimizer.step()
+        loop.step_lr = loop.optimizer.param_groups[0]["lr"]  # the lr this step used (logged per epoch)
+        loop.scheduler.step()
+        d = loss.detach()
+        loop.first_bad = torch.where((loop.first_bad < 0) & ~torch.isfinite(d), step, loop.first_bad)
+        loop.loss_sum += d.double() * len(y)
+        loop.correct += (logits.detach().argmax(1) == y).sum()
+        st.seen += len(y)
+        st.step = step + 1
+        loop.call("on_train_batch_end")
+        if loop.stop_epoch:
+            break
+    epoch_loss, epoch_correct, seen, diverged = loop.reduced_sums()  # the epoch's host sync
+    if diverged:
+        where = f"step {int(loop.first_bad) + 1}" if int(loop.first_bad) >= 0 else "a step on another rank"
+        raise TrainingDiverged(
+            f"experiment '{loop.cfg.name}': loss became non-finite at epoch {st.epoch + 1}, {where} "
+            f"(lr {tc.lr:g}); the last good checkpoint is kept in {loop.checkpoints.directory}"
+        )
+    st.seconds += time.perf_counter() - loop.clock
+    return epoch_loss / seen, epoch_correct / seen
+
+
+def validate(loop: Loop) -> dict[str, Any]:
+    """Loss and accuracy on the validation batches (with the run's test-time augmentation)."""
+    with loop.fabric.autocast():  # the bare module: DDP's forward would sync buffers per call
+        return evaluate(with_tta(loop.model, loop.cfg.train.tta), loop.val, loop.model.num_classes, loop.fabric.device)
+
+
+def end_epoch(loop: Loop, train_loss: float, train_acc: float, val_metrics: dict[str, Any]) -> dict[str, float]:
+    """Record the epoch, checkpoint ``best`` (if it improved) and ``last``, decide on early stopping."""
+    st, es = loop.state, loop.cfg.train.early_stopping
+    row = {
+        "epoch": st.epoch + 1,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "val_loss": val_metrics["loss"],
+        "val_acc": val_metrics["acc"],
+        "lr": loop.step_lr,
+        "seconds": time.perf_counter() - loop.epoch_start,
+    }
+    loop.history.append(row)
+    epoch = st.epoch
+    st.epoch, st.step, st.loss_sum, st.correct, st.seen = epoch + 1, 0, 0.0, 0, 0
+    if _improved(row[es.monitor], st.best, es.monitor == "val_acc", es.min_delta):
+        st.best, st.best_epoch, st.bad_epochs = row[es.monitor], epoch, 0
+        loop.save("best")
+    else:
+        st.bad_epochs += 1
+    st.stopped_early = es.patience is not None and st.bad_epochs >= es.patience
+    loop.save("last")
+    return row
+
+
+def _improved(value: float, best: float | None, mode_max: bool, min_delta: float) -> bool:
+    if not math.isfinite(value):
+        return False  # NaN is never "best"
+    if best is None:
+        return True
+    return value > best + min_delta if mode_max else value < best - min_delta
+
+
+# --------------------------------------------------------------------------------------------
+# the built-in hooks
+
+
+def default_callbacks(cfg: ExperimentConfig, fabric: Fabric) -> list[Callback]:
+    return [UnfreezeSchedule(), MidEpochCheckpoint(cfg, fabric), ProgressBar(), EpochLog()]
+
+
+class UnfreezeSchedule(Callback):
+    """Gradual unfreezing (``strategy.unfreeze`` / ``freeze_epochs``): the trainable set of every epoch."""
+
+    def on_train_epoch_start(self, loop: Loop) -> None:
+        note = trainability_for_epoch(loop.model, loop.cfg, loop.state.epoch, loop.fabric.world_size)
+        if note and loop.fabric.is_global_zero:
+            loop.console.print(note)
+
+
+class MidEpochCheckpoint(Callback):
+    """``last`` inside an epoch: every ``train.checkpoint_every_steps`` steps or ``checkpoint_every_minutes``."""
+
+    def __init__(self, cfg: ExperimentConfig, fabric: Fabric) -> None:
+        tc = cfg.train
+        self.every_steps = tc.checkpoint_every_steps or 0
+        # time-based saves only in a single process: under DDP every rank must take the same decision
+        minutes = tc.checkpoint_every_minutes if fabric.world_size == 1 else None
+        self.every_s = 60 * minutes if minutes else float("inf")
+        self.last_save = 0.0
+
+    def on_train_epoch_start(self, loop: Loop) -> None:
+        self.last_save = loop.epoch_start
+
+    def on_train_batch_end(self, loop: Loop) -> None:
+        st, now = loop.state, time.perf_counter()
+        due = (self.every_steps and st.step % self.every_steps == 0) or now - self.last_save > self.every_s
+        if st.step >= len(loop.train) or not due:
+            return
+        loss_sum, correct, seen, diverged = loop.reduced_sums()
+        if diverged:
+            loop.stop_epoch = True  # never checkpoint a diverged state; the epoch end raises
+            return
+        seen_local = st.seen
+        st.loss_sum, st.correct, st.seen = loss_sum, correct, seen
+        st.seconds += now - loop.clock
+        loop.clock = self.last_save = now
+        loop.save("last")
+        st.seen = seen_local
+
+
+class ProgressBar(Callback):
+    """A transient rich progress bar per epoch (``train.progress``, rank 0 only)."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+
+    def on_fit_start(self, loop: Loop) -> None:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+        show = loop.cfg.train.progress and loop.fabric.is_global_zero
+        self.progress = Progress(*columns, console=loop.console, disable=not show, transient=True)
+        self.progress.start()
+
+    def on_train_epoch_start(self, loop: Loop) -> None:
+        assert self.progress is not None
+        desc = f"{loop.cfg.name} epoch {loop.state.epoch + 1}/{loop.cfg.train.epochs}"
+        self.task = self.progress.add_task(desc, total=len(loop.train), info="", completed=loop.state.step)
+
+    def on_train_batch_end(self, loop: Loop) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, advance=1)
+
+    def on_train_epoch_end(self, loop: Loop, row: dict[str, float]) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+
+    def on_fit_end(self, loop: Loop) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class EpochLog(Callback):
+    """One line per epoch (``train.progress``, rank 0), and the early-stopping notice."""
+
+    def on_train_epoch_end(self, loop: Loop, row: dict[str, float]) -> None:
+        st, tc = loop.state, loop.cfg.train
+        if tc.progress and loop.fabric.is_global_zero:
+            loop.console.print(
+                f"  {loop.cfg.name} epoch {row['epoch']:>3}/{tc.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  {row['seconds']:.1f}s"
+                + ("  *" if st.best_epoch == row["epoch"] - 1 else "")
+            )
+        if st.stopped_early:
+            loop.console.print(f"  early stop: no {tc.early_stopping.monitor} improvement for {st.bad_epochs} epochs")

@@ -1,0 +1,124 @@
+"""Experiment kinds: peers behind one small interface, found by name, run by ``run_experiment``.
+
+A kind (``train``, ``logistic``, ``knn``, ``fewshot``, ``ensemble``) is an object with
+
+* ``check(cfg)`` — what only this kind needs of a config, before any data is loaded (it runs in
+  ``ExperimentConfig.validate``, so every experiment of a study is checked before the first runs);
+* ``run(cfg, ctx) -> RunMetrics`` — do the work into ``ctx.rundir`` and return the result.
+
+``run_experiment`` is the one way in: it locks and opens the run directory (``RunDir.open``: new,
+finished, continued or replaced), hands the kind a ``RunContext``, writes ``metrics.json`` from the
+``RunMetrics`` it returns, and records a failure when the kind raises. Kinds never import each other;
+what several of them share is in ``transferlab.kinds.common``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from transferlab.config import ExperimentConfig, register_check, register_choices
+from transferlab.data.prepare import ImageSplits
+from transferlab.engine.distributed import world
+from transferlab.models.model import TransferModel
+from transferlab.registry import Registry
+from transferlab.rundir import Opening, RunDir, RunMetrics
+
+__all__ = ["KINDS", "Kind", "RunContext", "run_experiment"]
+
+
+@dataclass
+class RunContext:
+    """What a kind gets besides its config: its run directory and what ``open`` decided, and the session."""
+
+    rundir: RunDir
+    opening: Opening
+    snapshot: dict[str, Any]
+    """The resolved config the directory records (``config.yaml``)."""
+    resume: bool = False
+    console: Console = field(default_factory=Console)
+    splits: ImageSplits | None = None
+    """Data prepared by the caller (tests, ``rank``), instead of ``prepare_splits(cfg.data)``."""
+    model: TransferModel | None = None
+    """A ready model instead of building ``cfg.model`` (e.g. ``transferlab fewshot <run>``)."""
+
+    def begin(self, writer: bool = True) -> None:
+        """Create (or replace) the directory and write ``config.yaml``; call once the kind is ready to write."""
+        self.rundir.begin(self.opening, self.snapshot, writer)
+
+
+class Kind:
+    """An experiment kind (see the module docstring). Subclasses set ``name`` and implement ``run``."""
+
+    name: str = ""
+    keeps_partial: bool = False
+    """An interrupted run continues from what it left (``--resume``); otherwise it is redone."""
+    uses_tta: bool = False
+    """The kind evaluates images itself, so ``train.tta`` applies to it."""
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        """Raise ``cfg.error(...)`` for what this kind cannot run. Called before any data is loaded."""
+
+    def snapshot(self, cfg: ExperimentConfig) -> dict[str, Any]:
+        """The resolved config recorded in ``config.yaml`` and compared on ``--resume``."""
+        return cfg.to_dict()
+
+    def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+KINDS: Registry[Kind] = Registry("kind", "kind: what an experiment does")
+
+
+register_choices(ExperimentConfig, "kind", KINDS.names)
+
+
+@register_check
+def check_kind(cfg: ExperimentConfig) -> None:
+    """The kind accepts the config (``kind`` itself is a registered choice)."""
+    kind = KINDS.get(cfg.kind)
+    if cfg.train.tta != "none" and not kind.uses_tta:
+        raise cfg.error(f"train.tta={cfg.train.tta!r} applies to kind: train only (this is kind: {cfg.kind})")
+    kind.check(cfg)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    splits: ImageSplits | None = None,
+    model: TransferModel | None = None,
+) -> dict[str, Any]:
+    """Run one experiment of any kind into ``run_dir``; returns the metrics dict also written to ``metrics.json``.
+
+    ``resume=True`` skips a finished run and continues an interrupted one (after checking that its
+    config has not changed). Without it, an existing run directory is an error unless
+    ``overwrite=True``. A failure inside the run is recorded in ``metrics.json`` (status ``failed``)
+    and raised; a refusal to open the directory (in use, exists, config changed) records nothing.
+    """
+    console = console or Console()
+    kind = KINDS.get(cfg.kind)
+    rundir = RunDir(run_dir)
+    rank = world()[0]
+    if rank != 0:  # under torchrun only rank 0 prints, locks and writes
+        console = Console(quiet=True)
+    snapshot = kind.snapshot(cfg)
+    with rundir.lock() if rank == 0 else contextlib.nullcontext():
+        opening = rundir.open(snapshot, resume, overwrite, kind.keeps_partial)
+        if opening.finished is not None:
+            RunDir.say_reused(opening, cfg.name, rundir.path, console)
+            return opening.finished.to_dict()
+        ctx = RunContext(rundir, opening, snapshot, resume, console, splits, model)
+        try:
+            metrics = kind.run(cfg, ctx)
+        except Exception as e:
+            if rank == 0:
+                rundir.write_failure(cfg, e)
+            raise
+        return rundir.write_metrics(metrics) if rank == 0 else metrics.to_dict()

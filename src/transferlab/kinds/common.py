@@ -1,0 +1,161 @@
+"""Steps several kinds share: the data of a run, the identity part of its metrics, frozen features."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+
+from transferlab.config import ExperimentConfig
+from transferlab.data.prepare import ImageSplits, prepare_splits
+from transferlab.engine.distributed import make_fabric
+from transferlab.engine.features import default_cache_dir, frozen_features
+from transferlab.engine.features.store import FeatureSet, state_hash
+from transferlab.kinds.base import RunContext
+from transferlab.models.model import TransferModel, build_model
+from transferlab.models.weights import LoadReport
+from transferlab.rundir import RunError, RunMetrics, code_version
+from transferlab.strategies import linear_probe
+
+__all__ = [
+    "ProbeInputs",
+    "base_metrics",
+    "batch_kwargs",
+    "load_splits",
+    "probe_inputs",
+    "probe_metrics",
+    "single_process_fabric",
+    "split_features",
+]
+
+
+def load_splits(cfg: ExperimentConfig, ctx: RunContext, writer: bool = True) -> tuple[ImageSplits, float]:
+    """The run's train/val/test splits (prepared here unless the caller gave them) and the seconds it took;
+    ``selection.json`` records the indices."""
+    t0 = time.perf_counter()
+    splits = ctx.splits if ctx.splits is not None else prepare_splits(cfg.data, cfg.seed)
+    seconds = time.perf_counter() - t0
+    if writer:
+        ctx.rundir.write_json("selection.json", splits.selection_record())
+    return splits, seconds
+
+
+def base_metrics(cfg: ExperimentConfig, splits: ImageSplits, weights: LoadReport | None, device: torch.device, world_size: int = 1) -> RunMetrics:
+    """The fields every ``metrics.json`` starts with: which experiment ran, with what, on which data, where."""
+    return RunMetrics(
+        status="ok",
+        kind=cfg.kind,
+        experiment=cfg.name,
+        seed=cfg.seed,
+        backbone=cfg.model.backbone,
+        weights=cfg.model.weights,
+        head=cfg.head.type,
+        dataset=cfg.data.dataset,
+        image_size=int(splits.train_x.shape[-1]),
+        channels=int(splits.train_x.shape[1]),
+        n_train=len(splits.train_y),
+        n_val=len(splits.val_y),
+        n_test=len(splits.test_y),
+        skipped_bad_images=len(splits.skipped),
+        class_names=list(splits.class_names),
+        weights_source=weights.describe() if weights else "random init",
+        device=str(device),
+        world_size=world_size,
+        notes=cfg.notes,
+        code_version=code_version(),
+    )
+
+
+def single_process_fabric(cfg: ExperimentConfig) -> Fabric:
+    """A Fabric for a kind that runs in one process (a DDP launch is an error naming the kind)."""
+    fabric = make_fabric(cfg)
+    if fabric.world_size > 1:
+        raise RunError(f"experiment '{cfg.name}': kind: {cfg.kind} runs in a single process (launched with world size {fabric.world_size})")
+    return fabric
+
+
+def batch_kwargs(model: TransferModel, cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
+    """The ``make_batches`` arguments of a run: the model's preprocessing, the device, memory format, workers."""
+    return dict(preprocess=model.preprocess(), device=device, channels_last=cfg.model.channels_last, num_workers=cfg.data.num_workers)
+
+
+def split_features(
+    model: TransferModel, splits: ImageSplits, names: tuple[str, ...], cfg: ExperimentConfig, fabric: Fabric, ctx: RunContext
+) -> tuple[dict[str, FeatureSet], float]:
+    """The frozen backbone's pooled features of the named splits (one pass each, or a cache hit), and the seconds spent."""
+    kwargs = batch_kwargs(model, cfg, fabric.device)
+    weights = state_hash(model.backbone)
+    sets, seconds = {}, 0.0
+    for split in names:
+        sets[split], s = frozen_features(
+            model, splits, split, cfg, fabric.device, kwargs, default_cache_dir(ctx.rundir.path), fabric.autocast, weights=weights
+        )
+        seconds += s
+    return sets, seconds
+
+
+# --------------------------------------------------------------------------------------------
+# probes on frozen pooled features (kind: logistic / knn)
+
+
+@dataclass
+class ProbeInputs:
+    """What a probe starts from: the frozen model, its data, and the pooled features of all three splits."""
+
+    fabric: Fabric
+    splits: ImageSplits
+    model: TransferModel
+    weights: LoadReport | None
+    features: dict[str, FeatureSet]
+    data_seconds: float
+    pass_seconds: float
+    wall0: float
+
+
+def probe_inputs(cfg: ExperimentConfig, ctx: RunContext) -> ProbeInputs:
+    """Open the run, load the data, build the model with its backbone frozen, compute (or reuse) the features."""
+    wall0 = time.perf_counter()
+    fabric = single_process_fabric(cfg)
+    ctx.begin()
+    fabric.seed_everything(cfg.seed, verbose=False)
+    splits, data_seconds = load_splits(cfg, ctx)
+    model, report = build_model(cfg.model, cfg.head, splits.num_classes)
+    linear_probe(model, cfg.strategy)  # the backbone is a fixed feature extractor (BatchNorm in eval mode)
+    model.to(fabric.device).eval()
+    ctx.console.print(
+        f"[bold]{cfg.name}[/] seed {cfg.seed}: {cfg.kind} on frozen {cfg.model.backbone} ({cfg.model.weights}) features, "
+        f"{len(splits.train_y)}/{len(splits.val_y)}/{len(splits.test_y)} train/val/test images on {fabric.device}"
+    )
+    sets, pass_seconds = split_features(model, splits, ("train", "val", "test"), cfg, fabric, ctx)
+    return ProbeInputs(fabric, splits, model, report, sets, data_seconds, pass_seconds, wall0)
+
+
+def probe_metrics(
+    cfg: ExperimentConfig, inp: ProbeInputs, test: dict[str, Any], chosen: dict[str, Any], sweep: list[dict[str, float]],
+    fit_seconds: float, trainable: int,
+) -> RunMetrics:
+    """The ``metrics.json`` of a probe: test metrics of the classifier chosen on val, the sweep, the feature pass."""
+    m = base_metrics(cfg, inp.splits, inp.weights, inp.fabric.device)
+    m.strategy = cfg.kind
+    m.test_acc, m.test_top5, m.test_loss = test["acc"], test.get("top5"), test["loss"]
+    m.per_class_acc, m.confusion_matrix = test["per_class_acc"], test["confusion_matrix"]
+    m.best_epoch, m.best_val, m.monitor, m.epochs_run, m.stopped_early = 1, chosen["val_acc"], "val_acc", 1, False
+    m.train_seconds, m.data_seconds, m.wall_seconds = fit_seconds, inp.data_seconds, time.perf_counter() - inp.wall0
+    test_ips = inp.features["test"].meta.get("images_per_s")
+    # the backbone's forward pass over the test images (when this run computed it) plus the classifier
+    m.inference_images_per_s = (1 / (1 / test_ips + 1 / test["images_per_s"])) if test_ips else test["images_per_s"]
+    m.total_params, m.trainable_params = sum(p.numel() for p in inp.model.parameters()), trainable
+    m.feature_cache = {
+        "used": True,
+        "reason": "probe on frozen pooled features",
+        "cut": "pooled",
+        "sources": [inp.features[s].source for s in ("train", "val", "test")],
+        "keys": [inp.features[s].key for s in ("train", "val", "test")],
+        "pass_seconds": inp.pass_seconds,
+        "head_seconds": fit_seconds,
+    }
+    m.extra["probe"] = {**chosen, "sweep": sweep}
+    return m

@@ -1,0 +1,46 @@
+"""``kind: knn`` — weighted cosine k-NN on the frozen backbone's pooled features (DINO's protocol).
+
+``k`` is chosen on the validation split from ``probe.k``; each neighbour votes with weight
+exp(similarity / ``probe.temperature``) (``transferlab.engine.probes``). Nothing is trained.
+"""
+
+from __future__ import annotations
+
+import time
+
+from transferlab.config import ExperimentConfig
+from transferlab.engine.evaluation import evaluate
+from transferlab.engine.features import FeatureBatches
+from transferlab.engine.probes import KNNClassifier, fit_knn
+from transferlab.kinds.base import KINDS, Kind, RunContext
+from transferlab.kinds.common import probe_inputs, probe_metrics
+from transferlab.rundir import RunMetrics
+
+__all__ = ["KNNKind"]
+
+
+class KNNKind(Kind):
+    """Weighted cosine k-NN on frozen pooled features; k chosen on val."""
+
+    name = "knn"
+
+    def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:
+        inp = probe_inputs(cfg, ctx)
+        tr, va, te = (inp.features[s] for s in ("train", "val", "test"))
+        device, k = inp.fabric.device, inp.splits.num_classes
+        t0 = time.perf_counter()
+        res = fit_knn(tr.features, tr.labels, va.features, va.labels, k, cfg.probe.k, cfg.probe.temperature, device)
+        classifier = KNNClassifier(tr.features.to(device), tr.labels, res.k, k, cfg.probe.temperature).to(device)
+        fit_seconds = time.perf_counter() - t0
+        test = evaluate(classifier, FeatureBatches([te.features], te.labels, cfg.train.eval_batch_size, device), k, device)
+        chosen = {"k": res.k, "val_acc": res.val_acc, "temperature": cfg.probe.temperature}
+        ctx.rundir.write_rows("history.csv", [{"step": float(i + 1), **row} for i, row in enumerate(res.sweep)])
+        m = probe_metrics(cfg, inp, test, chosen, res.sweep, fit_seconds, trainable=0)
+        ctx.console.print(
+            f"  [green]{cfg.name}[/]: test acc {m.test_acc:.4f} (k {res.k} chosen on val, val acc {res.val_acc:.4f}), "
+            f"features {inp.pass_seconds:.1f}s, fit {fit_seconds:.1f}s -> {ctx.rundir.path}"
+        )
+        return m
+
+
+KINDS.register("knn", KNNKind())

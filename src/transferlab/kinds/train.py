@@ -1,0 +1,114 @@
+"""``kind: train`` — the training loop: data, model, strategy, (cached) fit, test.
+
+Runs in one process or as one rank of a ``torchrun`` DDP world (``transferlab.engine.distributed``):
+every rank trains on its slice of every global batch; rank 0 alone writes the run directory.
+A frozen prefix of the network (``linear_probe``, ``freeze_first``) runs once when it can be cut off
+exactly (``train.cache``); the loop then trains the rest on cached features.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from lightning.fabric import Fabric
+
+from transferlab.config import ExperimentConfig
+from transferlab.data.batches import make_batches
+from transferlab.data.prepare import ImageSplits
+from transferlab.engine.distributed import RoundRobin, SliceOfGlobalBatch, make_fabric
+from transferlab.engine.evaluation import evaluate, with_tta
+from transferlab.engine.features import cached_training, default_cache_dir
+from transferlab.engine.loop import fit
+from transferlab.engine.predictions import PredictionRecorder, save_test_predictions
+from transferlab.kinds.base import KINDS, Kind, RunContext
+from transferlab.kinds.common import base_metrics, batch_kwargs, load_splits
+from transferlab.models.model import TransferModel, build_model, count_params
+from transferlab.models.weights import load_model_weights
+from transferlab.rundir import RunMetrics, code_version
+from transferlab.strategies import apply_strategy
+
+__all__ = ["TrainKind"]
+
+
+class TrainKind(Kind):
+    """The training loop: data, model, strategy, (cached) fit, test."""
+
+    name = "train"
+    keeps_partial = True  # an interrupted run continues from its newest checkpoint
+    uses_tta = True
+
+    def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:
+        wall0 = time.perf_counter()
+        fabric = make_fabric(cfg)
+        fabric.barrier()  # every rank has decided from the same view of the folder; now rank 0 may change it
+        writer = fabric.is_global_zero
+        ctx.begin(writer)
+        fabric.seed_everything(cfg.seed, verbose=False)
+        splits, data_seconds = load_splits(cfg, ctx, writer)
+        model, weights_report = build_model(cfg.model, cfg.head, splits.num_classes)
+        apply_strategy(model, cfg.strategy)
+        total_params, trainable_params = count_params(model)
+        kwargs = batch_kwargs(model, cfg, fabric.device)
+        train, val, test = _batches(cfg, splits, kwargs, fabric)
+        meta = {"config": cfg.to_dict(), "class_names": splits.class_names, "code_version": code_version()}
+        ctx.console.print(
+            f"[bold]{cfg.name}[/] seed {cfg.seed}: {cfg.model.backbone} ({cfg.model.weights}) + {cfg.head.type} head, "
+            f"strategy {cfg.strategy.name}, {trainable_params:,}/{total_params:,} params trainable, "
+            f"{len(splits.train_y)}/{len(splits.val_y)}/{len(splits.test_y)} train/val/test images on {fabric.device}"
+        )
+        if weights_report is not None and weights_report.dropped:
+            ctx.console.print(f"  weights: {weights_report.describe()}")
+
+        # a frozen prefix runs once: the loop then trains the rest on cached features (train.cache)
+        cached = cached_training(model, splits, cfg, fabric, kwargs, default_cache_dir(ctx.rundir.path), ctx.console)
+        fit_model, train, val = cached.apply(model, train, val)
+        result = fit(fit_model, train, val, cfg, fabric, ctx.rundir.checkpoints, meta, resume=ctx.resume, console=ctx.console)
+        if writer:
+            ctx.rundir.write_rows("history.csv", result.history)
+        fabric.barrier()  # rank 0 has written the checkpoints every rank now reads
+
+        best = ctx.rundir.checkpoints / "best.safetensors"
+        load_model_weights(model, best if best.exists() else ctx.rundir.checkpoints / "last.safetensors")
+        test_metrics, recorder = _test(model, test, cfg, splits, fabric)
+        m = base_metrics(cfg, splits, weights_report, fabric.device, fabric.world_size)
+        m.strategy = cfg.strategy.name
+        m.test_acc, m.test_top5, m.test_loss = test_metrics["acc"], test_metrics.get("top5"), test_metrics["loss"]
+        m.per_class_acc, m.confusion_matrix = test_metrics["per_class_acc"], test_metrics["confusion_matrix"]
+        m.best_epoch, m.best_val, m.monitor = result.best_epoch, result.best_metric, cfg.train.early_stopping.monitor
+        m.epochs_run, m.stopped_early, m.resumed_from = len(result.history), result.stopped_early, result.resumed_from
+        m.train_seconds, m.data_seconds, m.wall_seconds = result.train_seconds, data_seconds, time.perf_counter() - wall0
+        m.inference_images_per_s = test_metrics["images_per_s"]
+        m.total_params, m.trainable_params = total_params, trainable_params
+        m.feature_cache = cached.summary(result.train_seconds)  # used or why not; pass vs head seconds
+        if writer and recorder is not None:
+            save_test_predictions(ctx.rundir.path, recorder, splits, cfg.seed)  # predictions.json, test_samples.safetensors
+        ctx.console.print(
+            f"  [green]{cfg.name}[/]: test acc {m.test_acc:.4f}, trained {m.train_seconds:.1f}s, "
+            f"inference {m.inference_images_per_s:.0f} img/s -> {ctx.rundir.path}"
+        )
+        return m
+
+
+def _batches(cfg: ExperimentConfig, splits: ImageSplits, kwargs: dict[str, Any], fabric: Fabric) -> tuple[Any, Any, Any]:
+    """Train / val / test batches (in memory or the PIL loader); under DDP each rank's share of them."""
+    train = make_batches(splits, "train", cfg.train.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.seed, **kwargs)
+    val = make_batches(splits, "val", cfg.train.eval_batch_size, **kwargs)
+    test = make_batches(splits, "test", cfg.train.eval_batch_size, **kwargs)
+    if fabric.world_size > 1:  # each rank trains on its slice of every global batch, evaluates every N-th batch
+        rank, size = fabric.global_rank, fabric.world_size
+        return SliceOfGlobalBatch(train, rank, size), RoundRobin(val, rank, size), RoundRobin(test, rank, size)
+    return train, val, test
+
+
+def _test(model: TransferModel, test: Any, cfg: ExperimentConfig, splits: ImageSplits, fabric: Fabric) -> tuple[dict[str, Any], PredictionRecorder | None]:
+    """Test metrics of the chosen checkpoint (with the run's TTA); one process also records per-image predictions."""
+    tested = with_tta(model, cfg.train.tta)
+    recorder = PredictionRecorder(tested) if fabric.world_size == 1 else None  # per-image test predictions (report)
+    with fabric.autocast():
+        if recorder is None:
+            return evaluate(tested, test, splits.num_classes, fabric.device), None
+        return evaluate(recorder, recorder.batches(test), splits.num_classes, fabric.device), recorder
+
+
+KINDS.register("train", TrainKind())

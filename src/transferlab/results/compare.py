@@ -1,0 +1,110 @@
+"""The comparison table of a study: one row per experiment, mean ± std over seeds."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from transferlab.files import write_text
+from transferlab.rundir import ExperimentRuns, RunMetrics, read_study
+
+COLUMNS = [
+    ("experiment", "experiment"),
+    ("strategy", "strategy"),
+    ("backbone", "backbone"),
+    ("weights", "weights"),
+    ("test_acc", "test acc"),
+    ("n_seeds", "seeds"),
+    ("train_seconds", "train time (s)"),
+    ("inference_images_per_s", "inference img/s"),
+    ("trainable_params", "trainable params"),
+    ("data", "data"),
+    ("status", "status"),
+]
+
+
+def training_cost_seconds(metrics: dict[str, Any]) -> float:
+    """What training cost: the loop's time plus, when features were cached, the one backbone pass."""
+    return RunMetrics.from_dict(metrics).training_cost_seconds()
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def collect(study_dir: str | Path) -> list[dict[str, Any]]:
+    """Read every run of ``study_dir`` and aggregate the seeds of each experiment (one row per experiment)."""
+    return [experiment_row(e) for e in read_study(study_dir).experiments]
+
+
+def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
+    """One experiment's row: what ran, mean ± std over its finished seeds, and its status."""
+    ok = [r.record for r in exp.ok_runs]
+    first = ok[0] if ok else exp.runs[0].record
+    failed = [r.record for r in exp.failed_runs]
+    row: dict[str, Any] = {
+        "experiment": exp.name,
+        "kind": first.kind,
+        "strategy": first.strategy,
+        "backbone": first.backbone,
+        "weights": first.weights,
+        "n_seeds": len(ok),
+        "status": "ok" if not failed else f"{len(failed)} failed: {(failed[0].error or '')[:120]}",
+    }
+    if ok:
+        row["test_acc"], row["test_acc_std"] = _mean_std([r.test_acc for r in ok])
+        row["inference_images_per_s"], row["inference_images_per_s_std"] = _mean_std([r.inference_images_per_s for r in ok])
+        row["train_seconds"], row["train_seconds_std"] = _mean_std([r.training_cost_seconds() for r in ok])
+        row["trainable_params"] = first.trainable_params
+        row["total_params"] = first.total_params
+        row["data"] = f"{first.dataset} {first.n_train} train, {first.image_size}px"
+        if first.notes:
+            row["data"] += f"; {first.notes}"
+    return row
+
+
+def _fmt(row: dict[str, Any], key: str) -> str:
+    if key not in row or row[key] is None:
+        return "—"
+    v = row[key]
+    if key == "test_acc":
+        s = f"{100 * v:.2f}%"
+        return s + (f" ± {100 * row['test_acc_std']:.2f}" if row.get("n_seeds", 0) > 1 else "")
+    if key == "train_seconds":
+        return f"{v:.1f}" + (f" ± {row['train_seconds_std']:.1f}" if row.get("n_seeds", 0) > 1 else "")
+    if key == "inference_images_per_s":
+        return f"{v:,.0f}"
+    if key == "trainable_params":
+        return f"{v:,}"
+    return str(v)
+
+
+def compare(study_dir: str | Path, console: Console | None = None, write: bool = True) -> list[dict[str, Any]]:
+    """Print the comparison table of ``study_dir`` and write ``compare.csv`` and ``compare.md`` there."""
+    console = console or Console()
+    study_dir = Path(study_dir)
+    rows = collect(study_dir)
+    table = Table(title=f"study {study_dir.name}")
+    for _, title in COLUMNS:
+        table.add_column(title, justify="right" if title.endswith(("acc", "(s)", "img/s", "params", "seeds")) else "left")
+    for row in rows:
+        table.add_row(*[_fmt(row, k) for k, _ in COLUMNS])
+    console.print(table)
+    if write:
+        keys = sorted({k for r in rows for k in r}, key=lambda k: [c for c, _ in COLUMNS].index(k) if k in dict(COLUMNS) else 99)
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+        write_text(study_dir / "compare.csv", buf.getvalue())
+        md = ["| " + " | ".join(t for _, t in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        md += ["| " + " | ".join(_fmt(r, k).replace("|", "\\|") for k, _ in COLUMNS) + " |" for r in rows]
+        write_text(study_dir / "compare.md", "\n".join(md) + "\n")
+        console.print(f"written: {study_dir / 'compare.csv'}, {study_dir / 'compare.md'}")
+    return rows

@@ -1,0 +1,186 @@
+"""Reading run directories back: one run (``load_run``) or a whole study folder (``read_study``).
+
+``compare``, the report and the API read runs only through here. Run directories written by earlier
+versions stay readable: ``metrics.json`` of any schema version (``RunMetrics.from_dict``), and
+ensembles written before they had a ``config.yaml`` (their ``ensemble.yaml`` says what they were).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from transferlab.config import ConfigError, EnsembleSpec, ExperimentConfig, config_from_yaml_text
+from transferlab.files import read_json
+from transferlab.models.model import TransferModel, build_model
+from transferlab.models.weights import load_model_weights
+from transferlab.rundir.metrics import METRICS_FILE, RunMetrics
+from transferlab.rundir.rundir import RunError
+
+__all__ = ["ExperimentRuns", "Run", "StudyRuns", "load_run", "read_history", "read_run", "read_study"]
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """``history.csv`` as float rows (an empty cell is NaN); ``[]`` when there is none."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            out = {}
+            for k, v in row.items():
+                try:
+                    out[k] = float(v) if v not in (None, "") else math.nan
+                except ValueError:
+                    out[k] = math.nan
+            rows.append(out)
+    return rows
+
+
+@dataclass
+class Run:
+    """A run directory read back: its config, its result, its history, and its model on demand."""
+
+    path: Path
+    config: ExperimentConfig | None
+    """``None`` only for a run read leniently (``read_study``) whose config is missing or unreadable."""
+    record: RunMetrics
+
+    @cached_property
+    def metrics(self) -> dict[str, Any]:
+        """``metrics.json`` as a dict (in the current schema)."""
+        return self.record.to_dict()
+
+    @property
+    def ok(self) -> bool:
+        return self.record.ok
+
+    @property
+    def seed(self) -> Any:
+        return self.record.seed if self.record.seed is not None else (self.config.seed if self.config else None)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in self.record.class_names]
+
+    @cached_property
+    def history(self) -> list[dict[str, float]]:
+        return read_history(self.path / "history.csv")
+
+    def load_model(self, checkpoint: str = "best") -> TransferModel:
+        """Rebuild the model and load the ``best`` (or ``last``) checkpoint strictly. No download happens."""
+        if self.config is None:
+            raise RunError(f"{self.path}: no readable config.yaml, so its model cannot be rebuilt")
+        model_cfg = dataclasses.replace(self.config.model, weights="scratch")
+        model, _ = build_model(model_cfg, self.config.head, len(self.class_names))
+        load_model_weights(model, self.path / "checkpoints" / f"{checkpoint}.safetensors")
+        return model.eval()
+
+
+def _read_metrics(path: Path) -> RunMetrics:
+    try:
+        return RunMetrics.from_dict(read_json(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, TypeError) as e:
+        raise RunError(f"{path}: not a transferlab metrics file ({e})") from None
+
+
+def _read_config(path: Path) -> ExperimentConfig | None:
+    cfg_path = path / "config.yaml"
+    if cfg_path.is_file():
+        return config_from_yaml_text(cfg_path.read_text(encoding="utf-8"), str(cfg_path))
+    ens_path = path / "ensemble.yaml"  # ensembles written before they had a config.yaml
+    if ens_path.is_file():
+        spec = yaml.safe_load(ens_path.read_text(encoding="utf-8")) or {}
+        ensemble = EnsembleSpec(members=[str(m) for m in spec.get("members", [])], vote=str(spec.get("vote", "hard")))
+        return ExperimentConfig(name=str(spec.get("name") or path.name), kind="ensemble", notes=str(spec.get("notes") or ""), ensemble=ensemble)
+    return None
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory written by transferlab (strict: its config and metrics must be there)."""
+    path = Path(path)
+    config = _read_config(path)
+    if config is None:
+        raise RunError(f"{path} is not a transferlab run directory (no config.yaml)")
+    if not (path / METRICS_FILE).is_file():
+        raise RunError(f"{path}: run not finished (no {METRICS_FILE}); continue it with --resume")
+    return Run(path, config, _read_metrics(path / METRICS_FILE))
+
+
+def read_run(path: str | Path) -> Run:
+    """Read a run directory leniently: ``metrics.json`` must be there, an unreadable config becomes ``None``."""
+    path = Path(path)
+    try:
+        config = _read_config(path)
+    except ConfigError:
+        config = None  # an older or hand-edited config: the metrics still count
+    return Run(path, config, _read_metrics(path / METRICS_FILE))
+
+
+@dataclass
+class ExperimentRuns:
+    """All runs (seeds) of one experiment, sorted by seed."""
+
+    name: str
+    runs: list[Run]
+
+    @property
+    def ok_runs(self) -> list[Run]:
+        return [r for r in self.runs if r.ok]
+
+    @property
+    def failed_runs(self) -> list[Run]:
+        return [r for r in self.runs if not r.ok]
+
+    @property
+    def class_names(self) -> list[str]:
+        for r in self.ok_runs:
+            if r.class_names:
+                return r.class_names
+        return []
+
+
+@dataclass
+class StudyRuns:
+    """A study folder read back: its name, where it came from, and its experiments in study order."""
+
+    path: Path
+    name: str
+    source: str | None
+    experiments: list[ExperimentRuns] = field(default_factory=list)
+
+
+def read_study(study_dir: str | Path) -> StudyRuns:
+    """Every run folder of ``study_dir`` (``*/metrics.json``), grouped by experiment in study order.
+
+    The order is the study file's (``study.json``); experiments it does not list come after, by name.
+    """
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise FileNotFoundError(f"no such study directory: {study_dir}")
+    info: dict[str, Any] = {}
+    if (study_dir / "study.json").is_file():
+        try:
+            info = read_json(study_dir / "study.json")
+        except json.JSONDecodeError as e:
+            raise RunError(f"{study_dir / 'study.json'}: not valid JSON ({e})") from None
+    groups: dict[str, list[Run]] = {}
+    for metrics_path in sorted(study_dir.glob(f"*/{METRICS_FILE}")):
+        run = read_run(metrics_path.parent)
+        groups.setdefault(str(run.record.experiment), []).append(run)
+    if not groups:
+        raise FileNotFoundError(f"{study_dir} holds no runs (no */metrics.json); run the study first")
+    order = list(info.get("experiments") or [])
+    names = sorted(groups, key=lambda n: (order.index(n) if n in order else len(order), n))
+    experiments = [ExperimentRuns(n, sorted(groups[n], key=lambda r: (str(r.seed), r.path.name))) for n in names]
+    return StudyRuns(study_dir, str(info.get("study") or study_dir.name), info.get("source"), experiments)

@@ -1,0 +1,242 @@
+"""The run directory: one place that opens, writes and records failures of ``runs/<study>/<run>/``.
+
+A run directory holds everything needed to trust and reuse a result::
+
+    config.yaml          the fully resolved config
+    metrics.json         the result (``RunMetrics``): test metrics, timings, weights source, code version, status
+    history.csv          per-epoch (or per-step) rows: losses, accuracies, learning rate, seconds
+    selection.json       the dataset indices of train / val / test (same seed => same indices)
+    checkpoints/         best.safetensors, last.safetensors (+ .json copies of their metadata)
+
+Opening it (``RunDir.open``) takes the single-writer lock and decides, from what is there and the
+``resume`` / ``overwrite`` flags, whether the run is new, finished (skipped), continued or replaced.
+Before a finished run is reused or an interrupted one continued, the config it was made with is
+compared with the config asked for now: a change that can affect results is refused with the list
+of changed keys, so ``--resume`` never shows an old result under a new study file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+
+from transferlab.config import ConfigError, ExperimentConfig, from_dict, load_yaml
+from transferlab.files import read_json, write_csv, write_json, write_text
+from transferlab.rundir.metrics import METRICS_FILE, RunMetrics, code_version
+
+try:
+    import fcntl
+except ImportError:  # no fcntl (Windows): run directories are written unlocked
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["HARMLESS_KEYS", "ConfigChange", "Opening", "RunDir", "RunError", "config_changes", "flatten", "run_lock"]
+
+HARMLESS_KEYS = frozenset({
+    "notes",
+    "train.progress",
+    "train.checkpoint_every_steps",
+    "train.checkpoint_every_minutes",
+    "data.num_workers",  # the PIL path's batches do not depend on the worker count (seeded per image)
+})
+"""Keys whose change cannot affect a run's results: ``--resume`` allows them and lists them."""
+
+
+class RunError(RuntimeError):
+    """A run directory is missing, incomplete, in use, or was made with another config. The message names the folder."""
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old!r} → {self.new!r}"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}`` (lists and scalars are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flatten(v, key) if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[ConfigChange]:
+    """The keys of ``new`` whose value differs in ``old`` (both resolved config snapshots)."""
+    fo, fn = flatten(old), flatten(new)
+    return [ConfigChange(k, fo.get(k), v) for k, v in fn.items() if fo.get(k) != v]
+
+
+@dataclass
+class Opening:
+    """What ``RunDir.open`` found and decided."""
+
+    finished: RunMetrics | None = None
+    """The recorded result of a finished run that is reused (``--resume``): nothing is to run."""
+    replace: bool = False
+    """An existing directory is replaced (``--overwrite``, or a partial run of a kind that recomputes)."""
+    resuming: bool = False
+    """An interrupted run is continued from what it left (its checkpoints)."""
+    harmless: list[ConfigChange] = field(default_factory=list)
+
+
+class RunDir:
+    """One run directory. Everything transferlab writes into it goes through ``transferlab.files``'s atomic write."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    # ----------------------------------------------------------------------------------------
+    # opening
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the run directory (``.<name>.lock`` beside it) while writing it.
+
+        A second process that tries to write the same run directory is refused with a clear message.
+        The lock is an OS file lock (``flock``), so a killed process never leaves a stale lock behind.
+        """
+        parent = self.path.parent
+        if parent.exists() and not parent.is_dir():
+            raise RunError(f"{parent} is a file, not a folder: --runs-dir must name a folder (it is created if missing)")
+        parent.mkdir(parents=True, exist_ok=True)
+        with open(parent / f".{self.path.name}.lock", "a+") as f:
+            try:
+                if fcntl is not None:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                raise RunError(f"run directory {self.path} is being written by another process ({holder}); wait for it or use another --runs-dir") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+            yield
+
+    def finished_metrics(self) -> RunMetrics | None:
+        """The recorded result when the run finished (``metrics.json`` with status ``ok``), else ``None``."""
+        path = self.path / METRICS_FILE
+        try:
+            record = RunMetrics.from_dict(read_json(path)) if path.is_file() else None
+        except (ValueError, TypeError) as e:
+            raise RunError(f"{path}: not a transferlab metrics file ({e}); --overwrite replaces the run") from None
+        return record if record is not None and record.ok else None
+
+    def open(self, snapshot: dict[str, Any], resume: bool, overwrite: bool, keeps_partial: bool = True) -> Opening:
+        """Decide what to do with this directory for a run whose resolved config is ``snapshot``.
+
+        Reads only; ``begin`` then changes the directory (separately, so that under DDP every rank
+        decides from the same view before rank 0 changes anything). ``keeps_partial``: an interrupted
+        run of this kind continues from what it left; otherwise a partial directory is redone.
+        """
+        if not self.path.exists() or not any(self.path.iterdir()):
+            return Opening()
+        if not resume:
+            if not overwrite:
+                raise RunError(f"run directory {self.path} already exists: pass --resume to continue it or --overwrite to replace it")
+            return Opening(replace=True)
+        finished = self.finished_metrics()
+        harmless = self.check_config(snapshot, finished is not None)
+        if finished is not None:
+            return Opening(finished=finished, harmless=harmless)
+        return Opening(replace=not keeps_partial, resuming=keeps_partial, harmless=harmless)
+
+    def check_config(self, snapshot: dict[str, Any], finished: bool) -> list[ConfigChange]:
+        """Compare ``snapshot`` with the recorded ``config.yaml``; refuse changes that can affect results."""
+        path = self.path / "config.yaml"
+        if not path.is_file():
+            return []
+        try:
+            old = from_dict(ExperimentConfig, load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}).to_dict()
+        except ConfigError as e:
+            raise RunError(f"{path} cannot be read by this version of transferlab ({e}); pass --overwrite to redo the run") from None
+        changes = config_changes(old, snapshot)
+        relevant = [c for c in changes if c.key not in HARMLESS_KEYS]
+        if relevant:
+            what = "finished" if finished else "was started"
+            listed = "\n".join(f"  {c}" for c in relevant)
+            raise RunError(
+                f"run directory {self.path} {what} with another config than the study asks for now "
+                f"({len(relevant)} changed key{'s' if len(relevant) > 1 else ''}, recorded → now):\n{listed}\n"
+                f"--resume would {'show its old result' if finished else 'continue it'} under the new config. "
+                "Pass --overwrite to redo it with the new config, or give the experiment a new name to keep both."
+            )
+        return [c for c in changes if c.key in HARMLESS_KEYS]
+
+    def begin(self, opening: Opening, snapshot: dict[str, Any], writer: bool = True) -> None:
+        """Act on ``opening``: replace the directory if decided, create it, write ``config.yaml`` (writer only)."""
+        if not writer:
+            return
+        if opening.replace and self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text(self.path / "config.yaml", yaml.safe_dump(snapshot, sort_keys=False))
+
+    @staticmethod
+    def say_reused(opening: Opening, name: str, path: Path, console: Console) -> None:
+        """The console line of a finished run that is reused, with the harmless changes it allowed."""
+        console.print(f"[dim]{escape(name)}: already finished in {escape(str(path))}, skipped[/]")
+        if opening.harmless:
+            console.print(f"[dim]  changes that cannot affect its results: {escape('; '.join(map(str, opening.harmless)))}[/]")
+
+    # ----------------------------------------------------------------------------------------
+    # writing
+
+    def write_json(self, name: str, obj: Any) -> None:
+        write_json(self.path / name, obj)
+
+    def write_text(self, name: str, text: str) -> None:
+        write_text(self.path / name, text)
+
+    def write_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        write_csv(self.path / name, rows)
+
+    def write_metrics(self, metrics: RunMetrics) -> dict[str, Any]:
+        """Write ``metrics.json``; returns it as the dict the API hands back."""
+        out = metrics.to_dict()
+        write_json(self.path / METRICS_FILE, out)
+        return out
+
+    def write_failure(self, cfg: ExperimentConfig, error: BaseException) -> dict[str, Any]:
+        """Record a failed run so the comparison and the report show it (the directory's other files stay)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        failed = RunMetrics(
+            status="failed", kind=cfg.kind, experiment=cfg.name, seed=cfg.seed, backbone=cfg.model.backbone,
+            weights=cfg.model.weights, head=cfg.head.type, strategy=cfg.strategy.name, dataset=cfg.data.dataset,
+            notes=cfg.notes, error=f"{type(error).__name__}: {error}", code_version=code_version(),
+        )
+        if cfg.kind == "ensemble":
+            failed.backbone, failed.weights, failed.strategy = "ensemble", "ensemble of runs", f"{cfg.ensemble.vote} vote"
+        return self.write_metrics(failed)
+
+
+def run_lock(run_dir: str | Path) -> contextlib.AbstractContextManager[None]:
+    """The single-writer lock of ``run_dir`` (``RunDir(run_dir).lock()``)."""
+    return RunDir(run_dir).lock()

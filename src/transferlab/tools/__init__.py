@@ -1,0 +1,2 @@
+"""Tools on runs and backbones: ``rank`` (transferability scores), ``summary`` (per-stage shapes, parameters,
+FLOPs), ``activations`` (feature maps, Grad-CAM), ``predict`` (a run's model on any image files)."""
