@@ -37,6 +37,7 @@ __all__ = [
     "read_json",
     "safetensors_header",
     "save_checkpoint",
+    "write_bytes",
     "write_csv",
     "write_json",
     "write_text",
@@ -89,6 +90,10 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
 
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:

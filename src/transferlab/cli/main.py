@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS.get(args.command).run(args, console)
     except Interrupted as e:
-        console.print(f"[yellow]{escape(e.describe())}[/]")
+        console.print(f"[yellow]{escape(e.describe())}[/]", soft_wrap=True)  # one line, however long the paths
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted: transferlab {escape(args.command)}[/]")
+        console.print(f"[yellow]interrupted: transferlab {escape(args.command)}[/]", soft_wrap=True)
         return EXIT_INTERRUPTED
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        console.print(f"[red]error:[/] {escape(str(e))}")
+        console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)  # paths and key lists stay unbroken
         return EXIT_ERROR

@@ -189,14 +189,27 @@ def parse_study(raw: dict[str, Any], source: str = "<dict>") -> Study:
     ``sweep`` field records the group and the values; each value replaces that key's setting. ``seed``
     in a sweep lists that experiment's seeds (runs ``<name>.seed<k>``), like ``seeds`` does for all.
     """
+    name, defaults, study_sweep, seeds, entries = _study_header(raw, source)
+    experiments: list[ExperimentConfig] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"{source}: experiments[{i}] must be a mapping with a 'name'")
+        if entry["name"] in seen or "/" in entry["name"] or not entry["name"]:
+            raise ConfigError(f"{source}: experiments[{i}]: name {entry['name']!r} is empty, repeated or contains '/'")
+        seen.add(entry["name"])
+        experiments += _expand_entry(i, dict(entry), defaults, study_sweep, seeds, source, seen)
+    ensembles = _parse_ensembles(raw.get("ensembles"), source, {c.name for c in experiments})
+    return Study(name=name, experiments=experiments, source=source, ensembles=ensembles)
+
+
+def _study_header(raw: Any, source: str) -> tuple[str, dict[str, Any], dict[str, list[Any]], list[int] | None, list[Any]]:
+    """The top level of a study file, checked: (name, defaults, study sweep, seeds, experiment entries)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a study file must be a mapping with 'study' and 'experiments'")
     for key in raw:
         if key not in _STUDY_KEYS:
-            raise ConfigError(
-                f"{source}: unknown top-level key '{key}'{suggest(str(key), _STUDY_KEYS)}; "
-                f"valid: {', '.join(_STUDY_KEYS)}"
-            )
+            raise ConfigError(f"{source}: unknown top-level key '{key}'{suggest(str(key), _STUDY_KEYS)}; valid: {', '.join(_STUDY_KEYS)}")
     name = raw.get("study")
     if not isinstance(name, str) or not name or "/" in name:
         raise ConfigError(f"{source}: 'study' must be a non-empty name without '/', got {name!r}")
@@ -216,51 +229,49 @@ def parse_study(raw: dict[str, Any], source: str = "<dict>") -> Study:
     entries = raw.get("experiments")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{source}: 'experiments' must be a non-empty list")
+    return name, defaults, study_sweep, seeds, entries
 
-    experiments: list[ExperimentConfig] = []
-    seen: set[str] = set()
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise ConfigError(f"{source}: experiments[{i}] must be a mapping with a 'name'")
-        exp_name = entry["name"]
-        if exp_name in seen or "/" in exp_name or not exp_name:
-            raise ConfigError(f"{source}: experiments[{i}]: name {exp_name!r} is empty, repeated or contains '/'")
-        seen.add(exp_name)
-        entry = dict(entry)
-        grid = {**study_sweep, **_check_sweep(entry.pop("sweep", None), f"{source}: experiments[{i}].sweep")}
-        exp_seeds = grid.pop("seed", seeds)
-        merged = deep_merge(defaults, entry)
+
+def _expand_entry(
+    i: int, entry: dict[str, Any], defaults: dict[str, Any], study_sweep: dict[str, list[Any]], seeds: list[int] | None,
+    source: str, seen: set[str],
+) -> list[ExperimentConfig]:
+    """One ``experiments[i]`` entry -> its resolved, validated experiments: one per sweep point and seed."""
+    exp_name = entry["name"]
+    grid = {**study_sweep, **_check_sweep(entry.pop("sweep", None), f"{source}: experiments[{i}].sweep")}
+    exp_seeds = grid.pop("seed", seeds)
+    merged = deep_merge(defaults, entry)
+    try:
+        from_dict(ExperimentConfig, merged, f"experiments[{i}]")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    out = []
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values))
+        point_raw, where = merged, f"experiments[{i}]"
+        if point:
+            point_raw = dict(merged, name=sweep_point_name(exp_name, point))
+            for key, value in point.items():
+                point_raw = _set_dotted(point_raw, key, value)
+            where = f"experiments[{i}] (sweep point {', '.join(f'{k}={v!r}' for k, v in point.items())})"
+            if point_raw["name"] in seen or len(point_raw["name"].encode()) > 200:
+                raise ConfigError(f"{source}: {where}: sweep point name {point_raw['name']!r} is repeated or too long")
+            seen.add(point_raw["name"])
         try:
-            from_dict(ExperimentConfig, merged, f"experiments[{i}]")
+            base = from_dict(ExperimentConfig, point_raw, where)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-        for values in itertools.product(*grid.values()):
-            point = dict(zip(grid, values))
-            point_raw, where = merged, f"experiments[{i}]"
-            if point:
-                point_raw = dict(merged, name=sweep_point_name(exp_name, point))
-                for key, value in point.items():
-                    point_raw = _set_dotted(point_raw, key, value)
-                where = f"experiments[{i}] (sweep point {', '.join(f'{k}={v!r}' for k, v in point.items())})"
-                if point_raw["name"] in seen or len(point_raw["name"].encode()) > 200:
-                    raise ConfigError(f"{source}: {where}: sweep point name {point_raw['name']!r} is repeated or too long")
-                seen.add(point_raw["name"])
+        if point:
+            base.sweep = SweepPoint(group=exp_name, values=point)
+        for seed in exp_seeds if exp_seeds is not None else [base.seed]:
+            cfg = copy.deepcopy(base)
+            cfg.seed = seed
             try:
-                base = from_dict(ExperimentConfig, point_raw, where)
+                cfg.validate()
             except ConfigError as e:
-                raise ConfigError(f"{source}: {e}") from None
-            if point:
-                base.sweep = SweepPoint(group=exp_name, values=point)
-            for seed in exp_seeds if exp_seeds is not None else [base.seed]:
-                cfg = copy.deepcopy(base)
-                cfg.seed = seed
-                try:
-                    cfg.validate()
-                except ConfigError as e:
-                    raise ConfigError(f"{source}: {where}: {e}" if point else f"{source}: {e}") from None
-                experiments.append(cfg)
-    ensembles = _parse_ensembles(raw.get("ensembles"), source, {c.name for c in experiments})
-    return Study(name=name, experiments=experiments, source=source, ensembles=ensembles)
+                raise ConfigError(f"{source}: {where}: {e}" if point else f"{source}: {e}") from None
+            out.append(cfg)
+    return out
 
 
 def load_study(path: str | Path) -> Study:

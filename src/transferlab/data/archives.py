@@ -2,16 +2,24 @@
 
 ``safe_extract`` refuses, before writing anything, an archive with a member whose path is absolute,
 contains ``..``, or otherwise resolves outside the target folder, and any link or device member —
-a crafted archive cannot write outside the folder it is extracted into.
+a crafted archive cannot write outside the folder it is extracted into. Members are extracted into a
+hidden staging folder first and moved into place when all of them are written, so an extraction that
+is killed (or fills the disk) never leaves a half-extracted dataset that looks complete.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import tarfile
+import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+
+import torchvision.datasets.utils as tv_utils  # the module, so tests can stand in for the network
 
 from transferlab.data.sources import DatasetError
 
@@ -24,6 +32,23 @@ def _check_member_path(name: str, target: Path, archive: Path) -> Path:
     if dest != target and target not in dest.parents:
         raise DatasetError(f"{archive}: refusing to extract member {name!r}: its path leaves {target}")
     return dest
+
+
+@contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A hidden folder inside ``target``; on success its top-level entries replace those of ``target``."""
+    for old in target.glob(".extracting-*"):  # left by a killed extraction: never complete
+        shutil.rmtree(old, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".extracting-", dir=target))
+    try:
+        yield staging
+        for entry in staging.iterdir():
+            dest = target / entry.name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            os.replace(entry, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def safe_extract(archive: str | Path, target: str | Path) -> Path:
@@ -43,14 +68,10 @@ def safe_extract(archive: str | Path, target: str | Path) -> Path:
                 _check_member_path(m.filename, target, archive)
                 if stat.S_ISLNK(m.external_attr >> 16):
                     raise DatasetError(f"{archive}: refusing to extract symbolic link member {m.filename!r}")
-            for m in members:
-                dest = _check_member_path(m.filename, target, archive)
-                if m.is_dir():
-                    dest.mkdir(parents=True, exist_ok=True)
-                    continue
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(m) as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out)
+            with _staging(target) as staging:
+                for m in members:
+                    with zf.open(m) as src:
+                        _write_member(staging / _check_member_path(m.filename, target, archive).relative_to(target), m.is_dir(), src)
         return target
     try:
         tf = tarfile.open(archive)
@@ -62,18 +83,22 @@ def safe_extract(archive: str | Path, target: str | Path) -> Path:
             _check_member_path(m.name, target, archive)
             if not (m.isfile() or m.isdir()):
                 raise DatasetError(f"{archive}: refusing to extract member {m.name!r}: links and special files are not allowed")
-        for m in members:
-            dest = _check_member_path(m.name, target, archive)
-            if m.isdir():
-                dest.mkdir(parents=True, exist_ok=True)
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            src = tf.extractfile(m)
-            if src is None:
-                raise DatasetError(f"{archive}: cannot read member {m.name!r}")
-            with src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
+        with _staging(target) as staging:
+            for m in members:
+                src = None if m.isdir() else tf.extractfile(m)
+                if src is None and not m.isdir():
+                    raise DatasetError(f"{archive}: cannot read member {m.name!r}")
+                _write_member(staging / _check_member_path(m.name, target, archive).relative_to(target), m.isdir(), src)
     return target
+
+
+def _write_member(dest: Path, is_dir: bool, src: object) -> None:
+    if is_dir:
+        dest.mkdir(parents=True, exist_ok=True)
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "wb") as out:
+        shutil.copyfileobj(src, out)  # type: ignore[arg-type]
 
 
 def download_archive(url: str, md5: str, directory: Path, filename: str) -> Path:
@@ -82,14 +107,12 @@ def download_archive(url: str, md5: str, directory: Path, filename: str) -> Path
     An existing file with the right checksum is reused. Raises DatasetError naming the URL when the
     download or the checksum fails.
     """
-    from torchvision.datasets.utils import check_integrity, download_url
-
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / filename
     try:
-        download_url(url, str(directory), filename=filename, md5=md5)
+        tv_utils.download_url(url, str(directory), filename=filename, md5=md5)
     except Exception as e:  # noqa: BLE001 - offline, HTTP error, ...
         raise DatasetError(f"download of {url} into {directory} failed ({type(e).__name__}: {e})") from None
-    if not check_integrity(str(path), md5):
+    if not tv_utils.check_integrity(str(path), md5):
         raise DatasetError(f"{path}: MD5 checksum does not match {md5} (download of {url} corrupted); delete it and retry")
     return path

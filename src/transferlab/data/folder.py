@@ -267,14 +267,20 @@ def _scan_csv(path: Path) -> FolderScan:
 # from a scan to a RawDataset
 
 
-def _carve_test(labels: np.ndarray, fraction: float, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _carve_test(labels: np.ndarray, fraction: float, where: str, class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fixed (seed 0) stratified split of a single pool into train and test positions."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
     counts = np.bincount(labels)
-    if (counts[counts > 0] < 2).any():
-        raise DatasetError(f"{where}: every class needs at least 2 images to hold out a test split (data.test_fraction)")
+    too_few = [int(c) for c in np.flatnonzero(counts) if counts[c] < 2]
+    if too_few:
+        names = [repr(class_names[c]) if class_names and c < len(class_names) else f"#{c}" for c in too_few]
+        listed = ", ".join(f"{n} has {int(counts[c])} image" for n, c in zip(names, too_few))
+        raise DatasetError(
+            f"{where}: every class needs at least 2 images to hold out a test split (data.test_fraction); "
+            f"class{'es' if len(too_few) > 1 else ''} {listed}: add images, remove the class folder, or split the images yourself into {where}/train/ and {where}/test/"
+        )
     n_test = max(int(round(fraction * len(labels))), int((counts > 0).sum()))
     if len(labels) - n_test < (counts > 0).sum():
         raise DatasetError(f"{where}: data.test_fraction={fraction} leaves too few training images for {int((counts > 0).sum())} classes")
@@ -311,7 +317,7 @@ def raw_from_scan(scan: FolderScan, cfg: DataConfig, source: str | None = None) 
     if "test" not in files and "val" in files:  # train/ + val/ only: val/ is the test split
         files["test"], labels["test"] = files.pop("val"), labels.pop("val")
     if "test" not in files:
-        train_pos, test_pos = _carve_test(labels["train"].numpy(), cfg.test_fraction, str(scan.root))
+        train_pos, test_pos = _carve_test(labels["train"].numpy(), cfg.test_fraction, str(scan.root), scan.class_names)
         all_files, all_y = files["train"], labels["train"]
         files["train"], labels["train"] = all_files[train_pos], all_y[torch.from_numpy(train_pos)]
         files["test"], labels["test"] = all_files[test_pos], all_y[torch.from_numpy(test_pos)]

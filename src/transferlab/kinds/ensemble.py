@@ -173,6 +173,23 @@ class EnsembleResult:
         return self.record.to_dict()
 
 
+def _same_task(m: Run, first: Run, ref_idx: list[int] | None, ref_y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The member's test images, labels and indices, checked to be those of the first member."""
+    names = first.class_names
+    if m.class_names != names:
+        raise EnsembleError(
+            f"{m.path}: class names differ from {first.path}: expected {names[:10]}{' …' if len(names) > 10 else ''}, "
+            f"found {m.class_names[:10]}{' …' if len(m.class_names) > 10 else ''}"
+        )
+    x, y, idx = member_test_images(m)
+    if ref_idx is not None and (idx != ref_idx or m.config.data.dataset != first.config.data.dataset or not torch.equal(y, ref_y)):
+        raise EnsembleError(
+            f"{m.path}: tested on other images than {first.path} ({m.config.data.dataset}, {len(idx)} test images vs "
+            f"{first.config.data.dataset}, {len(ref_idx)}): members must share dataset, data.classes and data.test_subset"
+        )
+    return x, y, idx
+
+
 def _metrics(preds: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
     return {
         "acc": float(MulticlassAccuracy(num_classes, average="micro")(preds, y)),
@@ -192,8 +209,8 @@ def evaluate_ensemble(
     if len(members) < 2:
         raise EnsembleError(f"an ensemble needs at least 2 runs, got {len(members)}")
     for m in members:
-        if m.metrics.get("status") != "ok" or m.metrics.get("kind") == "ensemble":
-            raise EnsembleError(f"{m.path}: not a finished single-model run (status {m.metrics.get('status')!r}, kind {m.metrics.get('kind', 'run')!r})")
+        if not m.ok or m.record.kind == "ensemble":
+            raise EnsembleError(f"{m.path}: not a finished single-model run (status {m.record.status!r}, kind {m.record.kind!r})")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device)
     first = members[0]
     names = first.class_names
@@ -202,35 +219,17 @@ def evaluate_ensemble(
     ref_y: torch.Tensor | None = None
     wall0 = time.perf_counter()
     for m in members:
-        if m.class_names != names:
-            raise EnsembleError(
-                f"{m.path}: class names differ from {first.path}: expected {names[:10]}{' …' if len(names) > 10 else ''}, "
-                f"found {m.class_names[:10]}{' …' if len(m.class_names) > 10 else ''}"
-            )
-        x, y, idx = member_test_images(m)
-        if ref_idx is None:
-            ref_idx, ref_y = idx, y
-        elif idx != ref_idx or m.config.data.dataset != first.config.data.dataset or not torch.equal(y, ref_y):
-            raise EnsembleError(
-                f"{m.path}: tested on other images than {first.path} ({m.config.data.dataset}, {len(idx)} test images vs "
-                f"{first.config.data.dataset}, {len(ref_idx)}): members must share dataset, data.classes and data.test_subset"
-            )
+        x, y, idx = _same_task(m, first, ref_idx, ref_y)
+        ref_idx, ref_y = idx, y
         probs, s, pre = member_probabilities(m, x, y, dev)
         seconds += s
         all_probs.append(probs)
         acc = _metrics(probs.argmax(1), y, len(names))["acc"]  # torchmetrics, as the member's own run computed it
-        rows.append(
-            {
-                "run": str(m.path),
-                "experiment": m.metrics.get("experiment"),
-                "backbone": m.config.model.backbone,
-                "image_size": int(x.shape[-1]),
-                "normalization": {"mean": list(pre.mean), "std": list(pre.std)},
-                "test_acc": acc,
-                "recorded_test_acc": m.metrics.get("test_acc"),
-                "inference_seconds": s,
-            }
-        )
+        rows.append({
+            "run": str(m.path), "experiment": m.record.experiment, "backbone": m.config.model.backbone, "image_size": int(x.shape[-1]),
+            "normalization": {"mean": list(pre.mean), "std": list(pre.std)}, "test_acc": acc,
+            "recorded_test_acc": m.record.test_acc, "inference_seconds": s,
+        })
         console.print(f"  member {m.path.name}: {m.config.model.backbone} at {x.shape[-1]}px, test acc {acc:.4f}")
     assert ref_y is not None
     probs = torch.stack(all_probs)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from transferlab.files import write_bytes
 from transferlab.rundir import Run, load_run
 from transferlab.tools.predict import PredictError, load_images, run_input_spec
 
@@ -302,5 +303,5 @@ def save_activations(
     png = activation_figure(x_u8[0].permute(1, 2, 0).numpy(), acts, title, cam, class_names, max_maps)
     out = Path(out) if out else Path(f"{image.stem}_activations.png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(png)
+    write_bytes(out, png)
     return ActivationResult(out, names, {n: tuple(a.shape) for n, a in acts.items()}, pred_name, float(probs[pred]), cam)

@@ -129,13 +129,17 @@ def _children_with_params(m: nn.Module) -> bool:
     return any(True for c in m.children() for _ in c.parameters())
 
 
-def summarize_model(model: Any, input_size: int | tuple[int, int], title: str = "", strategy: str = "", depth: int = 1) -> ModelSummary:
-    """Summarize a ``TransferModel`` (as it is: its current trainable set) at ``input_size``."""
-    if depth < 1:
-        raise ValueError(f"depth={depth} must be >= 1")
-    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    c = model.preprocess().in_chans
-    x = torch.zeros(1, c, h, w)
+@dataclass
+class _Trace:
+    """One forward pass, observed: the order modules were called in, their output shapes, FLOPs per module."""
+
+    order: dict[str, int]
+    shapes: dict[str, tuple[int, ...] | None]
+    counts: dict[str, dict[Any, int]]
+    total_flops: int
+
+
+def _trace(model: Any, x: torch.Tensor) -> _Trace:
     names = {id(m): n for n, m in model.named_modules()}
     order: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...] | None] = {}
@@ -158,18 +162,18 @@ def summarize_model(model: Any, input_size: int | tuple[int, int], title: str = 
         for hd in handles:
             hd.remove()
         model.train(was_training)
+    return _Trace(order, shapes, counter.get_flop_counts(), int(counter.get_total_flops()))
+
+
+def summarize_model(model: Any, input_size: int | tuple[int, int], title: str = "", strategy: str = "", depth: int = 1) -> ModelSummary:
+    """Summarize a ``TransferModel`` (as it is: its current trainable set) at ``input_size``."""
+    if depth < 1:
+        raise ValueError(f"depth={depth} must be >= 1")
+    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    c = model.preprocess().in_chans
+    trace = _trace(model, torch.zeros(1, c, h, w))
     root = type(model).__name__
-    counts = counter.get_flop_counts()
-
-    def flops_of(name: str) -> int:
-        return int(sum(counts.get(f"{root}.{name}", {}).values()))
-
-    label_of: dict[int, str] = {}
-    for label, ps in backbone_stages(model):
-        for p in ps:
-            label_of[id(p)] = label
-    for p in model.head.parameters():
-        label_of[id(p)] = "new head"
+    label_of = {id(p): label for label, ps in backbone_stages(model) for p in ps} | {id(p): "new head" for p in model.head.parameters()}
 
     def groups(m: nn.Module) -> list[str]:
         return list(dict.fromkeys(label_of.get(id(p), "?") for p in m.parameters()))
@@ -178,21 +182,15 @@ def summarize_model(model: Any, input_size: int | tuple[int, int], title: str = 
 
     def add(m: nn.Module, name: str, label: str | None = None) -> None:
         ps = list(m.parameters())
-        rows.append(
-            SummaryRow(
-                name=label or name.removeprefix("backbone."),
-                kind=type(m).__name__,
-                group="+".join(groups(m)),
-                output_shape=shapes.get(name),
-                params=sum(p.numel() for p in ps),
-                trainable=sum(p.numel() for p in ps if p.requires_grad),
-                flops=flops_of(name),
-            )
-        )
+        rows.append(SummaryRow(
+            name=label or name.removeprefix("backbone."), kind=type(m).__name__, group="+".join(groups(m)),
+            output_shape=trace.shapes.get(name), params=sum(p.numel() for p in ps),
+            trainable=sum(p.numel() for p in ps if p.requires_grad), flops=int(sum(trace.counts.get(f"{root}.{name}", {}).values())),
+        ))
 
     def visit(parent: nn.Module, prefix: str, level: int) -> None:
         kids = [(f"{prefix}.{n}", m) for n, m in parent.named_children()]
-        kids = sorted([k for k in kids if k[0] in order and not isinstance(k[1], nn.Identity)], key=lambda k: order[k[0]])
+        kids = sorted([k for k in kids if k[0] in trace.order and not isinstance(k[1], nn.Identity)], key=lambda k: trace.order[k[0]])
         for name, m in kids:
             if len(groups(m)) > 1 and _children_with_params(m):
                 visit(m, name, level)  # spans several stages: one row per stage
@@ -203,16 +201,14 @@ def summarize_model(model: Any, input_size: int | tuple[int, int], title: str = 
 
     visit(model.backbone, "backbone", 1)
     add(model.head, "head", "new head")
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ModelSummary(
         title=title or type(model.backbone).__name__,
         input_shape=(c, h, w),
         strategy=strategy or "as set",
         rows=rows,
-        total_params=total,
-        trainable_params=trainable,
-        total_flops=int(counter.get_total_flops()),
+        total_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_flops=trace.total_flops,
         num_features=model.num_features,
     )
 

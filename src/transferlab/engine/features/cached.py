@@ -300,90 +300,30 @@ def cached_training(
     with ``train.cache: on`` that is an error instead.
     """
     console = console or Console(quiet=True)
-    store = store or STORE
-    tc = cfg.train
-    mode_setting = getattr(tc, "cache", "auto")
-    views = int(getattr(tc, "cache_views", 0) or 0)
-    augment = list(cfg.data.augment or [])
-
     tried: list[tuple[str, str]] = []
-
-    def off(reason: str) -> CachedTraining:
-        if mode_setting == "on":
-            raise FeatureCacheError(f"experiment '{cfg.name}': train.cache: on, but features cannot be cached: {reason}")
-        if mode_setting != "off" and any(not p.requires_grad for p in model.backbone.parameters()):
-            console.print(f"  feature cache off: {reason}")  # (nothing frozen: nothing to say in the log)
-        return CachedTraining(False, reason, record={"rejected_cuts": [f"{c}: {r}" if c else r for c, r in tried]} if tried else {})
-
-    if mode_setting == "off":
-        return off("train.cache: off")
-    if tc.tta != "none":
-        return off(f"train.tta: {tc.tta} evaluates on transformed images, which a feature cache does not hold")
-    if fabric.world_size > 1:
-        return off(f"distributed run (world size {fabric.world_size}): every rank would repeat the pass; caching is single-process only")
-    for key in ("unfreeze", "freeze_epochs"):  # a schedule that unfreezes mid-run would make any cache stale
-        if getattr(cfg.strategy, key, None) is not None:
-            return off(f"strategy.{key} changes what is frozen during training")
-    if augment and views < 1:
-        return off(
-            "data.augment is set, so the training images change every epoch; set train.cache_views: K to cache "
-            "K augmented views per image (epoch e uses view e mod K)"
-        )
-    device = fabric.device
-    sample_batches = make_batches(splits, "train", 4, shuffle=False, **{**batch_kwargs, "num_workers": 0})
-    sample = next(iter(sample_batches))[0][:4]
-    check = plan_cut(model, sample, fabric.autocast, mode_setting == "on", tried)
+    reason = _setting_rules_out(cfg, fabric)
+    if reason:
+        return _cache_off(cfg, model, reason, tried, console)
+    sample = next(iter(make_batches(splits, "train", 4, shuffle=False, **{**batch_kwargs, "num_workers": 0})))[0][:4]
+    check = plan_cut(model, sample, fabric.autocast, cfg.train.cache == "on", tried)
     if check is None:
         why = tried[-1][1] if tried else "no cut point"
-        return off(why if len(tried) <= 1 else f"{why} (cuts tried, deepest first: {', '.join(c for c, _ in tried)})")
-    n_views = views if augment else 1
-    item_bytes = int(np.prod(check.shape, dtype=np.int64)) * torch.empty((), dtype=check.dtype).element_size()
-    total = item_bytes * (len(splits.train_y) * n_views + len(splits.val_y))
-    if total > MAX_BYTES:
-        return off(
-            f"cut {check.cut.name} gives {total / 1e9:.1f} GB of features, above $TRANSFERLAB_FEATURE_CACHE_MAX_GB "
-            f"({MAX_BYTES / 1e9:.0f} GB)"
-        )
+        reason = why if len(tried) <= 1 else f"{why} (cuts tried, deepest first: {', '.join(c for c, _ in tried)})"
+    n_views = int(cfg.train.cache_views) if cfg.data.augment else 1
+    if check is not None and not reason:
+        reason = _too_large(check, len(splits.train_y) * n_views + len(splits.val_y))
+    if reason or check is None:
+        return _cache_off(cfg, model, reason, tried, console)
 
-    weights = state_hash(model.backbone)
-    train_mode = "eval" if check.mode_free else "train"
-    ebs = extraction_batch_size(cfg, device)
     t0 = time.perf_counter()
-    computed_seconds = 0.0
-    train_sets: list[FeatureSet] = []
-    for v in range(n_views):
-        src = make_batches(splits, "train", ebs, shuffle=False, augment=augment or None, seed=cfg.seed, **batch_kwargs)
-        src.set_epoch(v)
-        parts = split_parts(model, check, splits, "train", cfg, device, weights, train_mode, augment, v)
-        fs, s = _feature_set(store, parts, model, check, src, len(splits.train_y), train_mode, fabric.autocast, cache_dir, device, splits.train_y)
-        train_sets.append(fs)
-        computed_seconds += s
-    val_src = make_batches(splits, "val", ebs, **batch_kwargs)
-    val_parts = split_parts(model, check, splits, "val", cfg, device, weights, "eval")
-    val_set, s = _feature_set(store, val_parts, model, check, val_src, len(splits.val_y), "eval", fabric.autocast, cache_dir, device, splits.val_y)
-    computed_seconds += s
+    train_sets, val_set, pass_seconds = _train_val_sets(model, check, splits, cfg, fabric, batch_kwargs, cache_dir, store or STORE, n_views)
     wall = time.perf_counter() - t0
-
-    channels_last = bool(batch_kwargs.get("channels_last", False))
+    channels_last, tc, device = bool(batch_kwargs.get("channels_last", False)), cfg.train, fabric.device
     train = FeatureBatches([f.features for f in train_sets], splits.train_y, tc.batch_size, device, shuffle=True, seed=cfg.seed, channels_last=channels_last)
     val = FeatureBatches([val_set.features], splits.val_y, tc.eval_batch_size, device, channels_last=channels_last)
     suffix = CachedSuffix(model, check.cut, prefix_parameters(model, check.cut, sample))
-    sources = [f.source for f in train_sets] + [val_set.source]
-    record = {
-        "cut": check.cut.name,
-        "views": n_views,
-        "train_mode": train_mode,
-        "feature_shape": list(check.shape),
-        "feature_dtype": str(check.dtype).replace("torch.", ""),
-        "bytes": sum(f.nbytes for f in train_sets) + val_set.nbytes,
-        "storage": sorted({f.storage for f in [*train_sets, val_set]}),
-        "sources": sources,
-        "keys": [f.key for f in [*train_sets, val_set]],
-        "pass_seconds": computed_seconds,
-        "cache_seconds": wall,
-        "prefix_flops_share": check.flops_share,
-        "rejected_cuts": [f"{c}: {r}" for c, r in tried],
-    }
+    record = _record(check, n_views, [*train_sets, val_set], pass_seconds, wall, tried)
+    sources = record["sources"]
     how = "computed" if all(s == "computed" for s in sources) else "reused (" + ", ".join(sorted(set(sources))) + ")"
     console.print(
         f"  feature cache: {check.cut.name} features {tuple(check.shape)} of {len(splits.train_y)}"
@@ -391,6 +331,86 @@ def cached_training(
         f"({record['bytes'] / 1e6:.0f} MB, {'/'.join(record['storage'])}); training the part after the cut on them"
     )
     return CachedTraining(True, f"cached at {check.cut.name}", check.cut.name, suffix, train, val, record)
+
+
+def _setting_rules_out(cfg: Any, fabric: Any) -> str | None:
+    """Why the run's settings alone rule caching out (before any cut is looked at), or None."""
+    tc = cfg.train
+    if tc.cache == "off":
+        return "train.cache: off"
+    if tc.tta != "none":
+        return f"train.tta: {tc.tta} evaluates on transformed images, which a feature cache does not hold"
+    if fabric.world_size > 1:
+        return f"distributed run (world size {fabric.world_size}): every rank would repeat the pass; caching is single-process only"
+    for key in ("unfreeze", "freeze_epochs"):  # a schedule that unfreezes mid-run would make any cache stale
+        if getattr(cfg.strategy, key, None) is not None:
+            return f"strategy.{key} changes what is frozen during training"
+    if cfg.data.augment and tc.cache_views < 1:
+        return (
+            "data.augment is set, so the training images change every epoch; set train.cache_views: K to cache "
+            "K augmented views per image (epoch e uses view e mod K)"
+        )
+    return None
+
+
+def _too_large(check: CutCheck, items: int) -> str | None:
+    item_bytes = int(np.prod(check.shape, dtype=np.int64)) * torch.empty((), dtype=check.dtype).element_size()
+    total = item_bytes * items
+    if total <= MAX_BYTES:
+        return None
+    return f"cut {check.cut.name} gives {total / 1e9:.1f} GB of features, above $TRANSFERLAB_FEATURE_CACHE_MAX_GB ({MAX_BYTES / 1e9:.0f} GB)"
+
+
+def _cache_off(cfg: Any, model: TransferModel, reason: str, tried: list[tuple[str, str]], console: Console) -> CachedTraining:
+    """Caching is off: an error with ``train.cache: on``; otherwise say why (when something is frozen)."""
+    if cfg.train.cache == "on":
+        raise FeatureCacheError(f"experiment '{cfg.name}': train.cache: on, but features cannot be cached: {reason}")
+    if cfg.train.cache != "off" and any(not p.requires_grad for p in model.backbone.parameters()):
+        console.print(f"  feature cache off: {reason}")  # (nothing frozen: nothing to say in the log)
+    return CachedTraining(False, reason, record={"rejected_cuts": [f"{c}: {r}" if c else r for c, r in tried]} if tried else {})
+
+
+def _train_val_sets(
+    model: TransferModel, check: CutCheck, splits: Any, cfg: Any, fabric: Any, batch_kwargs: dict[str, Any],
+    cache_dir: Path | None, store: FeatureCache, n_views: int,
+) -> tuple[list[FeatureSet], FeatureSet, float]:
+    """The cached training views and validation set (computed or reused), and the seconds the passes took."""
+    device, augment = fabric.device, list(cfg.data.augment or [])
+    weights = state_hash(model.backbone)
+    train_mode = "eval" if check.mode_free else "train"
+    ebs = extraction_batch_size(cfg, device)
+    seconds = 0.0
+    train_sets: list[FeatureSet] = []
+    for v in range(n_views):
+        src = make_batches(splits, "train", ebs, shuffle=False, augment=augment or None, seed=cfg.seed, **batch_kwargs)
+        src.set_epoch(v)
+        parts = split_parts(model, check, splits, "train", cfg, device, weights, train_mode, augment, v)
+        fs, s = _feature_set(store, parts, model, check, src, len(splits.train_y), train_mode, fabric.autocast, cache_dir, device, splits.train_y)
+        train_sets.append(fs)
+        seconds += s
+    val_src = make_batches(splits, "val", ebs, **batch_kwargs)
+    val_parts = split_parts(model, check, splits, "val", cfg, device, weights, "eval")
+    val_set, s = _feature_set(store, val_parts, model, check, val_src, len(splits.val_y), "eval", fabric.autocast, cache_dir, device, splits.val_y)
+    return train_sets, val_set, seconds + s
+
+
+def _record(check: CutCheck, n_views: int, sets: list[FeatureSet], pass_seconds: float, wall: float, tried: list[tuple[str, str]]) -> dict[str, Any]:
+    """The ``feature_cache`` entry of ``metrics.json`` (with ``used`` and ``reason`` added by ``summary``)."""
+    return {
+        "cut": check.cut.name,
+        "views": n_views,
+        "train_mode": "eval" if check.mode_free else "train",
+        "feature_shape": list(check.shape),
+        "feature_dtype": str(check.dtype).replace("torch.", ""),
+        "bytes": sum(f.nbytes for f in sets),
+        "storage": sorted({f.storage for f in sets}),
+        "sources": [f.source for f in sets],
+        "keys": [f.key for f in sets],
+        "pass_seconds": pass_seconds,
+        "cache_seconds": wall,
+        "prefix_flops_share": check.flops_share,
+        "rejected_cuts": [f"{c}: {r}" for c, r in tried],
+    }
 
 
 def extraction_batch_size(cfg: Any, device: torch.device) -> int:
