@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from transferlab.config import DataConfig
-from transferlab.data.datasets import load_dataset
-from transferlab.data.prepare import LoaderBatches, Preprocess, TensorBatches, default_num_workers
+from transferlab.data.sources import load_dataset
+from transferlab.data.batches import LoaderBatches, Preprocess, TensorBatches, default_num_workers
 
 
 def images(dataset: str, root: str | None, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor, str]:

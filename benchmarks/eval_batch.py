@@ -3,7 +3,7 @@
 Why it exists: ``train.eval_batch_size`` sets the batch of every validation pass, the test evaluation
 (whose images/s the comparison table reports as *inference img/s*), predictions and ensembles. On a
 GPU larger batches are faster; on a CPU they are not always — activations of a big batch fall out of
-the caches. This script measures ``transferlab.evaluation.evaluate`` (the function every run uses) on
+the caches. This script measures ``transferlab.engine.evaluation.evaluate`` (the function every run uses) on
 in-memory batches (``TensorBatches``, the run's own data path) for each model and batch size — the
 median of interleaved rounds, after one untimed pass per shape — and prints the best batch size's
 throughput relative to the current default.
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from transferlab.config import HeadConfig, ModelConfig, TrainConfig
-from transferlab.data.prepare import TensorBatches
-from transferlab.evaluation import evaluate
+from transferlab.data.batches import TensorBatches
+from transferlab.engine.evaluation import evaluate
 from transferlab.models.model import build_model
 
 # (backbone, weights, image size, image channels): the built-in CNNs at Fashion-MNIST's 28 px, the embedded

@@ -64,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from transferlab.data.prepare import prepare_splits
-    from transferlab.features import STORE, default_cache_dir, frozen_features
-    from transferlab.fewshot import protonet_accuracy, sample_episodes
+    from transferlab.engine.features import STORE, default_cache_dir, frozen_features
+    from transferlab.engine.episodes import protonet_accuracy, sample_episodes
     from transferlab.models.model import build_model
-    from transferlab.runs import make_fabric, run_experiment
+    from transferlab.engine.distributed import make_fabric
+    from transferlab.kinds import run_experiment
     from transferlab.strategies import linear_probe
 
     from transferlab.models.embedded import embedded_state_dict

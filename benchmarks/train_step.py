@@ -29,10 +29,10 @@ from lightning.fabric import Fabric
 from rich.console import Console
 
 from transferlab.config import ExperimentConfig, from_dict
-from transferlab.data.prepare import Preprocess, TensorBatches
+from transferlab.data.batches import Preprocess, TensorBatches
 from transferlab.models import build_model
 from transferlab.strategies import apply_strategy
-from transferlab.training import fit
+from transferlab.engine import fit
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ __all__ = [
 
 @dataclass
 class EnsembleConfig:
-    """A study's ``ensembles:`` entry: a vote over finished runs (see ``transferlab.ensemble``)."""
+    """A study's ``ensembles:`` entry: a vote over finished runs (see ``transferlab.kinds.ensemble``)."""
 
     name: str
     members: list[str]

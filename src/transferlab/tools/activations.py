@@ -1,7 +1,7 @@
 """What a run's model sees: feature maps of chosen layers, and Grad-CAM for the predicted class.
 
 ``transferlab activations <run> <image> [--layers NAME ...] [--gradcam]`` writes one PNG: the image as the
-model received it (the run's channels and size, see ``transferlab.predict``), optionally with the Grad-CAM
+model received it (the run's channels and size, see ``transferlab.tools.predict``), optionally with the Grad-CAM
 heat map of the predicted class laid over it, then a grid of feature maps per chosen layer.
 
 Layers are named as in ``model.named_modules()`` of the run's ``TransferModel`` (``backbone.blocks.0``,
