@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from transferlab.config import DataConfig
-from transferlab.data.sources import load_dataset
 from transferlab.data.batches import LoaderBatches, Preprocess, TensorBatches, default_num_workers
+from transferlab.data.sources import load_dataset
 
 
 def images(dataset: str, root: str | None, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -105,7 +105,9 @@ def main() -> None:
     common = dict(preprocess=pre, device=device, shuffle=True, augment=augment, seed=0, channels_last=True)
     paths = {
         "in-memory (TensorBatches)": lambda: TensorBatches(x, y, args.batch_size, **common),
-        f"PIL DataLoader ({workers} worker{'s' if workers != 1 else ''})": lambda: LoaderBatches(x, y, args.batch_size, num_workers=workers, **common),
+        f"PIL DataLoader ({workers} worker{'s' if workers != 1 else ''})": (
+            lambda: LoaderBatches(x, y, args.batch_size, num_workers=workers, **common)
+        ),
     }
     print(
         f"data path benchmark: {what}, {n:,} images/epoch, batch {args.batch_size}, augment {augment}, device {device}, "
@@ -138,7 +140,8 @@ def main() -> None:
         results[f"{mode}/ratio"] = {"in_memory_over_pil": ratio}
         print(f"  speed ratio, in-memory / PIL: {ratio:.1f}x  (target >= 3x)")
     if args.json:
-        args.json.write_text(json.dumps({"setup": vars(args) | {"json": str(args.json), "what": what, "workers": workers}, "results": results}, indent=2))
+        setup = vars(args) | {"json": str(args.json), "what": what, "workers": workers}
+        args.json.write_text(json.dumps({"setup": setup, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -64,14 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from transferlab.data.prepare import prepare_splits
-    from transferlab.engine.features import STORE, default_cache_dir, frozen_features
-    from transferlab.engine.episodes import protonet_accuracy, sample_episodes
-    from transferlab.models.model import build_model
     from transferlab.engine.distributed import make_fabric
+    from transferlab.engine.episodes import protonet_accuracy, sample_episodes
+    from transferlab.engine.features import STORE, default_cache_dir, frozen_features
     from transferlab.kinds import run_experiment
-    from transferlab.strategies import linear_probe
-
     from transferlab.models.embedded import embedded_state_dict
+    from transferlab.models.model import build_model
+    from transferlab.strategies import linear_probe
 
     # The first call in a process maps the embedded weights with a throw-away timm model, which draws from
     # torch's global RNG; do it before the runs so both start from the same RNG state (same head init).

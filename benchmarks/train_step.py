@@ -30,9 +30,9 @@ from rich.console import Console
 
 from transferlab.config import ExperimentConfig, from_dict
 from transferlab.data.batches import Preprocess, TensorBatches
+from transferlab.engine import fit
 from transferlab.models import build_model
 from transferlab.strategies import apply_strategy
-from transferlab.engine import fit
 
 
 def main() -> None:

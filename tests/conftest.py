@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
-import torch
 
 from transferlab.config import ExperimentConfig, from_dict
-
-
 
 
 @pytest.fixture

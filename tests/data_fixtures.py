@@ -87,7 +87,8 @@ def write_cifar100(directory: Path, n_train: int = 40, n_test: int = 20, style: 
         data = cifar_rows(n, seed)
         fine = [(i * 7) % 100 for i in range(n)]
         coarse = [f // 5 for f in fine]
-        dump(directory / split, {"filenames": [f"{i}.png" for i in range(n)], "batch_label": split, "fine_labels": fine, "coarse_labels": coarse, "data": data}, style)
+        batch = {"filenames": [f"{i}.png" for i in range(n)], "batch_label": split, "fine_labels": fine, "coarse_labels": coarse, "data": data}
+        dump(directory / split, batch, style)
         out[f"{split}_x"], out[f"{split}_fine"], out[f"{split}_coarse"] = data, np.array(fine), np.array(coarse)
     dump(directory / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]}, style)
     return out

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from report_fixtures import synthetic_class_image, tiny_study_dir
 from torch import nn
 
 import transferlab
-from transferlab.tools.activations import ActivationError, capture_activations, default_layers, gradcam, save_activations
+from report_fixtures import synthetic_class_image, tiny_study_dir
 from transferlab.cli import main
 from transferlab.config import HeadConfig, ModelConfig
 from transferlab.models.model import build_model
+from transferlab.tools.activations import ActivationError, capture_activations, default_layers, gradcam, save_activations
 
 
 @pytest.fixture(scope="session")

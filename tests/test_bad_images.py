@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import png, write_folder
 from PIL import Image
 
+from data_fixtures import png, write_folder
 from transferlab.cli import main
 from transferlab.config import DataConfig, ExperimentConfig, from_dict
-from transferlab.data.check import check_config, check_path
-from transferlab.data.sources import DatasetError, load_dataset
-from transferlab.data.images import ImageReadError, load_image, probe_image
 from transferlab.data.batches import Preprocess, make_batches
+from transferlab.data.check import check_config, check_path
+from transferlab.data.images import ImageReadError, load_image, probe_image
 from transferlab.data.prepare import prepare_splits
+from transferlab.data.sources import DatasetError, load_dataset
 
 
 def folder_cfg(root: Path, **kw: object) -> DataConfig:
@@ -334,7 +334,10 @@ def test_check_data_cli_lists_every_problem(tmp_path: Path, capsys: pytest.Captu
     assert main(["check-data", str(tmp_path / "ds")]) == 1
     out = capsys.readouterr().out
     assert "4 error(s)" in out
-    for expected in (f"{t}: truncated or corrupt image data", f"{z}: empty file (0 bytes)", "class folder 'owl' has no images", "test split has class(es) ['owl']"):
+    expected_problems = (
+        f"{t}: truncated or corrupt image data", f"{z}: empty file (0 bytes)", "class folder 'owl' has no images", "test split has class(es) ['owl']",
+    )
+    for expected in expected_problems:
         assert expected in out, expected
     shutil.rmtree(tmp_path / "ds" / "test" / "owl")
     t.unlink()
@@ -350,7 +353,11 @@ def test_check_data_on_a_study_checks_selections(tmp_path: Path, capsys: pytest.
     study = {
         "study": "s",
         "defaults": {"data": {"dataset": "folder", "root": str(tmp_path / "ds"), "val_count": 2}},
-        "experiments": [{"name": "ok"}, {"name": "too_many", "data": {"k_per_class": 50}}, {"name": "digits", "data": {"dataset": "digits", "root": None, "classes": [0, 1]}}],
+        "experiments": [
+            {"name": "ok"},
+            {"name": "too_many", "data": {"k_per_class": 50}},
+            {"name": "digits", "data": {"dataset": "digits", "root": None, "classes": [0, 1]}},
+        ],
     }
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
     reports = check_path(tmp_path / "s.yaml")

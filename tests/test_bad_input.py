@@ -22,12 +22,12 @@ from transferlab.cli import main
 from transferlab.config import ConfigError, ExperimentConfig, StrategyConfig, from_dict, parse_study
 from transferlab.data import DatasetError, prepare_splits
 from transferlab.data.sources import load_dataset
-from transferlab.models import WeightsError, build_model, create_backbone
+from transferlab.files import CheckpointError, load_checkpoint, save_checkpoint
 from transferlab.kinds import run_experiment
+from transferlab.models import WeightsError, build_model, create_backbone
+from transferlab.models.weights import load_model_weights
 from transferlab.rundir import RunError, load_run
 from transferlab.strategies import apply_strategy
-from transferlab.files import CheckpointError, load_checkpoint, save_checkpoint
-from transferlab.models.weights import load_model_weights
 
 QUIET = Console(quiet=True)
 BASE = {"name": "e", "data": {"dataset": "synthetic", "synthetic_size": 64, "val_fraction": 0.25}, "train": {"epochs": 1, "progress": False}}

@@ -45,7 +45,7 @@ def test_cli_run_then_compare(tmp_path, capsys):
     assert main(["compare", str(study_dir)]) == 0
     rows = list(csv.DictReader(open(study_dir / "compare.csv")))
     assert [r["experiment"] for r in rows] == ["scratch", "probe"]
-    for r, name in zip(rows, ["scratch", "probe"]):
+    for r, name in zip(rows, ["scratch", "probe"], strict=True):
         metrics = json.loads((study_dir / name / "metrics.json").read_text())
         assert float(r["test_acc"]) == pytest.approx(metrics["test_acc"])  # the table shows the run's own numbers
         assert int(r["trainable_params"]) == metrics["trainable_params"]

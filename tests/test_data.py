@@ -12,11 +12,11 @@ import torch
 
 from transferlab.config import DataConfig
 from transferlab.data import datasets
-from transferlab.data.datasets import FASHION_MNIST_CLASSES, read_idx
-from transferlab.data.sources import DatasetError, RawDataset, load_dataset
 from transferlab.data.augment import augment_batch
 from transferlab.data.batches import Preprocess, TensorBatches
+from transferlab.data.datasets import FASHION_MNIST_CLASSES, read_idx
 from transferlab.data.prepare import prepare_splits
+from transferlab.data.sources import DatasetError, RawDataset, load_dataset
 
 FASHION_NAMES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -267,7 +267,7 @@ def test_digits() -> None:
     # train + test is exactly the whole dataset (a partition: disjoint, nothing lost)
     d = load_digits()
     full = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
-    rows = lambda x, y: sorted(a.tobytes() + bytes([b]) for a, b in zip(x, y))  # noqa: E731
+    rows = lambda x, y: sorted(a.tobytes() + bytes([b]) for a, b in zip(x, y, strict=True))  # noqa: E731
     split_x = np.concatenate([raw.train_x[:, 0].numpy(), raw.test_x[:, 0].numpy()])
     split_y = np.concatenate([raw.train_y.numpy(), raw.test_y.numpy()])
     assert rows(split_x, split_y) == rows(full, d.target)

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
+
 from data_fixtures import (
     CIFAR10_NAMES,
     py2_pickle,
@@ -27,17 +29,15 @@ from data_fixtures import (
     write_mnist,
     write_tiny_imagenet,
 )
-from PIL import Image
-
 from transferlab.config import ConfigError, DataConfig, ExperimentConfig, from_dict, parse_study
 from transferlab.data import cifar
 from transferlab.data import resize as prepare
 from transferlab.data.archives import download_archive, safe_extract
 from transferlab.data.augment import AUGMENTATIONS, inverse_affine_matrices, parse_augmentation, warp_batch
-from transferlab.data.sources import DatasetError, RawDataset, load_dataset
-from transferlab.data.images import FileImages
 from transferlab.data.batches import ImageDataset, LoaderBatches, Preprocess, TensorBatches, make_batches
+from transferlab.data.images import FileImages
 from transferlab.data.prepare import prepare_splits
+from transferlab.data.sources import DatasetError, RawDataset, load_dataset
 
 IDENTITY = Preprocess(mean=(0.0,), std=(1.0 / 255,), in_chans=1)
 REAL_DATA = os.environ.get("TRANSFERLAB_DATA")  # read before the fixture below empties it
@@ -260,7 +260,7 @@ def test_tiny_imagenet_layout(tmp_path: Path) -> None:
     assert s.in_memory and s.train_x.shape == (15, 3, 64, 64) and s.test_x.shape == (9, 3, 64, 64)
     # pixels: class colours survive JPEG; the grayscale JPEG of class 2 became 3 equal channels
     mean = s.test_x.float().mean((2, 3))
-    for img_mean, label in zip(mean, s.test_y):
+    for img_mean, label in zip(mean, s.test_y, strict=True):
         c = int(label)
         assert abs(img_mean[0] - (40 + 80 * c)) < 4 and abs(img_mean[1] - (200 - 60 * c)) < 4
     gray = [i for i, p in enumerate(raw.train_x.paths) if p.endswith("n02123045_0.JPEG")]
@@ -373,7 +373,7 @@ def test_csv_variant(tmp_path: Path, with_split: bool) -> None:
     assert len(raw.train_y) + len(raw.test_y) == 12
     if with_split:
         assert len(raw.test_y) == 4 and all(files.index(Path(p)) % 3 == 0 for p in raw.test_x.paths)
-    for p, y in zip(raw.train_x.paths, raw.train_y.tolist()):
+    for p, y in zip(raw.train_x.paths, raw.train_y.tolist(), strict=True):
         assert (Path(p).parent.name == "x") == (raw.class_names[y] == "10")
 
 
@@ -513,7 +513,10 @@ def test_selection_config_validation() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "n_train", "n_test", "n_classes", "size"), [("cifar10", 50000, 10000, 10, 32), ("cifar100_coarse", 50000, 10000, 20, 32), ("tiny_imagenet", 100000, 10000, 200, 64)])
+@pytest.mark.parametrize(
+    ("name", "n_train", "n_test", "n_classes", "size"),
+    [("cifar10", 50000, 10000, 10, 32), ("cifar100_coarse", 50000, 10000, 20, 32), ("tiny_imagenet", 100000, 10000, 200, 64)],
+)
 def test_real_downloaded_datasets(name: str, n_train: int, n_test: int, n_classes: int, size: int) -> None:
     """The real files, where a user's $TRANSFERLAB_DATA holds them (skipped otherwise; never downloads)."""
     if not REAL_DATA or not (Path(REAL_DATA) / name.replace("_coarse", "")).is_dir():
@@ -548,7 +551,9 @@ def test_real_fashion_mnist_two_tasks_k_per_class(tmp_path: Path) -> None:
 def test_augment_syntax_in_study_file() -> None:
     raw = {
         "study": "s",
-        "experiments": [{"name": "a", "data": {"augment": ["flip", {"crop": {"padding": 2}}, {"rotate": 15}, {"affine": {"shear": 10, "zoom": 0.1}}, "erase"]}}],
+        "experiments": [
+            {"name": "a", "data": {"augment": ["flip", {"crop": {"padding": 2}}, {"rotate": 15}, {"affine": {"shear": 10, "zoom": 0.1}}, "erase"]}}
+        ],
     }
     cfg = parse_study(raw).experiments[0]
     augs = [parse_augmentation(a) for a in cfg.data.augment]
@@ -563,7 +568,10 @@ def test_augment_syntax_in_study_file() -> None:
     ("augment", "expected"),
     [
         (["flip", "rotat"], "data.augment[1]: unknown augmentation 'rotat' (did you mean 'rotate'?); available: flip, vflip"),
-        ([{"crop": {"paddin": 2}}], "data.augment[0]: crop: unknown parameter 'paddin' (did you mean 'padding'?); valid: padding, padding_mode, fill"),
+        (
+            [{"crop": {"paddin": 2}}],
+            "data.augment[0]: crop: unknown parameter 'paddin' (did you mean 'padding'?); valid: padding, padding_mode, fill",
+        ),
         ([{"rotate": "lots"}], "data.augment[0]: rotate: degrees='lots' must be a number"),
         ([{"rotate": 400}], "rotate: degrees=400.0 must be in (0, 180]"),
         ([{"affine": 10}], "affine: give its parameters as a mapping"),
@@ -589,7 +597,8 @@ def test_batched_affine_matrix_is_torchvisions() -> None:
 
     g = torch.Generator().manual_seed(0)
     n = 50
-    params = [torch.rand(n, generator=g, dtype=torch.float64) * (hi - lo) + lo for lo, hi in ((-180, 180), (-5, 5), (-5, 5), (0.6, 1.4), (-40, 40), (-30, 30))]
+    ranges = ((-180, 180), (-5, 5), (-5, 5), (0.6, 1.4), (-40, 40), (-30, 30))
+    params = [torch.rand(n, generator=g, dtype=torch.float64) * (hi - lo) + lo for lo, hi in ranges]
     ours = inverse_affine_matrices(*params)
     for i in range(n):
         a, tx, ty, s, sx, sy = (float(p[i]) for p in params)
@@ -602,7 +611,10 @@ def test_batched_warp_matches_torchvision_affine() -> None:
     from torchvision.transforms.v2 import functional as TF
 
     x = torch.randint(0, 256, (6, 3, 17, 23), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    cases = [(30.0, 2, -3, 1.1, 10.0), (-75.0, 0, 0, 0.8, 0.0), (0.0, 5, 1, 1.0, -20.0), (90.0, 0, 0, 1.0, 0.0), (12.0, -4, 4, 1.3, 5.0), (0.0, 0, 0, 1.0, 0.0)]
+    cases = [
+        (30.0, 2, -3, 1.1, 10.0), (-75.0, 0, 0, 0.8, 0.0), (0.0, 5, 1, 1.0, -20.0),
+        (90.0, 0, 0, 1.0, 0.0), (12.0, -4, 4, 1.3, 5.0), (0.0, 0, 0, 1.0, 0.0),
+    ]
     angle, tx, ty, scale, shear = (torch.tensor([c[k] for c in cases], dtype=torch.float64) for k in range(5))
     theta = inverse_affine_matrices(angle, tx, ty, scale, shear, torch.zeros(6, dtype=torch.float64))
     ours = warp_batch(x, theta, fill=0.0)
@@ -622,7 +634,8 @@ def _asym_images(n: int, size: int = 16, channels: int = 1) -> torch.Tensor:
 
 def _both_paths(spec: object, n: int = 600, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = _asym_images(n, channels=channels)
-    batch = TensorBatches(x, torch.zeros(n, dtype=torch.long), 200, IDENTITY if channels == 1 else Preprocess((0.0,) * 3, (1 / 255,) * 3, 3), augment=[spec], seed=5, channels_last=False)
+    pre = IDENTITY if channels == 1 else Preprocess((0.0,) * 3, (1 / 255,) * 3, 3)
+    batch = TensorBatches(x, torch.zeros(n, dtype=torch.long), 200, pre, augment=[spec], seed=5, channels_last=False)
     fast = torch.cat([xb for xb, _ in batch]).round().to(torch.uint8)
     ds = ImageDataset(x, torch.zeros(n, dtype=torch.long), [spec])
     slow = torch.stack([ds[(i, 1000 + i)][0] for i in range(n)])
@@ -701,7 +714,7 @@ def test_no_augmentation_paths_give_identical_batches() -> None:
     for epoch in (0, 1):
         fast.set_epoch(epoch)
         slow.set_epoch(epoch)
-        pairs = list(zip(fast, slow))
+        pairs = list(zip(fast, slow, strict=True))
         assert len(pairs) == len(fast) == len(slow) == 4
         for (xa, ya), (xb, yb) in pairs:
             assert torch.equal(ya, yb) and torch.equal(xa, xb)
@@ -737,9 +750,9 @@ def test_loader_batches_reproducible_and_worker_independent() -> None:
 def _train_digits(in_memory: bool, augment: list) -> float:
     from lightning.fabric import Fabric
 
+    from transferlab.engine import fit
     from transferlab.engine.evaluation import evaluate
     from transferlab.models.model import build_model
-    from transferlab.engine import fit
 
     cfg = from_dict(
         ExperimentConfig,

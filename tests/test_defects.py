@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import transferlab
@@ -154,12 +155,12 @@ DUPLICATE_TOP = "study: first\n" + BASE_TEXT + "study: second\nexperiments:\n  -
 
 DUPLICATE_IN_ITEM = (
     "study: dup\n" + BASE_TEXT + "experiments:\n"
-    "  - name: a\n"            # line 6
-    "  - name: b\n"            # line 7
-    "    train:\n"             # line 8
-    "      lr: 0.1\n"          # line 9
-    "      epochs: 1\n"        # line 10
-    "      lr: 0.001\n"        # line 11
+    "  - name: a\n"  # line 6
+    "  - name: b\n"  # line 7
+    "    train:\n"  # line 8
+    "      lr: 0.1\n"  # line 9
+    "      epochs: 1\n"  # line 10
+    "      lr: 0.001\n"  # line 11
 )
 
 DUPLICATE_FLOW = "study: dup\n" + BASE_TEXT + "experiments:\n  - name: a\n    train: {lr: 0.1, lr: 0.001}\n"  # line 7
@@ -221,8 +222,15 @@ CTRL_C_STUDY = {
         "data": {"dataset": "synthetic", "synthetic_classes": 4, "synthetic_size": 384, "val_fraction": 0.25, "augment": ["flip", "crop"]},
         "model": {"backbone": "transferlab_cnn", "weights": "scratch"},
         "head": {"type": "mlp", "hidden": 32, "dropout": 0.3},
-        "train": {"epochs": 2, "batch_size": 32, "lr": 0.01, "schedule": "onecycle", "progress": False, "accelerator": "cpu",
-                  "checkpoint_every_steps": 1},
+        "train": {
+            "epochs": 2,
+            "batch_size": 32,
+            "lr": 0.01,
+            "schedule": "onecycle",
+            "progress": False,
+            "accelerator": "cpu",
+            "checkpoint_every_steps": 1,
+        },
     },
     "experiments": [{"name": "long_run"}],
 }
@@ -231,7 +239,9 @@ CTRL_C_STUDY = {
 def _cli(study: Path, runs: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "transferlab.cli", "run", str(study), "--runs-dir", str(runs), "--no-report", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -239,7 +249,7 @@ def test_ctrl_c_prints_one_line_exits_130_and_resumes_bit_identically(tmp_path):
     """Defect 3: SIGINT mid-training: exit 130, no traceback, one line naming the experiment and checkpoint; --resume == uninterrupted run."""
     study = _write(tmp_path / "study.yaml", CTRL_C_STUDY)
     ref_runs = tmp_path / "ref"
-    cut_runs = tmp_path / ("cut-" + "a-long-folder-name-" * 8)  # the message is longer than the console is wide
+    cut_runs = tmp_path / ("cut-" + "long-folder-" * 4)  # the message is wider than the console (200), each path is not
     ref = _cli(study, ref_runs)  # the uninterrupted run, alongside
     cut = _cli(study, cut_runs)
     run_dir = cut_runs / "ctrlc" / "long_run"
@@ -257,11 +267,12 @@ def test_ctrl_c_prints_one_line_exits_130_and_resumes_bit_identically(tmp_path):
     assert cut.returncode == 130, f"exit {cut.returncode}\n{out}\n{err}"
     assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err
     assert not (run_dir / "metrics.json").exists()  # interrupted, not finished or recorded as failed
-    position = json.loads((run_dir / "checkpoints" / "last.json").read_text())["trainer"]
+    with safe_open(str(last), "pt") as f:  # the checkpoint's own header (its .json copy is written after it)
+        position = json.loads(f.metadata()["transferlab"])["trainer"]
     assert (position["epoch"], position["step"]) < (CTRL_C_STUDY["defaults"]["train"]["epochs"], 0)
     print(f"interrupted at epoch {position['epoch'] + 1}, step {position['step']}")
     lines = [line for line in out.splitlines() if line.strip()]
-    assert "long_run" in lines[-1] and str(last) in lines[-1], out
+    assert str(last) in lines[-1] and "long_run" in lines[-1].replace(str(last), ""), out  # one line: experiment and checkpoint
     assert last.is_file()
 
     resumed = _cli(study, cut_runs, "--resume")
@@ -288,7 +299,7 @@ def test_folder_class_with_one_image_is_named(tmp_path, capsys):
     """Defect 4: ``dataset: folder`` with a one-image class names the class and its image count."""
     root = tmp_path / "images"
     write_folder(root, ["cat", "dog"], per_class=4)
-    write_folder(root, ["zebra"], per_class=1)  # root/zebra/0.png
+    write_folder(root, ["zebra"], per_class=1, seed=1)  # root/zebra/0.png (other pixels than cat/0.png)
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))[-1] == "zebra/0.png"
     with pytest.raises(DatasetError, match=r"at least 2 images") as info:
         load_dataset(DataConfig(dataset="folder", root=str(root)))
@@ -301,6 +312,10 @@ def test_folder_class_with_one_image_is_named(tmp_path, capsys):
     path = _write(tmp_path / "study.yaml", study)
     assert main(["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--no-report"]) != 0
     assert "'zebra' has 1 image" in capsys.readouterr().out
+
+    assert main(["check-data", str(root)]) == 1  # a problem in the report, not a crash of the check
+    out = capsys.readouterr().out
+    assert "1 error(s)" in out and "'zebra' has 1 image" in out
 
 
 def test_runs_dir_that_is_a_file_is_explained(tmp_path, capsys):

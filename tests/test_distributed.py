@@ -71,7 +71,7 @@ def test_two_gloo_processes_match_one_process_and_write_one_run_directory(tmp_pa
         assert torch.allclose(a[k], b[k], atol=1e-5), f"{k}: DDP drifted from the single-process run"
     ha = (tmp_path / "single" / "ddp" / "probe" / "history.csv").read_text().splitlines()[1:]
     hb = (study_dir / "probe" / "history.csv").read_text().splitlines()[1:]
-    for ra, rb in zip(ha, hb):  # train loss/acc (summed over ranks) and val metrics agree
+    for ra, rb in zip(ha, hb, strict=True):  # train loss/acc (summed over ranks) and val metrics agree
         va, vb = [float(v) for v in ra.split(",")[1:5]], [float(v) for v in rb.split(",")[1:5]]
         assert va == pytest.approx(vb, rel=1e-4, abs=1e-5)
 

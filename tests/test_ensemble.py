@@ -9,11 +9,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from transferlab.results.compare import collect
 from transferlab.config import ConfigError, parse_study
 from transferlab.data import TensorBatches, prepare_splits
-from transferlab.kinds.ensemble import EnsembleError, combine_votes, evaluate_ensemble, run_ensemble
 from transferlab.kinds import run_experiment
+from transferlab.kinds.ensemble import EnsembleError, combine_votes, evaluate_ensemble, run_ensemble
+from transferlab.results.compare import collect
 from transferlab.rundir import load_run
 from transferlab.study import run_study
 
@@ -94,7 +94,7 @@ def test_ensemble_of_runs_is_a_run_with_the_votes_of_its_members(study_dir, vote
     assert m["members"][0]["normalization"] != m["members"][1]["normalization"] != m["members"][2]["normalization"]
     for r in m["members"]:  # each member, with its own preprocessing, scores exactly what its run recorded
         assert r["test_acc"] == r["recorded_test_acc"]
-    probs, y = zip(*[_independent_probs(study_dir / n) for n in names])
+    probs, y = zip(*[_independent_probs(study_dir / n) for n in names], strict=True)
     preds, ties = combine_votes(torch.stack(probs), vote)
     assert m["test_acc"] == pytest.approx(float((preds == y[0]).double().mean()), abs=1e-9)
     cm = torch.tensor(m["confusion_matrix"])

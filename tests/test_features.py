@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from transferlab.data.batches import TensorBatches
 from transferlab.data.prepare import prepare_splits
+from transferlab.engine.distributed import make_fabric
 from transferlab.engine.features import (
     STORE,
     CachedSuffix,
@@ -27,9 +28,8 @@ from transferlab.engine.features import (
     split_parts,
     state_hash,
 )
-from transferlab.models.model import build_model
-from transferlab.engine.distributed import make_fabric
 from transferlab.kinds import run_experiment
+from transferlab.models.model import build_model
 from transferlab.rundir import load_run
 from transferlab.strategies import apply_strategy
 

@@ -11,8 +11,8 @@ from rich.console import Console
 
 from transferlab.cli import main
 from transferlab.config import ConfigError, ExperimentConfig, from_dict
-from transferlab.engine.features import STORE
 from transferlab.engine.episodes import FewShotError, FewShotResult, protonet_accuracy, resolve_classes, sample_episodes
+from transferlab.engine.features import STORE
 from transferlab.kinds import run_experiment
 from transferlab.rundir import load_run
 
@@ -145,7 +145,8 @@ def test_episodic_finetuning_trains_the_backbone_not_the_head(tmp_path):
     model, _ = build_model(cfg.model, cfg.head, 10)
     apply_strategy(model, cfg.strategy)
     before = copy.deepcopy(model.state_dict())
-    rows = episodic_finetune(model, splits.train_x, splits.train_y, [0, 1, 2, 3, 4], cfg, torch.device("cpu"), contextlib.nullcontext, splits.class_names)
+    cpu = torch.device("cpu")
+    rows = episodic_finetune(model, splits.train_x, splits.train_y, [0, 1, 2, 3, 4], cfg, cpu, contextlib.nullcontext, splits.class_names)
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"backbone"}  # the head plays no part in ProtoNet episodes
     first, last = sum(r["loss"] for r in rows[:10]) / 10, sum(r["loss"] for r in rows[-10:]) / 10

@@ -26,7 +26,7 @@ def test_builtin_cnn_is_a_timm_model_with_the_timm_interface():
     m.reset_classifier(3)
     assert m(x).shape == (2, 3)
     # the seeds' block: conv, BN, ReLU, max-pool, dropout
-    kinds = [type(l).__name__ for l in m.blocks[0]]
+    kinds = [type(layer).__name__ for layer in m.blocks[0]]
     assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Dropout"]
 
 

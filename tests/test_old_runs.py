@@ -87,7 +87,7 @@ def test_load_run_gives_the_recorded_config_metrics_and_history(study_dir):
         history = d / "history.csv"
         expected = [{k: float(v) for k, v in row.items()} for row in _csv_rows(history)] if history.is_file() else []
         assert len(run.history) == len(expected), d.name
-        for got, want in zip(run.history, expected):
+        for got, want in zip(run.history, expected, strict=True):
             assert set(got) == set(want), d.name
             assert got == pytest.approx(want), d.name
 
@@ -113,7 +113,7 @@ def test_load_model_rebuilds_the_recorded_models(study_dir):
             tensors, recorded = load_file(samples), _json(predictions)
             with torch.no_grad():
                 probs = model(model.preprocess()(tensors["images"])).softmax(1)
-            for pos, p in zip(tensors["positions"].tolist(), probs):
+            for pos, p in zip(tensors["positions"].tolist(), probs, strict=True):
                 top2 = p.topk(2).values
                 if top2[0] - top2[1] > 1e-4:
                     assert int(p.argmax()) == recorded["pred"][pos], (d.name, pos)

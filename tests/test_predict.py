@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from report_fixtures import synthetic_class_image, tiny_study_dir
 
 import transferlab
+from report_fixtures import synthetic_class_image, tiny_study_dir
 from transferlab.cli import main
 from transferlab.rundir import load_test_predictions
 from transferlab.tools.predict import PredictError, collect_image_files, predict

@@ -138,10 +138,10 @@ def _probe_study(kind_entries: list[dict], tmp_path):
 
 
 def test_logistic_and_knn_runs_are_ordinary_run_directories(tmp_path):
-    from transferlab.results.compare import collect
     from transferlab.data.batches import TensorBatches
     from transferlab.data.prepare import prepare_splits
     from transferlab.engine.evaluation import evaluate
+    from transferlab.results.compare import collect
     from transferlab.rundir import load_run
 
     result = _probe_study([

@@ -17,9 +17,9 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
+from transferlab import files as ckpt
 from transferlab.kinds import run_experiment
 from transferlab.rundir import RunError, run_lock
-from transferlab import files as ckpt
 
 QUIET = Console(quiet=True)
 

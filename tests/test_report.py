@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from report_fixtures import tiny_study_dir
 
+from report_fixtures import tiny_study_dir
 from transferlab.cli import main
 from transferlab.results.report import ReportError, build_report, confused_pairs, pareto_front
 from transferlab.results.report.browser import Shot, check_page, find_chromium

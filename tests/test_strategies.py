@@ -10,10 +10,10 @@ from rich.console import Console
 
 from transferlab.config import ConfigError, StrategyConfig
 from transferlab.data import TensorBatches, prepare_splits
+from transferlab.engine import fit
 from transferlab.models import build_model
 from transferlab.models.model import BN_TYPES
 from transferlab.strategies import STRATEGIES, apply_strategy, stage_groups
-from transferlab.engine import fit
 
 
 def _train(cfg, tmp_path):

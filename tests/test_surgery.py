@@ -12,10 +12,10 @@ from rich.console import Console
 
 import transferlab.models  # noqa: F401 - registers the built-in CNNs
 from transferlab.config import ConfigError, HeadConfig, ModelConfig, StrategyConfig, TruncateConfig
+from transferlab.kinds import run_experiment
 from transferlab.models import build_model
 from transferlab.models.heads import ConvHead
 from transferlab.models.truncate import is_truncated, stage_modules, truncate_backbone
-from transferlab.kinds import run_experiment
 from transferlab.rundir import load_run
 from transferlab.strategies import apply_strategy
 
@@ -115,8 +115,8 @@ def test_truncated_model_trains_and_its_run_reloads(make_cfg, tmp_path):
     from lightning.fabric import Fabric
 
     from transferlab.data import TensorBatches, prepare_splits
-    from transferlab.models.model import BN_TYPES
     from transferlab.engine import fit
+    from transferlab.models.model import BN_TYPES
 
     cfg = make_cfg(
         model={"backbone": "resnet18", "truncate": {"stages": 2}},
@@ -171,7 +171,10 @@ def test_conv_head_gets_the_unpooled_features_and_pre_logits_keeps_its_meaning()
 
 
 def test_conv_head_trains_in_a_run(make_cfg, tmp_path):
-    cfg = make_cfg(head={"type": "conv", "conv_channels": 8, "hidden": 32, "dropout": 0.2}, strategy={"name": "bn_only"}, train={"epochs": 2, "optimizer": "rmsprop", "lr": 0.001})
+    cfg = make_cfg(
+        head={"type": "conv", "conv_channels": 8, "hidden": 32, "dropout": 0.2}, strategy={"name": "bn_only"},
+        train={"epochs": 2, "optimizer": "rmsprop", "lr": 0.001},
+    )
     m = run_experiment(cfg, tmp_path / "run", console=QUIET)
     assert m["status"] == "ok" and m["head"] == "conv"
     model = load_run(tmp_path / "run").load_model()

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from report_fixtures import tiny_study_dir
 
 import transferlab
+from report_fixtures import tiny_study_dir
 from transferlab.cli import main
 from transferlab.config import ConfigError, SweepPoint, config_from_yaml_text, parse_study, run_name
 
@@ -64,7 +64,9 @@ def test_seed_sweep_and_study_seeds():
 def test_sweep_values_replace_the_key_and_other_values_stay():
     raw = _study(
         defaults={"data": {"dataset": "synthetic", "augment": ["flip", "crop"]}, "strategy": {"name": "freeze_first", "stages": 2}},
-        experiments=[{"name": "s", "sweep": {"strategy": [{"name": "finetune"}, {"name": "freeze_first", "children": 1}], "data.augment": [[], ["flip"]]}}],
+        experiments=[
+            {"name": "s", "sweep": {"strategy": [{"name": "finetune"}, {"name": "freeze_first", "children": 1}], "data.augment": [[], ["flip"]]}}
+        ],
     )
     exps = parse_study(raw).experiments
     assert [c.name for c in exps] == [

@@ -15,8 +15,8 @@ from rich.console import Console
 
 from transferlab.config import HeadConfig, ModelConfig, TruncateConfig, load_study, parse_study
 from transferlab.data import TensorBatches, prepare_splits
-from transferlab.models import WeightsError, build_model
 from transferlab.kinds import run_experiment
+from transferlab.models import WeightsError, build_model
 from transferlab.rundir import load_run
 from transferlab.study import run_study
 
@@ -127,7 +127,10 @@ STUDY = {
     },
     "experiments": [
         {"name": "source", "data": {"classes": [0, 1]}},
-        {"name": "target", "data": {"classes": [2, 3]}, "model": {"weights": "run:source", "truncate": {"stages": 1}}, "strategy": {"name": "linear_probe"}},
+        {
+            "name": "target", "data": {"classes": [2, 3]}, "model": {"weights": "run:source", "truncate": {"stages": 1}},
+            "strategy": {"name": "linear_probe"},
+        },
     ],
 }
 

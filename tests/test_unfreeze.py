@@ -9,13 +9,13 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from transferlab.config import ConfigError
-from transferlab.models import build_model
-from transferlab.models.model import BN_TYPES
-from transferlab.kinds import run_experiment
-from transferlab.rundir import load_run
-from transferlab.strategies import apply_strategy_at_epoch, optimizer_param_groups
 from transferlab.engine import checkpointing as engine
 from transferlab.engine.optim import make_optimizer, make_scheduler
+from transferlab.kinds import run_experiment
+from transferlab.models import build_model
+from transferlab.models.model import BN_TYPES
+from transferlab.rundir import load_run
+from transferlab.strategies import apply_strategy_at_epoch, optimizer_param_groups
 
 QUIET = Console(quiet=True)
 # transferlab_cnn: stem = blocks.0, stages = blocks.1, blocks.2

@@ -299,7 +299,7 @@ def optimizer_param_groups(model: nn.Module, cfg: ExperimentConfig) -> list[nn.P
     else:
         mults = [1.0] * len(stages)
     groups = []
-    for (label, ps), mult in reversed(list(zip(stages, mults))):
+    for (label, ps), mult in reversed(list(zip(stages, mults, strict=True))):
         chosen = [p for p in ps if id(p) in ever]
         if chosen:
             groups.append({"params": chosen, "lr": cfg.train.lr * mult, "name": label})

@@ -1,17 +1,17 @@
 """The ``transferlab`` command line: one small module per command (each registers itself), one shared parser."""
 
 from transferlab.cli import (  # noqa: F401 - each registers its command, in the order ``--help`` lists them
-    run,
-    compare,
-    listing,
-    check_data,
-    report,
-    predict,
     activations,
+    check_data,
+    compare,
     ensemble,
-    summary,
-    rank,
     fewshot,
+    listing,
+    predict,
+    rank,
+    report,
+    run,
+    summary,
 )
 from transferlab.cli.main import build_parser, main
 from transferlab.cli.run import demo_study_path

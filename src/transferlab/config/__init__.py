@@ -2,6 +2,7 @@
 
 from transferlab.config.convert import deep_merge, from_dict, suggest
 from transferlab.config.schema import (
+    CHOICES,
     ConfigError,
     DataConfig,
     EarlyStoppingConfig,
@@ -16,7 +17,6 @@ from transferlab.config.schema import (
     TrainConfig,
     TruncateConfig,
     UnfreezeConfig,
-    CHOICES,
     choice_message,
     register_check,
     register_choices,

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -446,7 +445,8 @@ def _surgery_checks(cfg: ExperimentConfig) -> Iterable[Check]:
         yield (t.stages is None or t.stages >= 1, "model.truncate.stages", t.stages, "must be >= 1 (the stem and the first N stages)")
         yield (t.after is None or bool(t.after.strip()), "model.truncate.after", t.after, "must name a module")
     weights = cfg.model.weights
-    yield (not cfg.model.keep_head or weights.startswith("run:"), "model.keep_head", True, f"needs weights: run:<run dir or experiment> (weights is {weights!r})")
+    needs_run = f"needs weights: run:<run dir or experiment> (weights is {weights!r})"
+    yield (not cfg.model.keep_head or weights.startswith("run:"), "model.keep_head", True, needs_run)
     yield (h.conv_channels >= 1, "head.conv_channels", h.conv_channels, "must be >= 1")
     yield (h.kernel_size >= 1 and h.kernel_size % 2 == 1, "head.kernel_size", h.kernel_size, "must be odd and >= 1 ('same' padding)")
     yield (s.unfreeze is None or s.freeze_epochs is None, "strategy.freeze_epochs", s.freeze_epochs, "and strategy.unfreeze cannot both be set")

@@ -123,7 +123,9 @@ def _check_sweep(spec: Any, where: str) -> dict[str, list[Any]]:
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: unknown key '{key}'{hint}; a sweep key is a dotted config key such as head.dropout, train.lr, strategy.stages")
+            raise ConfigError(
+                f"{where}: unknown key '{key}'{hint}; a sweep key is a dotted config key such as head.dropout, train.lr, strategy.stages"
+            )
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}.{key}: expected a non-empty list of values, got {values!r}")
         reprs = [repr(v) for v in values]
@@ -247,7 +249,7 @@ def _expand_entry(
         raise ConfigError(f"{source}: {e}") from None
     out = []
     for values in itertools.product(*grid.values()):
-        point = dict(zip(grid, values))
+        point = dict(zip(grid, values, strict=True))
         point_raw, where = merged, f"experiments[{i}]"
         if point:
             point_raw = dict(merged, name=sweep_point_name(exp_name, point))

@@ -165,7 +165,7 @@ class _EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         seeds = torch.randint(0, 2**62, (self.n,), generator=g)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        return iter(zip(order.tolist(), seeds.tolist(), strict=True))
 
 
 def _worker_init(_: int) -> None:

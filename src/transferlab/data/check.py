@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from transferlab.config import ConfigError, DataConfig, load_study
+from transferlab.data.folder import FolderScan, probe_scan, raw_from_scan, scan_folder
+from transferlab.data.images import ImageReadError, Problem, load_image, map_files
 from transferlab.data.prepare import prepare_splits
 from transferlab.data.sources import DATASETS, DatasetError, RawDataset, load_dataset
 from transferlab.data.tiny_imagenet import locate as locate_tiny_imagenet
 from transferlab.data.tiny_imagenet import scan_tiny_imagenet
-from transferlab.data.folder import FolderScan, probe_scan, raw_from_scan, scan_folder
-from transferlab.data.images import ImageReadError, Problem, load_image, map_files
 
 
 @dataclass
@@ -104,17 +104,17 @@ def check_scan(scan: FolderScan, decode: bool = True, workers: int | None = None
     entries = [
         (path, split, scan.class_names[label])
         for split, (paths, labels) in scan.splits.items()
-        for path, label in zip(paths, labels)
+        for path, label in zip(paths, labels, strict=True)
         if path not in already_bad
     ]
     if decode:
         results = map_files(lambda p: load_image(p, scan.channels), [e[0] for e in entries], workers)
-        for (path, _, _), r in zip(entries, results):
+        for (path, _, _), r in zip(entries, results, strict=True):
             if isinstance(r, Exception):
                 problems.append(Problem(path, str(r) if isinstance(r, ImageReadError) else f"{type(r).__name__}: {r}"))
                 already_bad.add(path)
     digests = map_files(_digest, [e[0] for e in entries], workers)
-    items = [(d, path, split, cls) for (path, split, cls), d in zip(entries, digests) if isinstance(d, str) and path not in already_bad]
+    items = [(d, path, split, cls) for (path, split, cls), d in zip(entries, digests, strict=True) if isinstance(d, str) and path not in already_bad]
     problems += _duplicates(items)
     return problems
 
@@ -133,7 +133,8 @@ def _array_duplicates(raw: RawDataset) -> list[Problem]:
 def _selection_problems(cfg: DataConfig, raw: RawDataset, seed: int) -> list[Problem]:
     """Run the selection (no decoding, no resizing) and turn a failure into a problem."""
 
-    dry = dataclasses.replace(cfg, in_memory=False, skip_bad_images=False, image_size=cfg.image_size if not isinstance(raw.train_x, torch.Tensor) else None)
+    size = cfg.image_size if not isinstance(raw.train_x, torch.Tensor) else None
+    dry = dataclasses.replace(cfg, in_memory=False, skip_bad_images=False, image_size=size)
     try:
         prepare_splits(dry, seed, raw)
     except DatasetError as e:
@@ -165,7 +166,11 @@ def check_config(cfg: DataConfig, seed: int = 0, decode: bool = True, workers: i
         report.n_classes = len(scan.class_names)
         if any(p.severity == "error" and p.kind != "bad_image" for p in report.problems):
             return report  # the structure is broken: a selection cannot be tried
-        raw = raw_from_scan(scan, dataclasses.replace(cfg, skip_bad_images=True))
+        try:
+            raw = raw_from_scan(scan, dataclasses.replace(cfg, skip_bad_images=True))
+        except DatasetError as e:  # e.g. a class with one image leaves nothing to hold out for a test split
+            report.problems.append(Problem(str(scan.root), str(e).removeprefix(f"{scan.root}: "), "selection"))
+            return report
     else:
         try:
             raw = load_dataset(cfg)

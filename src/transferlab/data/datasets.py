@@ -12,7 +12,6 @@ import torch
 from transferlab.config import DataConfig
 from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root
 
-
 # --------------------------------------------------------------------------------------------
 # IDX files (MNIST family)
 

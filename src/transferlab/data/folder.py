@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from transferlab.config import DataConfig
-from transferlab.data.sources import DATASETS, DatasetError, RawDataset
 from transferlab.data.images import FileImages, Problem, ScanResult, format_problems, is_image_file, scan_headers
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -95,7 +95,11 @@ def _scan_split_dir(split_dir: Path, problems: list[Problem]) -> dict[str, tuple
             name = nfc(entry.name)
             if name in classes:
                 problems.append(
-                    Problem(entry.path, f"class folders {classes[name][0]!r} and {entry.name!r} have the same name after Unicode normalisation", "class_mismatch")
+                    Problem(
+                        entry.path,
+                        f"class folders {classes[name][0]!r} and {entry.name!r} have the same name after Unicode normalisation",
+                        "class_mismatch",
+                    )
                 )
                 continue
             classes[name] = (entry.name, _class_files(Path(entry.path), problems))
@@ -161,13 +165,18 @@ def probe_scan(scan: FolderScan) -> None:
     scan.problems.extend(result.problems)
     scan.channels, scan.size = result.channels, result.size
     examples: dict[tuple[int, int], str] = {}
-    for path, info in zip(paths, result.infos):
+    for path, info in zip(paths, result.infos, strict=True):
         if info is not None and len(examples) < 2:
             examples.setdefault((info.width, info.height), path)
     if scan.size is None and len(examples) > 1:
         (s1, p1), (s2, p2) = examples.items()
         scan.problems.append(
-            Problem(str(scan.root), f"images differ in size (e.g. {p1} is {s1[0]}x{s1[1]}, {p2} is {s2[0]}x{s2[1]}): set data.image_size", "mixed_sizes", "warning")
+            Problem(
+                str(scan.root),
+                f"images differ in size (e.g. {p1} is {s1[0]}x{s1[1]}, {p2} is {s2[0]}x{s2[1]}): set data.image_size",
+                "mixed_sizes",
+                "warning",
+            )
         )
 
 
@@ -203,7 +212,9 @@ def _scan_csv(path: Path) -> FolderScan:
             reader = csv.reader(f)
             header = [h.strip().lower() for h in next(reader, [])]
             if "path" not in header or "label" not in header:
-                raise DatasetError(f"{path}: the first line must be a header with columns 'path' and 'label' (and optionally 'split'); found {header}")
+                raise DatasetError(
+                    f"{path}: the first line must be a header with columns 'path' and 'label' (and optionally 'split'); found {header}"
+                )
             ip, il, isp = header.index("path"), header.index("label"), header.index("split") if "split" in header else None
             for line_no, row in enumerate(reader, start=2):
                 if not row or all(not c.strip() for c in row):
@@ -233,7 +244,8 @@ def _scan_csv(path: Path) -> FolderScan:
             problems.append(
                 Problem(
                     f"{path}:{line_no}",
-                    f"{file} is listed again (first on line {first_line})" + (f" with another label or split ({first_label}/{first_split} vs {label}/{split})" if conflict else ""),
+                    f"{file} is listed again (first on line {first_line})"
+                    + (f" with another label or split ({first_label}/{first_split} vs {label}/{split})" if conflict else ""),
                     "duplicate",
                     "error" if conflict else "warning",
                 )
@@ -276,10 +288,11 @@ def _carve_test(labels: np.ndarray, fraction: float, where: str, class_names: li
     too_few = [int(c) for c in np.flatnonzero(counts) if counts[c] < 2]
     if too_few:
         names = [repr(class_names[c]) if class_names and c < len(class_names) else f"#{c}" for c in too_few]
-        listed = ", ".join(f"{n} has {int(counts[c])} image" for n, c in zip(names, too_few))
+        listed = ", ".join(f"{n} has {int(counts[c])} image" for n, c in zip(names, too_few, strict=True))
         raise DatasetError(
             f"{where}: every class needs at least 2 images to hold out a test split (data.test_fraction); "
-            f"class{'es' if len(too_few) > 1 else ''} {listed}: add images, remove the class folder, or split the images yourself into {where}/train/ and {where}/test/"
+            f"class{'es' if len(too_few) > 1 else ''} {listed}: add images, remove the class folder, "
+            f"or split the images yourself into {where}/train/ and {where}/test/"
         )
     n_test = max(int(round(fraction * len(labels))), int((counts > 0).sum()))
     if len(labels) - n_test < (counts > 0).sum():

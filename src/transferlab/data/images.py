@@ -283,7 +283,7 @@ def scan_headers(paths: Sequence[str], workers: int | None = None) -> ScanResult
     results = map_files(probe_image, paths, workers)
     infos: list[ImageInfo | None] = []
     problems = []
-    for p, r in zip(paths, results):
+    for p, r in zip(paths, results, strict=True):
         if isinstance(r, ImageInfo):
             infos.append(r)
             if r.huge:

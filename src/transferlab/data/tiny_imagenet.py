@@ -19,9 +19,9 @@ from pathlib import Path
 
 from transferlab.config import DataConfig
 from transferlab.data.archives import download_archive, safe_extract
-from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root
 from transferlab.data.folder import FolderScan, raw_from_scan
 from transferlab.data.images import Problem, is_image_file
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -45,7 +45,7 @@ def class_names_from_words(words_file: Path, wnids: list[str]) -> list[str]:
     if missing:
         raise DatasetError(f"{words_file}: no names for {len(missing)} wnid(s) of wnids.txt, e.g. {missing[:3]}")
     first = [words[w].split(",")[0].strip() or w for w in wnids]
-    return [f"{name} ({w})" if first.count(name) > 1 else name for name, w in zip(first, wnids)]
+    return [f"{name} ({w})" if first.count(name) > 1 else name for name, w in zip(first, wnids, strict=True)]
 
 
 def scan_tiny_imagenet(d: Path) -> FolderScan:

@@ -16,14 +16,11 @@ following ``strategy`` and how following ``train.optimizer`` / ``lr`` / ``weight
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 
 from transferlab.config import ConfigError, ExperimentConfig
 from transferlab.data.augment import parse_augmentations
@@ -194,7 +191,9 @@ def episodic_finetune(
     return rows
 
 
-def per_class_accuracy(x: torch.Tensor, episodes: torch.Tensor, shots: int, distance: str, labels: torch.Tensor, n_classes: int) -> list[float | None]:
+def per_class_accuracy(
+    x: torch.Tensor, episodes: torch.Tensor, shots: int, distance: str, labels: torch.Tensor, n_classes: int
+) -> list[float | None]:
     """How often the queries of each class were classified right, over all episodes (``None``: never a query)."""
     e, ways, need = episodes.shape
     queries = need - shots
@@ -209,4 +208,4 @@ def per_class_accuracy(x: torch.Tensor, episodes: torch.Tensor, shots: int, dist
         ok = (pred == target).float()
         correct.index_add_(0, true_cls.flatten(), ok.flatten())
         seen.index_add_(0, true_cls.flatten(), torch.ones(ok.numel()))
-    return [float(c / s) if s > 0 else None for c, s in zip(correct, seen)]
+    return [float(c / s) if s > 0 else None for c, s in zip(correct, seen, strict=True)]

@@ -88,7 +88,7 @@ def fit_logistic(
         opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
                                 tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
-        def closure() -> torch.Tensor:
+        def closure(opt: torch.optim.LBFGS = opt, l2: float = l2) -> torch.Tensor:  # bound now, not at call time
             opt.zero_grad()
             loss = F.cross_entropy(xt @ w.T + b, yt) + 0.5 * l2 * (w * w).sum()
             loss.backward()

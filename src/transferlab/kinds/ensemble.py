@@ -88,7 +88,9 @@ _RAW_CACHE: dict[str, Any] = {}
 def _raw_dataset(run: Run) -> Any:
     """The member's raw dataset, loaded once per dataset (selection keys do not change what is loaded)."""
     d = run.config.data
-    key = repr(dataclasses.replace(d, image_size=None, augment=[], train_subset=None, test_subset=None, k_per_class=None, val_count=None, classes=None, num_workers=None, val_fraction=0.1))
+    selection_free = dict(image_size=None, augment=[], train_subset=None, test_subset=None, k_per_class=None, val_count=None,
+                          classes=None, num_workers=None, val_fraction=0.1)
+    key = repr(dataclasses.replace(d, **selection_free))
     if key not in _RAW_CACHE:
         _RAW_CACHE.clear()  # one dataset in memory at a time
         _RAW_CACHE[key] = load_dataset(d)

@@ -95,7 +95,9 @@ class FewShotKind(Kind):
         return m
 
 
-def _finetune(cfg: ExperimentConfig, model: TransferModel, splits: ImageSplits, eval_classes: list[int], fabric: Fabric) -> tuple[list[int], list[dict[str, float]], float]:
+def _finetune(
+    cfg: ExperimentConfig, model: TransferModel, splits: ImageSplits, eval_classes: list[int], fabric: Fabric
+) -> tuple[list[int], list[dict[str, float]], float]:
     """Episodic ProtoNet fine-tuning of the backbone when asked: (its classes, per-episode rows, seconds)."""
     fs, names = cfg.fewshot, splits.class_names
     if not fs.finetune_episodes:

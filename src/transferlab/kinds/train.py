@@ -101,7 +101,9 @@ def _batches(cfg: ExperimentConfig, splits: ImageSplits, kwargs: dict[str, Any],
     return train, val, test
 
 
-def _test(model: TransferModel, test: Any, cfg: ExperimentConfig, splits: ImageSplits, fabric: Fabric) -> tuple[dict[str, Any], PredictionRecorder | None]:
+def _test(
+    model: TransferModel, test: Any, cfg: ExperimentConfig, splits: ImageSplits, fabric: Fabric
+) -> tuple[dict[str, Any], PredictionRecorder | None]:
     """Test metrics of the chosen checkpoint (with the run's TTA); one process also records per-image predictions."""
     tested = with_tta(model, cfg.train.tta)
     recorder = PredictionRecorder(tested) if fabric.world_size == 1 else None  # per-image test predictions (report)

@@ -173,7 +173,8 @@ def check_weights_source(cfg: ExperimentConfig) -> None:
     try:
         WEIGHT_SOURCES.get(split_weights(cfg.model.weights)[0], "weights source")
     except UnknownNameError as e:
-        raise UnknownBackboneError(f"experiment '{cfg.name}': model.weights: {e}; use scratch, imagenet, embedded or file:<path>, or run:<run dir>") from None
+        forms = "scratch, imagenet, embedded or file:<path>, or run:<run dir>"
+        raise UnknownBackboneError(f"experiment '{cfg.name}': model.weights: {e}; use {forms}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def _mapped_state_dict() -> dict[str, torch.Tensor]:
             f"{len(dst_keys)} (both not counting {_COUNTER})"
         )
     mapped: dict[str, torch.Tensor] = {}
-    for (src_key, tensor), dst_key in zip(src_items, dst_keys):
+    for (src_key, tensor), dst_key in zip(src_items, dst_keys, strict=True):
         if tensor.shape != dst[dst_key].shape:
             raise RuntimeError(
                 f"shape mismatch mapping {_WEIGHTS_FILE} onto {EMBEDDED_ARCH}: first "

@@ -50,7 +50,9 @@ class ConvHead(nn.Module):
 
     input_kind = "spatial"
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 32, kernel_size: int = 3, hidden: int = 1024, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, channels: int = 32, kernel_size: int = 3, hidden: int = 1024, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, channels, kernel_size, padding=kernel_size // 2)
         self.act = nn.ReLU(inplace=True)

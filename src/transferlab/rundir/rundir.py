@@ -133,7 +133,9 @@ class RunDir:
             except OSError:
                 f.seek(0)
                 holder = f.read().strip() or "unknown"
-                raise RunError(f"run directory {self.path} is being written by another process ({holder}); wait for it or use another --runs-dir") from None
+                raise RunError(
+                    f"run directory {self.path} is being written by another process ({holder}); wait for it or use another --runs-dir"
+                ) from None
             f.seek(0)
             f.truncate()
             f.write(f"pid {os.getpid()} on {socket.gethostname()}")

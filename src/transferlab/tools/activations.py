@@ -238,7 +238,7 @@ def activation_figure(
         axes[1].set_title(_label(f"Grad-CAM: {name} ({100 * cam.prob:.1f}%) on {cam.layer}"), fontsize=9)
     if title:
         top.suptitle(_label(title), fontsize=10)
-    for sub, (name, a) in zip(subs[1:], acts.items()):
+    for sub, (name, a) in zip(subs[1:], acts.items(), strict=False):
         maps = a[0]
         order = maps.mean(dim=(1, 2)).argsort(descending=True)[: n_maps[name]]
         grid = np.atleast_2d(sub.subplots(rows[name], cols, squeeze=False))

@@ -131,8 +131,8 @@ def predict(
         xb = pre(x[start : start + batch_size].to(device))
         probs = model(xb).float().softmax(-1).cpu()
         values, indices = probs.topk(k, dim=-1)
-        for j, (v, ix) in enumerate(zip(values.tolist(), indices.tolist())):
-            out[ok[start + j]].top = [(names[c], int(c), float(p)) for p, c in zip(v, ix)]
+        for j, (v, ix) in enumerate(zip(values.tolist(), indices.tolist(), strict=True)):
+            out[ok[start + j]].top = [(names[c], int(c), float(p)) for p, c in zip(v, ix, strict=True)]
     return out
 
 

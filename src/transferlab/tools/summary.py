@@ -74,7 +74,8 @@ class ModelSummary:
             [r.name, r.kind, r.group, _shape(r.output_shape), f"{r.params:,}", f"{r.trainable:,}", f"{r.frozen:,}", _flops(r.flops)]
             for r in self.rows
         ]
-        body.append(["total", "", "", "", f"{self.total_params:,}", f"{self.trainable_params:,}", f"{self.frozen_params:,}", _flops(self.total_flops)])
+        totals = [f"{self.total_params:,}", f"{self.trainable_params:,}", f"{self.frozen_params:,}", _flops(self.total_flops)]
+        body.append(["total", "", "", "", *totals])
         return header, body
 
     def caption(self) -> str:
@@ -94,7 +95,7 @@ class ModelSummary:
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         right = {4, 5, 6, 7}
         def fmt(row: list[str]) -> str:
-            return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
 
         return "\n".join([self.caption(), fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)]) + "\n"
 
@@ -247,7 +248,8 @@ def model_summary(
             raise ConfigError(f"{path} is not a run directory (no config.yaml) and not a backbone name")
         if not timm.is_model(name):
             close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-            raise ConfigError(f"{name!r} is neither a run directory nor a timm model name" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{name!r} is neither a run directory nor a timm model name{hint}")
         model_cfg = ModelConfig(backbone=name, weights="scratch", truncate=truncate, channels_last=False)
         head = head or HeadConfig()
         strategy = strategy or StrategyConfig(name="finetune")

@@ -34,9 +34,9 @@ from torch import nn
 
 from transferlab.data.augment import parse_augmentations
 from transferlab.data.batches import make_batches
-from transferlab.files import write_text
 from transferlab.engine.features.cuts import CutCheck, CutPoint, check_cut, check_pieces, cut_points, prefix_parameters
 from transferlab.engine.features.store import STORE, FeatureCache, FeatureCacheError, FeatureSet, cache_key, images_hash, state_hash, tensor_bytes
+from transferlab.files import write_text
 from transferlab.models.model import TransferModel
 
 __all__ = [
@@ -319,7 +319,9 @@ def cached_training(
     train_sets, val_set, pass_seconds = _train_val_sets(model, check, splits, cfg, fabric, batch_kwargs, cache_dir, store or STORE, n_views)
     wall = time.perf_counter() - t0
     channels_last, tc, device = bool(batch_kwargs.get("channels_last", False)), cfg.train, fabric.device
-    train = FeatureBatches([f.features for f in train_sets], splits.train_y, tc.batch_size, device, shuffle=True, seed=cfg.seed, channels_last=channels_last)
+    train = FeatureBatches(
+        [f.features for f in train_sets], splits.train_y, tc.batch_size, device, shuffle=True, seed=cfg.seed, channels_last=channels_last
+    )
     val = FeatureBatches([val_set.features], splits.val_y, tc.eval_batch_size, device, channels_last=channels_last)
     suffix = CachedSuffix(model, check.cut, prefix_parameters(model, check.cut, sample))
     record = _record(check, n_views, [*train_sets, val_set], pass_seconds, wall, tried)

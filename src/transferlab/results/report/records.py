@@ -74,6 +74,11 @@ class StudyRecord:
         """The experiments with at least one finished run: the ones with numbers to plot."""
         return [e for e in self.experiments if e.ok_runs]
 
+    @property
+    def failed_runs(self) -> list[Run]:
+        """Every failed run, in study order."""
+        return [r for e in self.experiments for r in e.failed_runs]
+
 
 def read_study(study_dir: str | Path) -> StudyRecord:
     """Every run folder of ``study_dir`` (``*/metrics.json``), grouped by experiment in study order."""

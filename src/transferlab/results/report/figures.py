@@ -1,0 +1,260 @@
+"""Every picture of the report, as PNG bytes: the plots (matplotlib) and the test images (Pillow).
+
+Accuracy against training time with the Pareto front, learning curves, the validation overview, the
+confusion matrix, per-class accuracy, sweep plots, and each test image of the prediction grids;
+``data_uri`` turns the bytes into what the page embeds.
+
+matplotlib is used without pyplot (no global state, no display needed) and, like Pillow, imported
+inside the functions: the command line imports the report module, and should not pay for matplotlib
+when it only runs a study. Every label goes through ``mpl_label``, as names come from the user.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from typing import Any
+
+import numpy as np
+
+from transferlab.results.report.records import ExperimentRecord
+from transferlab.results.report.stats import SweepRow, epoch_stats
+
+__all__ = [
+    "confusion_figure",
+    "curves_figure",
+    "data_uri",
+    "image_png",
+    "mpl_label",
+    "per_class_figure",
+    "scatter_figure",
+    "sweep_figure",
+    "val_overview_figure",
+]
+
+
+def mpl_label(value: Any) -> str:
+    """A label for matplotlib: ``$`` escaped (no math mode), never starting with ``_`` (legend-hidden)."""
+    text = str(value).replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
+def data_uri(png: bytes) -> str:
+    """PNG bytes as a ``data:`` URI, the only image source the page's Content-Security-Policy allows."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _png(fig: Any, dpi: int = 100) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _integer_epochs(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+# --------------------------------------------------------------------------------------------
+# the study: accuracy vs time, validation accuracy of every experiment
+
+
+def scatter_figure(exps: list[ExperimentRecord], front: list[int]) -> bytes:
+    """Test accuracy against training time (mean ± std over seeds), the Pareto front ``front`` (indices) drawn."""
+    fig = _figure(8, 5)
+    ax = fig.add_subplot()
+    times = [e.row["train_seconds"] for e in exps]
+    accs = [100 * e.row["test_acc"] for e in exps]
+    for k, (e, t, a) in enumerate(zip(exps, times, accs, strict=True)):
+        multi = e.row.get("n_seeds", 0) > 1
+        ax.errorbar(
+            t, a, xerr=e.row["train_seconds_std"] if multi else None, yerr=100 * e.row["test_acc_std"] if multi else None,
+            fmt="o", color=e.color, ms=8, capsize=3, label=mpl_label(e.name),
+        )
+        # labels alternate above and below their point: fewer overlaps
+        ax.annotate(mpl_label(e.name), (t, a), textcoords="offset points", xytext=(6, 6 if k % 2 == 0 else -13), fontsize=8)
+    if front:
+        fx, fy = [times[i] for i in front], [accs[i] for i in front]
+        ax.plot(fx, fy, "--", color="0.3", drawstyle="steps-post", lw=1.2, label="Pareto front")
+        ax.scatter(fx, fy, s=220, facecolors="none", edgecolors="0.3", lw=1.2)
+    if len(times) > 1 and min(times) > 0 and max(times) / min(times) > 20:
+        ax.set_xscale("log")  # a cached-feature probe next to full fine-tuning spans orders of magnitude
+    ax.margins(x=0.18, y=0.12)  # room for the labels
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("test accuracy vs training time (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    if len(exps) <= 12:  # beyond that the legend hides the plot; the annotations still name the points
+        ax.legend(fontsize=8, loc="best")
+    return _png(fig)
+
+
+def val_overview_figure(exps: list[ExperimentRecord]) -> bytes | None:
+    """Validation accuracy per epoch of every experiment in one plot; ``None`` when none has a history."""
+    fig = _figure(8, 4)
+    ax = fig.add_subplot()
+    drawn = False
+    for e in exps:
+        ep, mean, _ = epoch_stats([r for r in e.ok_runs if r.history], "val_acc")
+        if ep:
+            ax.plot(ep, [100 * m for m in mean], marker="o", ms=3, color=e.color, label=mpl_label(e.name))
+            drawn = True
+    if not drawn:
+        return None
+    _integer_epochs(ax)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("validation accuracy per epoch, all experiments")
+    ax.grid(alpha=0.3)
+    if len(exps) <= 15:
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# one experiment: learning curves, confusion matrix, per-class accuracy, test images
+
+
+def curves_figure(e: ExperimentRecord) -> bytes | None:
+    """Train/val loss and accuracy per epoch (mean ± std band over seeds); ``None`` without a history."""
+    runs = [r for r in e.ok_runs if r.history]
+    if not runs:
+        return None
+    fig = _figure(6.2, 2.7)
+    axes = fig.subplots(1, 2)
+    for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        for split, style, color in (("train", "-", "C0"), ("val", "--", "C1")):
+            ep, mean, std = epoch_stats(runs, f"{split}_{metric}")
+            if not ep:
+                continue
+            ax.plot(ep, mean, style, marker="o", ms=3, label=f"{split} {label}", color=color)
+            if len(runs) > 1:
+                ax.fill_between(ep, np.subtract(mean, std), np.add(mean, std), alpha=0.2, color=color)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        _integer_epochs(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    seeds = f" — mean ± std over {len(runs)} seeds" if len(runs) > 1 else ""
+    fig.suptitle(mpl_label(e.name) + seeds, fontsize=10)
+    return _png(fig)
+
+
+def confusion_figure(cm: np.ndarray, names: list[str], title: str) -> bytes:
+    """The confusion matrix coloured by share of the true class; counts written in when it is small."""
+    n = len(cm)
+    side = min(max(4.0, 0.38 * n + 1.8), 14)
+    fig = _figure(side + 1, side)
+    ax = fig.add_subplot()
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)  # a class absent from test: 0
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
+    if n <= 40:  # past that the tick labels are unreadable
+        labels = [mpl_label(c) for c in names]
+        ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(n), labels, fontsize=8)
+    if n <= 15:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(mpl_label(title), fontsize=10)
+    return _png(fig)
+
+
+def per_class_figure(mean: np.ndarray, std: np.ndarray, names: list[str], title: str) -> bytes:
+    """Per-class test accuracy as horizontal bars, with ± std over seeds when there are several."""
+    n = len(mean)
+    fig = _figure(5, min(max(3.0, 0.28 * n + 1.2), 14))
+    ax = fig.add_subplot()
+    y = np.arange(n)
+    ax.barh(y, 100 * mean, xerr=100 * std if std.any() else None, color="C2", capsize=2)
+    if n <= 40:
+        ax.set_yticks(y, [mpl_label(c) for c in names], fontsize=8)
+    ax.invert_yaxis()  # first class on top, as in the confusion matrix
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_title(mpl_label(title), fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def image_png(img: Any, min_side: int = 64) -> bytes:
+    """uint8 C×H×W tensor/array -> PNG, upscaled (nearest) to at least ``min_side`` pixels."""
+    from PIL import Image
+
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+    pil = Image.fromarray(np.ascontiguousarray(arr))
+    scale = max(1, math.ceil(min_side / max(pil.size)))
+    if scale > 1:  # nearest: a 16-pixel image stays sharp instead of being blurred by the browser
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# sweeps
+
+
+def _is_numeric(values: list[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def sweep_figure(group: str, rows: list[SweepRow]) -> tuple[bytes, str]:
+    """Accuracy against the swept value of one sweep, and that value's key.
+
+    The x axis is the first numeric swept key (else the first key, as categories); every combination of
+    the other keys is its own series.
+    """
+    keys = list(rows[0].values)
+    numeric = [k for k in keys if _is_numeric([r.values.get(k) for r in rows])]
+    xkey = numeric[0] if numeric else keys[0]
+    others = [k for k in keys if k != xkey]
+    series: dict[str, list[SweepRow]] = {}
+    for r in rows:
+        series.setdefault(", ".join(f"{k}={r.values.get(k)}" for k in others), []).append(r)
+    is_num = _is_numeric([r.values.get(xkey) for r in rows])
+    cats = list(dict.fromkeys(str(r.values.get(xkey)) for r in rows))
+
+    def x(r: SweepRow) -> Any:
+        return r.values.get(xkey) if is_num else cats.index(str(r.values.get(xkey)))
+
+    fig = _figure(8, 4.5)
+    ax = fig.add_subplot()
+    for si, (label, rs) in enumerate(series.items()):
+        _sweep_series(ax, sorted(rs, key=x), x, f"{label}: " if label else "", f"C{si % 10}")
+    if not is_num:
+        ax.set_xticks(range(len(cats)), [mpl_label(c) for c in cats], rotation=30, ha="right")
+    ax.set_xlabel(mpl_label(xkey))
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(mpl_label(f"{group}: accuracy vs {xkey}"), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig), xkey
+
+
+def _sweep_series(ax: Any, rows: list[SweepRow], x: Any, prefix: str, color: str) -> None:
+    """One series of a sweep plot: test accuracy with error bars, final train and best val accuracy."""
+    xs = [x(r) for r in rows]
+    ax.errorbar(xs, [100 * r.test_acc for r in rows], yerr=[100 * r.test_acc_std for r in rows], fmt="-o", color=color,
+                capsize=3, label=mpl_label(prefix + "test accuracy"))
+    train = [(xv, r.train_acc) for xv, r in zip(xs, rows, strict=True) if r.train_acc is not None]
+    if train:
+        ax.plot([xv for xv, _ in train], [100 * v for _, v in train], ":s", color=color, ms=4,
+                label=mpl_label(prefix + "final train accuracy"))
+    val = [(xv, r.best_val_acc) for xv, r in zip(xs, rows, strict=True) if r.best_val_acc is not None]
+    if val:
+        ax.plot([xv for xv, _ in val], [100 * v for _, v in val], "--^", color=color, ms=4, alpha=0.7,
+                label=mpl_label(prefix + "best val accuracy"))

@@ -1,0 +1,377 @@
+"""The HTML page of the report: one self-contained file, its sections, styles, sorting script and escaping.
+
+``sections`` builds the page's sections from the study (each an id, a title for the navigation bar and
+its HTML lines), ``page`` puts them together. The plots are PNGs embedded as ``data:`` URIs, the styles
+and the small sorting script are inline, and a Content-Security-Policy forbids loading anything else,
+so the file opens anywhere without a network. Every user-supplied string (experiment and class names,
+paths, errors) goes through ``esc``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+from dataclasses import dataclass
+from typing import Any
+
+from transferlab.results.report import figures
+from transferlab.results.report.records import ExperimentRecord, StudyRecord
+from transferlab.results.report.stats import (
+    SweepRow,
+    best_flags,
+    confused_pairs,
+    per_class_accuracy,
+    study_front,
+    summed_confusion,
+    sweep_groups,
+)
+from transferlab.results.report.text import (
+    acc_text,
+    class_label,
+    error_text,
+    int_text,
+    pct,
+    rate_text,
+    secs,
+    status_text,
+    study_facts,
+    sweep_acc_text,
+    time_text,
+)
+from transferlab.rundir import RunError, TestPredictions, load_test_predictions
+
+__all__ = ["CSP", "Section", "esc", "page", "sections"]
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2430;background:#f6f7f9}
+main{max-width:1280px;margin:0 auto;padding:1.5rem 2rem 4rem}
+h1{font-size:1.7rem;margin:.2rem 0}h2{margin-top:2.4rem;border-bottom:2px solid #d8dde5;padding-bottom:.3rem}
+h3{margin:1.6rem 0 .5rem}.meta{color:#555;font-size:.92rem}.meta code{font-size:.85rem}
+nav{position:sticky;top:0;background:#1d2430;padding:.5rem 2rem;z-index:2}nav a{color:#e7ebf2;margin-right:1.2rem;text-decoration:none;font-size:.92rem}
+table{border-collapse:collapse;background:#fff;font-size:.9rem;margin:.6rem 0}
+th,td{border:1px solid #d8dde5;padding:.35rem .6rem;text-align:left;vertical-align:top}
+th{background:#eef1f5}table.sortable th{cursor:pointer;user-select:none}
+table.sortable th::after{content:" \\2195";color:#999}table.sortable th[data-dir=asc]::after{content:" \\2191"}table.sortable th[data-dir=desc]::after{content:" \\2193"}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.best{background:#e3f4e1;font-weight:600}td.best::before{content:"\\2605 ";color:#2e7d32}
+.scroll{overflow-x:auto}tr.failed td{background:#fdecea}td .err{max-width:26rem}.err{color:#b3261e;white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.82rem}
+img.plot{max-width:100%;background:#fff;border:1px solid #d8dde5;margin:.4rem 0}
+.row{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start}
+.grid{display:flex;flex-wrap:wrap;gap:.5rem}
+figure.cell{margin:0;padding:4px;background:#fff;border:3px solid #6aa56a;border-radius:4px;width:104px;font-size:.72rem;text-align:center}
+figure.cell.wrong{border-color:#d33}figure.cell img{width:96px;height:96px;image-rendering:pixelated;display:block}
+figure.cell figcaption{overflow-wrap:anywhere}figure.cell .mark{font-weight:700;color:#d33}
+.exp{background:#fff;border:1px solid #d8dde5;border-radius:6px;padding:.4rem 1rem 1rem;margin:1rem 0}
+.note{color:#666;font-style:italic}
+"""  # noqa: E501 - written into the page as it stands: one line per group of rules
+
+# Sorts every table.sortable by the clicked column (numerically when both cells parse, by ``data-sort``
+# when a cell has one), and records on <body> how many images there are and how many did not decode,
+# which the headless-browser check reads.
+JS = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  table.querySelectorAll("th").forEach(function (th, col) {
+    th.addEventListener("click", function () {
+      var dir = th.dataset.dir === "desc" ? "asc" : "desc";
+      table.querySelectorAll("th").forEach(function (h) { delete h.dataset.dir; });
+      th.dataset.dir = dir;
+      var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+      var key = function (r) { var c = r.cells[col]; return c.dataset.sort !== undefined ? c.dataset.sort : c.textContent; };
+      rows.sort(function (a, b) {
+        var x = key(a), y = key(b), nx = parseFloat(x), ny = parseFloat(y);
+        var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : String(x).localeCompare(String(y));
+        return dir === "asc" ? c : -c;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+});
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
+  document.body.dataset.images = String(imgs.length);
+  document.body.dataset.brokenImages = String(broken.length);
+});
+"""
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+"""Inline styles and script, ``data:`` images, nothing else: the page cannot load from the network."""
+
+COMPARISON_HEAD = [
+    "experiment", "backbone", "weights", "strategy", "trainable params", "test accuracy (mean ± std, n)",
+    "training time (s)", "inference img/s", "status",
+]
+ERROR_PREVIEW = 160
+"""Characters of the first error shown in the comparison table (in full under "Failed runs")."""
+
+
+def esc(value: Any) -> str:
+    """HTML-escape any value (quotes included)."""
+    return html.escape(str(value), quote=True)
+
+
+def img(png: bytes, alt: str, cls: str = "plot") -> str:
+    """An ``<img>`` with the PNG embedded."""
+    return f'<img class="{cls}" src="{figures.data_uri(png)}" alt="{esc(alt)}">'
+
+
+@dataclass
+class Section:
+    """One section of the page: its anchor id, its title in the navigation bar, and its HTML lines."""
+
+    id: str
+    title: str
+    lines: list[str]
+
+
+def sections(study: StudyRecord, grid_images: int, grid_wrong: int) -> list[Section]:
+    """The page's sections, in order; those with nothing to show are left out."""
+    out = [Section("comparison", "Comparison", comparison(study))]
+    ok = study.ok_experiments
+    groups = sweep_groups(study.experiments)
+    if ok:
+        out.append(Section("pareto", "Accuracy vs time", pareto(ok)))
+    if groups:
+        out.append(Section("sweeps", "Sweeps", sweeps(groups)))
+    if ok:
+        out.append(Section("curves", "Learning curves", curves(ok)))
+        lines = ['<h2 id="experiments">Per experiment: confusion matrix, per-class accuracy, predictions</h2>']
+        lines += [line for e in ok for line in experiment(e, grid_images, grid_wrong)]
+        out.append(Section("experiments", "Per experiment", lines))
+    if study.failed_runs:
+        out.append(Section("failed", "Failed runs", failures(study)))
+    return out
+
+
+def page(study: StudyRecord, parts: list[Section]) -> str:
+    """The whole HTML document: head (CSP, styles), navigation bar, header, sections, script."""
+    nav = "<nav>" + "".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in parts) + "</nav>"
+    body = header(study) + [line for s in parts for line in s.lines]
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(study.name)} — transferlab report</title><style>{CSS}</style></head>\n"
+        f"<body>{nav}<main>\n" + "\n".join(body) + f"\n</main><script>{JS}</script></body></html>\n"
+    )
+
+
+def header(study: StudyRecord) -> list[str]:
+    """Title, the study's facts, where its runs and study file are, when the page was generated."""
+    lines = [f"<h1>Study report: {esc(study.name)}</h1>", '<p class="meta">' + esc(" · ".join(study_facts(study))) + "<br>"]
+    lines.append(f"runs: <code>{esc(study.path.resolve())}</code>")
+    if study.source:
+        lines.append(f"<br>study file: <code>{esc(study.source)}</code>")
+    lines.append(f"<br>generated {esc(datetime.datetime.now().isoformat(timespec='seconds'))}</p>")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# the comparison table
+
+
+def comparison(study: StudyRecord) -> list[str]:
+    """The sortable comparison table, one row per experiment, best values marked."""
+    best = best_flags(study.experiments)
+    head = "".join(f"<th>{esc(h)}</th>" for h in COMPARISON_HEAD)
+    table = [f'<div class="scroll"><table class="sortable" id="comparison"><thead><tr>{head}</tr></thead><tbody>']
+    table += [comparison_row(e, best) for e in study.experiments]
+    table.append("</tbody></table></div>")
+    return [
+        '<h2 id="comparison">Comparison</h2>',
+        '<p class="meta">Click a column to sort. ★ marks the best value of a column (highest accuracy and throughput, '
+        "shortest training time, fewest trainable parameters). "
+        "Accuracy and time: mean ± std over the seeds that finished (n).</p>",
+        "\n".join(table),
+    ]
+
+
+def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
+    """One experiment's row; numeric cells carry their value in ``data-sort`` (a missing one sorts last)."""
+    r = e.row
+
+    def num(key: str, text: str, sort_value: Any) -> str:
+        cls = "num best" if e.name in best.get(key, set()) else "num"
+        sv = "-Infinity" if sort_value is None else repr(float(sort_value))
+        return f'<td class="{cls}" data-sort="{esc(sv)}">{esc(text)}</td>'
+
+    err = ""
+    if e.failed_runs:
+        first_err = error_text(e.failed_runs[0])
+        short = first_err if len(first_err) <= ERROR_PREVIEW else first_err[: ERROR_PREVIEW - 3] + "..."
+        err = f'<div class="err">{esc(short)}</div>'  # in full under "Failed runs"
+    cells = [
+        f"<td>{esc(e.name)}</td>",
+        f"<td>{esc(r.get('backbone'))}</td>",
+        f"<td>{esc(r.get('weights'))}</td>",
+        f"<td>{esc(r.get('strategy'))}</td>",
+        num("trainable_params", int_text(r.get("trainable_params")), r.get("trainable_params")),
+        num("test_acc", acc_text(r), r.get("test_acc")),
+        num("train_seconds", time_text(r), r.get("train_seconds")),
+        num("inference_images_per_s", rate_text(r.get("inference_images_per_s")), r.get("inference_images_per_s")),
+        f"<td>{esc(status_text(e))}{err}</td>",
+    ]
+    cls = ' class="failed"' if e.failed_runs else ""
+    return f"<tr{cls}>" + "".join(cells) + "</tr>"
+
+
+# --------------------------------------------------------------------------------------------
+# the study's plots: accuracy vs time, sweeps, learning curves
+
+
+def pareto(ok: list[ExperimentRecord]) -> list[str]:
+    """Accuracy against training time, and the experiments on the Pareto front."""
+    front = study_front(ok)
+    on_front = [ok[i] for i in front]
+    items = "".join(f"<li>{esc(e.name)}: {pct(e.row['test_acc'])} in {secs(e.row['train_seconds'])} s</li>" for e in on_front)
+    return [
+        '<h2 id="pareto">Accuracy vs training time</h2>',
+        img(figures.scatter_figure(ok, front), "test accuracy vs training time scatter plot"),
+        f"<p>Pareto front (no other experiment is both faster and more accurate):</p><ul>{items}</ul>",
+    ]
+
+
+def sweeps(groups: dict[str, list[SweepRow]]) -> list[str]:
+    """For each sweep: accuracy against the swept value, and a sortable table of its points."""
+    lines = ['<h2 id="sweeps">Sweeps</h2>']
+    for group, rows in groups.items():
+        png, xkey = figures.sweep_figure(group, rows)
+        keys = list(rows[0].values)
+        th = "".join(f"<th>{esc(k)}</th>" for k in keys)
+        lines += [
+            f"<h3>{esc(group)}</h3>",
+            img(png, f"{group}: accuracy vs {xkey}"),
+            f'<table class="sortable"><thead><tr>{th}<th>test accuracy</th><th>final train accuracy</th>'
+            "<th>best val accuracy</th><th>n</th></tr></thead><tbody>",
+        ]
+        for r in rows:
+            vals = "".join(f"<td>{esc(r.values.get(k))}</td>" for k in keys)
+            lines.append(
+                f'<tr>{vals}<td class="num" data-sort="{r.test_acc!r}">{esc(sweep_acc_text(r))}</td>'
+                f'<td class="num">{esc(pct(r.train_acc))}</td><td class="num">{esc(pct(r.best_val_acc))}</td>'
+                f'<td class="num">{r.n}</td></tr>'
+            )
+        lines.append("</tbody></table>")
+    return lines
+
+
+def curves(ok: list[ExperimentRecord]) -> list[str]:
+    """Validation accuracy of all experiments in one plot, then each experiment's learning curves."""
+    lines = ['<h2 id="curves">Learning curves</h2>']
+    overview = figures.val_overview_figure(ok)
+    if overview:
+        lines.append(img(overview, "validation accuracy per epoch of all experiments"))
+    lines.append('<div class="row">')
+    for e in ok:
+        png = figures.curves_figure(e)
+        lines.append(img(png, f"learning curves of {e.name}") if png else f'<p class="note">{esc(e.name)}: no history.csv</p>')
+    lines.append("</div>")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# per experiment: confusion matrix, per-class accuracy, confused pairs, test predictions
+
+
+def experiment(e: ExperimentRecord, grid_images: int, grid_wrong: int) -> list[str]:
+    """One experiment's box: what it is, its confusion and per-class plots, pairs, a prediction grid."""
+    names = e.class_names
+    n_ok = len(e.ok_runs)
+    over = f" (summed over {n_ok} seeds)" if n_ok > 1 else ""
+    lines = [
+        f'<section class="exp"><h3>{esc(e.name)}</h3>',
+        f'<p class="meta">{esc(e.row.get("backbone"))} · {esc(e.row.get("weights"))} · {esc(e.row.get("strategy"))} · '
+        f"test accuracy {esc(acc_text(e.row))}</p>",
+    ]
+    cm = summed_confusion(e)
+    pcs = per_class_accuracy(e)
+    lines.append('<div class="row">')
+    if cm is not None:
+        png = figures.confusion_figure(cm, names, f"{e.name}: confusion matrix{over}")
+        lines.append(img(png, f"confusion matrix of {e.name}"))
+    if pcs is not None:
+        png = figures.per_class_figure(pcs[0], pcs[1], names, f"{e.name}: per-class accuracy")
+        lines.append(img(png, f"per-class accuracy of {e.name}"))
+    lines.append("</div>")
+    if cm is not None:
+        lines.append(pairs_table(cm, names, over))
+    lines += predictions(e, names, grid_images, grid_wrong)
+    lines.append("</section>")
+    return lines
+
+
+def pairs_table(cm: Any, names: list[str], over: str) -> str:
+    """The most-confused (true, predicted) pairs, or a note that nothing was misclassified."""
+    pairs = confused_pairs(cm)
+    if not pairs:
+        return "<p>No test image was misclassified.</p>"
+    rows = "".join(
+        f"<tr><td>{esc(class_label(names, t))}</td><td>{esc(class_label(names, p))}</td>"
+        f'<td class="num">{c}</td><td class="num">{100 * s:.1f}%</td></tr>'
+        for t, p, c, s in pairs
+    )
+    return (
+        f"<h4>Most-confused pairs{esc(over)}</h4><table><thead><tr><th>true</th><th>predicted as</th><th>count</th>"
+        f"<th>share of the true class</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+def predictions(e: ExperimentRecord, names: list[str], grid_images: int, grid_wrong: int) -> list[str]:
+    """The test-image grid of the experiment's first finished run (or why there is none)."""
+    run = e.ok_runs[0]
+    try:
+        preds = load_test_predictions(run.path)
+    except RunError as err:
+        preds, note = None, str(err)
+    else:
+        note = f"{run.path.name}: no predictions.json (run written by an older transferlab, or a multi-process run)"
+    seed_note = f" — seed {run.seed}" if len(e.ok_runs) > 1 else ""
+    return [
+        f"<h4>Test predictions{esc(seed_note)}</h4>",
+        grid(preds, names, grid_images, grid_wrong) if preds is not None else f'<p class="note">{esc(note)}</p>',
+    ]
+
+
+def grid(preds: TestPredictions, names: list[str], n_grid: int, n_wrong: int) -> str:
+    """The first ``n_grid`` stored test images, then up to ``n_wrong`` misclassified ones not shown yet."""
+    if preds.images is None or not preds.positions:
+        return '<p class="note">no test images stored with this run\'s predictions</p>'
+    items = list(zip(preds.positions, preds.images, strict=False))  # as stored; a short list is not this page's problem
+    shown = items[:n_grid]
+    shown_pos = {p for p, _ in shown}
+    wrong = [(p, im) for p, im in items if preds.true[p] != preds.pred[p] and p not in shown_pos][:n_wrong]
+    n_bad = sum(1 for p, _ in shown if preds.true[p] != preds.pred[p])
+    out = [f"<p>{len(shown)} random test images ({n_bad} misclassified, marked red):</p>", '<div class="grid">']
+    out += [grid_cell(preds, names, p, im) for p, im in shown]
+    out.append("</div>")
+    if wrong:
+        out += [f"<p>more misclassified test images ({len(wrong)}):</p>", '<div class="grid">']
+        out += [grid_cell(preds, names, p, im) for p, im in wrong]
+        out.append("</div>")
+    return "\n".join(out)
+
+
+def grid_cell(preds: TestPredictions, names: list[str], pos: int, image: Any) -> str:
+    """One test image with its predicted label (and probability) and its true label; red when wrong."""
+    t, p, prob = int(preds.true[pos]), int(preds.pred[pos]), float(preds.prob[pos])
+    ok = t == p
+    mark = "" if ok else '<span class="mark">✗ wrong</span><br>'
+    alt = f"test image {pos}: predicted {class_label(names, p)}, true {class_label(names, t)}"
+    return (
+        f'<figure class="cell{"" if ok else " wrong"}">{img(figures.image_png(image), alt, "")}'
+        f"<figcaption>{mark}pred: {esc(class_label(names, p))} ({100 * prob:.0f}%)<br>"
+        f"true: {esc(class_label(names, t))}</figcaption></figure>"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# failures
+
+
+def failures(study: StudyRecord) -> list[str]:
+    """Every failed run with its full error."""
+    lines = ['<h2 id="failed">Failed runs</h2><table><thead><tr><th>run</th><th>error</th></tr></thead><tbody>']
+    for r in study.failed_runs:
+        lines.append(f'<tr class="failed"><td>{esc(r.path.name)}</td><td class="err">{esc(error_text(r))}</td></tr>')
+    lines.append("</tbody></table>")
+    return lines

@@ -1,0 +1,143 @@
+"""The Markdown summary of the report: the numbers of the HTML page without its plots.
+
+Header, comparison table (best values in bold), Pareto front, sweep tables, most-confused pairs and
+failed runs; it points to the HTML file for the plots. Every user-supplied string goes through
+``md_esc``, so a name cannot break a table or turn into markup.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from transferlab.results.report.records import ExperimentRecord, StudyRecord
+from transferlab.results.report.stats import SweepRow, best_flags, confused_pairs, study_front, summed_confusion, sweep_groups
+from transferlab.results.report.text import (
+    acc_text,
+    class_label,
+    error_text,
+    int_text,
+    pct,
+    rate_text,
+    secs,
+    status_text,
+    study_facts,
+    sweep_acc_text,
+    time_text,
+)
+
+__all__ = ["md_esc", "summary"]
+
+COMPARISON_HEAD = [
+    "| experiment | backbone | weights | strategy | trainable params | test accuracy (mean ± std, n) "
+    "| training time (s) | inference img/s | status |",
+    "|---|---|---|---|---:|---:|---:|---:|---|",
+]
+
+
+def md_esc(value: Any) -> str:
+    """Escape a value for a Markdown table cell or line: HTML specials, Markdown punctuation, newlines."""
+    text = html.escape(str(value), quote=False)
+    for ch in "\\`*_[]|#":
+        text = text.replace(ch, "\\" + ch)
+    return " ".join(text.split())
+
+
+def summary(study: StudyRecord, html_name: str) -> str:
+    """The whole Markdown file; ``html_name`` is the HTML report it points to."""
+    ok = study.ok_experiments
+    groups = sweep_groups(study.experiments)
+    lines = header(study, html_name) + comparison(study)
+    if ok:
+        lines += pareto(ok)
+    if groups:
+        lines += sweeps(groups)
+    if ok:
+        lines += ["## Most-confused pairs", ""] + [line for e in ok for line in pairs(e)]
+    if study.failed_runs:
+        lines += failures(study)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def header(study: StudyRecord, html_name: str) -> list[str]:
+    """Title, the study's facts, where the runs are and which file has the plots."""
+    return [
+        f"# Study report: {md_esc(study.name)}",
+        "",
+        md_esc(" · ".join(study_facts(study))),
+        "",
+        f"Runs: {md_esc(study.path.resolve())} — full report with plots: {md_esc(html_name)}",
+        "",
+    ]
+
+
+def comparison(study: StudyRecord) -> list[str]:
+    """The comparison table, one row per experiment, the best value of each marked column in bold."""
+    best = best_flags(study.experiments)
+    lines = ["## Comparison", "", "Best value of each column in **bold**.", "", *COMPARISON_HEAD]
+    lines += [comparison_row(e, best) for e in study.experiments]
+    lines.append("")
+    return lines
+
+
+def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
+    r = e.row
+
+    def b(key: str, text: str) -> str:
+        return f"**{md_esc(text)}**" if e.name in best.get(key, set()) else md_esc(text)
+
+    return (
+        f"| {md_esc(e.name)} | {md_esc(r.get('backbone'))} | {md_esc(r.get('weights'))} | {md_esc(r.get('strategy'))} | "
+        f"{b('trainable_params', int_text(r.get('trainable_params')))} | {b('test_acc', acc_text(r))} | "
+        f"{b('train_seconds', time_text(r))} | {b('inference_images_per_s', rate_text(r.get('inference_images_per_s')))} | "
+        f"{md_esc(status_text(e))} |"
+    )
+
+
+def pareto(ok: list[ExperimentRecord]) -> list[str]:
+    """The experiments on the Pareto front of test accuracy against training time."""
+    lines = ["## Pareto front (test accuracy vs training time)", ""]
+    for e in (ok[i] for i in study_front(ok)):
+        lines.append(f"- {md_esc(e.name)}: {pct(e.row['test_acc'])} in {secs(e.row['train_seconds'])} s")
+    lines.append("")
+    return lines
+
+
+def sweeps(groups: dict[str, list[SweepRow]]) -> list[str]:
+    """One table per sweep: the swept values and the accuracies of each point."""
+    lines = ["## Sweeps", ""]
+    for group, rows in groups.items():
+        keys = list(rows[0].values)
+        lines += [
+            f"### {md_esc(group)}",
+            "",
+            "| " + " | ".join(md_esc(k) for k in keys) + " | test accuracy | final train accuracy | best val accuracy | n |",
+            "|" + "---|" * (len(keys) + 4),
+        ]
+        for r in rows:
+            vals = " | ".join(md_esc(r.values.get(k)) for k in keys)
+            lines.append(f"| {vals} | {sweep_acc_text(r)} | {pct(r.train_acc)} | {pct(r.best_val_acc)} | {r.n} |")
+        lines.append("")
+    return lines
+
+
+def pairs(e: ExperimentRecord) -> list[str]:
+    """One experiment's most-confused pairs (nothing when it recorded no confusion matrix)."""
+    lines = [f"### {md_esc(e.name)}", ""]
+    cm = summed_confusion(e)
+    if cm is not None:
+        found = confused_pairs(cm)
+        if found:
+            names = e.class_names
+            lines += ["| true | predicted as | count | share of the true class |", "|---|---|---:|---:|"]
+            for t, p, c, s in found:
+                lines.append(f"| {md_esc(class_label(names, t))} | {md_esc(class_label(names, p))} | {c} | {100 * s:.1f}% |")
+        else:
+            lines.append("No test image was misclassified.")
+    lines.append("")
+    return lines
+
+
+def failures(study: StudyRecord) -> list[str]:
+    """Every failed run with its error."""
+    return ["## Failed runs", ""] + [f"- {md_esc(r.path.name)}: {md_esc(error_text(r))}" for r in study.failed_runs] + [""]

@@ -1,0 +1,112 @@
+"""How the report writes its numbers and facts as plain text, the same on the HTML page and in Markdown.
+
+Escaping is not done here: each page escapes these strings for its own format.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transferlab.results.report.records import ExperimentRecord, StudyRecord
+from transferlab.results.report.stats import SweepRow
+from transferlab.rundir import Run
+
+__all__ = [
+    "MISSING",
+    "acc_text",
+    "class_label",
+    "error_text",
+    "int_text",
+    "pct",
+    "rate_text",
+    "secs",
+    "status_text",
+    "study_facts",
+    "sweep_acc_text",
+    "time_text",
+]
+
+MISSING = "—"
+"""Shown for a value that does not apply or was not recorded."""
+
+
+def pct(v: float | None) -> str:
+    """A fraction as a percentage with two decimals (``—`` for none or NaN)."""
+    return MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}%"
+
+
+def secs(v: float) -> str:
+    """Seconds with a precision that suits their size (0.04, 3.21, 45.2, 612)."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def acc_text(row: dict[str, Any]) -> str:
+    """Test accuracy of a comparison row: mean, ± std when there are several seeds, and n."""
+    if row.get("test_acc") is None:
+        return MISSING
+    n = row.get("n_seeds", 0)
+    std = f" ± {100 * row['test_acc_std']:.2f}" if n > 1 else ""
+    return f"{100 * row['test_acc']:.2f}%{std} (n={n})"
+
+
+def time_text(row: dict[str, Any]) -> str:
+    """Training time of a comparison row in seconds, ± std when there are several seeds."""
+    if row.get("train_seconds") is None:
+        return MISSING
+    n = row.get("n_seeds", 0)
+    std = f" ± {secs(row['train_seconds_std'])}" if n > 1 else ""
+    return f"{secs(row['train_seconds'])}{std}"
+
+
+def sweep_acc_text(row: SweepRow) -> str:
+    """Test accuracy of a sweep point: mean, ± std when there are several seeds."""
+    return pct(row.test_acc) + (f" ± {100 * row.test_acc_std:.2f}" if row.n > 1 else "")
+
+
+def int_text(v: Any) -> str:
+    """An integer with thousands separators."""
+    return MISSING if v is None else f"{int(v):,}"
+
+
+def rate_text(v: Any) -> str:
+    """A rate (images per second), rounded, with thousands separators."""
+    return MISSING if v is None else f"{v:,.0f}"
+
+
+def status_text(e: ExperimentRecord) -> str:
+    """``ok``, ``failed`` (no run finished), or how many of its runs failed."""
+    failed = e.failed_runs
+    if not failed:
+        return "ok"
+    if not e.ok_runs:
+        return "failed"
+    return f"{len(failed)} of {len(e.runs)} runs failed"
+
+
+def error_text(run: Run) -> str:
+    """A failed run's error, as recorded."""
+    return run.record.error or "no error recorded"
+
+
+def class_label(names: list[str], i: int) -> str:
+    """Class ``i`` by name, or its index when the run recorded fewer names."""
+    return names[i] if 0 <= i < len(names) else str(i)
+
+
+def study_facts(study: StudyRecord) -> list[str]:
+    """The header line: experiments and runs, datasets, devices, transferlab version (empty parts left out)."""
+    ok = [r.record for e in study.ok_experiments for r in e.ok_runs]
+    n_runs = sum(len(e.runs) for e in study.experiments)
+    n_failed = sum(len(e.failed_runs) for e in study.experiments)
+    datasets = sorted({str(m.dataset) for m in ok})
+    devices = sorted({str(m.device) for m in ok if m.device})
+    version = ok[0].code_version if ok else {}  # the first finished run speaks for the study
+    commit = f", commit {version['git_commit']}" if version.get("git_commit") else ""
+    facts = [
+        f"{len(study.experiments)} experiments, {n_runs} runs ({n_failed} failed)",
+        "dataset: " + ", ".join(datasets) if datasets else "",
+        "device: " + ", ".join(devices) if devices else "",
+        "transferlab " + str(version.get("transferlab", "?")) + commit,
+    ]
+    return [f for f in facts if f]
