@@ -20,7 +20,7 @@ from rich.markup import escape
 from transferlab.config import EnsembleConfig, EnsembleSpec, ExperimentConfig, Study, load_study, run_name
 from transferlab.engine.distributed import world
 from transferlab.files import atomic_write, write_json
-from transferlab.kinds import run_experiment
+from transferlab.kinds import KINDS, run_experiment
 from transferlab.rundir import RunDir, RunError
 
 __all__ = ["Interrupted", "PlannedRun", "StudyResult", "plan_study", "run_study"]
@@ -145,14 +145,14 @@ def run_study(
         raise RunError(f"--runs-dir {runs_dir} is a file, not a folder: give a folder (it is created if missing)")
     out = runs_dir / study.name
     _check_only(study, only)
-    plan = plan_study(study, out)
+    plan = [run for run in plan_study(study, out) if not only or _selected(run.cfg, only)]
+    if resume:
+        _check_resumable(plan, out, overwrite)
     result = StudyResult(study.name, out)
     out.mkdir(parents=True, exist_ok=True)
     if world()[0] == 0:  # under torchrun only rank 0 writes
         _record_study(study, out)
     for run in plan:
-        if only and not _selected(run.cfg, only):
-            continue
         try:
             if error := _failed_dependency(run, result):
                 if world()[0] == 0:
@@ -166,6 +166,22 @@ def run_study(
             console.print(f"[red]{escape(run.name)} failed: {escape(type(e).__name__)}: {escape(str(e))}[/]")
             result.failed[run.name] = f"{type(e).__name__}: {e}"
     return result
+
+
+def _check_resumable(plan: list[PlannedRun], out: Path, overwrite: bool) -> None:
+    """``--resume``: before anything is written, refuse every run directory made with another config (one error).
+
+    ``RunDir.open`` only reads; ``run_experiment`` checks again under the lock.
+    """
+    refused = []
+    for run in plan:
+        kind = KINDS.get(run.cfg.kind)
+        try:
+            RunDir(out / run.name).open(kind.snapshot(run.cfg), resume=True, overwrite=overwrite, keeps_partial=kind.keeps_partial)
+        except RunError as e:
+            refused.append(str(e))
+    if refused:
+        raise RunError("\n".join(refused) + ("" if len(refused) == 1 else f"\n({len(refused)} runs refused; nothing was run)"))
 
 
 def _failed_dependency(run: PlannedRun, result: StudyResult) -> RuntimeError | None:
