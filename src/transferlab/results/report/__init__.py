@@ -4,7 +4,7 @@
 ``metrics.json``, ``config.yaml``, ``history.csv``, ``predictions.json`` and ``test_samples.safetensors`` —
 and writes ``report.html`` and ``report.md`` into the study folder:
 
-* the comparison table (``transferlab.compare.collect``: mean ± std over seeds), sortable, the best value
+* the comparison table (``transferlab.results.compare``: mean ± std over seeds), sortable, the best value
   of each column marked;
 * test accuracy against training time, with the Pareto front;
 * learning curves (train/val loss and accuracy per epoch) of every experiment;

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transferlab.files import write_bytes
+
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 FLAGS = (
     "--headless",
@@ -224,7 +226,8 @@ def check_page(
             session = pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
             for domain in ("Page", "Runtime", "Log"):
                 pipe.send(f"{domain}.enable", session=session)
-            pipe.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
+            metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+            pipe.send("Emulation.setDeviceMetricsOverride", metrics, session=session)
             pipe.send("Page.navigate", {"url": url}, session=session)
             pipe.wait_event("Page.loadEventFired", timeout=timeout)
             time.sleep(0.3)  # let late console messages arrive
@@ -244,8 +247,7 @@ def check_page(
                     params.update(clip={"x": x, "y": y, "width": w, "height": min(h, shot.max_height), "scale": 1}, captureBeyondViewport=True)
                 data = pipe.send("Page.captureScreenshot", params, session=session, timeout=timeout)["data"]
                 out = Path(shot.path)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(base64.b64decode(data))
+                write_bytes(out, base64.b64decode(data))
                 result.screenshots.append(out)
             # drain what is left, then collect the errors
             try:
