@@ -35,6 +35,9 @@ name               parameters (defaults)                            what
 
 Augmentations run on uint8 pixels before normalisation, in the listed order; ``fill`` / ``value``
 are pixel values (0..255).
+
+(Over 500 lines on purpose: each augmentation's two implementations sit side by side in one class,
+so that the batched and the PIL path cannot drift apart; splitting the table would separate them.)
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from transferlab.config import ConfigError, EnsembleSpec, ExperimentConfig, config_from_yaml_text
+from transferlab.config import ConfigError, EnsembleSpec, ExperimentConfig, SweepPoint, config_from_yaml_text
 from transferlab.files import read_json
 from transferlab.models.model import TransferModel, build_model
 from transferlab.models.weights import load_model_weights
@@ -144,10 +144,19 @@ class ExperimentRuns:
 
     @property
     def class_names(self) -> list[str]:
+        """The class names of the first finished run that recorded any (``[]`` when none did)."""
         for r in self.ok_runs:
             if r.class_names:
                 return r.class_names
         return []
+
+    @property
+    def sweep(self) -> SweepPoint | None:
+        """The sweep point this experiment is, from the first run whose config says so."""
+        for r in self.runs:
+            if r.config is not None and r.config.sweep is not None:
+                return r.config.sweep
+        return None
 
 
 @dataclass
@@ -158,6 +167,16 @@ class StudyRuns:
     name: str
     source: str | None
     experiments: list[ExperimentRuns] = field(default_factory=list)
+
+    @property
+    def ok_experiments(self) -> list[ExperimentRuns]:
+        """The experiments with at least one finished run."""
+        return [e for e in self.experiments if e.ok_runs]
+
+    @property
+    def failed_runs(self) -> list[Run]:
+        """Every failed run, in study order."""
+        return [r for e in self.experiments for r in e.failed_runs]
 
 
 def read_study(study_dir: str | Path) -> StudyRuns:

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferlab.config import SweepPoint
 from transferlab.results.compare import experiment_row
-from transferlab.rundir import Run, RunError
+from transferlab.rundir import ExperimentRuns, RunError, StudyRuns
 from transferlab.rundir import read_study as read_runs
 
 __all__ = ["ExperimentRecord", "ReportError", "StudyRecord", "read_study"]
@@ -27,57 +26,18 @@ class ReportError(ValueError):
 
 
 @dataclass
-class ExperimentRecord:
-    """All runs (seeds) of one experiment and its row of the comparison table."""
+class ExperimentRecord(ExperimentRuns):
+    """All runs (seeds) of one experiment, its row of the comparison table and its plot colour."""
 
-    name: str
-    runs: list[Run]
-    row: dict[str, Any]
+    row: dict[str, Any] = field(default_factory=dict)
     color: str = "C0"
-
-    @property
-    def ok_runs(self) -> list[Run]:
-        return [r for r in self.runs if r.ok]
-
-    @property
-    def failed_runs(self) -> list[Run]:
-        return [r for r in self.runs if not r.ok]
-
-    @property
-    def sweep(self) -> SweepPoint | None:
-        """The sweep point this experiment is, from the first run whose config says so."""
-        for r in self.runs:
-            if r.config is not None and r.config.sweep is not None:
-                return r.config.sweep
-        return None
-
-    @property
-    def class_names(self) -> list[str]:
-        """The class names of the first finished run that recorded any (``[]`` when none did)."""
-        for r in self.ok_runs:
-            if r.class_names:
-                return r.class_names
-        return []
 
 
 @dataclass
-class StudyRecord:
-    """A study folder read back: name, where it came from, and its experiments in study order."""
+class StudyRecord(StudyRuns):
+    """A study folder read back for the report: its experiments are ``ExperimentRecord``s, in study order."""
 
-    path: Path
-    name: str
-    source: str | None
-    experiments: list[ExperimentRecord] = field(default_factory=list)
-
-    @property
-    def ok_experiments(self) -> list[ExperimentRecord]:
-        """The experiments with at least one finished run: the ones with numbers to plot."""
-        return [e for e in self.experiments if e.ok_runs]
-
-    @property
-    def failed_runs(self) -> list[Run]:
-        """Every failed run, in study order."""
-        return [r for e in self.experiments for r in e.failed_runs]
+    experiments: list[ExperimentRecord] = field(default_factory=list)  # type: ignore[assignment]
 
 
 def read_study(study_dir: str | Path) -> StudyRecord:
