@@ -237,3 +237,46 @@ def test_flip_tta_averages_the_softmax_of_image_and_mirror_everywhere_the_run_is
         make_cfg(kind="logistic", train={"tta": "flip"})
     with pytest.raises(ConfigError, match="train.tta"):
         make_cfg(train={"tta": "rotate"})
+
+
+def test_a_callback_sees_every_hook_in_order_and_the_loop_state(make_cfg, tmp_path):
+    """``fit(..., callbacks=[...])``: Lightning-style hooks, after the built-in ones, with the whole loop."""
+    from lightning.fabric import Fabric
+
+    from transferlab.data import TensorBatches, prepare_splits
+    from transferlab.engine import Callback, fit
+    from transferlab.models import build_model
+
+    cfg = make_cfg(train={"epochs": 2, "batch_size": 32})
+    splits = prepare_splits(cfg.data, cfg.seed)
+    model, _ = build_model(cfg.model, cfg.head, splits.num_classes)
+    pre = model.preprocess()
+    train = TensorBatches(splits.train_x, splits.train_y, cfg.train.batch_size, pre, shuffle=True, seed=0)
+    val = TensorBatches(splits.val_x, splits.val_y, 64, pre)
+    calls: list[tuple] = []
+
+    class Record(Callback):
+        def on_fit_start(self, loop):
+            calls.append(("fit_start",))
+
+        def on_train_epoch_start(self, loop):
+            calls.append(("epoch_start", loop.state.epoch))
+
+        def on_train_batch_end(self, loop):
+            calls.append(("batch_end", loop.state.epoch, loop.state.step))
+
+        def on_train_epoch_end(self, loop, row):
+            calls.append(("epoch_end", row["epoch"], loop.state.best_epoch))
+
+        def on_fit_end(self, loop):
+            calls.append(("fit_end", len(loop.history)))
+
+    result = fit(model, train, val, cfg, Fabric(accelerator="cpu", devices=1), tmp_path / "ck", {}, console=QUIET, callbacks=[Record()])
+    steps = len(train)
+    expected = [("fit_start",)]
+    for epoch in range(2):
+        expected += [("epoch_start", epoch)] + [("batch_end", epoch, s + 1) for s in range(steps)] + [("epoch_end", epoch + 1)]
+    expected.append(("fit_end", 2))
+    assert [c if c[0] != "epoch_end" else c[:2] for c in calls] == expected
+    assert len(result.history) == 2
+    assert (tmp_path / "ck" / "last.safetensors").is_file()  # the built-in checkpointing still ran

@@ -149,7 +149,7 @@ def setup(
     fmodel, optimizer = fabric.setup(torch.compile(model) if tc.compile else model, optimizer)
     scheduler = make_scheduler(optimizer, tc, len(train))
     checkpoints = LoopCheckpoints(ckpt_dir, meta, fabric)
-    hooks = list(callbacks) if callbacks is not None else default_callbacks(cfg, fabric)
+    hooks = [*default_callbacks(cfg, fabric), *(callbacks or [])]  # yours run after the built-in ones
     loop = Loop(cfg, fabric, model, fmodel, optimizer, scheduler, train, val, checkpoints, console, hooks)
     resumed_from = None
     if resume and (restored := checkpoints.restore(model, optimizer, scheduler, console)):
