@@ -125,3 +125,17 @@ def test_demo_study_end_to_end(tmp_path, capsys):
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
     acc = {r["experiment"]: r["test_acc"] for r in rows}
     assert acc["cnn_scratch"] > 0.85 and acc["lite0_linear_probe"] > 0.80 and acc["lite0_finetune"] > 0.88
+
+
+def test_list_prints_every_registry_and_every_entry(capsys):
+    from transferlab.cli import main
+    from transferlab.registry import REGISTRIES
+
+    assert main(["list", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    for what, registry in REGISTRIES.items():
+        if what == "command":
+            continue
+        assert what in out, what
+        for name, doc in registry.describe():
+            assert name in out and doc.split("``")[0][:20] in out, (what, name)

@@ -175,6 +175,8 @@ def _v2_affine(degrees: float, translate: float, zoom: float, shear: float, fill
 @AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class Flip(Augmentation):
+    """Horizontal flip with probability ``p``."""
+
     name: ClassVar[str] = "flip"
     primary: ClassVar[str | None] = "p"
     p: float = 0.5
@@ -195,6 +197,8 @@ class Flip(Augmentation):
 @AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class VFlip(Flip):
+    """Vertical flip with probability ``p``."""
+
     name: ClassVar[str] = "vflip"
 
     def apply_batch(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -213,6 +217,8 @@ _PAD_MODES = {"reflect": "reflect", "constant": "constant", "edge": "replicate"}
 @AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class Crop(Augmentation):
+    """Pad by ``padding`` (reflect / constant / edge), then a random crop back to the image size."""
+
     name: ClassVar[str] = "crop"
     primary: ClassVar[str | None] = "padding"
     padding: int = 4
@@ -251,6 +257,8 @@ class Crop(Augmentation):
 @AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class Translate(Augmentation):
+    """A random shift of up to ``fraction`` × the size in each direction."""
+
     name: ClassVar[str] = "translate"
     primary: ClassVar[str | None] = "fraction"
     fraction: float = 0.1
@@ -271,6 +279,8 @@ class Translate(Augmentation):
 @AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class Rotate(Augmentation):
+    """A random rotation within ±``degrees``."""
+
     name: ClassVar[str] = "rotate"
     primary: ClassVar[str | None] = "degrees"
     degrees: float = 15.0
@@ -291,6 +301,8 @@ class Rotate(Augmentation):
 @AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class Affine(Augmentation):
+    """Rotation, shift, zoom in [1 − zoom, 1 + zoom] and x-shear, drawn per image."""
+
     name: ClassVar[str] = "affine"
     degrees: float = 0.0
     translate: float = 0.0
@@ -345,6 +357,8 @@ def _boxes(n: int, h: int, w: int, scale: Sequence[float], ratio: Sequence[float
 @AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class Erase(Augmentation):
+    """Random erasing: with probability ``p`` a rectangle of ``scale`` × the area set to ``value``."""
+
     name: ClassVar[str] = "erase"
     primary: ClassVar[str | None] = "p"
     tensor_stage: ClassVar[bool] = True
@@ -379,6 +393,8 @@ class Erase(Augmentation):
 @AUGMENTATIONS.register()
 @dataclass(frozen=True)
 class ResizedCrop(Augmentation):
+    """A random crop of ``scale`` × the area and ``ratio`` aspect, resized back to the image size."""
+
     name: ClassVar[str] = "resized_crop"
     primary: ClassVar[str | None] = "scale"
     scale: tuple[float, float] = (0.08, 1.0)
