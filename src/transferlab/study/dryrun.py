@@ -1,0 +1,288 @@
+"""``transferlab plan`` / ``run --dry-run``: the study's runs, checked and estimated, without training.
+
+Everything ``run`` checks before starting is checked (the study parses, every experiment validates,
+the graph has no cycle and no missing dependency). Then, per run: what it needs first, its slot and
+start on the executor, whether its dataset and weights are here (or would be downloaded, and how
+large), which runs likely share one cached backbone pass, and an estimated time from a short probe:
+a few real training steps of the real model (random weights: the cost does not depend on them) at
+the real batch and image size on this machine. Missing data is reported, never fatal.
+
+The estimate is an upper bound of one run's compute (all epochs, no early stopping; data loading
+and feature-cache reuse across runs not counted); treat it as ±50 %.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from transferlab.config import ExecutorConfig, ExperimentConfig, Study, load_study
+from transferlab.data.archives import DownloadRefused, no_downloads
+from transferlab.data.prepare import select_parts
+from transferlab.data.selection import select_classes
+from transferlab.data.sources import DatasetError, load_dataset
+from transferlab.models.backbones import weights_status
+from transferlab.models.model import build_model
+from transferlab.strategies import apply_strategy
+from transferlab.study.executors import EXECUTORS
+from transferlab.study.plan import PlannedRun, dependency_levels, plan_study
+from transferlab.study.runner import resolve_executor
+
+__all__ = ["PlanReport", "PlanRow", "dry_run", "print_plan"]
+
+KNOWN_SIZES = {  # (train, test, channels, side) from the datasets' documentation, for data that is not here yet
+    "cifar10": (50_000, 10_000, 3, 32), "cifar100": (50_000, 10_000, 3, 32), "cifar100_coarse": (50_000, 10_000, 3, 32),
+    "tiny_imagenet": (100_000, 10_000, 3, 64), "fashion_mnist": (60_000, 10_000, 1, 28), "mnist": (60_000, 10_000, 1, 28),
+}
+PROBE_STEPS = 3
+"""Timed training steps per probe (after one untimed warm-up step); the fastest counts."""
+PROBE_MAX_BATCH = 32
+"""Probes run at min(batch, this) and scale linearly: a 256-image batch of ResNet-152 at 224 px would take a minute here."""
+
+
+@dataclass
+class DataFacts:
+    state: str  # local | download | missing
+    detail: str
+    n_train: int = 0
+    n_val: int = 0
+    n_test: int = 0
+    channels: int = 3
+    side: int = 32
+    n_classes: int = 10
+
+
+@dataclass
+class PlanRow:
+    """One run of the plan, as the table shows it."""
+
+    name: str
+    kind: str
+    needs: list[str]
+    level: int
+    data: DataFacts
+    weights: tuple[str, str]
+    cache_group: str = ""
+    estimate_s: float | None = None
+    slot: int = 0
+    start_s: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class PlanReport:
+    study: str
+    executor: ExecutorConfig
+    rows: list[PlanRow] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    probe_seconds: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return sum(r.estimate_s or 0.0 for r in self.rows)
+
+    @property
+    def wall_s(self) -> float:
+        return max((r.start_s + (r.estimate_s or 0.0) for r in self.rows), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"study": self.study, "executor": dataclasses.asdict(self.executor), "total_s": self.total_s, "wall_s": self.wall_s,
+                "problems": self.problems, "rows": [dataclasses.asdict(r) for r in self.rows]}
+
+
+def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: str | ExecutorConfig | None = None,
+            workers: int | None = None, probe: bool = True, only: list[str] | None = None) -> PlanReport:
+    """Check and estimate every run of ``study`` (see the module docstring); nothing is trained or written."""
+    study = study if isinstance(study, Study) else load_study(study)
+    exec_cfg = resolve_executor(study.executor, executor, workers, None)
+    EXECUTORS.get(exec_cfg.name)
+    plan = [r for r in plan_study(study, Path(runs_dir) / study.name) if not only or r.cfg.name in only
+            or (r.cfg.sweep is not None and r.cfg.sweep.group in only)]
+    report = PlanReport(study.name, exec_cfg)
+    levels = dependency_levels(plan)
+    facts: dict[str, DataFacts] = {}
+    probes: dict[str, tuple[float | None, float | None]] = {}
+    t0 = time.perf_counter()
+    for run in plan:
+        row = PlanRow(run.name, run.cfg.kind, run.needs, levels[run.name], _data(run.cfg, facts),
+                      ("local", "members' runs") if run.cfg.kind == "ensemble" else _weights(run, plan))
+        if row.data.state == "missing":
+            report.problems.append(f"{run.name}: data: {row.data.detail}")
+        if row.weights[0] == "missing":
+            report.problems.append(f"{run.name}: weights: {row.weights[1]}")
+        if run.search:
+            row.note = "search trial (settings chosen when it starts)"
+        if probe and run.cfg.kind != "ensemble":
+            try:
+                row.estimate_s = _estimate(run.cfg, row.data, probes)
+            except Exception as e:  # noqa: BLE001 - a model the probe cannot build is a problem to report, not a crash
+                report.problems.append(f"{run.name}: probe failed: {type(e).__name__}: {e}")
+        elif run.cfg.kind == "ensemble":
+            row.estimate_s = 0.0 if probe else None
+        report.rows.append(row)
+    report.probe_seconds = time.perf_counter() - t0
+    _cache_groups(report.rows, plan)
+    _schedule(report.rows, exec_cfg)
+    return report
+
+
+def _data(cfg: ExperimentConfig, cache: dict[str, DataFacts]) -> DataFacts:
+    """Is the dataset here, and how many images each split gets (from the real selection when it is)."""
+    if cfg.kind == "ensemble":
+        return DataFacts("local", "members' test splits")
+    key = json.dumps([dataclasses.asdict(cfg.data), cfg.seed], sort_keys=True, default=str)
+    if key in cache:
+        return cache[key]
+    try:
+        with no_downloads():
+            raw = load_dataset(cfg.data)
+        relabel, _, names = select_classes(cfg.data.classes, raw.class_names)
+        parts, _ = select_parts(cfg.data, raw, cfg.seed, relabel, names)
+        shape = tuple(raw.train_x.shape) if isinstance(raw.train_x, torch.Tensor) else None
+        facts = DataFacts("local", raw.source, len(parts["train"][0]), len(parts["val"][0]), len(parts["test"][0]),
+                          shape[1] if shape else getattr(raw.train_x, "channels", 3) or 3,
+                          cfg.data.image_size or (shape[2] if shape else 224), len(names))
+    except DownloadRefused as e:
+        facts = _known(cfg, "download", str(e))
+    except DatasetError as e:
+        facts = _known(cfg, "missing", str(e).splitlines()[0][:300])
+    cache[key] = facts
+    return facts
+
+
+def _known(cfg: ExperimentConfig, state: str, detail: str) -> DataFacts:
+    """Split sizes of a dataset that is not here, from its documented size and the selection settings."""
+    n_train, n_test, ch, side = KNOWN_SIZES.get(cfg.data.dataset, (1000, 200, 3, 224))
+    d = cfg.data
+    if d.train_subset is not None:
+        n_train = int(d.train_subset if d.train_subset > 1 else n_train * d.train_subset)
+    if d.test_subset is not None:
+        n_test = int(d.test_subset if d.test_subset > 1 else n_test * d.test_subset)
+    n_val = d.val_count if d.val_count is not None else int(n_train * d.val_fraction)
+    classes = len(d.classes) if d.classes else {"cifar100": 100, "cifar100_coarse": 20, "tiny_imagenet": 200}.get(d.dataset, 10)
+    if d.k_per_class is not None:
+        n_train = d.k_per_class * classes
+    return DataFacts(state, detail + " (split sizes from the dataset's documented size)", max(0, n_train - n_val), n_val, n_test,
+                     ch, d.image_size or side, classes)
+
+
+def _weights(run: PlannedRun, plan: list[PlannedRun]) -> tuple[str, str]:
+    if run.needs and run.cfg.model.weights.startswith("run:"):
+        return "local", f"from run {run.needs[0]} (made first)"
+    return weights_status(run.cfg.model.backbone, run.cfg.model.weights)
+
+
+def _estimate(cfg: ExperimentConfig, data: DataFacts, probes: dict[str, tuple[float | None, float | None]]) -> float:
+    """Seconds for one run: probe (step, forward per image) of its model, times its steps and images."""
+    key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.head), dataclasses.asdict(cfg.strategy), data.side,
+                      data.n_classes, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.train.precision], sort_keys=True, default=str)
+    if key not in probes:
+        probes[key] = _probe(cfg, data)
+    step, fwd = probes[key]
+    fwd = fwd or 0.0
+    n_eval = data.n_val + data.n_test
+    if cfg.kind in ("logistic", "knn", "fewshot") or step is None:
+        return (data.n_train + n_eval) * fwd
+    if cfg.strategy.name == "linear_probe" and cfg.train.cache != "off" and not cfg.data.augment:
+        return (data.n_train + n_eval) * fwd  # one cached backbone pass; the head's epochs on features take seconds
+    steps = math.ceil(max(1, data.n_train) / cfg.train.batch_size)
+    return cfg.train.epochs * (steps * step + data.n_val * fwd) + data.n_test * fwd
+
+
+def _probe(cfg: ExperimentConfig, data: DataFacts) -> tuple[float | None, float | None]:
+    """(seconds per training step at the run's batch, seconds per image of inference), measured here."""
+    model_cfg = dataclasses.replace(cfg.model, weights="scratch", keep_head=False)
+    model, _ = build_model(model_cfg, cfg.head, data.n_classes)
+    apply_strategy(model, cfg.strategy)
+    chans = model.preprocess().in_chans
+    batch = min(cfg.train.batch_size, PROBE_MAX_BATCH)
+    x = torch.randn(batch, chans, data.side, data.side)
+    y = torch.randint(0, data.n_classes, (batch,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = None
+    if params and cfg.kind == "train":
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        model.train()
+        times = []
+        for _ in range(1 + PROBE_STEPS):  # the first step pays one-off costs (allocation, kernel choice): untimed
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            times.append(time.perf_counter() - t)
+        step = min(times[1:]) * cfg.train.batch_size / batch  # the fastest step: other processes' bursts only ever add time
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+        fwd = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            model(x)
+            fwd = min(fwd, (time.perf_counter() - t) / batch)
+    return step, fwd
+
+
+def _cache_groups(rows: list[PlanRow], plan: list[PlannedRun]) -> None:
+    """Label runs that likely share one cached backbone pass (same frozen backbone, weights, data and seed)."""
+    groups: dict[str, list[PlanRow]] = {}
+    for row, run in zip(rows, plan, strict=True):
+        c = run.cfg
+        frozen = c.kind in ("logistic", "knn") or (c.kind == "train" and c.strategy.name == "linear_probe" and c.train.cache != "off")
+        if not frozen or c.data.augment:
+            continue
+        key = json.dumps([c.model.backbone, c.model.weights, dataclasses.asdict(c.model), dataclasses.asdict(c.data), c.seed],
+                         sort_keys=True, default=str)
+        groups.setdefault(key, []).append(row)
+    shared = [g for g in groups.values() if len(g) > 1]
+    for i, g in enumerate(shared):
+        for row in g:
+            row.cache_group = chr(ord("A") + i % 26)
+
+
+def _schedule(rows: list[PlanRow], cfg: ExecutorConfig) -> None:
+    """Slot and start time of every run on the executor: list scheduling in dependency order with the estimates."""
+    n = 1 if cfg.name == "sequential" else (cfg.workers or (max(1, torch.cuda.device_count()) if cfg.name == "local" else len(rows) or 1))
+    free = [0.0] * n
+    end: dict[str, float] = {}
+    for row in rows:
+        ready = max((end.get(d, 0.0) for d in row.needs), default=0.0)
+        slot = min(range(n), key=lambda i: max(free[i], ready))
+        row.slot, row.start_s = slot, max(free[slot], ready)
+        end[row.name] = free[slot] = row.start_s + (row.estimate_s or 0.0)
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return "—"
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def print_plan(report: PlanReport, console: Console) -> None:
+    """The plan as a table, with the totals and the problems found."""
+    t = Table(title=f"plan: {report.study} on {report.executor.name}", title_justify="left", show_edge=False)
+    for col in ("run", "kind", "needs", "slot", "data", "weights", "cache", "estimate", "start"):
+        t.add_column(col)
+    for r in report.rows:
+        data = f"{r.data.state}: {r.data.n_train}/{r.data.n_val}/{r.data.n_test} @{r.data.side}px"
+        weights = r.weights[0] if r.weights[0] in ("none", "local") else f"{r.weights[0]}: {r.weights[1]}"
+        t.add_row(escape(r.name), r.kind, escape(", ".join(r.needs)) or "—", str(r.slot), escape(data), escape(weights),
+                  r.cache_group or "—", _fmt_s(r.estimate_s), _fmt_s(r.start_s))
+    console.print(t)
+    console.print(f"{len(report.rows)} runs; estimated compute {_fmt_s(report.total_s)}, wall {_fmt_s(report.wall_s)} on "
+                  f"{report.executor.name} (upper bound: all epochs, no early stopping; probes took {report.probe_seconds:.0f}s)",
+                  markup=False, highlight=False)
+    downloads = sorted({r.data.detail for r in report.rows if r.data.state == "download"})
+    for d in downloads:
+        console.print(f"download: {d}", markup=False, highlight=False)
+    for p in report.problems:
+        console.print(f"[yellow]problem:[/] {escape(p)}")
