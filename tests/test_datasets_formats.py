@@ -561,7 +561,8 @@ def test_augment_syntax_in_study_file() -> None:
     assert augs[1].padding == 2 and augs[2].degrees == 15.0 and (augs[3].shear, augs[3].zoom, augs[3].degrees) == (10.0, 0.1, 0.0)
     assert parse_augmentation({"resized_crop": 0.5}).scale == (0.5, 1.0)
     assert parse_augmentation({"erase": {"scale": [0.1, 0.2]}}).scale == (0.1, 0.2)
-    assert set(AUGMENTATIONS) == {"flip", "vflip", "crop", "translate", "rotate", "affine", "erase", "resized_crop"}
+    assert set(AUGMENTATIONS) == {"flip", "vflip", "crop", "translate", "rotate", "affine", "erase", "resized_crop",
+                                  "randaugment", "trivialaugment", "autoaugment", "augmix"}  # the last four: tests/test_recipes.py
 
 
 @pytest.mark.parametrize(

@@ -35,14 +35,14 @@ RUNNER = textwrap.dedent(
 )
 
 
-def _cfg(make_cfg, gradual: bool = False):
-    extra = {"strategy": {"name": "linear_probe", "unfreeze": {"at_epochs": [1, 2], "stages_per_step": 1}}} if gradual else {}
-    return make_cfg(
-        data={"synthetic_size": 512, "augment": ["flip", "crop"]},  # 384 train images, 24 steps of 16 per epoch
-        head={"type": "mlp", "hidden": 32, "dropout": 0.3},
-        train={"epochs": 3, "batch_size": 16, "schedule": "onecycle", "checkpoint_every_steps": 1},
-        **extra,
-    )
+def _cfg(make_cfg, variant: str = "plain"):
+    extra = {"strategy": {"name": "linear_probe", "unfreeze": {"at_epochs": [1, 2], "stages_per_step": 1}}} if variant == "gradual" else {}
+    data = {"synthetic_size": 512, "augment": ["flip", "crop"]}  # 384 train images, 24 steps of 16 per epoch
+    train = {"epochs": 3, "batch_size": 16, "schedule": "onecycle", "checkpoint_every_steps": 1}
+    if variant == "recipes":  # their state (mixup's generator, the EMA, per-image policy seeds) must resume too
+        data = {**data, "sampler": "balanced", "augment": ["flip", "crop", {"randaugment": 5}]}
+        train = {**train, "mixup": {"alpha": 0.4, "cutmix_alpha": 1.0}, "ema": {"decay": 0.9, "evaluate": "both"}}
+    return make_cfg(data=data, head={"type": "mlp", "hidden": 32, "dropout": 0.3}, train=train, **extra)
 
 
 def _start(tmp_path: Path, cfg, run_dir: Path, mode: str) -> subprocess.Popen:
@@ -61,9 +61,13 @@ def _trainer_position(run_dir: Path) -> tuple[int, int] | None:
     return t["epoch"], t["step"]
 
 
-@pytest.mark.parametrize("kill_at, gradual", [((0, 7), False), ((1, 13), False), ((1, 5), True)], ids=["epoch1", "epoch2", "gradual-unfreezing"])
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(make_cfg, tmp_path, kill_at, gradual):
-    cfg = _cfg(make_cfg, gradual)
+@pytest.mark.parametrize(
+    "kill_at, variant",
+    [((0, 7), "plain"), ((1, 13), "plain"), ((1, 5), "gradual"), ((1, 9), "recipes")],
+    ids=["epoch1", "epoch2", "gradual-unfreezing", "mixup-ema-balanced-sampler"],
+)
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(make_cfg, tmp_path, kill_at, variant):
+    cfg = _cfg(make_cfg, variant)
     ref = tmp_path / "ref"
     assert _start(tmp_path, cfg, ref, "fresh").wait(timeout=300) == 0
 

@@ -7,6 +7,7 @@ Python API::
     rows = transferlab.compare("runs/fashion_mnist_demo")
     run = transferlab.load_run("runs/fashion_mnist_demo/cnn_scratch")
     model = run.load_model()
+    result = transferlab.export_run("runs/fashion_mnist_demo/cnn_scratch", "onnx")  # + parity check
 """
 
 from importlib import metadata
@@ -15,6 +16,7 @@ from transferlab.config import ConfigError, ExperimentConfig, Study, load_study,
 from transferlab.kinds import run_experiment
 from transferlab.results.compare import compare
 from transferlab.rundir import Run, load_run
+from transferlab.rundir.read import export_run
 from transferlab.study import StudyResult, run_study
 
 try:
@@ -30,6 +32,7 @@ __all__ = [
     "StudyResult",
     "__version__",
     "compare",
+    "export_run",
     "load_run",
     "load_study",
     "parse_study",

@@ -6,13 +6,15 @@ fsyncs the folder: a crash (SIGKILL, power loss) at any moment leaves the old fi
 never a torn one; a full disk is an error that names the file and leaves the old file in place.
 
 Checkpoints are one ``.safetensors`` file each: model tensors under ``model.``, optimizer tensors
-under ``optim.``, RNG states under ``rng.``; everything else (config, class names, epoch, optimizer
+under ``optim.``, RNG states under ``rng.``, further named groups (a second set of weights: the EMA or
+the raw ones) under their name; everything else (config, class names, epoch, optimizer
 hyper-parameters, scheduler state, code version) is JSON in the safetensors header. Nothing in them
 can execute code when loaded. A ``.json`` copy of the metadata is written beside each for people.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -20,7 +22,12 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Sequence
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,7 @@ __all__ = [
     "CheckpointError",
     "atomic_write",
     "load_checkpoint",
+    "load_checkpoint_group",
     "read_checkpoint_metadata",
     "read_json",
     "safetensors_header",
@@ -86,6 +94,23 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
             raise OSError(e.errno, f"{path}: no space left on the device (the previous version of the file is kept)") from None
         raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock (``flock``) on ``path`` (created if missing), waiting for it; a killed holder releases it.
+
+    Without ``fcntl`` (Windows) this is a no-op: there, one process per folder is the rule.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -148,9 +173,15 @@ def save_checkpoint(
     meta: dict[str, Any],
     optimizer_state: dict[str, Any] | None = None,
     rng: dict[str, torch.Tensor] | None = None,
+    groups: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write a checkpoint atomically. ``meta`` must be JSON-serialisable."""
+    """Write a checkpoint atomically. ``meta`` must be JSON-serialisable. ``groups`` are further named sets of
+    tensors (e.g. ``{"ema": state}``: a second copy of the weights), read back with ``load_checkpoint_group``."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
+    for group, state in (groups or {}).items():
+        if group in ("model", "optim", "rng"):
+            raise ValueError(f"checkpoint group name {group!r} is reserved")  # programming error
+        tensors.update({f"{group}.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
     meta = {"format": CHECKPOINT_FORMAT, **meta}
     if optimizer_state is not None:
         opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
@@ -194,6 +225,17 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if "optimizer" in meta:
         optim = _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"])
     return model_state, meta, optim, rng
+
+
+def load_checkpoint_group(path: Path, group: str) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds under ``group`` (``save_checkpoint(groups=...)``); empty when none. Errors name the file."""
+    read_checkpoint_metadata(path)
+    prefix = f"{group}."
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({e})") from None
 
 
 def safetensors_header(tensors: dict[str, tuple[str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:

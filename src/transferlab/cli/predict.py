@@ -1,4 +1,4 @@
-"""``transferlab predict``: the top-k classes of any image files with a run's model."""
+"""``transferlab predict``: the top-k classes of any image files with a run's model (or its exported ONNX file)."""
 
 from __future__ import annotations
 
@@ -13,26 +13,26 @@ from rich.text import Text
 from transferlab.cli.command import COMMANDS, Command
 from transferlab.files import write_json
 from transferlab.rundir import load_run
-from transferlab.tools.predict import predict, predictions_json
+from transferlab.tools.predict import is_onnx_file, predict, predictions_json
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/<study>/<experiment>")
+    p.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/<study>/<experiment>, or a .onnx file from transferlab export")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", dest="json_out", help="write the predictions as JSON to this file ('-': print JSON instead of the table)")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default best)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of a run (default best)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    run_ = load_run(args.run_dir)
+    run_ = args.run_dir if is_onnx_file(args.run_dir) else load_run(args.run_dir)
     preds = predict(run_, args.images, top_k=args.top_k, checkpoint=args.checkpoint, device=args.device)
     doc = predictions_json(run_, preds, args.checkpoint)
     if args.json_out == "-":
         print(json.dumps(doc, indent=2))
         return 1 if any(p.error for p in preds) else 0
-    table = Table(title=f"{run_.config.name}: top {min(args.top_k, len(run_.class_names))}")
+    table = Table(title=f"{doc['experiment']}: top {min(args.top_k, len(doc['class_names']))}")
     for col in ("image", "rank", "class", "probability"):
         table.add_column(col, justify="right" if col in ("rank", "probability") else "left")
     for p in preds:  # Text cells: file and class names are shown as they are, never as markup

@@ -1,8 +1,19 @@
 """Configuration: the experiment schema (a leaf), strict YAML and dict conversion, study files and sweeps."""
 
 from transferlab.config.convert import deep_merge, from_dict, suggest
+from transferlab.config.scaling import (
+    Distribution,
+    ExecutorConfig,
+    Resources,
+    SearchSpec,
+    SlurmOptions,
+    parse_executor,
+    parse_resources,
+    parse_search,
+)
 from transferlab.config.schema import (
     CHOICES,
+    ActivationsConfig,
     ConfigError,
     DataConfig,
     EarlyStoppingConfig,
@@ -11,6 +22,7 @@ from transferlab.config.schema import (
     FewShotConfig,
     HeadConfig,
     ModelConfig,
+    PredictConfig,
     ProbeConfig,
     StrategyConfig,
     SweepPoint,
@@ -20,6 +32,7 @@ from transferlab.config.schema import (
     choice_message,
     register_check,
     register_choices,
+    resolve_paths,
     unfreeze_milestones,
 )
 from transferlab.config.study import (
@@ -35,8 +48,19 @@ from transferlab.config.study import (
 from transferlab.config.yamlio import load_yaml, load_yaml_file
 
 __all__ = [
+    "ActivationsConfig",
+    "PredictConfig",
+    "resolve_paths",
     "ConfigError",
     "DataConfig",
+    "Distribution",
+    "ExecutorConfig",
+    "Resources",
+    "SearchSpec",
+    "SlurmOptions",
+    "parse_executor",
+    "parse_resources",
+    "parse_search",
     "EarlyStoppingConfig",
     "EnsembleConfig",
     "EnsembleSpec",

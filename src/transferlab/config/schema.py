@@ -15,17 +15,22 @@ import difflib
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
+    "ActivationsConfig",
     "ConfigError",
     "DataConfig",
     "EarlyStoppingConfig",
+    "EmaConfig",
     "EnsembleSpec",
     "ExperimentConfig",
     "FewShotConfig",
     "HeadConfig",
+    "MixupConfig",
     "ModelConfig",
+    "PredictConfig",
     "ProbeConfig",
     "StrategyConfig",
     "SweepPoint",
@@ -36,6 +41,7 @@ __all__ = [
     "choice_message",
     "register_check",
     "register_choices",
+    "resolve_paths",
     "unfreeze_milestones",
 ]
 
@@ -63,7 +69,8 @@ class DataConfig:
     """Use only part of the test split (fraction or count, stratified). ``None`` = all of it."""
     augment: list[str | dict[str, Any]] = field(default_factory=list)
     """Training augmentations, in order: a registered name or ``{name: parameters}`` — ``flip``, ``vflip``,
-    ``crop``, ``translate``, ``rotate``, ``affine``, ``erase``, ``resized_crop`` (see ``transferlab.data.augment``)."""
+    ``crop``, ``translate``, ``rotate``, ``affine``, ``erase``, ``resized_crop``, ``randaugment``, ``trivialaugment``,
+    ``autoaugment``, ``augmix`` (see ``transferlab.data.augment``)."""
     val_count: int | None = None
     """Hold out exactly this many training images (stratified) for validation, instead of ``val_fraction``."""
     k_per_class: int | None = None
@@ -79,6 +86,9 @@ class DataConfig:
     """Skip unreadable/corrupt image files (listed and counted in the run) instead of failing."""
     num_workers: int | None = None
     """DataLoader workers of the PIL path; ``None``: all cores but one (at most 8)."""
+    sampler: str = "random"
+    """Order of the training images each epoch (``transferlab.data.sampler``): ``random`` (a seeded permutation,
+    every image once) or ``balanced`` (as many draws with replacement, every class equally likely)."""
     synthetic_classes: int = 4
     """Number of classes of the ``synthetic`` dataset (tests only)."""
     synthetic_size: int = 256
@@ -103,7 +113,8 @@ class ModelConfig:
     """Any timm model name, or a transferlab built-in such as ``transferlab_cnn``."""
     weights: str = "scratch"
     """``scratch`` | ``imagenet`` (timm hub) | ``embedded`` (offline ImageNet EfficientNet-Lite0/1/2) | ``file:<path>``
-    | ``run:<run dir or experiment of this study>`` (the backbone of an earlier run)."""
+    | ``run:<run dir or experiment of this study>`` (the backbone of an earlier run)
+    | ``hf:<folder or owner/name>`` (a Hugging Face Hub folder or repo, e.g. a ``transferlab export --format hf``)."""
     truncate: TruncateConfig | None = None
     """Cut the backbone after its first stages (``{stages: 2}``) or after a module (``{after: layer2}``)."""
     keep_head: bool = False
@@ -169,6 +180,35 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class MixupConfig:
+    """``train.mixup``: Mixup / CutMix of every training batch, with timm's ``Mixup`` semantics (batch mode)."""
+
+    alpha: float | None = 1.0
+    """Mixup's Beta(alpha, alpha) for the mixing weight lambda; ``null``: no mixup (CutMix only; timm's 0)."""
+    cutmix_alpha: float | None = None
+    """CutMix's Beta(alpha, alpha) for the kept area; ``null``: no CutMix (timm's 0)."""
+    prob: float = 1.0
+    """Probability that a batch is mixed at all."""
+    switch_prob: float = 0.5
+    """With both set: probability that a mixed batch uses CutMix instead of mixup."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the mixed soft targets (timm's default; replaces ``train.label_smoothing``)."""
+
+
+@dataclass
+class EmaConfig:
+    """``train.ema``: an exponential moving average of the weights (``transferlab.engine.ema``)."""
+
+    decay: float = 0.999
+    """Decay per optimizer step, in (0, 1)."""
+    warmup: bool = True
+    """timm's warm-up: step t uses min(decay, 1 - (1 + t)^(-2/3)), so early weights fade fast in short runs."""
+    evaluate: Literal["ema", "raw", "both"] = "ema"
+    """Weights validated, kept as ``best`` and tested: ``ema``, ``raw`` (the EMA is only kept in the checkpoints), or
+    ``both`` (both validated and tested; the EMA ones are the run's result)."""
+
+
+@dataclass
 class TrainConfig:
     """The optimisation loop."""
 
@@ -221,6 +261,16 @@ class TrainConfig:
     cache_views: int = 0
     """With ``data.augment``: cache this many augmented views of every training image (epoch e uses view e mod K);
     0 = caching is off for augmented runs."""
+    mixup: MixupConfig | None = None
+    """Mixup / CutMix of the training batches (``{alpha: 0.2}``, ``{cutmix_alpha: 1.0}``, ...); ``null`` = off."""
+    ema: EmaConfig | None = None
+    """EMA of the weights (``{decay: 0.999, evaluate: both}``); ``null`` = off."""
+    loss: str = "cross_entropy"
+    """Registered training loss (``transferlab.engine.losses``): ``cross_entropy`` or ``focal`` (``focal_gamma``)."""
+    focal_gamma: float = 2.0
+    """``loss: focal``: the focusing exponent gamma (0 = cross-entropy)."""
+    class_weights: Literal["balanced"] | list[float] | None = None
+    """Per-class loss weights: ``balanced`` (n / (classes * n_c) on the training split) or one weight per class."""
 
 
 @dataclass
@@ -280,6 +330,36 @@ class EnsembleSpec:
 
 
 @dataclass
+class PredictConfig:
+    """``predict:``: after training, the top-k classes of image files from outside the dataset (``transferlab.engine.inspect``)."""
+
+    images: list[str] = field(default_factory=list)
+    """Image files or folders (searched recursively); in a study file, relative paths start at the study file's folder."""
+    top_k: int = 5
+    """Classes recorded per image, most probable first."""
+
+
+@dataclass
+class ActivationsConfig:
+    """``activations:``: after training, feature maps of chosen layers for image files, one PNG per image."""
+
+    images: list[str] = field(default_factory=list)
+    """Image files or folders; in a study file, relative paths start at the study file's folder."""
+    layers: list[str] | None = None
+    """Module names of the run's model (``backbone.conv1``, ``backbone.layer2``); ``null``: the first and a middle stage."""
+    max_maps: int = 16
+    """Feature maps shown per layer (its strongest channels by mean activation)."""
+    gradcam: bool = False
+    """Add the Grad-CAM heat map of the predicted class."""
+    gradcam_layer: str = "features"
+    """Layer of the Grad-CAM: ``features`` (the backbone's final feature map) or a module name."""
+
+
+PATH_KEYS = (("predict", "images"), ("activations", "images"))
+"""(section, field) lists of paths that a study file gives relative to its own folder (``resolve_paths``)."""
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment of a study: data, model, head, strategy and training settings."""
 
@@ -301,6 +381,13 @@ class ExperimentConfig:
     ensemble: EnsembleSpec = field(default_factory=EnsembleSpec)
     sweep: SweepPoint | None = None
     """Set by a study's ``sweep:``: which sweep this experiment is a point of, and its values (not written by hand)."""
+    tracking: list[str] | dict[str, dict[str, Any] | None] = field(default_factory=list)
+    """Where the run is also logged while it runs (``transferlab.engine.tracking``): registered tracker names
+    (``tensorboard``, ``mlflow``), or a mapping of name -> options. Cannot change results: ``--resume`` allows a change."""
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    """Top-k predictions on outside image files after training (``kind: train``)."""
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    """Feature maps of outside image files after training (``kind: train``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -417,6 +504,8 @@ def _range_checks(cfg: ExperimentConfig) -> Iterable[Check]:
     ]
     yield from _kind_checks(cfg)
     yield from _surgery_checks(cfg)
+    yield from _recipe_checks(cfg)
+    yield from _inspect_checks(cfg)
 
 
 def _kind_checks(cfg: ExperimentConfig) -> Iterable[Check]:
@@ -467,3 +556,64 @@ def _surgery_checks(cfg: ExperimentConfig) -> Iterable[Check]:
         yield (bool(r) and all(v > 0 for v in r), "train.lr_ratio", r, "must be a non-empty list of multipliers > 0")
     elif isinstance(r, float):
         yield (r > 0, "train.lr_ratio", r, "must be > 0")
+
+
+def _recipe_checks(cfg: ExperimentConfig) -> Iterable[Check]:
+    """Mixup / CutMix, EMA, the loss and class weights, the sampler (``kind: train`` only)."""
+    t, d = cfg.train, cfg.data
+    mx, ema, w = t.mixup, t.ema, t.class_weights
+    if mx is not None:
+        for key in ("alpha", "cutmix_alpha"):
+            v = getattr(mx, key)
+            yield (v is None or v > 0, f"train.mixup.{key}", v, "must be > 0 (null: off)")
+        yield (mx.alpha is not None or mx.cutmix_alpha is not None, "train.mixup", "{alpha: null, cutmix_alpha: null}",
+               "mixes nothing: set alpha (mixup) and/or cutmix_alpha (CutMix)")
+        yield (0 <= mx.prob <= 1, "train.mixup.prob", mx.prob, "must be in [0, 1]")
+        yield (0 <= mx.switch_prob <= 1, "train.mixup.switch_prob", mx.switch_prob, "must be in [0, 1]")
+        yield (0 <= mx.label_smoothing < 1, "train.mixup.label_smoothing", mx.label_smoothing, "must be in [0, 1)")
+        yield (t.label_smoothing == 0, "train.label_smoothing", t.label_smoothing,
+               "does not apply with train.mixup (its soft targets are smoothed by train.mixup.label_smoothing)")
+    if ema is not None:
+        yield (0 < ema.decay < 1, "train.ema.decay", ema.decay, "must be in (0, 1)")
+    yield (t.focal_gamma >= 0, "train.focal_gamma", t.focal_gamma, "must be >= 0")
+    if isinstance(w, list):
+        yield (bool(w) and all(v > 0 for v in w), "train.class_weights", w, "must be 'balanced' or a non-empty list of weights > 0")
+        n = len(d.classes) if d.classes is not None else None
+        yield (n is None or len(w) == n, "train.class_weights", w, f"has {len(w)} weights, data.classes lists {n} classes")
+    if cfg.kind != "train":
+        used = {"train.mixup": mx, "train.ema": ema, "train.class_weights": w}
+        used |= {"train.loss": t.loss} if t.loss != "cross_entropy" else {}
+        used |= {"data.sampler": d.sampler} if d.sampler != "random" else {}
+        for key, value in used.items():
+            yield (value is None, key, value, f"applies to kind: train only (this experiment is kind: {cfg.kind})")
+
+
+def _inspect_checks(cfg: ExperimentConfig) -> Iterable[Check]:
+    """``predict:`` and ``activations:`` (the files themselves are checked by ``transferlab.engine.inspect``)."""
+    p, a = cfg.predict, cfg.activations
+    yield (p.top_k >= 1, "predict.top_k", p.top_k, "must be >= 1")
+    yield (a.max_maps >= 1, "activations.max_maps", a.max_maps, "must be >= 1")
+    yield (bool(a.gradcam_layer.strip()), "activations.gradcam_layer", a.gradcam_layer, "must name a layer (or 'features')")
+    for key, values in (("predict.images", p.images), ("activations.images", a.images), ("activations.layers", a.layers or [])):
+        for i, v in enumerate(values):
+            yield (bool(v.strip()), f"{key}[{i}]", v, "must not be empty")
+    yield (a.layers is None or bool(a.layers), "activations.layers", a.layers, "must list at least one layer (or be null: the defaults)")
+    if cfg.kind != "train":
+        for key, values in (("predict.images", p.images), ("activations.images", a.images)):
+            yield (not values, key, values, f"applies to kind: train only (this experiment is kind: {cfg.kind})")
+
+
+def resolve_paths(cfg: ExperimentConfig, base: str | Path) -> ExperimentConfig:
+    """``cfg`` with the relative paths of ``PATH_KEYS`` (``predict.images``, ``activations.images``) joined to ``base``.
+
+    A study file names its outside images relative to its own folder, so a gallery study runs from any
+    working directory; ``parse_study`` calls this with the study file's folder before validating.
+    The result is absolute, so the run's checks and ``config.yaml`` do not depend on the working folder; absolute
+    and ``~`` paths are kept (``~`` expanded). Changes ``cfg`` in place and returns it.
+    """
+    base = Path(base).absolute()
+    for section, name in PATH_KEYS:
+        sec = getattr(cfg, section)
+        paths = [Path(p).expanduser() for p in getattr(sec, name)]
+        setattr(sec, name, [str(p if p.is_absolute() else base / p) for p in paths])
+    return cfg

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from transferlab.config.convert import deep_merge, from_dict, suggest
-from transferlab.config.schema import ConfigError, ExperimentConfig, SweepPoint
+from transferlab.config.scaling import ExecutorConfig, Resources, SearchSpec, parse_executor, parse_resources, parse_search
+from transferlab.config.schema import ConfigError, ExperimentConfig, SweepPoint, resolve_paths
 from transferlab.config.yamlio import load_yaml, load_yaml_file
 
 __all__ = [
@@ -54,9 +55,19 @@ class Study:
     source: str | None = None
     ensembles: list[EnsembleConfig] = field(default_factory=list)
     """Ensembles run after the experiments, in order."""
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    """Where the runs execute (``executor:``; ``--executor`` overrides)."""
+    resources: dict[str, Resources] = field(default_factory=dict)
+    """Per experiment name (sweep points and seeds included): what one of its runs asks of a worker."""
+    searches: dict[str, SearchSpec] = field(default_factory=dict)
+    """Experiments with a ``search:``: their trials are proposed by Optuna while the study runs."""
+
+    def resources_of(self, name: str) -> Resources:
+        return self.resources.get(name, Resources())
 
 
-_STUDY_KEYS = ("study", "defaults", "seeds", "sweep", "experiments", "ensembles", "description")
+_STUDY_KEYS = ("study", "defaults", "seeds", "sweep", "experiments", "ensembles", "description", "executor", "resources",
+               "tracking")
 
 
 def _parse_ensembles(raw: Any, source: str, experiment_names: set[str]) -> list[EnsembleConfig]:
@@ -192,7 +203,14 @@ def parse_study(raw: dict[str, Any], source: str = "<dict>") -> Study:
     in a sweep lists that experiment's seeds (runs ``<name>.seed<k>``), like ``seeds`` does for all.
     """
     name, defaults, study_sweep, seeds, entries = _study_header(raw, source)
+    try:
+        executor = parse_executor(raw.get("executor", "sequential"), "executor")
+        default_res = parse_resources(raw.get("resources"), "resources")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     experiments: list[ExperimentConfig] = []
+    resources: dict[str, Resources] = {}
+    searches: dict[str, SearchSpec] = {}
     seen: set[str] = set()
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -200,9 +218,35 @@ def parse_study(raw: dict[str, Any], source: str = "<dict>") -> Study:
         if entry["name"] in seen or "/" in entry["name"] or not entry["name"]:
             raise ConfigError(f"{source}: experiments[{i}]: name {entry['name']!r} is empty, repeated or contains '/'")
         seen.add(entry["name"])
-        experiments += _expand_entry(i, dict(entry), defaults, study_sweep, seeds, source, seen)
+        entry = dict(entry)
+        res_raw, search_raw = entry.pop("resources", None), entry.pop("search", None)
+        expanded = _expand_entry(i, entry, defaults, study_sweep, seeds, source, seen)
+        try:
+            res = parse_resources(res_raw, f"experiments[{i}].resources", default_res)
+            if search_raw is not None:
+                searches[entry["name"]] = _check_search(search_raw, f"experiments[{i}].search", expanded)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        resources.update({c.name: res for c in expanded})
+        experiments += expanded
     ensembles = _parse_ensembles(raw.get("ensembles"), source, {c.name for c in experiments})
-    return Study(name=name, experiments=experiments, source=source, ensembles=ensembles)
+    return Study(name=name, experiments=experiments, source=source, ensembles=ensembles, executor=executor,
+                 resources=resources, searches=searches)
+
+
+def _check_search(raw: Any, where: str, expanded: list[ExperimentConfig]) -> SearchSpec:
+    """A ``search:`` of one experiment: the spec, and every bound of its space builds a valid config."""
+    if expanded[0].sweep is not None:
+        raise ConfigError(f"{where}: an experiment cannot have both a sweep and a search (search the swept key instead)")
+    spec = parse_search(raw, where, sweep_keys())
+    base = expanded[0].to_dict()
+    for key, dist in spec.distributions().items():
+        for value in dist.extremes():
+            try:
+                from_dict(ExperimentConfig, _set_dotted(base, key, value), f"{where}.space.{key}={value!r}").validate()
+            except ConfigError as e:
+                raise ConfigError(f"{where}.space.{key}: the value {value!r} gives an invalid experiment: {e}") from None
+    return spec
 
 
 def _study_header(raw: Any, source: str) -> tuple[str, dict[str, Any], dict[str, list[Any]], list[int] | None, list[Any]]:
@@ -218,6 +262,14 @@ def _study_header(raw: Any, source: str) -> tuple[str, dict[str, Any], dict[str,
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ConfigError(f"{source}: 'defaults' must be a mapping")
+    if "tracking" in raw:  # the study's trackers: a default of every experiment, as if in `defaults`
+        if "tracking" in defaults:
+            raise ConfigError(f"{source}: 'tracking' is given twice: at the top level and in 'defaults' (keep one)")
+        try:
+            from_dict(ExperimentConfig, {"tracking": raw["tracking"]})
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        defaults = {**defaults, "tracking": raw["tracking"]}
     if "sweep" in defaults:
         raise ConfigError(f"{source}: 'defaults.sweep': put 'sweep' at the top level of the study (all experiments) or in an experiment")
     study_sweep = _check_sweep(raw.get("sweep"), f"{source}: sweep")
@@ -263,6 +315,8 @@ def _expand_entry(
             base = from_dict(ExperimentConfig, point_raw, where)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        if Path(source).is_file():  # outside images (predict:, activations:) are named relative to the study file
+            resolve_paths(base, Path(source).parent)
         if point:
             base.sweep = SweepPoint(group=exp_name, values=point)
         for seed in exp_seeds if exp_seeds is not None else [base.seed]:

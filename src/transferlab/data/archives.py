@@ -101,12 +101,42 @@ def _write_member(dest: Path, is_dir: bool, src: object) -> None:
         shutil.copyfileobj(src, out)  # type: ignore[arg-type]
 
 
+DOWNLOAD_MB = {"cifar-10-python.tar.gz": 163, "cifar-100-python.tar.gz": 161, "tiny-imagenet-200.zip": 237, "FashionMNIST": 30, "MNIST": 12}
+"""Size of what a loader would download (MB), for ``transferlab plan``."""
+
+_downloads_refused = 0
+
+
+class DownloadRefused(DatasetError):
+    """A loader would download, inside ``no_downloads()`` (``transferlab plan``): the data is not here."""
+
+
+@contextmanager
+def no_downloads() -> Iterator[None]:
+    """Within this block a loader that would download raises ``DownloadRefused`` naming what and how large, instead."""
+    global _downloads_refused
+    _downloads_refused += 1
+    try:
+        yield
+    finally:
+        _downloads_refused -= 1
+
+
+def refuse_download(what: str) -> None:
+    """Raise ``DownloadRefused`` inside ``no_downloads()``; otherwise nothing (the download goes ahead)."""
+    if _downloads_refused:
+        name = what.rsplit("/", 1)[-1]
+        size = f" (about {DOWNLOAD_MB[name]} MB)" if name in DOWNLOAD_MB else ""
+        raise DownloadRefused(f"would download {what}{size}")
+
+
 def download_archive(url: str, md5: str, directory: Path, filename: str) -> Path:
     """Download ``url`` into ``directory/filename`` and check its MD5 (torchvision's downloader).
 
     An existing file with the right checksum is reused. Raises DatasetError naming the URL when the
     download or the checksum fails.
     """
+    refuse_download(url)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / filename
     try:

@@ -31,7 +31,21 @@ name               parameters (defaults)                            what
                    ``ratio`` ([0.3, 3.3]), ``value`` (0)            ``value``)
 ``resized_crop``   ``scale`` ([0.08, 1.0]; ``{resized_crop: 0.5}``     random crop of scale × area, resized
                    means [0.5, 1.0]), ``ratio`` ([0.75, 1.333])      back to the image size
+``randaugment``    ``num_ops`` (2), ``magnitude`` (9),              RandAugment: ``num_ops`` random ops at
+                   ``num_magnitude_bins`` (31), ``fill`` (0)        one magnitude (torchvision's)
+``trivialaugment`` ``num_magnitude_bins`` (31), ``fill`` (0)        TrivialAugmentWide: one op at a random
+                                                                    magnitude
+``autoaugment``    ``policy`` (imagenet; cifar10, svhn),            AutoAugment: a random sub-policy of
+                   ``fill`` (0)                                     the learned policy
+``augmix``         ``severity`` (3), ``mixture_width`` (3),         AugMix: a Dirichlet mix of augmented
+                   ``chain_depth`` (-1: 1-3), ``alpha`` (1),        chains, blended with the image
+                   ``fill`` (0)
 =================  ===============================================  =====================================
+
+The four automatic policies are torchvision's own ``transforms.v2`` classes on both paths — on the
+PIL image there, on each uint8 image of the batch on the device here — drawing one policy sample
+per image with torch's generator seeded per image from the batch generator (a per-image call: these
+policies are chains of ops picked per image, which no single batched op expresses).
 
 Augmentations run on uint8 pixels before normalisation, in the listed order; ``fill`` / ``value``
 are pixel values (0..255).
@@ -433,6 +447,145 @@ class ResizedCrop(Augmentation):
         from torchvision.transforms import InterpolationMode, v2
 
         return v2.RandomResizedCrop(size, scale=tuple(self.scale), ratio=tuple(self.ratio), interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+# --------------------------------------------------------------------------------------------
+# automatic augmentation policies (torchvision's, one draw per image)
+
+
+@dataclass(frozen=True)
+class PolicyAugmentation(Augmentation):
+    """Base of the automatic policies: a torchvision ``transforms.v2`` transform, sampled once per image."""
+
+    def transform(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def apply_batch(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        tf, out, cuda = self.transform(), torch.empty_like(x), x.device.type == "cuda"
+        seeds = torch.randint(0, 2**62, (len(x),), generator=g).tolist()
+        # torchvision draws from torch's global generators (AugMix's mixing weights: the image's device):
+        # seed them per image from g, and leave them as they were
+        generators = [torch.default_generator]
+        if cuda:
+            generators.append(torch.cuda.default_generators[x.device.index if x.device.index is not None else torch.cuda.current_device()])
+        threads = torch.get_num_threads()
+        if not cuda:  # ops on one small image: waking a thread pool per op costs more than the op itself
+            torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[x.device] if cuda else []):
+                for i, seed in enumerate(seeds):
+                    for gen in generators:
+                        gen.manual_seed(seed)
+                    out[i] = tf(x[i])
+        finally:
+            torch.set_num_threads(threads)
+        return out
+
+    def pil_transform(self, size: tuple[int, int]) -> Any:
+        return self.transform()
+
+
+def _int_at_least(name: str, key: str, value: int, low: int) -> None:
+    if value < low:
+        raise AugmentationError(f"{name}: {key}={value} must be >= {low}")
+
+
+@AUGMENTATIONS.register()
+@dataclass(frozen=True)
+class RandAugment(PolicyAugmentation):
+    """RandAugment (Cubuk et al., 2020): ``num_ops`` ops drawn uniformly per image, all at ``magnitude``."""
+
+    name: ClassVar[str] = "randaugment"
+    primary: ClassVar[str | None] = "magnitude"
+    num_ops: int = 2
+    magnitude: int = 9
+    num_magnitude_bins: int = 31
+    fill: int = 0
+
+    def check(self) -> None:
+        _int_at_least(self.name, "num_ops", self.num_ops, 1)
+        _int_at_least(self.name, "num_magnitude_bins", self.num_magnitude_bins, 2)
+        if not 0 <= self.magnitude < self.num_magnitude_bins:
+            raise AugmentationError(f"randaugment: magnitude={self.magnitude} must be in 0..{self.num_magnitude_bins - 1} (num_magnitude_bins - 1)")
+        _fill(self.name, self.fill)
+
+    def transform(self) -> Any:
+        from torchvision.transforms import v2
+
+        return v2.RandAugment(self.num_ops, self.magnitude, self.num_magnitude_bins, fill=self.fill)
+
+
+@AUGMENTATIONS.register()
+@dataclass(frozen=True)
+class TrivialAugment(PolicyAugmentation):
+    """TrivialAugmentWide (Müller & Hutter, 2021): one op per image at a uniformly drawn magnitude."""
+
+    name: ClassVar[str] = "trivialaugment"
+    num_magnitude_bins: int = 31
+    fill: int = 0
+
+    def check(self) -> None:
+        _int_at_least(self.name, "num_magnitude_bins", self.num_magnitude_bins, 2)
+        _fill(self.name, self.fill)
+
+    def transform(self) -> Any:
+        from torchvision.transforms import v2
+
+        return v2.TrivialAugmentWide(self.num_magnitude_bins, fill=self.fill)
+
+
+_POLICIES = ("imagenet", "cifar10", "svhn")
+
+
+@AUGMENTATIONS.register()
+@dataclass(frozen=True)
+class AutoAugment(PolicyAugmentation):
+    """AutoAugment (Cubuk et al., 2019): a random sub-policy of a learned ``policy`` per image."""
+
+    name: ClassVar[str] = "autoaugment"
+    primary: ClassVar[str | None] = "policy"
+    policy: str = "imagenet"
+    fill: int = 0
+
+    def check(self) -> None:
+        if self.policy not in _POLICIES:
+            hint = suggestion(self.policy, list(_POLICIES))
+            raise AugmentationError(f"autoaugment: policy={self.policy!r} is not one of {', '.join(_POLICIES)}{hint}")
+        _fill(self.name, self.fill)
+
+    def transform(self) -> Any:
+        from torchvision.transforms import v2
+
+        return v2.AutoAugment(v2.AutoAugmentPolicy(self.policy), fill=self.fill)
+
+
+@AUGMENTATIONS.register()
+@dataclass(frozen=True)
+class AugMix(PolicyAugmentation):
+    """AugMix (Hendrycks et al., 2020): ``mixture_width`` chains of random ops, mixed and blended with the image."""
+
+    name: ClassVar[str] = "augmix"
+    primary: ClassVar[str | None] = "severity"
+    severity: int = 3
+    mixture_width: int = 3
+    chain_depth: int = -1
+    alpha: float = 1.0
+    fill: int = 0
+
+    def check(self) -> None:
+        if not 1 <= self.severity <= 10:
+            raise AugmentationError(f"augmix: severity={self.severity} must be in 1..10")
+        _int_at_least(self.name, "mixture_width", self.mixture_width, 1)
+        if self.chain_depth == 0 or self.chain_depth < -1:
+            raise AugmentationError(f"augmix: chain_depth={self.chain_depth} must be >= 1, or -1 (a random depth of 1-3)")
+        if self.alpha <= 0:
+            raise AugmentationError(f"augmix: alpha={self.alpha} must be > 0")
+        _fill(self.name, self.fill)
+
+    def transform(self) -> Any:
+        from torchvision.transforms import v2
+
+        return v2.AugMix(self.severity, self.mixture_width, self.chain_depth, self.alpha, fill=self.fill)
 
 
 # --------------------------------------------------------------------------------------------

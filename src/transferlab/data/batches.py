@@ -23,6 +23,7 @@ from transferlab.data.augment import parse_augmentations, pil_pipeline
 from transferlab.data.images import FileImages, ImageReadError, load_image
 from transferlab.data.prepare import ImageSplits
 from transferlab.data.resize import Images
+from transferlab.data.sampler import epoch_order
 from transferlab.data.sources import DatasetError
 
 __all__ = ["ImageDataset", "LoaderBatches", "Preprocess", "TensorBatches", "default_num_workers", "make_batches"]
@@ -69,11 +70,13 @@ class TensorBatches:
         augment: Sequence[Any] | None = None,
         seed: int = 0,
         channels_last: bool = True,
+        sampler: str = "random",
     ) -> None:
         self.x, self.y = x.to(device), y.to(device)
+        self.labels = y.cpu()  # what the sampler reads: no device-to-host copy per epoch
         self.batch_size, self.preprocess, self.device = batch_size, preprocess, torch.device(device)
         self.shuffle, self.augment, self.seed, self.channels_last = shuffle, parse_augmentations(augment), seed, channels_last
-        self.epoch = 0
+        self.sampler, self.epoch = sampler, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -83,8 +86,7 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.x), generator=g) if self.shuffle else torch.arange(len(self.x))
-        order = order.to(self.device)
+        order = epoch_order(self.labels, self.shuffle, self.sampler, g).to(self.device)
         for i in range(0, len(order), self.batch_size):
             idx = order[i : i + self.batch_size]
             xb = self.x[idx]
@@ -155,15 +157,15 @@ class ImageDataset(torch.utils.data.Dataset):
 class _EpochSampler(torch.utils.data.Sampler):
     """Yields (index, per-image seed); the order and the seeds depend only on (seed, epoch)."""
 
-    def __init__(self, n: int, shuffle: bool, seed: int) -> None:
-        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+    def __init__(self, labels: torch.Tensor, shuffle: bool, seed: int, sampler: str = "random") -> None:
+        self.labels, self.n, self.shuffle, self.seed, self.sampler, self.epoch = labels.cpu(), len(labels), shuffle, seed, sampler, 0
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        order = epoch_order(self.labels, self.shuffle, self.sampler, g)
         seeds = torch.randint(0, 2**62, (self.n,), generator=g)
         return iter(zip(order.tolist(), seeds.tolist(), strict=True))
 
@@ -197,9 +199,10 @@ class LoaderBatches:
         seed: int = 0,
         channels_last: bool = True,
         num_workers: int | None = None,
+        sampler: str = "random",
     ) -> None:
         self.dataset = ImageDataset(x, y, augment)
-        self.sampler = _EpochSampler(len(y), shuffle, seed)
+        self.sampler = _EpochSampler(y, shuffle, seed, sampler)
         self.preprocess, self.device, self.channels_last = preprocess, torch.device(device), channels_last
         self.batch_size = batch_size
         workers = default_num_workers() if num_workers is None else num_workers
@@ -238,10 +241,13 @@ def make_batches(
     seed: int = 0,
     channels_last: bool = True,
     num_workers: int | None = None,
+    sampler: str = "random",
 ) -> TensorBatches | LoaderBatches:
-    """Batches of ``split`` (``train``/``val``/``test``) on the path ``splits.in_memory`` chose."""
+    """Batches of ``split`` (``train``/``val``/``test``) on the path ``splits.in_memory`` chose; ``sampler``
+    (``data.sampler``) orders a shuffled split."""
     x, y = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
-    common = dict(preprocess=preprocess, device=device, shuffle=shuffle, augment=augment, seed=seed, channels_last=channels_last)
+    common = dict(preprocess=preprocess, device=device, shuffle=shuffle, augment=augment, seed=seed, channels_last=channels_last,
+                  sampler=sampler)
     if splits.in_memory and isinstance(x, torch.Tensor):
         return TensorBatches(x, y, batch_size, **common)  # type: ignore[arg-type]
     return LoaderBatches(x, y, batch_size, num_workers=num_workers, **common)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from transferlab.config import DataConfig
-from transferlab.data.archives import download_archive, safe_extract
+from transferlab.data.archives import DownloadRefused, download_archive, safe_extract
 from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root
 
 try:  # numpy >= 2
@@ -142,6 +142,8 @@ def locate(kind: str, cfg: DataConfig) -> Path:
     looked = ", ".join(str(r) for r in ([Path(cfg.root)] if cfg.root else []) + [default_data_root() / kind])
     try:
         archive = download_archive(spec["url"], spec["md5"], target, spec["url"].rsplit("/", 1)[1])
+    except DownloadRefused as e:
+        raise DownloadRefused(f"{kind}: not found (looked in: {looked}); {e}") from None
     except DatasetError as e:
         raise DatasetError(
             f"{kind}: '{spec['folder']}' not found (looked in: {looked}) and {e}. Download {spec['url']} "

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from transferlab.config import DataConfig
+from transferlab.data.archives import refuse_download
 from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root
 
 # --------------------------------------------------------------------------------------------
@@ -85,6 +86,7 @@ def _idx_dataset(cfg: DataConfig, key: str, tv_name: str, class_names: list[str]
     found = _find_idx_dir(candidates)
     if found is None:
         target = roots[0]
+        refuse_download(tv_name)
         try:  # online users: torchvision's downloader (MD5-checked IDX files) into the first root
             import torchvision.datasets
 

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from transferlab.config import DataConfig
-from transferlab.data.archives import download_archive, safe_extract
+from transferlab.data.archives import DownloadRefused, download_archive, safe_extract
 from transferlab.data.folder import FolderScan, raw_from_scan
 from transferlab.data.images import Problem, is_image_file
 from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root
@@ -109,6 +109,8 @@ def locate(cfg: DataConfig) -> Path:
     target = roots[0]
     try:
         archive = download_archive(URL, MD5, target, "tiny-imagenet-200.zip")
+    except DownloadRefused as e:
+        raise DownloadRefused(f"tiny_imagenet: not found (looked in: {', '.join(str(r) for r in roots)}); {e}") from None
     except DatasetError as e:
         looked = ", ".join(str(r) for r in roots)
         raise DatasetError(

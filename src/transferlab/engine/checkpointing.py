@@ -2,9 +2,12 @@
 
 A loop checkpoint is a ``transferlab.files`` checkpoint whose metadata holds the loop state (epoch,
 step in the epoch, running sums, best value, patience, seconds), the history so far and the
-scheduler state; its tensors hold the model, the optimizer state and the RNG state. ``last`` is
-written at every epoch end and inside epochs; ``best`` when the monitored metric improved. Resuming
-takes the newest loadable one and says which; a corrupt one is reported and skipped.
+scheduler state; its tensors hold the model, the optimizer state and the RNG state (torch's, and
+mixup's generator with ``train.mixup``). With ``train.ema`` the checkpoint's model is the run's
+evaluated weights (the EMA unless ``evaluate: raw``) and the other set is the tensor group ``raw`` or
+``ema`` beside it, so ``best`` holds the weights that were selected and a resume restores both.
+``last`` is written at every epoch end and inside epochs; ``best`` when the monitored metric
+improved. Resuming takes the newest loadable one and says which; a corrupt one is reported and skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch
 from lightning.fabric import Fabric
 from rich.console import Console
 
-from transferlab.files import CheckpointError, load_checkpoint, save_checkpoint
+from transferlab.engine.ema import WeightEma
+from transferlab.engine.mixup import Mixup
+from transferlab.files import CheckpointError, load_checkpoint, load_checkpoint_group, save_checkpoint
 
 __all__ = ["LoopCheckpoints", "LoopState", "Restored"]
 
@@ -56,12 +61,17 @@ class LoopCheckpoints:
         self.directory, self.meta, self.fabric = directory, meta, fabric
 
     def save(self, kind: str, state: LoopState, history: list[dict[str, float]], model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+             optimizer: torch.optim.Optimizer, scheduler: Any, mix: Mixup | None = None, ema: WeightEma | None = None) -> None:
         if not self.fabric.is_global_zero:
             return
         rng = {"torch": torch.get_rng_state()}
         if self.fabric.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.fabric.device)
+        if mix is not None:
+            rng.update(mix.state_dict())
+        weights, groups = model.state_dict(), {}
+        if ema is not None:  # the checkpoint's model is the evaluated set; the other one rides along
+            weights, groups = (ema.state_dict(), {"raw": weights}) if ema.main else (weights, {"ema": ema.state_dict()})
         full = {
             **self.meta,
             "kind": kind,
@@ -70,8 +80,10 @@ class LoopCheckpoints:
             "history": history,
             "scheduler": scheduler.state_dict(),
         }
+        if ema is not None:
+            full["ema"] = {"updates": ema.updates, "model": "ema" if ema.main else "raw"}
         json.dumps(full)  # fail here, loudly, if anything is not JSON
-        save_checkpoint(self.directory / f"{kind}.safetensors", model.state_dict(), full, optimizer.state_dict(), rng)
+        save_checkpoint(self.directory / f"{kind}.safetensors", weights, full, optimizer.state_dict(), rng, groups)
 
     def newest(self, console: Console) -> tuple[Path, tuple] | None:
         """The newest loadable checkpoint among last/best; corrupt ones are reported and skipped."""
@@ -94,13 +106,25 @@ class LoopCheckpoints:
         _, path, loaded = max(found, key=lambda t: t[0])
         return path, loaded
 
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, console: Console) -> Restored | None:
-        """Load the newest checkpoint into model, optimizer, scheduler and the RNG; ``None`` when there is none."""
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, console: Console,
+                mix: Mixup | None = None, ema: WeightEma | None = None) -> Restored | None:
+        """Load the newest checkpoint into model, optimizer, scheduler, the RNG (and mixup, EMA); ``None`` when there is none."""
         found = self.newest(console)
         if found is None:
             return None
         path, (state, meta, opt_state, rng) = found
+        if ema is not None:
+            if "ema" not in meta:
+                raise CheckpointError(f"{path}: written without train.ema, cannot resume a run with it")
+            other = load_checkpoint_group(path, "raw" if meta["ema"]["model"] == "ema" else "ema")
+            raw, averaged = (other, state) if meta["ema"]["model"] == "ema" else (state, other)
+            ema.load_state_dict(averaged, meta["ema"]["updates"])
+            state = raw
         model.load_state_dict(state, strict=True)
+        if mix is not None:
+            if "mixup" not in rng:
+                raise CheckpointError(f"{path}: written without train.mixup, cannot resume a run with it")
+            mix.load_state_dict(rng)
         optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(meta["scheduler"])
         torch.set_rng_state(rng["torch"])

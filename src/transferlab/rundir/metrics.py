@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["METRICS_FILE", "SCHEMA_VERSION", "RunMetrics", "code_version"]
+__all__ = ["METRICS_FILE", "SCHEMA_VERSION", "RunMetrics", "balanced_scores", "code_version"]
 
 METRICS_FILE = "metrics.json"
 SCHEMA_VERSION = 2
@@ -30,7 +30,7 @@ class RunMetrics:
     """One run's result: status, what ran on which data, test metrics, training facts, timings, provenance."""
 
     status: str = "ok"
-    """``ok`` or ``failed`` (with ``error``)."""
+    """``ok``; or ``failed`` / ``skipped`` (a dependency did not finish) / ``pruned`` (a search stopped the trial), with ``error``."""
     kind: str = "train"
     experiment: str | None = None
     seed: int | None = None
@@ -51,6 +51,13 @@ class RunMetrics:
     test_acc: float | None = None
     test_top5: float | None = None
     test_loss: float | None = None
+    test_balanced_acc: float | None = None
+    """Mean per-class recall over the classes with test images (scikit-learn's ``balanced_accuracy_score``);
+    derived from ``confusion_matrix``, so every kind that records one has it."""
+    test_macro_f1: float | None = None
+    """Unweighted mean F1 over the classes that occur or are predicted (scikit-learn's ``f1_score(average='macro')``)."""
+    tested_weights: str | None = None
+    """``kind: train``: which weights the test metrics are of — ``raw`` (as trained) or ``ema`` (``train.ema``)."""
     per_class_acc: list[float | None] | None = None
     confusion_matrix: list[list[int]] | None = None
     best_epoch: int | None = None
@@ -85,7 +92,16 @@ class RunMetrics:
         cache = self.feature_cache or {}
         return float(self.train_seconds or 0.0) + (float(cache.get("pass_seconds", 0.0)) if cache.get("used") else 0.0)
 
+    def fill_derived(self) -> RunMetrics:
+        """Set ``test_balanced_acc`` / ``test_macro_f1`` from the confusion matrix where they are unset (returns self)."""
+        if self.confusion_matrix and (self.test_balanced_acc is None or self.test_macro_f1 is None):
+            balanced, f1 = balanced_scores(self.confusion_matrix)
+            self.test_balanced_acc = balanced if self.test_balanced_acc is None else self.test_balanced_acc
+            self.test_macro_f1 = f1 if self.test_macro_f1 is None else self.test_macro_f1
+        return self
+
     def to_dict(self) -> dict[str, Any]:
+        self.fill_derived()
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         clash = set(out) & set(self.extra)
         if clash:
@@ -104,7 +120,21 @@ class RunMetrics:
         known["class_names"] = known.get("class_names") or []
         known["notes"] = known.get("notes") or ""
         known["code_version"] = known.get("code_version") or {}
-        return cls(**known, extra=extra)
+        return cls(**known, extra=extra).fill_derived()  # runs written before these scores existed get them too
+
+
+def balanced_scores(confusion: list[list[int]]) -> tuple[float | None, float | None]:
+    """(balanced accuracy, macro F1) of a confusion matrix (rows: true class), as scikit-learn defines them.
+
+    Balanced accuracy averages the recall of the classes that have test images; macro F1 averages
+    2·tp / (2·tp + fp + fn) over the classes that occur or are predicted (an F1 of 0 where tp = 0).
+    """
+    n = len(confusion)
+    rows = [sum(r) for r in confusion]
+    cols = [sum(confusion[i][j] for i in range(n)) for j in range(n)]
+    recalls = [confusion[c][c] / rows[c] for c in range(n) if rows[c] > 0]
+    f1s = [2 * confusion[c][c] / (rows[c] + cols[c]) for c in range(n) if rows[c] + cols[c] > 0]
+    return (sum(recalls) / len(recalls) if recalls else None), (sum(f1s) / len(f1s) if f1s else None)
 
 
 def _v1_kind(raw: dict[str, Any]) -> str:

@@ -19,13 +19,15 @@ from typing import Any
 import yaml
 
 from transferlab.config import ConfigError, EnsembleSpec, ExperimentConfig, SweepPoint, config_from_yaml_text
+from transferlab.engine.export import ExportFormat, ExportResult, Tolerance, export_format, export_model, export_spec, parity_inputs
 from transferlab.files import read_json
 from transferlab.models.model import TransferModel, build_model
 from transferlab.models.weights import load_model_weights
 from transferlab.rundir.metrics import METRICS_FILE, RunMetrics
+from transferlab.rundir.predictions import load_test_predictions
 from transferlab.rundir.rundir import RunError
 
-__all__ = ["ExperimentRuns", "Run", "StudyRuns", "load_run", "read_history", "read_run", "read_study"]
+__all__ = ["ExperimentRuns", "Run", "StudyRuns", "export_run", "load_run", "read_history", "read_run", "read_study"]
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -84,6 +86,36 @@ class Run:
         load_model_weights(model, self.path / "checkpoints" / f"{checkpoint}.safetensors")
         return model.eval()
 
+    def export(
+        self, format: str | ExportFormat = "onnx", out: str | Path | None = None, checkpoint: str = "best", tolerance: Tolerance | None = None
+    ) -> ExportResult:
+        """Write the run's model as ``format`` (``onnx``, ``torchscript``, ``exported-program``, ``safetensors``)
+        to ``out`` (default ``<run>/export/model.<ext>``) and check it (``transferlab.engine.export``).
+
+        The parity check runs the file with its own runtime on the run's recorded test samples (or, when
+        it recorded none, on test images of its dataset) and raises ``ExportParityError`` if it disagrees
+        with the model; its report is written to ``<file>.parity.json``.
+        """
+        fmt = export_format(format)  # an unknown name or a missing extra fails before any work
+        if self.config is None or self.config.kind == "ensemble":
+            raise RunError(f"{self.path}: {'an ensemble has no single model' if self.config else 'no readable config.yaml'}; nothing to export")
+        if not self.ok:
+            raise RunError(f"{self.path}: the run did not finish (status {self.record.status!r}); nothing to export")
+        model = self.load_model(checkpoint)
+        recorded = load_test_predictions(self.path)
+        samples = recorded.images if recorded is not None else None
+        m = self.metrics
+        size = m.get("image_size") or self.config.data.image_size
+        if not size:
+            raise RunError(f"{self.path}: metrics.json records no image_size, so the input size of the export is unknown")
+        channels = m.get("channels") or (samples.shape[1] if samples is not None else model.preprocess().in_chans)
+        spec = export_spec(model, self.config, self.class_names, size, channels, source=str(self.path), checkpoint=checkpoint)
+        images, described = parity_inputs(samples, self.config.data, spec.channels, spec.image_size)
+        out = Path(out) if out is not None else self.path / "export" / fmt.filename
+        if out.is_dir() and Path(fmt.filename).suffix:  # a folder given for a one-file format: the default name in it
+            out = out / fmt.filename
+        return export_model(model, spec, fmt, out, images, described, tolerance)
+
 
 def _read_metrics(path: Path) -> RunMetrics:
     try:
@@ -115,6 +147,13 @@ def load_run(path: str | Path) -> Run:
     if not (path / METRICS_FILE).is_file():
         raise RunError(f"{path}: run not finished (no {METRICS_FILE}); continue it with --resume")
     return Run(path, config, _read_metrics(path / METRICS_FILE))
+
+
+def export_run(
+    path: str | Path, format: str | ExportFormat = "onnx", out: str | Path | None = None, checkpoint: str = "best", tolerance: Tolerance | None = None
+) -> ExportResult:
+    """``load_run(path).export(...)``: write a finished run's model as ``format`` and check its parity."""
+    return load_run(path).export(format, out, checkpoint, tolerance)
 
 
 def read_run(path: str | Path) -> Run:

@@ -39,7 +39,7 @@ try:
 except ImportError:  # no fcntl (Windows): run directories are written unlocked
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["HARMLESS_KEYS", "ConfigChange", "Opening", "RunDir", "RunError", "config_changes", "flatten", "run_lock"]
+__all__ = ["HARMLESS_KEYS", "ConfigChange", "Opening", "RunDir", "RunError", "RunStopped", "config_changes", "flatten", "is_harmless", "run_lock"]
 
 HARMLESS_KEYS = frozenset({
     "notes",
@@ -47,8 +47,14 @@ HARMLESS_KEYS = frozenset({
     "train.checkpoint_every_steps",
     "train.checkpoint_every_minutes",
     "data.num_workers",  # the PIL path's batches do not depend on the worker count (seeded per image)
+    "tracking",  # where the run is also logged (and every tracking.<name>.<option> below it)
 })
-"""Keys whose change cannot affect a run's results: ``--resume`` allows them and lists them."""
+"""Keys whose change cannot affect a run's results: ``--resume`` allows them and lists them (a key here covers the keys below it)."""
+
+
+def is_harmless(key: str) -> bool:
+    """``key`` (dotted) is in ``HARMLESS_KEYS`` or below one of them (``tracking.mlflow.tracking_uri``)."""
+    return any(key == k or key.startswith(k + ".") for k in HARMLESS_KEYS)
 
 
 class RunError(RuntimeError):
@@ -180,7 +186,7 @@ class RunDir:
         except ConfigError as e:
             raise RunError(f"{path} cannot be read by this version of transferlab ({e}); pass --overwrite to redo the run") from None
         changes = config_changes(old, snapshot)
-        relevant = [c for c in changes if c.key not in HARMLESS_KEYS]
+        relevant = [c for c in changes if not is_harmless(c.key)]
         if relevant:
             what = "finished" if finished else "was started"
             listed = "\n".join(f"  {c}" for c in relevant)
@@ -190,7 +196,7 @@ class RunDir:
                 f"--resume would {'show its old result' if finished else 'continue it'} under the new config. "
                 "Pass --overwrite to redo it with the new config, or give the experiment a new name to keep both."
             )
-        return [c for c in changes if c.key in HARMLESS_KEYS]
+        return [c for c in changes if is_harmless(c.key)]
 
     def begin(self, opening: Opening, snapshot: dict[str, Any], writer: bool = True) -> None:
         """Act on ``opening``: replace the directory if decided, create it, write ``config.yaml`` (writer only)."""
@@ -226,17 +232,31 @@ class RunDir:
         write_json(self.path / METRICS_FILE, out)
         return out
 
-    def write_failure(self, cfg: ExperimentConfig, error: BaseException) -> dict[str, Any]:
-        """Record a failed run so the comparison and the report show it (the directory's other files stay)."""
+    def write_failure(self, cfg: ExperimentConfig, error: BaseException, status: str | None = None) -> dict[str, Any]:
+        """Record a run that did not finish so the comparison and the report show it (the directory's other files stay).
+
+        The status is ``failed``, or ``error.status`` (``RunStopped``: ``pruned``), or ``status`` (``skipped``).
+        """
         self.path.mkdir(parents=True, exist_ok=True)
         failed = RunMetrics(
-            status="failed", kind=cfg.kind, experiment=cfg.name, seed=cfg.seed, backbone=cfg.model.backbone,
+            status=status or getattr(error, "status", "failed"), kind=cfg.kind, experiment=cfg.name, seed=cfg.seed, backbone=cfg.model.backbone,
             weights=cfg.model.weights, head=cfg.head.type, strategy=cfg.strategy.name, dataset=cfg.data.dataset,
-            notes=cfg.notes, error=f"{type(error).__name__}: {error}", code_version=code_version(),
+            notes=cfg.notes, error=str(error) if isinstance(error, RunStopped) else f"{type(error).__name__}: {error}",
+            code_version=code_version(),
         )
         if cfg.kind == "ensemble":
             failed.backbone, failed.weights, failed.strategy = "ensemble", "ensemble of runs", f"{cfg.ensemble.vote} vote"
         return self.write_metrics(failed)
+
+
+class RunStopped(Exception):
+    """A run that stopped on purpose before the end; recorded with ``status`` (e.g. a pruned search trial)."""
+
+    status = "stopped"
+
+    def __init__(self, message: str, status: str = "stopped") -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def run_lock(run_dir: str | Path) -> contextlib.AbstractContextManager[None]:

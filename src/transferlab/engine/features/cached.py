@@ -34,9 +34,10 @@ from torch import nn
 
 from transferlab.data.augment import parse_augmentations
 from transferlab.data.batches import make_batches
+from transferlab.data.sampler import epoch_order
 from transferlab.engine.features.cuts import CutCheck, CutPoint, check_cut, check_pieces, cut_points, prefix_parameters
 from transferlab.engine.features.store import STORE, FeatureCache, FeatureCacheError, FeatureSet, cache_key, images_hash, state_hash, tensor_bytes
-from transferlab.files import write_text
+from transferlab.files import file_lock, write_text
 from transferlab.models.model import TransferModel
 
 __all__ = [
@@ -99,13 +100,18 @@ def _feature_set(
 ) -> tuple[FeatureSet, float]:
     """Get a feature set from the store, or compute it; returns (set, seconds spent computing)."""
     key = cache_key(parts)
-    found = store.get(key, directory)
-    if found is not None:
-        if not torch.equal(found.labels, labels.cpu()):
-            raise FeatureCacheError(f"feature cache {key} ({found.storage}): its labels differ from the split's (corrupt cache file?)")
-        return found, 0.0
-    t0 = time.perf_counter()
-    fs = store.compute(key, {"parts": parts}, n, check.shape, check.dtype, extract_features(model, check.cut, batches, mode, autocast), directory)
+    shared = directory is not None and os.environ.get(SHARED_ENV) == "1"
+    # Workers of one study (local processes, Ray, Slurm) share the disk store: one computes a set under its lock and
+    # writes it to disk; the others wait for the lock and memory-map the file instead of computing it again.
+    with file_lock(directory / f".{key}.lock") if shared else contextlib.nullcontext():
+        found = store.get(key, directory)
+        if found is not None:
+            if not torch.equal(found.labels, labels.cpu()):
+                raise FeatureCacheError(f"feature cache {key} ({found.storage}): its labels differ from the split's (corrupt cache file?)")
+            return found, 0.0
+        t0 = time.perf_counter()
+        fs = store.compute(key, {"parts": parts}, n, check.shape, check.dtype, extract_features(model, check.cut, batches, mode, autocast),
+                           directory, to_disk=True if shared else None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -137,15 +143,16 @@ class FeatureBatches:
         seed: int = 0,
         channels_last: bool = False,
         device_max_bytes: int = 2 * 1024**3,
+        sampler: str = "random",
     ) -> None:
         if not views or any(len(v) != len(labels) for v in views):
             raise ValueError("FeatureBatches needs at least one view, each with one row per label")
         self.device = torch.device(device)
         on_device = self.device.type != "cpu" and sum(v.numel() * v.element_size() for v in views) <= device_max_bytes
         self.views = [v.to(self.device) for v in views] if on_device else views
-        self.labels = labels.to(self.device)
+        self.labels, self.cpu_labels = labels.to(self.device), labels.cpu()
         self.batch_size, self.shuffle, self.seed, self.channels_last = batch_size, shuffle, seed, channels_last
-        self.epoch = 0
+        self.sampler, self.epoch = sampler, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -156,7 +163,7 @@ class FeatureBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.labels)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        order = epoch_order(self.cpu_labels, self.shuffle, self.sampler, g)  # data.sampler, as the image batches
         x = self.views[self.epoch % len(self.views)]
         for i in range(0, n, self.batch_size):
             idx = order[i : i + self.batch_size]
@@ -320,7 +327,8 @@ def cached_training(
     wall = time.perf_counter() - t0
     channels_last, tc, device = bool(batch_kwargs.get("channels_last", False)), cfg.train, fabric.device
     train = FeatureBatches(
-        [f.features for f in train_sets], splits.train_y, tc.batch_size, device, shuffle=True, seed=cfg.seed, channels_last=channels_last
+        [f.features for f in train_sets], splits.train_y, tc.batch_size, device, shuffle=True, seed=cfg.seed, channels_last=channels_last,
+        sampler=cfg.data.sampler,
     )
     val = FeatureBatches([val_set.features], splits.val_y, tc.eval_batch_size, device, channels_last=channels_last)
     suffix = CachedSuffix(model, check.cut, prefix_parameters(model, check.cut, sample))
@@ -342,6 +350,8 @@ def _setting_rules_out(cfg: Any, fabric: Any) -> str | None:
         return "train.cache: off"
     if tc.tta != "none":
         return f"train.tta: {tc.tta} evaluates on transformed images, which a feature cache does not hold"
+    if tc.mixup is not None:
+        return "train.mixup mixes (and CutMix pastes) images, which a feature cache does not hold"
     if fabric.world_size > 1:
         return f"distributed run (world size {fabric.world_size}): every rank would repeat the pass; caching is single-process only"
     for key in ("unfreeze", "freeze_epochs"):  # a schedule that unfreezes mid-run would make any cache stale
@@ -420,6 +430,10 @@ def extraction_batch_size(cfg: Any, device: torch.device) -> int:
     stay in cache: EfficientNet-Lite0 at 64 px runs about 1.8x faster with 64 than with 512)."""
     bs = int(cfg.train.eval_batch_size)
     return min(bs, 64) if torch.device(device).type == "cpu" else bs
+
+
+SHARED_ENV = "TRANSFERLAB_SHARED_FEATURES"
+"""Set to ``1`` by the study engine's parallel workers: feature sets go to the shared disk store, written under a lock."""
 
 
 def default_cache_dir(run_dir: Path) -> Path:

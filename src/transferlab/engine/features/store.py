@@ -209,11 +209,15 @@ class FeatureCache:
         dtype: torch.dtype,
         batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
         directory: Path | None,
+        to_disk: bool | None = None,
     ) -> FeatureSet:
-        """Fill a new set from ``batches`` of (features, labels), in memory or streamed into a file on disk."""
+        """Fill a new set from ``batches`` of (features, labels), in memory or streamed into a file on disk.
+
+        ``to_disk``: ``None`` decides by size (sets above ``memory_bytes`` go to disk); ``True`` always writes the file
+        (shared by other processes)."""
         nbytes = n * int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size() + 8 * n
         meta = {**meta, "format": CACHE_FORMAT, "key": key, "n": n, "shape": list(shape), "dtype": str(dtype)}
-        to_disk = nbytes > self.memory_bytes and directory is not None
+        to_disk = (bool(to_disk) or nbytes > self.memory_bytes) and directory is not None
         if to_disk:
             assert directory is not None
             fs = self._write_streaming(key, meta, n, shape, dtype, batches, directory)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import datetime
 import html
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transferlab.results.report import figures
+from transferlab.results.report.outside import activation_images, outside_predictions, outside_table
 from transferlab.results.report.records import ExperimentRecord, StudyRecord
 from transferlab.results.report.stats import (
     SweepRow,
@@ -27,6 +29,7 @@ from transferlab.results.report.stats import (
 )
 from transferlab.results.report.text import (
     acc_text,
+    balance_text,
     class_label,
     error_text,
     int_text,
@@ -99,7 +102,7 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 
 
 COMPARISON_HEAD = [
     "experiment", "backbone", "weights", "strategy", "trainable params", "test accuracy (mean ± std, n)",
-    "training time (s)", "inference img/s", "status",
+    "balanced accuracy", "macro F1", "training time (s)", "inference img/s", "status",
 ]
 ERROR_PREVIEW = 160
 """Characters of the first error shown in the comparison table (in full under "Failed runs")."""
@@ -135,6 +138,8 @@ def sections(study: StudyRecord, grid_images: int, grid_wrong: int) -> list[Sect
         out.append(Section("sweeps", "Sweeps", sweeps(groups)))
     if ok:
         out.append(Section("curves", "Learning curves", curves(ok)))
+        if lines := outside(ok):
+            out.append(Section("outside", "Outside images", lines))
         lines = ['<h2 id="experiments">Per experiment: confusion matrix, per-class accuracy, predictions</h2>']
         lines += [line for e in ok for line in experiment(e, grid_images, grid_wrong)]
         out.append(Section("experiments", "Per experiment", lines))
@@ -207,6 +212,8 @@ def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
         f"<td>{esc(r.get('strategy'))}</td>",
         num("trainable_params", int_text(r.get("trainable_params")), r.get("trainable_params")),
         num("test_acc", acc_text(r), r.get("test_acc")),
+        num("test_balanced_acc", balance_text(r, "test_balanced_acc"), r.get("test_balanced_acc")),
+        num("test_macro_f1", balance_text(r, "test_macro_f1"), r.get("test_macro_f1")),
         num("train_seconds", time_text(r), r.get("train_seconds")),
         num("inference_images_per_s", rate_text(r.get("inference_images_per_s")), r.get("inference_images_per_s")),
         f"<td>{esc(status_text(e))}{err}</td>",
@@ -296,6 +303,7 @@ def experiment(e: ExperimentRecord, grid_images: int, grid_wrong: int) -> list[s
     if cm is not None:
         lines.append(pairs_table(cm, names, over))
     lines += predictions(e, names, grid_images, grid_wrong)
+    lines += outside_images(e)
     lines.append("</section>")
     return lines
 
@@ -362,6 +370,50 @@ def grid_cell(preds: TestPredictions, names: list[str], pos: int, image: Any) ->
         f"<figcaption>{mark}pred: {esc(class_label(names, p))} ({100 * prob:.0f}%)<br>"
         f"true: {esc(class_label(names, t))}</figcaption></figure>"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# outside images: the experiments' predict: and activations: sections
+
+
+def outside(ok: list[ExperimentRecord]) -> list[str]:
+    """One row per outside image, one column per experiment with ``predict:``: its top class (seed 003's table)."""
+    files, cells = outside_table(ok)
+    if not files:
+        return []
+    names = [e.name for e in ok if e.name in cells]
+    head = "<th>image</th>" + "".join(f"<th>{esc(n)}</th>" for n in names)
+    rows = [
+        f'<tr><td title="{esc(f)}">{esc(Path(f).name)}</td>'
+        + "".join(f"<td>{esc(cells[n].get(f, '—'))}</td>" for n in names) + "</tr>"
+        for f in files
+    ]
+    return [
+        '<h2 id="outside">Predictions on outside images</h2>',
+        "<p class=\"meta\">Top class (probability) of every image file the experiments' <code>predict:</code> sections name, "
+        "from each experiment's first finished run; the images got each run's own size and normalisation.</p>",
+        f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>',
+    ]
+
+
+def outside_images(e: ExperimentRecord) -> list[str]:
+    """The experiment's grid of outside images with their predictions, then its activation maps."""
+    lines = []
+    found = outside_predictions(e)
+    if found is not None:
+        lines.append(f"<h4>Outside images — {esc(found.run)}</h4>")
+        if found.problem:
+            lines.append(f'<p class="err">{esc(found.problem)}</p>')
+        elif found.png is not None:
+            lines.append(img(found.png, f"predictions of {e.name} on outside images"))
+        lines += [f'<p class="err">{esc(f)}: {esc(err)}</p>' for f, err in found.errors.items()]
+    for a in activation_images(e):
+        if a.png is None:
+            lines.append(f'<p class="err">activations of {esc(a.file)}: {esc(a.error)}</p>')
+            continue
+        caption = f"{a.file}: {', '.join(a.layers)} → {a.predicted} ({100 * (a.prob or 0):.1f}%)"
+        lines += [f'<h4>Activation maps — {esc(caption)}</h4>', img(a.png, f"activation maps of {e.name} for {a.file}")]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,12 +8,15 @@ failed runs; it points to the HTML file for the plots. Every user-supplied strin
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from typing import Any
 
+from transferlab.results.report.outside import outside_table
 from transferlab.results.report.records import ExperimentRecord, StudyRecord
 from transferlab.results.report.stats import SweepRow, best_flags, confused_pairs, study_front, summed_confusion, sweep_groups
 from transferlab.results.report.text import (
     acc_text,
+    balance_text,
     class_label,
     error_text,
     int_text,
@@ -30,8 +33,8 @@ __all__ = ["md_esc", "summary"]
 
 COMPARISON_HEAD = [
     "| experiment | backbone | weights | strategy | trainable params | test accuracy (mean ± std, n) "
-    "| training time (s) | inference img/s | status |",
-    "|---|---|---|---|---:|---:|---:|---:|---|",
+    "| balanced accuracy | macro F1 | training time (s) | inference img/s | status |",
+    "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
 ]
 
 
@@ -53,6 +56,7 @@ def summary(study: StudyRecord, html_name: str) -> str:
     if groups:
         lines += sweeps(groups)
     if ok:
+        lines += outside(ok)
         lines += ["## Most-confused pairs", ""] + [line for e in ok for line in pairs(e)]
     if study.failed_runs:
         lines += failures(study)
@@ -89,6 +93,7 @@ def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
     return (
         f"| {md_esc(e.name)} | {md_esc(r.get('backbone'))} | {md_esc(r.get('weights'))} | {md_esc(r.get('strategy'))} | "
         f"{b('trainable_params', int_text(r.get('trainable_params')))} | {b('test_acc', acc_text(r))} | "
+        f"{md_esc(balance_text(r, 'test_balanced_acc'))} | {md_esc(balance_text(r, 'test_macro_f1'))} | "
         f"{b('train_seconds', time_text(r))} | {b('inference_images_per_s', rate_text(r.get('inference_images_per_s')))} | "
         f"{md_esc(status_text(e))} |"
     )
@@ -136,6 +141,18 @@ def pairs(e: ExperimentRecord) -> list[str]:
             lines.append("No test image was misclassified.")
     lines.append("")
     return lines
+
+
+def outside(ok: list[ExperimentRecord]) -> list[str]:
+    """The top class of every outside image (rows) per experiment with ``predict:`` (columns); nothing without any."""
+    files, cells = outside_table(ok)
+    if not files:
+        return []
+    names = [e.name for e in ok if e.name in cells]
+    lines = ["## Predictions on outside images", "", "| image | " + " | ".join(md_esc(n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for f in files:
+        lines.append(f"| {md_esc(Path(f).name)} | " + " | ".join(md_esc(cells[n].get(f, "—")) for n in names) + " |")
+    return lines + [""]
 
 
 def failures(study: StudyRecord) -> list[str]:

@@ -15,6 +15,7 @@ from transferlab.rundir import Run
 __all__ = [
     "MISSING",
     "acc_text",
+    "balance_text",
     "class_label",
     "error_text",
     "int_text",
@@ -48,6 +49,16 @@ def acc_text(row: dict[str, Any]) -> str:
     n = row.get("n_seeds", 0)
     std = f" ± {100 * row['test_acc_std']:.2f}" if n > 1 else ""
     return f"{100 * row['test_acc']:.2f}%{std} (n={n})"
+
+
+def balance_text(row: dict[str, Any], key: str) -> str:
+    """``test_balanced_acc`` (a percentage) or ``test_macro_f1`` (a fraction) of a comparison row, ± std over seeds."""
+    if row.get(key) is None:
+        return MISSING
+    multi, v, std = row.get("n_seeds", 0) > 1, row[key], row.get(f"{key}_std", 0.0)
+    if key == "test_macro_f1":
+        return f"{v:.3f}" + (f" ± {std:.3f}" if multi else "")
+    return f"{100 * v:.2f}%" + (f" ± {100 * std:.2f}" if multi else "")
 
 
 def time_text(row: dict[str, Any]) -> str:
