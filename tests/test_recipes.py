@@ -41,7 +41,7 @@ from transferlab.rundir.metrics import balanced_scores
 
 QUIET = Console(quiet=True)
 GRAY = Preprocess((0.0,), (1 / 255,), 1)  # identity on uint8 values: batches come back as pixel values
-STUDY_FILE = Path(transferlab.__file__).parent / "studies" / "recipes_fmnist.yaml"
+STUDY_FILE = Path(__file__).resolve().parents[1] / "studies" / "recipes_fmnist.yaml"
 
 
 # --------------------------------------------------------------------------------------------

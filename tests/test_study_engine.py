@@ -21,7 +21,8 @@ from transferlab.study import EXECUTORS, dependency_levels, plan_study, run_stud
 from transferlab.study.dryrun import dry_run, print_plan
 
 QUIET = Console(quiet=True)
-STUDIES = Path(__file__).resolve().parents[1] / "src" / "transferlab" / "studies"
+REPO = Path(__file__).resolve().parents[1]
+STUDY_FILES = sorted((REPO / "studies").glob("*.yaml")) + sorted((REPO / "src" / "transferlab" / "studies").glob("*.yaml"))
 
 # Six runs: two seeds of a source, of a transfer from it (same seed), and of an ensemble of the two.
 STUDY = {
@@ -277,7 +278,7 @@ def test_the_slurm_executor_runs_a_study_through_submitits_local_backend(tmp_pat
 # the plan
 
 
-@pytest.mark.parametrize("path", sorted(STUDIES.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.name)
 def test_the_plan_checks_every_gallery_study_without_the_missing_data(path, tmp_path):
     report = dry_run(path, tmp_path / "runs", probe=False)
     assert report.rows
