@@ -448,3 +448,23 @@ def test_parallel_workers_share_one_backbone_pass_through_the_disk_store(tmp_pat
     for i in range(len(caches[0]["keys"])):  # every set was computed by exactly one of the two workers
         assert sorted(c["sources"][i] for c in caches) == ["computed", "disk"]
     assert list((tmp_path / "runs" / "cache" / ".feature_cache").glob("*.safetensors"))
+
+
+def test_compare_and_the_report_show_the_search_and_skipped_runs(tmp_path, capsys):
+    from transferlab.results.compare import compare
+    from transferlab.results.report import build_report
+
+    raw = _search_study(trials=3)
+    raw["experiments"].append({"name": "broken", "model": {"backbone": "resnet81"}})
+    raw["experiments"].append({"name": "after", "model": {"weights": "run:broken"}})
+    res = run_study(parse_study(raw), tmp_path / "runs", console=QUIET)
+    assert res.outcomes["after"].status == "skipped"
+    study_dir = tmp_path / "runs" / "search"
+    rows = {r["experiment"]: r for r in compare(study_dir, console=Console(file=open(tmp_path / "cmp.txt", "w"), width=300))}
+    assert rows["after"]["status"].startswith("1 skipped: run:") and rows["broken"]["status"].startswith("1 failed")
+    best = res.searches["tune"]["best"]
+    assert f"best trial: {best['run']}" in (tmp_path / "cmp.txt").read_text()
+    rep = build_report(study_dir)
+    page, md = rep.html_path.read_text(), rep.md_path.read_text()
+    assert 'id="search"' in page and f"best trial: {best['run']}" in page and "never used to choose" in page
+    assert "## Search: tune" in md and "skipped" in md

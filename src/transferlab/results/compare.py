@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from transferlab.files import write_text
+from transferlab.results.search import read_searches, search_lines
 from transferlab.rundir import ExperimentRuns, RunMetrics, read_study
 
 COLUMNS = [
@@ -57,7 +58,7 @@ def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
         "backbone": first.backbone,
         "weights": first.weights,
         "n_seeds": len(ok),
-        "status": "ok" if not failed else f"{len(failed)} failed: {(failed[0].error or '')[:120]}",
+        "status": _status(failed),
     }
     if ok:
         row["test_acc"], row["test_acc_std"] = _mean_std([r.test_acc for r in ok])
@@ -73,6 +74,16 @@ def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
         if first.notes:
             row["data"] += f"; {first.notes}"
     return row
+
+
+def _status(not_ok: list[Any]) -> str:
+    """``ok``, or the runs that did not finish by status (failed / skipped / pruned) with the first one's reason."""
+    if not not_ok:
+        return "ok"
+    counts: dict[str, int] = {}
+    for r in not_ok:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in counts.items()) + f": {(not_ok[0].error or '')[:120]}"
 
 
 def _fmt(row: dict[str, Any], key: str) -> str:
@@ -104,6 +115,8 @@ def compare(study_dir: str | Path, console: Console | None = None, write: bool =
     for row in rows:
         table.add_row(*[_fmt(row, k) for k, _ in COLUMNS])
     console.print(table)
+    for rec in read_searches(study_dir):  # a search's result is its best trial on validation, marked as such
+        console.print(f"search {rec.experiment}: " + "; ".join(search_lines(rec)[1:]), markup=False, highlight=False)
     if write:
         keys = sorted({k for r in rows for k in r}, key=lambda k: [c for c, _ in COLUMNS].index(k) if k in dict(COLUMNS) else 99)
         buf = io.StringIO(newline="")

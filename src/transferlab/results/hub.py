@@ -16,7 +16,7 @@ it. Whether plain timm can build it depends on the model:
   ``load_hf_model(DIR)`` (the whole model).
 
 ``hf`` is one more ``ExportFormat`` in ``transferlab.engine.export.EXPORT_FORMATS`` (registered
-when this module is imported; the CLI imports it), so it gets the same parity check as every
+when this module is imported; ``import transferlab`` does), so it gets the same parity check as every
 format: the folder is read back the way its users read it (timm's ``local-dir:`` loader, or
 ``load_hf_model``) and run beside the run's model on its recorded test samples; the report is
 written beside the folder (``<folder>.parity.json``) and a failed check is an error.
@@ -258,7 +258,7 @@ EXPORT_FORMATS.register(obj=ExportFormat(
     "hf", "hf", _save_hf, _load_hf,
     "timm.create_model('local-dir:…', pretrained=True) or load_hf_model, by layout",
     "timm hub folder: config.json + model.safetensors + README.md model card",
-    help="a Hugging Face Hub folder in timm's layout (config.json, model.safetensors, README.md model card)",
+    help="a Hugging Face Hub folder in timm's layout (config.json, model.safetensors, README.md model card)", folder=True,
 ))
 
 

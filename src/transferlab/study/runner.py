@@ -248,13 +248,13 @@ class Scheduler:
     def _skip(self, run: PlannedRun, blocked: list[str]) -> None:
         reasons = "; ".join(f"{n} {self.status[n]}" + (f" ({self.result.failed[n]})" if n in self.result.failed else "") for n in blocked)
         what = "member run(s)" if run.cfg.kind == "ensemble" else f"{run.cfg.model.weights}: the source run"
-        error = RuntimeError(f"skipped: {what} did not finish: {reasons}")
+        error = RunStopped(f"{what} did not finish: {reasons}", status="skipped")
         if world()[0] == 0:
-            RunDir(self.ex.study_dir / run.name).write_failure(run.cfg, error, status="skipped")
+            RunDir(self.ex.study_dir / run.name).write_failure(run.cfg, error)
         self.status[run.name] = "skipped"
         self.result.failed[run.name] = str(error)
         self.result.outcomes[run.name] = Outcome(run.name, "skipped", str(error))
-        self.console.print(f"[yellow]{escape(run.name)} {escape(str(error))}[/]")
+        self.console.print(f"[yellow]{escape(run.name)} skipped: {escape(str(error))}[/]")
         if self.progress is not None:
             self.progress.update(run.name, "skipped")
 

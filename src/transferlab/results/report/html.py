@@ -41,6 +41,7 @@ from transferlab.results.report.text import (
     sweep_acc_text,
     time_text,
 )
+from transferlab.results.search import SearchRecord, read_searches, search_lines
 from transferlab.rundir import RunError, TestPredictions, load_test_predictions
 
 __all__ = ["CSP", "Section", "esc", "page", "sections"]
@@ -143,9 +144,21 @@ def sections(study: StudyRecord, grid_images: int, grid_wrong: int) -> list[Sect
         lines = ['<h2 id="experiments">Per experiment: confusion matrix, per-class accuracy, predictions</h2>']
         lines += [line for e in ok for line in experiment(e, grid_images, grid_wrong)]
         out.append(Section("experiments", "Per experiment", lines))
+    if found := read_searches(study.path):
+        out.append(Section("search", "Search", search_section(found)))
     if study.failed_runs:
         out.append(Section("failed", "Failed runs", failures(study)))
     return out
+
+
+def search_section(found: list[SearchRecord]) -> list[str]:
+    """Per search: the best trial (chosen on validation) and its test accuracy, then Optuna's three plots."""
+    lines = ['<h2 id="search">Search</h2>']
+    for rec in found:
+        lines.append(f"<h3>{esc(rec.experiment)}</h3><ul>" + "".join(f"<li>{esc(t)}</li>" for t in search_lines(rec)) + "</ul>")
+        titles = {"history": "optimization history", "importances": "parameter importances", "parallel": "parallel coordinates"}
+        lines += [img(png, f"{rec.experiment}: {titles.get(name, name)}") for name, png in rec.figures.items()]
+    return lines
 
 
 def page(study: StudyRecord, parts: list[Section]) -> str:

@@ -28,6 +28,7 @@ from transferlab.results.report.text import (
     sweep_acc_text,
     time_text,
 )
+from transferlab.results.search import read_searches, search_lines
 
 __all__ = ["md_esc", "summary"]
 
@@ -58,6 +59,8 @@ def summary(study: StudyRecord, html_name: str) -> str:
     if ok:
         lines += outside(ok)
         lines += ["## Most-confused pairs", ""] + [line for e in ok for line in pairs(e)]
+    for rec in read_searches(study.path):
+        lines += [f"## Search: {md_esc(rec.experiment)}", ""] + [f"- {md_esc(t)}" for t in search_lines(rec)] + [""]
     if study.failed_runs:
         lines += failures(study)
     return "\n".join(lines).rstrip() + "\n"

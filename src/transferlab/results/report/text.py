@@ -86,13 +86,14 @@ def rate_text(v: Any) -> str:
 
 
 def status_text(e: ExperimentRecord) -> str:
-    """``ok``, ``failed`` (no run finished), or how many of its runs failed."""
+    """``ok``, ``failed`` / ``skipped`` / ``pruned`` (no run finished), or how many of its runs did not finish."""
     failed = e.failed_runs
     if not failed:
         return "ok"
+    statuses = sorted({r.record.status for r in failed})  # failed, skipped (a dependency did not finish), pruned (a search)
     if not e.ok_runs:
-        return "failed"
-    return f"{len(failed)} of {len(e.runs)} runs failed"
+        return "/".join(statuses)
+    return f"{len(failed)} of {len(e.runs)} runs {'/'.join(statuses)}"
 
 
 def error_text(run: Run) -> str:
