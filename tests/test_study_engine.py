@@ -468,3 +468,53 @@ def test_compare_and_the_report_show_the_search_and_skipped_runs(tmp_path, capsy
     page, md = rep.html_path.read_text(), rep.md_path.read_text()
     assert 'id="search"' in page and f"best trial: {best['run']}" in page and "never used to choose" in page
     assert "## Search: tune" in md and "skipped" in md
+
+
+def test_ctrl_c_stops_the_local_workers_and_resume_finishes_with_the_same_results(tmp_path, monkeypatch):
+    from transferlab.study import Interrupted
+    from transferlab.study.executors import LocalExecutor
+
+    real_wait = LocalExecutor.wait
+    study_dir = tmp_path / "runs" / "kill"
+
+    def ctrl_c_once_checkpointed(self, timeout):
+        if (study_dir / "long" / "checkpoints" / "last.safetensors").is_file():
+            raise KeyboardInterrupt
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(LocalExecutor, "wait", ctrl_c_once_checkpointed)
+    with pytest.raises(Interrupted) as info:
+        run_study(parse_study(_long_study("kill")), tmp_path / "runs", console=QUIET, executor="local", workers=2)
+    assert "long" in [info.value.run, *info.value.others] and "--resume" in info.value.describe()
+    assert not (study_dir / "long" / "metrics.json").is_file()  # stopped mid-run, not recorded as finished or failed
+    monkeypatch.setattr(LocalExecutor, "wait", real_wait)
+    res = run_study(parse_study(_long_study("kill")), tmp_path / "runs", console=QUIET, executor="local", workers=2, resume=True)
+    ref = run_study(parse_study(_long_study("kill")), tmp_path / "ref", console=QUIET, threads=1)
+    assert res.ok and ref.ok and _metrics(study_dir) == _metrics(tmp_path / "ref" / "kill")
+
+
+def test_the_live_table_counts_the_runs_and_estimates_the_rest(tmp_path):
+    from transferlab.study.progress import StudyProgress
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "history.csv").write_text("epoch,train_loss\n1,0.5\n2,0.4\n")
+    p = StudyProgress(QUIET, ["a", "b", "c", "d"], tmp_path, {"a": 5, "b": 5}, capacity=2)
+    p.update("b", "running", worker="worker 0")
+    p.update("b", "ok", seconds=10.0)
+    p.update("a", "running", worker="worker 1")
+    p.update("c", "failed", seconds=4.0)
+    console = Console(record=True, width=200, file=open(os.devnull, "w"))
+    console.print(p.table())
+    text = console.export_text()
+    assert "queued 1" in text and "running 1" in text and "ok 1" in text and "failed 1" in text and "ETA" in text
+    assert "2/5" in text and "worker 1" in text  # a's epoch from its history.csv, and where it runs
+    assert p.eta() is not None and p.eta() > 0
+
+
+def test_a_search_can_live_in_a_journal_file(tmp_path):
+    raw = _search_study(trials=2)
+    raw["defaults"]["train"]["epochs"] = 1
+    journal = tmp_path / "search.journal"
+    res = run_study(parse_study(raw), tmp_path / "runs", console=QUIET, search_storage=f"journal:{journal}")
+    assert not res.failed and journal.is_file() and not (tmp_path / "runs" / "search" / "search.db").exists()
+    assert [t["state"] for t in res.searches["tune"]["trials"]] == ["complete", "complete"]

@@ -44,8 +44,9 @@ KNOWN_SIZES = {  # (train, test, channels, side) from the datasets' documentatio
     "cifar10": (50_000, 10_000, 3, 32), "cifar100": (50_000, 10_000, 3, 32), "cifar100_coarse": (50_000, 10_000, 3, 32),
     "tiny_imagenet": (100_000, 10_000, 3, 64), "fashion_mnist": (60_000, 10_000, 1, 28), "mnist": (60_000, 10_000, 1, 28),
 }
+PROBE_WARMUP = 2
 PROBE_STEPS = 3
-"""Timed training steps per probe (after one untimed warm-up step); the fastest counts."""
+"""Timed training steps per probe (after ``PROBE_WARMUP`` untimed ones); the fastest counts."""
 PROBE_MAX_BATCH = 32
 """Probes run at min(batch, this) and scale linearly: a 256-image batch of ResNet-152 at 224 px would take a minute here."""
 
@@ -207,6 +208,8 @@ def _probe(cfg: ExperimentConfig, data: DataFacts) -> tuple[float | None, float 
     chans = model.preprocess().in_chans
     batch = min(cfg.train.batch_size, PROBE_MAX_BATCH)
     x = torch.randn(batch, chans, data.side, data.side)
+    if cfg.model.channels_last:  # as the real batches come (data.batches): a layout conversion per layer would be timed otherwise
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, data.n_classes, (batch,))
     params = [p for p in model.parameters() if p.requires_grad]
     step = None
@@ -214,13 +217,13 @@ def _probe(cfg: ExperimentConfig, data: DataFacts) -> tuple[float | None, float 
         opt = torch.optim.AdamW(params, lr=1e-4)
         model.train()
         times = []
-        for _ in range(1 + PROBE_STEPS):  # the first step pays one-off costs (allocation, kernel choice): untimed
+        for _ in range(PROBE_WARMUP + PROBE_STEPS):  # the first steps pay one-off costs (allocation, kernel choice): untimed
             t = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             times.append(time.perf_counter() - t)
-        step = min(times[1:]) * cfg.train.batch_size / batch  # the fastest step: other processes' bursts only ever add time
+        step = min(times[PROBE_WARMUP:]) * cfg.train.batch_size / batch  # the fastest step: other processes' bursts only ever add time
     model.eval()
     with torch.inference_mode():
         model(x)

@@ -23,6 +23,7 @@ from transferlab.engine.distributed import world
 from transferlab.engine.features.cached import SHARED_ENV
 from transferlab.files import atomic_write, write_json, write_text
 from transferlab.kinds import KINDS
+from transferlab.kinds.base import resolve_run_config
 from transferlab.rundir import RunDir, RunError, RunStopped
 from transferlab.study.executors import EXECUTORS, Executor, SequentialExecutor
 from transferlab.study.plan import PlannedRun, plan_study
@@ -268,7 +269,8 @@ def _check_resumable(plan: list[PlannedRun], out: Path, overwrite: bool) -> None
     for run in plan:
         kind = KINDS.get(run.cfg.kind)
         try:
-            RunDir(out / run.name).open(kind.snapshot(run.cfg), resume=True, overwrite=overwrite, keeps_partial=kind.keeps_partial)
+            cfg = resolve_run_config(run.cfg, out / run.name, resume=True)[0]  # precision: auto keeps what the run recorded
+            RunDir(out / run.name).open(kind.snapshot(cfg), resume=True, overwrite=overwrite, keeps_partial=kind.keeps_partial)
         except RunError as e:
             refused.append(str(e))
     if refused:
