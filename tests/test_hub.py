@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 import transferlab
 from transferlab.cli import main
 from transferlab.config import TruncateConfig
-from transferlab.engine.export import EXPORT_FORMATS, parity_path
+from transferlab.engine.export import EXPORT_FORMATS, export_checkpoint, parity_path
 from transferlab.files import CheckpointError
 from transferlab.models import WEIGHT_SOURCES, WeightsError, create_backbone
 from transferlab.results import hub
@@ -181,6 +181,41 @@ def test_cli_export_format_hf_writes_the_checked_folder(study, tmp_path, capsys)
     assert json.loads(parity_path(out).read_text())["ok"] is True
 
 
+def test_cli_export_hf_into_an_existing_folder_writes_into_it_not_below_it(study, tmp_path, capsys):
+    out = tmp_path / "existing"
+    out.mkdir()  # an empty folder, then the same folder again (a re-export replaces its files)
+    for _ in range(2):
+        assert main(["export", str(study / "cnn"), "--format", "hf", "--out", str(out)]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+        assert json.loads(parity_path(out).read_text())["ok"] is True
+    assert EXPORT_FORMATS.get("hf").folder and not EXPORT_FORMATS.get("onnx").folder
+    capsys.readouterr()
+
+
+def test_export_checkpoint_from_the_engine_matches_run_export(study, tmp_path):
+    """``engine.export.export_checkpoint`` (what the MLflow tracker's ``log_model`` uses, below ``rundir``) = ``Run.export``."""
+    run = load_run(study / "res_trunc_mlp")
+    below = export_checkpoint(run.path, run.config, run.metrics, "safetensors", tmp_path / "a" / "model.safetensors")
+    above = run.export("safetensors", tmp_path / "b" / "model.safetensors")
+    assert below.parity.ok and below.parity.samples == above.parity.samples and below.parity.n == above.parity.n > 0
+    a, b = load_file(str(below.path)), load_file(str(above.path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "a" / "model.json").read_text()) == json.loads((tmp_path / "b" / "model.json").read_text())
+
+
+def test_import_transferlab_alone_registers_the_hf_format(study, tmp_path):
+    """``load_run(...).export("hf")`` from a Python that imported nothing but ``transferlab``."""
+    child = f"""
+import sys, transferlab
+result = transferlab.load_run({str(study / "cnn")!r}).export("hf", {str(tmp_path / "out")!r})
+assert result.parity.ok, result.parity.describe()
+print("OK", sorted(p.name for p in result.files))
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK ['README.md', 'config.json', 'model.safetensors']" in proc.stdout
+
+
 def test_export_refuses_a_foreign_non_empty_folder_and_a_run_without_a_model(study, tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(HubError, match="not a transferlab hf export"):
@@ -283,12 +318,19 @@ backbone, report = create_backbone("test_resnet", "hf:{repo}")
 assert report.dropped == ["fc.bias", "fc.weight"], report.dropped
 assert all(torch.equal(v, written[k]) for k, v in backbone.state_dict().items())
 print("HF", report.source)
+# what `transferlab plan` says of them: in the cache -> local; a repo that is not -> download
+from transferlab.models.backbones import weights_status
+print("STATUS", weights_status("test_resnet", "hf:{repo}"), weights_status("test_resnet", "imagenet"))
+print("UNCACHED", weights_status("test_resnet", "hf:someone/not-cached"))
 """
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE")}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"SOURCE timm hub ({repo})" in proc.stdout and f"HF hub repo {repo} (cached in" in proc.stdout
+    assert f"STATUS ('local', 'Hugging Face cache ({repo}, {tmp_path / 'hf_home' / 'hub'}" in proc.stdout
+    assert f"('local', 'Hugging Face cache ({repo})')" in proc.stdout
+    assert "UNCACHED ('download', 'Hugging Face hub someone/not-cached')" in proc.stdout
 
 
 # --------------------------------------------------------------------------------------------

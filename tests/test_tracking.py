@@ -25,7 +25,16 @@ from transferlab.cli import main
 from transferlab.config import ConfigError, config_from_yaml_text, parse_study
 from transferlab.config.tracking import tracking_specs, with_tracking
 from transferlab.engine import Callback
-from transferlab.engine.tracking import TRACKING_FILE, MlflowOptions, MlflowTracker, RunInfo, RunTracking, TensorBoardTracker, flat_config
+from transferlab.engine.tracking import (
+    TRACKING_FILE,
+    MlflowOptions,
+    MlflowTracker,
+    RunInfo,
+    RunTracking,
+    TensorBoardTracker,
+    flat_config,
+    log_study_artifacts,
+)
 from transferlab.files import read_json
 from transferlab.kinds import run_experiment
 from transferlab.rundir import Opening, RunDir, RunError, code_version
@@ -283,3 +292,78 @@ def test_parallel_runs_share_one_parent(make_cfg, tmp_path, mlflow_db):
     exp = client.get_experiment_by_name("par")
     assert len(client.search_runs([exp.experiment_id], "tags.`transferlab.role` = 'study'")) == 1
     assert client.get_run(trackers[0].run_id).data.params["train.lr"] == "0.01"
+
+
+# --------------------------------------------------------------------------------------------
+# artifacts after the run: the study report on the parent run, the exported model on the run
+
+
+def test_report_goes_to_the_parent_run_and_log_model_onnx_to_the_run(tmp_path, mlflow_db):
+    study = {
+        "study": "arts",
+        "tracking": {"mlflow": {"log_model": "onnx"}},
+        "defaults": {"data": DATA, "model": {"backbone": "transferlab_cnn"}, "train": {**TRAIN, "epochs": 1}},
+        "experiments": [{"name": "scratch", "strategy": {"name": "scratch"}}],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    runs = tmp_path / "runs"
+    client = seed_db(mlflow_db, runs / "arts")
+    assert main(["run", str(path), "--runs-dir", str(runs)]) == 0  # with the report
+
+    exp = client.get_experiment_by_name("arts")
+    found = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    parent, run = found["arts"], found["scratch"]
+    assert {f.path for f in client.list_artifacts(parent.info.run_id)} >= {"report.html", "report.md", "study.yaml"}
+    copied = client.download_artifacts(parent.info.run_id, "report.md", str(tmp_path / "dl"))
+    assert Path(copied).read_text() == (runs / "arts" / "report.md").read_text()
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} == {"model/model.onnx", "model/model.onnx.parity.json"}
+    parity = read_json(Path(client.download_artifacts(run.info.run_id, "model/model.onnx.parity.json", str(tmp_path / "dl"))))
+    assert parity["ok"] is True and parity["format"] == "onnx"
+    assert run.data.tags["model_format"] == "onnx" and run.data.tags["model_parity"] == "ok"
+    assert run.info.status == "FINISHED"
+
+
+def test_log_study_artifacts_without_mlflow_tracking_does_nothing(tmp_path):
+    (tmp_path / "report.md").write_text("x")
+    assert log_study_artifacts(tmp_path, [tmp_path / "report.md"]) == []
+
+
+def test_log_model_option_is_checked(monkeypatch):
+    with pytest.raises(ConfigError, match=r"tracking.mlflow.log_model='pt' must be one of 'none', 'onnx', 'safetensors'"):
+        parse_study(_study({"mlflow": {"log_model": "pt"}}), "s.yaml")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"tracking.mlflow.log_model=onnx needs onnxruntime.*pip install 'transferlab\[onnx\]'"):
+        parse_study(_study({"mlflow": {"log_model": "onnx"}}), "s.yaml")
+    parse_study(_study({"mlflow": {"log_model": "safetensors"}}), "s.yaml")
+
+
+# --------------------------------------------------------------------------------------------
+# every executor: runs in worker processes share one parent
+
+
+def test_local_executor_workers_share_one_parent_and_log_one_run_each(tmp_path, mlflow_db):
+    study = {
+        "study": "workers",
+        "tracking": ["mlflow", "tensorboard"],
+        "executor": {"name": "local", "workers": 2},
+        "defaults": {"data": DATA, "model": {"backbone": "transferlab_cnn"}, "train": {**TRAIN, "epochs": 1}},
+        "experiments": [{"name": "a", "strategy": {"name": "scratch"}}, {"name": "b", "strategy": {"name": "scratch"}, "seed": 1}],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    runs = tmp_path / "runs"
+    client = seed_db(mlflow_db, runs / "workers")
+    assert main(["run", str(path), "--runs-dir", str(runs), "--no-report"]) == 0
+
+    exp = client.get_experiment_by_name("workers")
+    found = client.search_runs([exp.experiment_id])
+    parents = [r for r in found if r.data.tags.get("transferlab.role") == "study"]
+    assert len(parents) == 1, [r.info.run_name for r in found]
+    children = sorted((r for r in found if r not in parents), key=lambda r: r.info.run_name)
+    assert [r.info.run_name for r in children] == ["a", "b"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id and r.info.status == "FINISHED" for r in children)
+    for r in children:
+        assert r.info.run_id == read_json(runs / "workers" / r.info.run_name / TRACKING_FILE)["mlflow"]["run_id"]
+        assert steps(events(runs / "workers" / "tb" / r.info.run_name), "val/acc") == [STEPS]
+    assert sorted(p.name for p in (runs / "workers" / "tb").iterdir()) == ["a", "b"]

@@ -14,6 +14,7 @@ from importlib import metadata
 
 from transferlab.config import ConfigError, ExperimentConfig, Study, load_study, parse_study
 from transferlab.kinds import run_experiment
+from transferlab.results import hub as _hub  # noqa: F401 - registers the `hf` export format: load_run(p).export("hf", out)
 from transferlab.results.compare import compare
 from transferlab.rundir import Run, load_run
 from transferlab.rundir.read import export_run

@@ -8,6 +8,7 @@ from transferlab.cli import (  # noqa: F401 - each registers its command, in the
     export,
     fewshot,
     listing,
+    lr_find,
     plan,
     predict,
     push,

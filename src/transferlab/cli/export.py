@@ -17,7 +17,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     formats = ", ".join(f"{name} ({f.help})" for name, f in EXPORT_FORMATS.items())
     p.add_argument("run_dir", type=Path, help="a finished run directory, e.g. runs/<study>/<experiment>")
     p.add_argument("--format", default="onnx", help=f"one or more formats, comma-separated (default onnx): {formats}")
-    p.add_argument("--out", type=Path, help="the file to write (default <run>/export/model.<ext>); a folder with several formats")
+    p.add_argument("--out", type=Path, help="the file (hf: the folder) to write (default <run>/export/model.<ext>); a folder with several formats")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default best)")
     p.add_argument("--json", action="store_true", help="print the parity reports as JSON instead of one line each")
 
@@ -33,7 +33,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     reports = []
     for fmt in formats:
         out = args.out
-        if out is not None and (len(formats) > 1 or out.is_dir()):
+        # several formats: --out is the folder they go to; one: an existing folder is where a one-file format goes,
+        # but for a folder format (hf) it is the export itself (re-exporting into it, or into an empty folder)
+        if out is not None and (len(formats) > 1 or (out.is_dir() and not fmt.folder)):
             out = out / fmt.filename
         result = run_.export(fmt, out, checkpoint=args.checkpoint)
         reports.append(result.parity.to_dict())

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from transferlab.cli.command import COMMANDS, Command
+from transferlab.engine.tracking import log_study_artifacts
 from transferlab.results.report import build_report
 from transferlab.results.report.browser import Shot, check_page
 
@@ -24,6 +25,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     out = args.out
     rep = build_report(args.study_dir, html_path=out, md_path=out.with_suffix(".md") if out else None, grid_images=args.grid)
     console.print(f"written: {rep.html_path}, {rep.md_path}", markup=False, highlight=False)
+    log_study_artifacts(args.study_dir, [rep.html_path, rep.md_path], console)  # to the study's MLflow parent run, if tracked
     if not args.screenshot:
         return 0
     check = check_page(rep.html_path, [Shot(args.screenshot)])

@@ -13,6 +13,7 @@ from transferlab.cli.command import COMMANDS, Command
 from transferlab.config import ExecutorConfig, load_study, parse_executor
 from transferlab.config.tracking import with_tracking
 from transferlab.engine.distributed import world
+from transferlab.engine.tracking import log_study_artifacts
 from transferlab.results.compare import compare
 from transferlab.results.report import build_report
 from transferlab.study import EXECUTORS, run_study
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         try:
             rep = build_report(result.runs_dir)
             console.print(f"report: {rep.html_path} (summary: {rep.md_path.name})", markup=False, highlight=False)
+            log_study_artifacts(result.runs_dir, [rep.html_path, rep.md_path], console)  # to the study's MLflow parent run, if tracked
         except Exception as e:  # noqa: BLE001 - the runs are done; a report problem must not hide them
             console.print(f"note: could not write the report ({type(e).__name__}: {e}); try `transferlab report {result.runs_dir}`",
                           markup=False, highlight=False)

@@ -28,6 +28,7 @@ __all__ = [
     "ExperimentConfig",
     "FewShotConfig",
     "HeadConfig",
+    "LrFindConfig",
     "MixupConfig",
     "ModelConfig",
     "PredictConfig",
@@ -41,6 +42,7 @@ __all__ = [
     "choice_message",
     "register_check",
     "register_choices",
+    "resolve_as_recorded",
     "resolve_paths",
     "unfreeze_milestones",
 ]
@@ -89,6 +91,21 @@ class DataConfig:
     sampler: str = "random"
     """Order of the training images each epoch (``transferlab.data.sampler``): ``random`` (a seeded permutation,
     every image once) or ``balanced`` (as many draws with replacement, every class equally likely)."""
+    folds: int | None = None
+    """k-fold cross-validation: the labelled images (train + test pooled) are cut into this many stratified,
+    seeded folds; a study runs the experiment once per fold with that fold as its test split (``data.fold``)."""
+    fold: int | None = None
+    """Which fold (0..folds-1) is this run's test split; set per run by a study's expansion of ``folds``."""
+    resize: Literal["crop", "pad", "stretch"] = "crop"
+    """How ``image_size`` is reached: ``crop`` (shorter side to size / crop_pct, center crop: timm's eval
+    transform), ``pad`` (longer side to size, letterboxed with black), ``stretch`` (both sides, distorting).
+    Square images come out the same with ``crop`` and ``stretch`` (at ``crop_pct: 1``)."""
+    crop_pct: float = 1.0
+    """``resize: crop``: the center crop keeps this share of the shorter side (timm's ``crop_pct``; 0.875 for
+    most ImageNet models). 1.0 keeps the whole shorter side, so square datasets resize as they always did."""
+    normalize: Literal["backbone", "dataset", "none"] = "backbone"
+    """Input normalisation: ``backbone`` (its pretrained config's mean/std), ``dataset`` (per-channel mean/std
+    of the training split, recorded in ``selection.json``), ``none`` (pixels / 255)."""
     synthetic_classes: int = 4
     """Number of classes of the ``synthetic`` dataset (tests only)."""
     synthetic_size: int = 256
@@ -196,6 +213,24 @@ class MixupConfig:
 
 
 @dataclass
+class LrFindConfig:
+    """``train.lr_find``: an exponential learning-rate sweep on a copy of the model (``transferlab.engine.lr_find``)."""
+
+    rule: str = "valley"
+    """Registered suggestion rule: ``valley`` (fastai's default: inside the longest descent of the smoothed loss) or
+    ``steepest`` (the most negative slope of the smoothed loss against log lr)."""
+    start: float = 1e-7
+    end: float = 10.0
+    """The sweep's first and last learning rate (geometric steps between them)."""
+    steps: int = 100
+    """Optimizer steps of the sweep, at most (it stops early when the loss diverges)."""
+    diverge: float = 4.0
+    """Stop when the smoothed loss exceeds this multiple of its best value (fastai's and Lightning's 4), or is not finite."""
+    found: float | None = None
+    """Set by a run with ``train.lr: find`` (not written by hand): the lr it found, also its ``train.lr`` in ``config.yaml``."""
+
+
+@dataclass
 class EmaConfig:
     """``train.ema``: an exponential moving average of the weights (``transferlab.engine.ema``)."""
 
@@ -223,7 +258,11 @@ class TrainConfig:
     inference cost; ``kind: train`` only; frozen-feature caching is off with it (the cache holds unflipped images)."""
     optimizer: str = "adamw"
     """Registered optimizer: ``sgd`` (Nesterov momentum), ``adam``, ``adamw``, ``rmsprop`` (``transferlab.engine.optim``)."""
-    lr: float = 1e-3
+    lr: float | Literal["find"] = 1e-3
+    """Learning rate (of the head's group with ``lr_ratio``); ``find``: chosen by the LR finder before training
+    (``lr_find``, ``transferlab.engine.lr_find``) and recorded as the number it found in the run's ``config.yaml``."""
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)
+    """The LR finder's sweep and rule: ``train.lr: find`` and ``transferlab lr-find``."""
     lr_ratio: float | list[float] | None = None
     """Discriminative learning rates: a ratio per stage going down (head ``lr``, top stage ``lr·r``, …,
     stem ``lr·r^n``), or one multiplier of ``lr`` per group from the stem to the head."""
@@ -242,9 +281,11 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     accelerator: str = "auto"
     """Lightning Fabric accelerator: ``auto``, ``cpu``, ``cuda``."""
-    precision: str = "32-true"
-    """Lightning Fabric precision, e.g. ``32-true``, ``bf16-mixed``, ``16-mixed``. ``bf16-mixed`` runs the
-    convolutions in bfloat16 on CPUs with AVX512-BF16/AMX too (see benchmarks/RESULTS.md for the measured gain)."""
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"] = "auto"
+    """Lightning Fabric precision. ``auto`` (``transferlab.engine.precision``): ``bf16-mixed`` on CPUs with native
+    bf16 (AVX512-BF16 / AMX, detected from the CPU flags) and on CUDA devices that support bf16, ``32-true``
+    otherwise; resolved before the run starts and recorded in ``config.yaml`` (a resumed run keeps what it
+    recorded). Results depend on it. ``bf16-mixed`` measured 1.85x the fp32 training step on an AVX512-BF16 CPU."""
     compile: bool = False
     """Train through ``torch.compile`` (opt-in: the first steps pay the compile time, and on the CPU it
     needs a C++ compiler). Checkpoints and evaluation use the plain module, so runs stay interchangeable."""
@@ -271,6 +312,9 @@ class TrainConfig:
     """``loss: focal``: the focusing exponent gamma (0 = cross-entropy)."""
     class_weights: Literal["balanced"] | list[float] | None = None
     """Per-class loss weights: ``balanced`` (n / (classes * n_c) on the training split) or one weight per class."""
+    calibrate: Literal["none", "temperature"] = "none"
+    """``temperature``: fit one temperature T > 0 on the validation logits (L-BFGS on the NLL) and report the test
+    calibration before and after dividing the logits by T (``transferlab.engine.calibration``); never fitted on test."""
 
 
 @dataclass
@@ -480,7 +524,7 @@ def _range_checks(cfg: ExperimentConfig) -> Iterable[Check]:
     t, d, h = cfg.train, cfg.data, cfg.head
     yield from [
         (t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1"),
-        (t.lr > 0, "train.lr", t.lr, "must be > 0"),
+        (t.lr == "find" or t.lr > 0, "train.lr", t.lr, "must be > 0 (or 'find': the LR finder)"),
         (t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1"),
         (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0"),
         (0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)"),
@@ -505,6 +549,7 @@ def _range_checks(cfg: ExperimentConfig) -> Iterable[Check]:
     yield from _kind_checks(cfg)
     yield from _surgery_checks(cfg)
     yield from _recipe_checks(cfg)
+    yield from _lr_find_checks(cfg)
     yield from _inspect_checks(cfg)
 
 
@@ -586,6 +631,35 @@ def _recipe_checks(cfg: ExperimentConfig) -> Iterable[Check]:
         used |= {"data.sampler": d.sampler} if d.sampler != "random" else {}
         for key, value in used.items():
             yield (value is None, key, value, f"applies to kind: train only (this experiment is kind: {cfg.kind})")
+
+
+def _lr_find_checks(cfg: ExperimentConfig) -> Iterable[Check]:
+    """``train.lr: find`` / ``train.lr_find`` and ``train.calibrate`` (the rule name is checked by ``transferlab.engine.lr_find``)."""
+    t, f = cfg.train, cfg.train.lr_find
+    yield (f.start > 0, "train.lr_find.start", f.start, "must be > 0")
+    yield (f.end > f.start, "train.lr_find.end", f.end, f"must be > train.lr_find.start ({f.start:g})")
+    yield (f.steps >= 10, "train.lr_find.steps", f.steps, "must be >= 10")
+    yield (f.diverge > 1, "train.lr_find.diverge", f.diverge, "must be > 1")
+    yield (f.found is None or t.lr == f.found, "train.lr_find.found", f.found, "is recorded by a run with train.lr: find, not set by hand")
+    if cfg.kind != "train":
+        why = f"applies to kind: train only (this experiment is kind: {cfg.kind}); give a number"
+        yield (t.lr != "find", "train.lr", t.lr, why)
+        yield (t.calibrate == "none", "train.calibrate", t.calibrate, f"applies to kind: train only (this experiment is kind: {cfg.kind})")
+
+
+def resolve_as_recorded(recorded: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:
+    """``requested`` (a config snapshot) with what a run resolved at run time filled in from its ``recorded`` config.
+
+    ``train.lr: find`` is resolved by the run: its ``config.yaml`` records the lr found as ``train.lr`` and
+    ``train.lr_find.found``. Asking for ``find`` again with the same finder settings matches that record,
+    so ``--resume`` reuses (or continues) the run instead of calling the found number a change.
+    """
+    found = ((recorded.get("train") or {}).get("lr_find") or {}).get("found")
+    train = requested.get("train") or {}
+    if train.get("lr") != "find" or found is None:
+        return requested
+    lr_find = {**(train.get("lr_find") or {}), "found": found}
+    return {**requested, "train": {**train, "lr": recorded["train"].get("lr"), "lr_find": lr_find}}
 
 
 def _inspect_checks(cfg: ExperimentConfig) -> Iterable[Check]:

@@ -319,9 +319,13 @@ def _expand_entry(
             resolve_paths(base, Path(source).parent)
         if point:
             base.sweep = SweepPoint(group=exp_name, values=point)
-        for seed in exp_seeds if exp_seeds is not None else [base.seed]:
+        if base.data.folds is not None and base.data.fold is not None:
+            raise ConfigError(f"{source}: {where}: data.fold is set per run by data.folds (not written by hand in a study)")
+        # data.folds: k runs per seed, like seeds (run folders <name>[.seed<s>].fold<k>, one row in compare)
+        folds: list[int | None] = list(range(base.data.folds)) if isinstance(base.data.folds, int) and base.data.folds >= 2 else [base.data.fold]
+        for seed, fold in itertools.product(exp_seeds if exp_seeds is not None else [base.seed], folds):
             cfg = copy.deepcopy(base)
-            cfg.seed = seed
+            cfg.seed, cfg.data.fold = seed, fold
             try:
                 cfg.validate()
             except ConfigError as e:
@@ -336,8 +340,11 @@ def load_study(path: str | Path) -> Study:
 
 
 def run_name(cfg: ExperimentConfig, n_seeds: int) -> str:
-    """Folder name of a run: the experiment name, plus ``.seed<k>`` when a study repeats seeds."""
-    return f"{cfg.name}.seed{cfg.seed}" if n_seeds > 1 else cfg.name
+    """Folder name of a run: the experiment name, plus ``.seed<k>`` when a study repeats seeds and ``.fold<k>``
+    for a fold of ``data.folds``. ``n_seeds`` counts the experiment's runs (seeds × folds)."""
+    folds = cfg.data.folds if cfg.data.fold is not None and cfg.data.folds else 1  # a study expands every fold
+    name = f"{cfg.name}.seed{cfg.seed}" if n_seeds // folds > 1 else cfg.name
+    return f"{name}.fold{cfg.data.fold}" if cfg.data.fold is not None else name
 
 
 def config_from_yaml_text(text: str, source: str) -> ExperimentConfig:

@@ -13,43 +13,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from transferlab.data.augment import parse_augmentations, pil_pipeline
-from transferlab.data.images import FileImages, ImageReadError, load_image
+from transferlab.data.images import FileImages, ImageReadError
+from transferlab.data.normalize import Preprocess
 from transferlab.data.prepare import ImageSplits
 from transferlab.data.resize import Images
 from transferlab.data.sampler import epoch_order
 from transferlab.data.sources import DatasetError
 
 __all__ = ["ImageDataset", "LoaderBatches", "Preprocess", "TensorBatches", "default_num_workers", "make_batches"]
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How the backbone wants its input: channels and normalisation (from its pretrained config)."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    in_chans: int = 3
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 N×C×H×W -> normalised float N×in_chans×H×W (grayscale repeated to RGB if needed)."""
-        if x.shape[1] != self.in_chans:
-            if x.shape[1] == 1:
-                x = x.expand(-1, self.in_chans, -1, -1)
-            elif self.in_chans == 1:  # RGB -> luma for a grayscale model
-                w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
-                x = (x.float() * w).sum(1, keepdim=True)
-            else:
-                raise ValueError(f"cannot feed {x.shape[1]}-channel images to a {self.in_chans}-channel model")
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * 255
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * 255
-        return (x.float() - mean) / std
 
 
 class TensorBatches:
@@ -121,7 +98,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
         if isinstance(self.images, FileImages):
             try:
-                arr = load_image(self.images.paths[i], self.images.channels, self.images.resize)
+                arr = self.images.load(i)
             except ImageReadError as e:
                 raise DatasetError(
                     f"{self.images.paths[i]}: {e} (run `transferlab check-data` to find every bad image, "
@@ -246,6 +223,8 @@ def make_batches(
     """Batches of ``split`` (``train``/``val``/``test``) on the path ``splits.in_memory`` chose; ``sampler``
     (``data.sampler``) orders a shuffled split."""
     x, y = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
+    # data.normalize: dataset / none hold for every batch of the run, whichever model asked (the model carries it too)
+    preprocess = splits.normalization.apply(preprocess)
     common = dict(preprocess=preprocess, device=device, shuffle=shuffle, augment=augment, seed=seed, channels_last=channels_last,
                   sampler=sampler)
     if splits.in_memory and isinstance(x, torch.Tensor):

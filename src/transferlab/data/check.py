@@ -8,8 +8,10 @@ selection (``classes``, ``train_subset``, ``k_per_class``, ``val_fraction`` …)
 
 Errors (training would fail or be wrong): unreadable, empty, truncated or non-image files; empty
 class folders; a root without class folders; splits with different class sets; identical files
-under different classes; impossible selections. Warnings: ignored non-image files, huge images,
-images of mixed sizes without ``data.image_size``, duplicate files within a class or across splits.
+under different classes; impossible selections (``data.folds`` above the smallest class included).
+Warnings: ignored non-image files, huge images,
+duplicate files within a class or across splits. Information (not a problem): images of mixed sizes
+without ``data.image_size``, which a run resizes to its backbone's pretrained input size.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class DataReport:
         return [p for p in self.problems if p.severity == "warning"]
 
     @property
+    def infos(self) -> list[Problem]:
+        """What a run will decide by itself (e.g. the size of images of mixed sizes), for information."""
+        return [p for p in self.problems if p.severity == "info"]
+
+    @property
     def ok(self) -> bool:
         """True when nothing would stop or spoil training (warnings are allowed)."""
         return not self.errors
@@ -59,8 +66,8 @@ class DataReport:
         head += f" ({sizes})" if sizes else ""
         if not self.problems:
             return head + "\n  ok: no problems found"
-        lines = [head, f"  {len(self.errors)} error(s), {len(self.warnings)} warning(s):"]
-        ordered = self.errors + self.warnings
+        lines = [head, f"  {len(self.errors)} error(s), {len(self.warnings)} warning(s)" + (f", {len(self.infos)} note(s):" if self.infos else ":")]
+        ordered = self.errors + self.warnings + self.infos
         for p in ordered[:limit]:
             lines.append(f"  {p.severity:<7} {p.kind:<14} {p}")
         if len(ordered) > limit:
@@ -136,7 +143,7 @@ def _selection_problems(cfg: DataConfig, raw: RawDataset, seed: int) -> list[Pro
     size = cfg.image_size if not isinstance(raw.train_x, torch.Tensor) else None
     dry = dataclasses.replace(cfg, in_memory=False, skip_bad_images=False, image_size=size)
     try:
-        prepare_splits(dry, seed, raw)
+        prepare_splits(dry, seed, raw, default_size=64)  # mixed sizes: a run picks its backbone's size; nothing is decoded here
     except DatasetError as e:
         return [Problem(raw.source, str(e), "selection")]
     return []

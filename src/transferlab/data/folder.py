@@ -173,9 +173,10 @@ def probe_scan(scan: FolderScan) -> None:
         scan.problems.append(
             Problem(
                 str(scan.root),
-                f"images differ in size (e.g. {p1} is {s1[0]}x{s1[1]}, {p2} is {s2[0]}x{s2[1]}): set data.image_size",
+                f"images differ in size (e.g. {p1} is {s1[0]}x{s1[1]}, {p2} is {s2[0]}x{s2[1]}): set data.image_size, "
+                "or a run resizes them to its backbone's pretrained input size",
                 "mixed_sizes",
-                "warning",
+                "info",  # not a problem since runs fall back to the backbone's size (transferlab.kinds.common)
             )
         )
 
@@ -344,7 +345,7 @@ def raw_from_scan(scan: FolderScan, cfg: DataConfig, source: str | None = None) 
         val_x=files.get("val"),
         val_y=labels.get("val"),
         skipped=bad,
-        warnings=[p for p in scan.problems if p.severity == "warning"],
+        warnings=[p for p in scan.problems if p.severity in ("warning", "info")],
     )
 
 

@@ -18,6 +18,7 @@ A dataset is 1-channel when every image is grayscale (``1``, ``L``, ``LA``, 16-b
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +54,8 @@ class Problem:
     kind: str = "bad_image"
     """``bad_image``, ``empty_class``, ``no_classes``, ``class_mismatch``, ``duplicate``, ``ignored_file``,
     ``huge_image``, ``mixed_sizes``, ``missing_file``, ``annotation``, ``selection``."""
-    severity: Literal["error", "warning"] = "error"
+    severity: Literal["error", "warning", "info"] = "error"
+    """``error`` stops training, ``warning`` may spoil it, ``info`` is what a run will do about it (e.g. mixed sizes)."""
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}"
@@ -140,8 +142,34 @@ def to_uint8_mode(img: Image.Image, channels: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
-def load_image(path: str | Path, channels: int, size: int | None = None) -> np.ndarray:
-    """Decode one image file to a uint8 array (H, W, channels), resized to size×size when given.
+FITS = ("crop", "pad", "stretch")
+"""``data.resize``: how an image reaches the square ``image_size`` (``fit_geometry``)."""
+
+
+def fit_geometry(h: int, w: int, size: int, fit: str = "stretch", crop_pct: float = 1.0) -> tuple[int, int, int, int]:
+    """(resized height, width, top, left) of an h×w image brought to size×size by ``fit``.
+
+    ``crop`` (timm's eval transform): the shorter side goes to ``floor(size / crop_pct)`` and a centered
+    size×size window is kept (top/left >= 0: where it starts). ``pad`` (letterbox): the longer side goes
+    to ``size`` and the image is centered on a black square (top/left >= 0: where it lands). ``stretch``:
+    both sides go to ``size``. A square image at ``crop_pct: 1`` is resized the same by all three.
+    """
+    if fit == "stretch" or (h == w and (fit == "pad" or crop_pct == 1.0)):
+        return size, size, 0, 0
+    if fit == "crop":
+        short = math.floor(size / crop_pct)
+        rh, rw = (short, max(short, int(short * w / h))) if h <= w else (max(short, int(short * h / w)), short)
+        return rh, rw, int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
+    if fit == "pad":
+        scale = size / max(h, w)
+        rh, rw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+        return rh, rw, (size - rh) // 2, (size - rw) // 2
+    raise ValueError(f"data.resize: {fit!r} is not one of {', '.join(map(repr, FITS))}")
+
+
+def load_image(path: str | Path, channels: int, size: int | None = None, fit: str = "stretch", crop_pct: float = 1.0) -> np.ndarray:
+    """Decode one image file to a uint8 array (H, W, channels), brought to size×size by ``fit`` when given
+    (``data.resize``: ``fit_geometry``; a square file is resized the same by every fit at ``crop_pct: 1``).
 
     Raises ImageReadError (the reason, without the path) for anything that cannot be used: an empty,
     truncated or corrupt file, a non-image, an unreadable file, a decompression bomb.
@@ -162,13 +190,27 @@ def load_image(path: str | Path, channels: int, size: int | None = None) -> np.n
             img = ImageOps.exif_transpose(img)
             img = to_uint8_mode(img, channels)
             if size is not None and img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
+                img = _fit_pil(img, size, fit, crop_pct)
             arr = np.asarray(img, dtype=np.uint8)
     except ImageReadError:
         raise
     except Exception as e:  # noqa: BLE001
         raise ImageReadError(f"cannot decode image ({type(e).__name__}: {e})") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _fit_pil(img: Image.Image, size: int, fit: str, crop_pct: float) -> Image.Image:
+    """``fit_geometry`` on a PIL image: resize, then center crop (``crop``) or paste on black (``pad``)."""
+    rh, rw, top, left = fit_geometry(img.height, img.width, size, fit, crop_pct)
+    if img.size != (rw, rh):
+        img = img.resize((rw, rh), Image.Resampling.BILINEAR)
+    if (rh, rw) == (size, size):
+        return img
+    if fit == "crop":
+        return img.crop((left, top, left + size, top + size))
+    canvas = Image.new(img.mode, (size, size), 0)  # letterbox: black borders
+    canvas.paste(img, (left, top))
+    return canvas
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +232,14 @@ class FileImages:
     root: str = ""
     resize: int | None = None
     """Square side the images are resized to when decoded (``data.image_size``); ``None`` keeps ``size``."""
+    fit: str = "stretch"
+    """How ``resize`` is reached (``data.resize``: ``fit_geometry``)."""
+    crop_pct: float = 1.0
+    """``fit: crop``: share of the shorter side kept (``data.crop_pct``)."""
+
+    def load(self, i: int) -> np.ndarray:
+        """File ``i`` decoded as these images are: uint8 (H, W, channels), resized by ``fit`` (``load_image``)."""
+        return load_image(self.paths[i], self.channels, self.resize, self.fit, self.crop_pct)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -245,7 +295,7 @@ def decode_files(files: FileImages, workers: int | None = None) -> tuple[torch.T
     view = out.numpy()
 
     def one(i: int) -> None:
-        arr = load_image(files.paths[i], files.channels, size)
+        arr = files.load(i)
         if arr.shape[:2] != (h, w):
             raise ImageReadError(f"image is {arr.shape[1]}x{arr.shape[0]}, the others {w}x{h}; set data.image_size")
         view[i] = arr.transpose(2, 0, 1)

@@ -8,8 +8,13 @@ In order:
 3. the validation split — ``data.val_count`` images or ``data.val_fraction`` of the pool, stratified —
    is held out of the pool (unless the dataset has its own ``val`` split);
 4. ``data.test_subset`` (fraction or count, stratified) thins the test split;
-5. the selected images are resized once (``data.image_size``), and image files are decoded into
-   memory when they fit (``transferlab.data.resize``); bad files fail together or are skipped.
+5. the selected images are resized once (``data.image_size``, the way ``data.resize`` says), and image
+   files are decoded into memory when they fit (``transferlab.data.resize``); bad files fail together
+   or are skipped;
+6. ``data.normalize: dataset`` measures the training split's mean/std (``transferlab.data.normalize``).
+
+With ``data.folds`` the dataset's train and test splits are pooled first and fold ``data.fold`` of the
+pool is the test split (``transferlab.data.folds``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from transferlab.config import DataConfig
+from transferlab.data.folds import fold_test_positions, pool_train_test
 from transferlab.data.images import FileImages, Problem, format_problems
+from transferlab.data.normalize import Normalization, split_normalization
 from transferlab.data.resize import Images, prepare_files, resize_uint8
 from transferlab.data.selection import k_per_class, select_classes, stratified_take
 from transferlab.data.sources import DatasetError, RawDataset, load_dataset
@@ -54,6 +61,13 @@ class ImageSplits:
     """``train`` (held out of the training split) or ``dataset`` (the dataset's own val split)."""
     skipped: list[Problem] = field(default_factory=list)
     """Bad images left out (``data.skip_bad_images``)."""
+    normalization: Normalization = field(default_factory=lambda: Normalization("backbone"))
+    """``data.normalize`` resolved: the mean/std the model must use, or ``backbone`` (its own)."""
+    folds: dict[str, Any] | None = None
+    """With ``data.folds``: ``{folds, fold, seed, pooled_train, fold_sizes}`` (recorded in ``selection.json``)."""
+    size_from: str = "config"
+    """Where the image size came from: ``config`` (``data.image_size``), ``native`` or ``backbone`` (its
+    pretrained input size, for files of mixed sizes without ``data.image_size``)."""
 
     @property
     def num_classes(self) -> int:
@@ -71,20 +85,28 @@ class ImageSplits:
             record["classes"] = {"dataset_index": self.class_map, "names": self.class_names}
         record["skipped_bad_images"] = [{"path": p.path, "reason": p.message} for p in self.skipped]
         record["skipped_bad_images_count"] = len(self.skipped)
+        record["normalize"] = self.normalization.to_dict()
+        record["image_size"] = {"value": self.image_size, "from": self.size_from}
+        if self.folds is not None:
+            record["folds"] = self.folds
         return record
 
 
 Part = tuple[np.ndarray, np.ndarray]  # (dataset indices, task labels) of one split
 
 
-def prepare_splits(cfg: DataConfig, seed: int, raw: RawDataset | None = None) -> ImageSplits:
+def prepare_splits(cfg: DataConfig, seed: int, raw: RawDataset | None = None, default_size: int | None = None) -> ImageSplits:
     """Load ``cfg.dataset`` and return seeded, stratified train/val/test splits (module docstring).
 
     In-memory splits are decoded/resized once here; on the PIL path the selected files are kept as
     ``FileImages``. Bad image files fail with one DatasetError listing all of them, or are skipped and
-    recorded when ``cfg.skip_bad_images``.
+    recorded when ``cfg.skip_bad_images``. ``default_size`` is the side image files of mixed sizes get
+    without ``data.image_size`` (the kind passes its backbone's pretrained input size); without one they fail.
     """
     raw = raw if raw is not None else load_dataset(cfg)
+    pooled_train = len(raw.train_y)
+    if cfg.folds is not None:
+        raw = pool_train_test(raw)
     relabel, class_map, names = select_classes(cfg.classes, raw.class_names)
     parts, val_from = select_parts(cfg, raw, seed, relabel, names)
     sources = {"train": raw.train_x, "val": raw.val_x if val_from == "dataset" else raw.train_x, "test": raw.test_x}
@@ -92,17 +114,31 @@ def prepare_splits(cfg: DataConfig, seed: int, raw: RawDataset | None = None) ->
     ys = {s: torch.from_numpy(lab.astype(np.int64)) for s, (_, lab) in parts.items()}
     idxs = {s: idx for s, (idx, _) in parts.items()}
     skipped = list(raw.skipped)
+    mixed = isinstance(raw.train_x, FileImages) and raw.train_x.size is None
+    size_from = "config" if cfg.image_size else ("backbone" if mixed else "native")
     if isinstance(raw.train_x, FileImages):
-        in_memory = _decode_or_check_files(cfg, raw, xs, ys, idxs, skipped, len(names))
+        in_memory = _decode_or_check_files(cfg, raw, xs, ys, idxs, skipped, len(names), default_size)
     else:
         in_memory = cfg.in_memory is not False
         if cfg.image_size:
-            xs = {s: resize_uint8(x, cfg.image_size) for s, x in xs.items()}  # type: ignore[arg-type]
+            xs = {s: resize_uint8(x, cfg.image_size, cfg.resize, cfg.crop_pct) for s, x in xs.items()}  # type: ignore[arg-type]
+    folds = None
+    if cfg.folds is not None:
+        folds = {"folds": cfg.folds, "fold": cfg.fold or 0, "seed": seed, "pooled_train": pooled_train,
+                 "fold_sizes": [len(f) for f in _fold_positions(cfg, raw, seed, relabel, names)]}
     return ImageSplits(
         train_x=xs["train"], train_y=ys["train"], val_x=xs["val"], val_y=ys["val"], test_x=xs["test"], test_y=ys["test"],
         class_names=names, source=raw.source, indices={s: idx.tolist() for s, idx in idxs.items()},
         in_memory=in_memory, class_map=class_map, val_from=val_from, skipped=skipped,
+        normalization=split_normalization(cfg.normalize, xs["train"]), folds=folds, size_from=size_from,
     )
+
+
+def _fold_positions(cfg: DataConfig, raw: RawDataset, seed: int, relabel: np.ndarray | None, names: list[str]) -> list[np.ndarray]:
+    """The test positions (in the pooled dataset's task candidates) of every fold (``data.folds``)."""
+    labels = raw.train_y.numpy() if relabel is None else relabel[raw.train_y.numpy()]
+    keep = np.flatnonzero(labels >= 0)
+    return [keep[p] for p in fold_test_positions(labels[keep], cfg.folds or 0, seed, names)]
 
 
 def select_parts(cfg: DataConfig, raw: RawDataset, seed: int, relabel: np.ndarray | None, names: list[str]) -> tuple[dict[str, Part], str]:
@@ -117,11 +153,16 @@ def select_parts(cfg: DataConfig, raw: RawDataset, seed: int, relabel: np.ndarra
         return keep, new[keep]
 
     tr_idx, tr_lab = candidates(raw.train_y)
+    te_idx, te_lab = candidates(raw.test_y)
+    if cfg.folds is not None:  # raw is pooled (prepare_splits): fold k is the test split, the other folds the training pool
+        test_idx = _fold_positions(cfg, raw, seed, relabel, names)[cfg.fold or 0]
+        in_test = np.isin(tr_idx, test_idx)
+        te_idx, te_lab = tr_idx[in_test], tr_lab[in_test]
+        tr_idx, tr_lab = tr_idx[~in_test], tr_lab[~in_test]
     if cfg.k_per_class is not None:
         pool = k_per_class(tr_lab, cfg.k_per_class, seed, names)
     else:
         pool = stratified_take(tr_lab, cfg.train_subset, seed, "data.train_subset")
-    te_idx, te_lab = candidates(raw.test_y)
     test_pos = stratified_take(te_lab, cfg.test_subset, seed, "data.test_subset")
     test = (te_idx[test_pos], te_lab[test_pos])
     if raw.val_x is not None and raw.val_y is not None:
@@ -137,10 +178,10 @@ def select_parts(cfg: DataConfig, raw: RawDataset, seed: int, relabel: np.ndarra
 
 def _decode_or_check_files(
     cfg: DataConfig, raw: RawDataset, xs: dict[str, Images], ys: dict[str, torch.Tensor], idxs: dict[str, np.ndarray],
-    skipped: list[Problem], n_classes: int,
+    skipped: list[Problem], n_classes: int, default_size: int | None = None,
 ) -> bool:
     """Step 5 for image files: decode (or check) them; drop bad ones in place when skipping. Returns in_memory."""
-    in_memory, bad = prepare_files(cfg, raw, xs)
+    in_memory, bad = prepare_files(cfg, raw, xs, default_size)
     if bad and not cfg.skip_bad_images:
         problems = [p for s in bad for _, p in bad[s]]
         raise DatasetError(

@@ -21,6 +21,7 @@ import torch
 from lightning.fabric import Fabric
 
 from transferlab.config import ExperimentConfig
+from transferlab.engine.precision import resolve_precision
 
 
 class Batches(Protocol):
@@ -116,8 +117,14 @@ def leave_process_group_at_exit() -> None:
 
 
 def make_fabric(cfg: ExperimentConfig) -> Fabric:
-    """A Fabric for this process: one device, or DDP over the ``torchrun`` world."""
-    fabric = Fabric(accelerator=cfg.train.accelerator, precision=cfg.train.precision, **fabric_kwargs())
+    """A Fabric for this process: one device, or DDP over the ``torchrun`` world.
+
+    ``train.precision: auto`` is normally resolved before the run directory records the config
+    (``kinds.base.resolve_run_config``); a config that still says ``auto`` (``fit`` called from Python)
+    is resolved here the same way.
+    """
+    precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
+    fabric = Fabric(accelerator=cfg.train.accelerator, precision=precision, **fabric_kwargs())
     fabric.launch()  # joins the process group under torchrun; nothing to do for a single process
     if world()[1] > 1:
         leave_process_group_at_exit()  # a gloo rank that exits without leaving is aborted at teardown

@@ -1,4 +1,4 @@
-"""Test-set evaluation with torchmetrics: accuracy, top-5, per-class accuracy, confusion matrix, speed."""
+"""Test-set evaluation with torchmetrics: accuracy, top-5, per-class accuracy, confusion matrix, calibration, speed."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from transferlab.config import TrainConfig, register_choices
+from transferlab.engine.calibration import CalibrationSums
 from transferlab.engine.distributed import all_reduce_sum
 from transferlab.registry import Registry, UnknownNameError
 
@@ -67,12 +68,15 @@ def evaluate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     num_classes: int,
     device: torch.device | str = "cpu",
+    temperature: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``batches``; metrics accumulate on the device, logits are never all kept.
 
     Returns ``loss``, ``acc`` (top-1), ``top5`` (when there are more than 5 classes),
-    ``per_class_acc``, ``confusion_matrix`` (rows = true class), ``n``, ``seconds`` and
-    ``images_per_s`` (forward passes only, including the preprocessing of each batch).
+    ``per_class_acc``, ``confusion_matrix`` (rows = true class), ``n``, ``seconds``,
+    ``images_per_s`` (forward passes only, including the preprocessing of each batch), and the
+    calibration (``transferlab.engine.calibration``): ``ece``, ``nll``, ``brier``, ``reliability``;
+    with ``temperature`` also ``ece_calibrated``, ``nll_calibrated``, ... of ``logits / temperature``.
     """
     was_training = model.training
     model.eval()
@@ -80,6 +84,7 @@ def evaluate(
     per_class = MulticlassAccuracy(num_classes, average="none").to(device)
     confusion = MulticlassConfusionMatrix(num_classes).to(device)
     top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro").to(device) if num_classes > 5 else None
+    calibration = CalibrationSums(num_classes, device, temperature)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     n = 0
     if str(device).startswith("cuda"):
@@ -89,6 +94,7 @@ def evaluate(
         logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         n += len(y)
+        calibration.update(logits, y)
         for metric in (top1, per_class, confusion, top5):
             if metric is not None:
                 metric.update(logits, y)
@@ -99,6 +105,7 @@ def evaluate(
     # under DDP every rank saw part of the data: sum loss and count over ranks (torchmetrics syncs itself)
     totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(n), device=device, dtype=torch.float64)]))
     loss_sum, n = totals[0], int(totals[1])
+    calibration_sums = all_reduce_sum(calibration.sums)
     out: dict[str, Any] = {
         "loss": float(loss_sum) / max(n, 1),
         "acc": float(top1.compute()),
@@ -107,6 +114,7 @@ def evaluate(
         "n": n,
         "seconds": seconds,
         "images_per_s": n / seconds if seconds > 0 else float("nan"),
+        **calibration.compute(calibration_sums, n),
     }
     if top5 is not None:
         out["top5"] = float(top5.compute())

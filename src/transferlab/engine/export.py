@@ -48,8 +48,10 @@ from transferlab.data.batches import Preprocess
 from transferlab.data.images import FileImages, load_image
 from transferlab.data.resize import resize_uint8
 from transferlab.data.sources import load_dataset
+from transferlab.engine.predictions import SAMPLES_FILE
 from transferlab.files import atomic_write, write_bytes, write_json
 from transferlab.models.model import TransferModel, build_model
+from transferlab.models.weights import load_model_weights
 from transferlab.registry import Registry
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
     "ParityReport",
     "Tolerance",
     "check_parity",
+    "export_checkpoint",
     "export_format",
     "export_model",
     "export_spec",
@@ -232,6 +235,8 @@ class ExportFormat:
     extra: str | None = None
     """... and the ``transferlab[extra]`` that installs them."""
     help: str = ""
+    folder: bool = False
+    """It writes a folder (``hf``), not one file: an ``--out`` folder that exists is the export itself, not where it goes."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "__doc__", self.help)  # what `transferlab list` shows for this entry
@@ -642,3 +647,36 @@ def _versions(fmt: ExportFormat) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def export_checkpoint(
+    run_dir: str | Path,
+    cfg: ExperimentConfig,
+    metrics: dict[str, Any],
+    fmt: str | ExportFormat,
+    out: str | Path | None = None,
+    checkpoint: str = "best",
+    tolerance: Tolerance | None = None,
+) -> ExportResult:
+    """Export the model of a finished run directory from the engine's pieces alone (``cfg``, ``metrics.json``
+    as a dict, ``checkpoints/<checkpoint>.safetensors``, ``test_samples.safetensors``), parity-checked.
+
+    What ``Run.export`` does, for callers below the ``rundir`` layer (the MLflow tracker's ``log_model``).
+    The default ``out`` is ``<run>/export/<format's filename>``.
+    """
+    fmt = export_format(fmt)
+    run_dir = Path(run_dir)
+    class_names = [str(c) for c in metrics.get("class_names") or []]
+    model, _ = build_model(dataclasses.replace(cfg.model, weights="scratch"), cfg.head, len(class_names))
+    load_model_weights(model, run_dir / "checkpoints" / f"{checkpoint}.safetensors")
+    model.eval()
+    samples_file = run_dir / SAMPLES_FILE
+    samples = load_file(str(samples_file))["images"] if samples_file.is_file() else None
+    size = metrics.get("image_size") or cfg.data.image_size
+    if not size:
+        raise ExportError(f"{run_dir}: metrics.json records no image_size, so the input size of the export is unknown")
+    channels = metrics.get("channels") or (samples.shape[1] if samples is not None else model.preprocess().in_chans)
+    spec = export_spec(model, cfg, class_names, size, channels, source=str(run_dir), checkpoint=checkpoint)
+    images, described = parity_inputs(samples, cfg.data, spec.channels, spec.image_size)
+    out = Path(out) if out is not None else run_dir / "export" / fmt.filename
+    return export_model(model, spec, fmt, out, images, described, tolerance)

@@ -8,9 +8,10 @@ the train kind runs on its model right after testing (``save_outside_predictions
     outside_predictions.json / .csv / .png   top-k classes of every image, and a grid of them
     activations/<image>.png                  feature maps (and Grad-CAM) per image; activations.json lists them
 
-Outside images get the run's preprocessing: the training images' channel count and square size
-(``load_images``, through ``transferlab.data.images.load_image``: transparency composited on white, 16-bit
-scaled, EXIF orientation applied), then the model's normalisation.
+Outside images get the run's preprocessing: the training images' channel count and square size, reached
+the ``data.resize`` way (``load_images``, through ``transferlab.data.images.load_image``: transparency
+composited on white, 16-bit scaled, EXIF orientation applied), then the model's normalisation
+(``model.preprocess()``: the backbone's, or the run's ``data.normalize`` stats).
 
 Layers are named as in ``model.named_modules()`` of a ``TransferModel`` (``backbone.blocks.0``,
 ``backbone.layer2``, ...). The default is the first and a middle *stage*: the modules timm's ``feature_info``
@@ -119,12 +120,15 @@ def collect_image_files(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def load_images(files: Sequence[Path], channels: int, size: int) -> tuple[torch.Tensor, list[int], dict[int, str]]:
-    """Decode files to uint8 N×C×size×size; returns (images, positions decoded, {position: error})."""
+def load_images(
+    files: Sequence[Path], channels: int, size: int, fit: str = "crop", crop_pct: float = 1.0
+) -> tuple[torch.Tensor, list[int], dict[int, str]]:
+    """Decode files to uint8 N×C×size×size, brought to size as the run's ``data.resize`` / ``data.crop_pct``
+    (default: theirs) say; returns (images, positions decoded, {position: error})."""
     arrs, ok, errors = [], [], {}
     for i, f in enumerate(files):
         try:
-            arrs.append(load_image(f, channels, size).transpose(2, 0, 1))
+            arrs.append(load_image(f, channels, size, fit, crop_pct).transpose(2, 0, 1))
             ok.append(i)
         except ImageReadError as e:
             errors[i] = str(e)

@@ -178,7 +178,49 @@ def setup(
         console.print(f"resumed from {restored.path} (epoch {loop.state.epoch + 1}, step {loop.state.step})")
     if fabric.world_size > 1 and not fabric.is_global_zero:  # rank 0 alone carries the restored partial sums
         loop.state.loss_sum, loop.state.correct, loop.state.seen = 0.0, 0, 0
+    warm_up(loop)
     return loop, resumed_from
+
+
+def warm_up(loop: Loop) -> None:
+    """One untimed forward/backward step on the first training batch, leaving no trace.
+
+    Why: the first model run in a process pays one-off costs — the intra-op thread pool starting, oneDNN
+    creating its kernels (primitives) for each layer shape and precision, the caching allocator growing,
+    DataLoader workers starting. Without this the first experiment of a study pays them inside its
+    measured ``train_seconds`` and looks slower than the same experiment run second (benchmarks/RESULTS.md,
+    section 3, "Warm-up, and why"). The step runs in the run's precision, never through ``torch.compile``
+    (compile time stays part of a compiled run's cost), and undoes what it
+    touched: the global RNG (dropout), BatchNorm running statistics and the gradients. Weights, optimizer,
+    scheduler, mixup and EMA are not used, so the timed run is bit-identical to one without it.
+    Skipped under DDP (a backward outside DDP's forward would confuse its gradient reducer).
+    """
+    if loop.fabric.world_size > 1 or loop.state.epoch >= loop.cfg.train.epochs:
+        return
+    model, dev = loop.model, loop.fabric.device
+    loop.train.set_epoch(loop.state.epoch)  # batch order and augmentation are seeded by the epoch: reading one changes nothing
+    batch = next(iter(loop.train), None)
+    if batch is None:
+        return
+    x, y = batch
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    was_training = model.training
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        model.train()  # TransferModel keeps frozen BatchNorm in eval mode
+        if loop.cfg.train.compile:  # the bare module: compiling is the compiled run's own (timed) cost
+            with loop.fabric.autocast():
+                logits = model(x.to(next(model.parameters()).dtype) if x.is_floating_point() else x)
+        else:  # Fabric's module: the run's precision (autocast, input conversion), without DDP
+            logits = loop.fmodel(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        if loss.requires_grad:
+            loop.fabric.backward(loss)
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
+    for p in model.parameters():
+        p.grad = None
+    model.train(was_training)
 
 
 def train_one_epoch(loop: Loop) -> tuple[float, float]:

@@ -15,22 +15,25 @@ what several of them share is in ``transferlab.kinds.common``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
-from transferlab.config import ExperimentConfig, register_check, register_choices
+from transferlab.config import ConfigError, ExperimentConfig, load_yaml, register_check, register_choices
 from transferlab.data.prepare import ImageSplits
 from transferlab.engine.distributed import world
 from transferlab.engine.loop import Callback
+from transferlab.engine.precision import AUTO, auto_precision, device_type
 from transferlab.engine.tracking import RunTracking
 from transferlab.models.model import TransferModel
 from transferlab.registry import Registry
 from transferlab.rundir import Opening, RunDir, RunMetrics, code_version
 
-__all__ = ["KINDS", "Kind", "RunContext", "run_experiment"]
+__all__ = ["KINDS", "Kind", "RunContext", "recorded_precision", "resolve_run_config", "run_experiment"]
 
 
 @dataclass
@@ -93,6 +96,43 @@ def check_kind(cfg: ExperimentConfig) -> None:
     kind.check(cfg)
 
 
+def recorded_precision(run_dir: str | Path) -> str | None:
+    """``train.precision`` as the run directory's ``config.yaml`` recorded it (``None``: no readable config).
+
+    A config recorded without the key is from before ``auto`` existed, when the default was ``32-true``.
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, ConfigError):
+        return None  # RunDir.open reports an unreadable config
+    if not isinstance(data, dict):
+        return None
+    train = data.get("train")
+    value = train.get("precision", "32-true") if isinstance(train, dict) else "32-true"
+    return value if isinstance(value, str) and value != AUTO else None
+
+
+def resolve_run_config(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False) -> tuple[ExperimentConfig, str | None]:
+    """``cfg`` with its resolved values, before ``config.yaml`` records it, and a note on what was resolved.
+
+    ``train.precision: auto`` becomes the concrete precision of this machine (``engine.precision``), except
+    that a run continued or reused with ``resume`` keeps the precision its directory recorded: a run made
+    with ``32-true`` (the default before ``auto``) resumes in ``32-true`` and compares equal to its config.
+    """
+    if cfg.train.precision != AUTO:
+        return cfg, None
+    recorded = recorded_precision(run_dir) if resume else None
+    if recorded is not None:
+        precision, why = recorded, "as the run directory recorded it"
+    else:
+        precision, why = auto_precision(device_type(cfg.train.accelerator))
+    resolved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+    return resolved, f"precision auto → {precision} ({why})"
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     run_dir: str | Path,
@@ -118,6 +158,8 @@ def run_experiment(
     rank = world()[0]
     if rank != 0:  # under torchrun only rank 0 prints, locks and writes
         console = Console(quiet=True)
+    # resolved values (train.precision: auto) are resolved before the snapshot, so config.yaml records what ran
+    cfg, resolved = resolve_run_config(cfg, rundir.path, resume)
     snapshot = kind.snapshot(cfg)
     tracking = RunTracking.for_run(cfg, rundir.path, console, code_version)  # a missing tracker package fails here, before any work
     with rundir.lock() if rank == 0 else contextlib.nullcontext():
@@ -125,6 +167,8 @@ def run_experiment(
         if opening.finished is not None:
             RunDir.say_reused(opening, cfg.name, rundir.path, console)
             return opening.finished.to_dict()
+        if resolved and cfg.kind != "ensemble":
+            console.print(f"[dim]{escape(cfg.name)}: {escape(resolved)}[/]")
         ctx = RunContext(rundir, opening, snapshot, resume, console, splits, model, [*tracking.hooks(), *(callbacks or [])], tracking)
         try:
             metrics = kind.run(cfg, ctx)

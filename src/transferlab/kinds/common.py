@@ -6,11 +6,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import timm
 import torch
 from lightning.fabric import Fabric
 
 from transferlab.config import ExperimentConfig
 from transferlab.data.prepare import ImageSplits, prepare_splits
+from transferlab.engine.calibration import ECE_BINS
 from transferlab.engine.distributed import make_fabric
 from transferlab.engine.features import default_cache_dir, frozen_features
 from transferlab.engine.features.store import FeatureSet, state_hash
@@ -24,19 +26,45 @@ __all__ = [
     "ProbeInputs",
     "base_metrics",
     "batch_kwargs",
+    "default_image_size",
     "load_splits",
     "probe_inputs",
     "probe_metrics",
+    "set_calibration",
     "single_process_fabric",
     "split_features",
+    "use_data_normalization",
 ]
+
+
+def default_image_size(backbone: str) -> int | None:
+    """The backbone's pretrained input side (timm's pretrained config), for images of mixed sizes without
+    ``data.image_size``; ``None`` when it declares none.
+
+    Resolved here, in the kind, because it is a fact of the model (the data layer may not import models)
+    and the config stays a plain schema: timm's registry answers without building the model, and the
+    transferlab built-ins (no timm pretrained config) are built once on the CPU to read theirs.
+    """
+    cfg = timm.models.get_pretrained_cfg(backbone) if timm.is_model(backbone) else None
+    size = getattr(cfg, "input_size", None) if cfg is not None else None
+    if size is None and timm.is_model(backbone):
+        size = (timm.create_model(backbone, pretrained=False).pretrained_cfg or {}).get("input_size")
+    return int(size[-1]) if size else None
 
 
 def load_splits(cfg: ExperimentConfig, ctx: RunContext, writer: bool = True) -> tuple[ImageSplits, float]:
     """The run's train/val/test splits (prepared here unless the caller gave them) and the seconds it took;
-    ``selection.json`` records the indices."""
+    ``selection.json`` records the indices, the folds and the normalisation. Image files of mixed sizes
+    without ``data.image_size`` get the backbone's pretrained input size, and the console says so."""
     t0 = time.perf_counter()
-    splits = ctx.splits if ctx.splits is not None else prepare_splits(cfg.data, cfg.seed)
+    if ctx.splits is not None:
+        splits = ctx.splits
+    else:
+        default = default_image_size(cfg.model.backbone) if cfg.data.image_size is None else None
+        splits = prepare_splits(cfg.data, cfg.seed, default_size=default)
+    if splits.size_from == "backbone":
+        ctx.console.print(f"  data.image_size: null and the images differ in size: using {cfg.model.backbone}'s pretrained "
+                          f"input size, {splits.image_size}×{splits.image_size} (data.resize: {cfg.data.resize})")
     seconds = time.perf_counter() - t0
     if writer:
         ctx.rundir.write_json("selection.json", splits.selection_record())
@@ -69,12 +97,38 @@ def base_metrics(cfg: ExperimentConfig, splits: ImageSplits, weights: LoadReport
     )
 
 
+def set_calibration(m: RunMetrics, test: dict[str, Any], fitted_on: str = "val") -> None:
+    """The calibration of the test predictions (``evaluate``'s output) into ``m``: ECE / NLL / Brier, and the
+    ``calibration`` section (binning, reliability bins; after temperature scaling too when it was applied)."""
+    if "ece" not in test:
+        return
+    m.test_ece, m.test_nll, m.test_brier = test["ece"], test["nll"], test["brier"]
+    section: dict[str, Any] = {"ece": {"bins": ECE_BINS, "norm": "l1", "source": "torchmetrics MulticlassCalibrationError"},
+                               "reliability": test["reliability"]}
+    if "temperature" in test:
+        m.test_ece_calibrated, m.temperature = test["ece_calibrated"], test["temperature"]
+        section["calibrated"] = {"method": "temperature", "fitted_on": fitted_on, "temperature": test["temperature"],
+                                 "ece": test["ece_calibrated"], "nll": test["nll_calibrated"], "brier": test["brier_calibrated"],
+                                 "reliability": test["reliability_calibrated"]}
+    m.extra["calibration"] = section
+
+
 def single_process_fabric(cfg: ExperimentConfig) -> Fabric:
     """A Fabric for a kind that runs in one process (a DDP launch is an error naming the kind)."""
     fabric = make_fabric(cfg)
     if fabric.world_size > 1:
         raise RunError(f"experiment '{cfg.name}': kind: {cfg.kind} runs in a single process (launched with world size {fabric.world_size})")
     return fabric
+
+
+def use_data_normalization(model: TransferModel, splits: ImageSplits) -> TransferModel:
+    """Give ``model`` the mean/std of ``data.normalize`` (``dataset`` / ``none``) so every later use of
+    ``model.preprocess()`` — batches, the feature-cache key, outside images, export — normalises alike.
+    ``backbone`` leaves the model's own. Call right after building the model."""
+    norm = splits.normalization
+    if norm.mean is not None and norm.std is not None:
+        model.set_normalization(norm.mean, norm.std)
+    return model
 
 
 def batch_kwargs(model: TransferModel, cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
@@ -123,6 +177,7 @@ def probe_inputs(cfg: ExperimentConfig, ctx: RunContext) -> ProbeInputs:
     fabric.seed_everything(cfg.seed, verbose=False)
     splits, data_seconds = load_splits(cfg, ctx)
     model, report = build_model(cfg.model, cfg.head, splits.num_classes)
+    use_data_normalization(model, splits)
     linear_probe(model, cfg.strategy)  # the backbone is a fixed feature extractor (BatchNorm in eval mode)
     model.to(fabric.device).eval()
     ctx.console.print(
@@ -142,6 +197,7 @@ def probe_metrics(
     m.strategy = cfg.kind
     m.test_acc, m.test_top5, m.test_loss = test["acc"], test.get("top5"), test["loss"]
     m.per_class_acc, m.confusion_matrix = test["per_class_acc"], test["confusion_matrix"]
+    set_calibration(m, test)
     m.best_epoch, m.best_val, m.monitor, m.epochs_run, m.stopped_early = 1, chosen["val_acc"], "val_acc", 1, False
     m.train_seconds, m.data_seconds, m.wall_seconds = fit_seconds, inp.data_seconds, time.perf_counter() - inp.wall0
     test_ips = inp.features["test"].meta.get("images_per_s")

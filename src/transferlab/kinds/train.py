@@ -9,30 +9,33 @@ exactly (``train.cache``); the loop then trains the rest on cached features.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric import Fabric
 
-from transferlab.config import ExperimentConfig
+from transferlab.config import ExperimentConfig, from_dict, load_yaml
 from transferlab.data.batches import make_batches
-from transferlab.data.prepare import ImageSplits
+from transferlab.data.prepare import ImageSplits, prepare_splits
+from transferlab.engine.calibration import collect_logits, fit_temperature
 from transferlab.engine.distributed import RoundRobin, SliceOfGlobalBatch, make_fabric
 from transferlab.engine.evaluation import evaluate, with_tta
 from transferlab.engine.features import cached_training, default_cache_dir
 from transferlab.engine.inspect import FEATURES, ActivationError, check_layer, check_layers, save_activation_maps, save_outside_predictions
 from transferlab.engine.loop import fit
 from transferlab.engine.losses import make_loss
+from transferlab.engine.lr_find import LrFindResult, lr_find, resolved, save_lr_find
 from transferlab.engine.predictions import PredictionRecorder, save_test_predictions
-from transferlab.files import load_checkpoint_group
+from transferlab.files import load_checkpoint_group, read_json
 from transferlab.kinds.base import KINDS, Kind, RunContext
-from transferlab.kinds.common import base_metrics, batch_kwargs, load_splits
+from transferlab.kinds.common import base_metrics, batch_kwargs, load_splits, set_calibration
 from transferlab.models.model import TransferModel, build_model, count_params
 from transferlab.models.weights import load_model_weights
-from transferlab.rundir import RunMetrics, code_version
+from transferlab.rundir import Opening, RunMetrics, code_version
 from transferlab.rundir.metrics import balanced_scores
 from transferlab.strategies import apply_strategy
 
-__all__ = ["TrainKind"]
+__all__ = ["TrainKind", "find_lr"]
 
 
 class TrainKind(Kind):
@@ -47,6 +50,7 @@ class TrainKind(Kind):
         fabric = make_fabric(cfg)
         fabric.barrier()  # every rank has decided from the same view of the folder; now rank 0 may change it
         writer = fabric.is_global_zero
+        recorded = _recorded_lr(cfg, ctx)  # read before begin() rewrites config.yaml
         ctx.begin(writer)
         fabric.seed_everything(cfg.seed, verbose=False)
         splits, data_seconds = load_splits(cfg, ctx, writer)
@@ -57,7 +61,6 @@ class TrainKind(Kind):
         total_params, trainable_params = count_params(model)
         kwargs = batch_kwargs(model, cfg, fabric.device)
         train, val, test = _batches(cfg, splits, kwargs, fabric)
-        meta = {"config": cfg.to_dict(), "class_names": splits.class_names, "code_version": code_version()}
         ctx.console.print(
             f"[bold]{cfg.name}[/] seed {cfg.seed}: {cfg.model.backbone} ({cfg.model.weights}) + {cfg.head.type} head, "
             f"strategy {cfg.strategy.name}, {trainable_params:,}/{total_params:,} params trainable, "
@@ -65,11 +68,13 @@ class TrainKind(Kind):
         )
         if weights_report is not None and weights_report.dropped:
             ctx.console.print(f"  weights: {weights_report.describe()}")
+        cfg, lr_record = _resolve_lr(cfg, ctx, model, train, criterion, fabric, recorded)  # train.lr: find -> a number
+        meta = {"config": cfg.to_dict(), "class_names": splits.class_names, "code_version": code_version()}
 
         # a frozen prefix runs once: the loop then trains the rest on cached features (train.cache)
         cached = cached_training(model, splits, cfg, fabric, kwargs, default_cache_dir(ctx.rundir.path), ctx.console)
-        fit_model, train, val = cached.apply(model, train, val)
-        result = fit(fit_model, train, val, cfg, fabric, ctx.rundir.checkpoints, meta, resume=ctx.resume, console=ctx.console,
+        fit_model, fit_train, fit_val = cached.apply(model, train, val)
+        result = fit(fit_model, fit_train, fit_val, cfg, fabric, ctx.rundir.checkpoints, meta, resume=ctx.resume, console=ctx.console,
                      callbacks=ctx.callbacks, criterion=criterion)
         if writer:
             ctx.rundir.write_rows("history.csv", result.history)
@@ -79,11 +84,15 @@ class TrainKind(Kind):
         chosen = best if best.exists() else ctx.rundir.checkpoints / "last.safetensors"
         raw_test = _test_raw(model, test, cfg, splits, fabric, chosen)  # train.ema: {evaluate: both}
         load_model_weights(model, chosen)  # the run's weights: the EMA ones with train.ema (unless evaluate: raw)
-        test_metrics, recorder = _test(model, test, cfg, splits, fabric)
+        temperature = _temperature(model, val, cfg, fabric)  # train.calibrate: fitted on the validation images only
+        test_metrics, recorder = _test(model, test, cfg, splits, fabric, temperature)
         m = base_metrics(cfg, splits, weights_report, fabric.device, fabric.world_size)
         m.strategy = cfg.strategy.name
         m.test_acc, m.test_top5, m.test_loss = test_metrics["acc"], test_metrics.get("top5"), test_metrics["loss"]
         m.per_class_acc, m.confusion_matrix = test_metrics["per_class_acc"], test_metrics["confusion_matrix"]
+        set_calibration(m, test_metrics)
+        if lr_record is not None:
+            m.extra["lr_find"] = lr_record
         m.best_epoch, m.best_val, m.monitor = result.best_epoch, result.best_metric, cfg.train.early_stopping.monitor
         m.epochs_run, m.stopped_early, m.resumed_from = len(result.history), result.stopped_early, result.resumed_from
         m.train_seconds, m.data_seconds, m.wall_seconds = result.train_seconds, data_seconds, time.perf_counter() - wall0
@@ -131,15 +140,90 @@ def _test_raw(model: TransferModel, test: Any, cfg: ExperimentConfig, splits: Im
 
 
 def _test(
-    model: TransferModel, test: Any, cfg: ExperimentConfig, splits: ImageSplits, fabric: Fabric
+    model: TransferModel, test: Any, cfg: ExperimentConfig, splits: ImageSplits, fabric: Fabric, temperature: float | None = None
 ) -> tuple[dict[str, Any], PredictionRecorder | None]:
-    """Test metrics of the chosen checkpoint (with the run's TTA); one process also records per-image predictions."""
+    """Test metrics of the chosen checkpoint (with the run's TTA); one process also records per-image predictions.
+
+    With ``temperature`` the calibration is measured before and after dividing the logits by it, in the same pass."""
     tested = with_tta(model, cfg.train.tta)
     recorder = PredictionRecorder(tested) if fabric.world_size == 1 else None  # per-image test predictions (report)
     with fabric.autocast():
         if recorder is None:
-            return evaluate(tested, test, splits.num_classes, fabric.device), None
-        return evaluate(recorder, recorder.batches(test), splits.num_classes, fabric.device), recorder
+            return evaluate(tested, test, splits.num_classes, fabric.device, temperature), None
+        return evaluate(recorder, recorder.batches(test), splits.num_classes, fabric.device, temperature), recorder
+
+
+def _temperature(model: TransferModel, val: Any, cfg: ExperimentConfig, fabric: Fabric) -> float | None:
+    """``train.calibrate: temperature``: the T fitted on the validation logits of the tested weights (else ``None``)."""
+    if cfg.train.calibrate != "temperature":
+        return None
+    if fabric.world_size > 1:
+        raise cfg.error("train.calibrate: temperature runs in a single process (each rank holds only part of the validation split)")
+    with fabric.autocast():
+        logits, labels = collect_logits(with_tta(model, cfg.train.tta), val)
+    return fit_temperature(logits, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# train.lr: find
+
+
+def _recorded_lr(cfg: ExperimentConfig, ctx: RunContext) -> float | None:
+    """The lr a continued ``train.lr: find`` run found before it was interrupted (its ``config.yaml``), else ``None``."""
+    path = ctx.rundir.path / "config.yaml"
+    if cfg.train.lr != "find" or not ctx.opening.resuming or not path.is_file():
+        return None
+    old = from_dict(ExperimentConfig, load_yaml(path.read_text(encoding="utf-8"), str(path)) or {})
+    return old.train.lr_find.found
+
+
+def _resolve_lr(
+    cfg: ExperimentConfig, ctx: RunContext, model: TransferModel, train: Any, criterion: Any, fabric: Fabric, recorded: float | None
+) -> tuple[ExperimentConfig, dict[str, Any] | None]:
+    """``train.lr: find``: the config with the lr the finder chose (or ``recorded``, when continuing), and its record.
+
+    The sweep runs on a copy of the model before anything trains; ``config.yaml`` is rewritten with the
+    resolved lr (and ``train.lr_find.found``), which ``--resume`` matches against a new ``lr: find``.
+    """
+    if cfg.train.lr != "find":
+        return cfg, None
+    record_path = ctx.rundir.path / "lr_find.json"
+    if recorded is not None:  # a continued run keeps the lr it trained with so far
+        record = read_json(record_path) if record_path.is_file() else {"suggestion": recorded}
+        ctx.console.print(f"  lr: find -> {recorded:.3g} (found before the interruption)")
+        return resolved(cfg, recorded), record
+    if fabric.world_size > 1:
+        raise cfg.error("train.lr: find runs in a single process; run `transferlab lr-find` and set train.lr to its suggestion")
+    result = lr_find(model, train, cfg, criterion.to(fabric.device), fabric.device, fabric.autocast)
+    save_lr_find(result, ctx.rundir.path, f"{cfg.name}: LR finder ({result.rule})")
+    cfg = resolved(cfg, result.suggestion)
+    ctx.snapshot = cfg.to_dict()
+    ctx.rundir.begin(Opening(), ctx.snapshot)  # config.yaml again, now with the resolved lr
+    ctx.console.print(f"  lr: find -> {result.suggestion:.3g} ({result.rule}, {len(result.lrs)} steps, {result.stopped}); "
+                      f"curve in {ctx.rundir.path / 'lr_find.png'}")
+    return cfg, result.record()
+
+
+def find_lr(cfg: ExperimentConfig, out: str | Path, console: Any = None) -> LrFindResult:
+    """The LR finder of one ``kind: train`` experiment as its run would start it; writes ``lr_find.{csv,json,png}`` into ``out``.
+
+    Builds the data, model, strategy, loss and training batches exactly as ``TrainKind.run`` does before
+    training (same seeding, same order), so the suggestion is the one ``train.lr: find`` would use.
+    """
+    if cfg.kind != "train":
+        raise cfg.error(f"the LR finder needs kind: train (this experiment is kind: {cfg.kind})")
+    fabric = make_fabric(cfg)
+    fabric.seed_everything(cfg.seed, verbose=False)
+    splits = prepare_splits(cfg.data, cfg.seed)
+    criterion = make_loss(cfg, splits.class_names, splits.train_y)
+    model, _ = build_model(cfg.model, cfg.head, splits.num_classes)
+    apply_strategy(model, cfg.strategy)
+    train, _, _ = _batches(cfg, splits, batch_kwargs(model, cfg, fabric.device), fabric)
+    result = lr_find(model, train, cfg, criterion.to(fabric.device), fabric.device, fabric.autocast)
+    save_lr_find(result, out, f"{cfg.name}: LR finder ({result.rule})")
+    if console is not None:
+        console.print(f"{cfg.name}: suggested lr {result.suggestion:.3g} ({result.rule}; {len(result.lrs)} steps, {result.stopped}) -> {out}")
+    return result
 
 
 def _check_activation_layers(model: TransferModel, cfg: ExperimentConfig) -> None:

@@ -37,7 +37,7 @@ from torch import nn
 from transferlab.config import ConfigError, ExperimentConfig, TruncateConfig, register_check
 from transferlab.models import small_cnn  # noqa: F401 - registers transferlab_cnn* with timm
 from transferlab.models.embedded import EMBEDDED_ARCHS, embedded_state_dict, embedded_weights
-from transferlab.models.hub import hub_unreachable, read_hf_backbone
+from transferlab.models.hub import HF_CONFIG, HF_LEGACY_WEIGHTS, HF_WEIGHTS, hub_unreachable, is_repo_id, read_hf_backbone
 from transferlab.models.truncate import TruncationReport, truncate_backbone
 from transferlab.models.weights import LoadReport, WeightsError, classifier_prefixes, load_strict, read_run_weights, read_state_file
 from transferlab.registry import Registry, UnknownNameError
@@ -212,6 +212,16 @@ def _hub_cached(name: str) -> bool:
     return any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
 
 
+def _hf_repo_cached(repo: str, revision: str | None) -> Path | None:
+    """The cached snapshot folder of hub repo ``repo`` when it holds config.json and the weights (as ``hf:`` reads it)."""
+    def cached(name: str) -> Path | None:
+        found = try_to_load_from_cache(repo, name, revision=revision)
+        return Path(found) if isinstance(found, str) else None
+
+    config, weights = cached(HF_CONFIG), cached(HF_WEIGHTS) or cached(HF_LEGACY_WEIGHTS)
+    return config.parent if config is not None and weights is not None and config.parent == weights.parent else None
+
+
 def weights_status(backbone: str, weights: str) -> tuple[str, str]:
     """Whether ``weights`` for ``backbone`` are on this machine, without loading them (``transferlab plan``).
 
@@ -238,7 +248,10 @@ def weights_status(backbone: str, weights: str) -> tuple[str, str]:
             return "local", str(path)
         if scheme == "run":
             return "missing", f"run directory {path} (made by this study first, if it is one of its experiments)"
-        if scheme == "hf" and "/" in argument and not argument.startswith((".", "/", "~")):
+        if scheme == "hf" and is_repo_id(argument):
+            repo, _, revision = argument.partition("@")
+            if cached := _hf_repo_cached(repo, revision or None):
+                return "local", f"Hugging Face cache ({argument}, {cached})"
             return "download", f"Hugging Face hub {argument}"
         return "missing", str(path)
     return "missing", f"unknown weights source {scheme!r}"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from transferlab.config import HeadConfig, ModelConfig
-from transferlab.data.batches import Preprocess
+from transferlab.data.normalize import Preprocess, to_channels
 from transferlab.models.backbones import create_backbone
 from transferlab.models.heads import build_head, pooled_width
 from transferlab.models.weights import LoadReport, load_run_head
@@ -34,6 +34,8 @@ class TransferModel(nn.Module):
         self.head_cfg = head_cfg
         self.num_classes = num_classes
         self.frozen_bn: set[str] = set()  # qualified names of BatchNorm modules kept in eval mode
+        self.normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        """(mean, std) of the run's ``data.normalize`` when it is not the backbone's (``set_normalization``)."""
 
     @property
     def num_features(self) -> int:
@@ -50,10 +52,25 @@ class TransferModel(nn.Module):
         return dict(getattr(self.backbone, "pretrained_cfg", {}) or {})
 
     def preprocess(self) -> Preprocess:
-        """Input channels and normalisation the backbone was (pre)trained with."""
+        """Input channels and normalisation: the run's (``set_normalization``), else the backbone's pretrained one.
+
+        Everything that feeds the model (batches, feature-cache keys, outside images, export metadata)
+        asks here, so a run trained with ``data.normalize: dataset`` is evaluated and exported alike.
+        """
         cfg = self.pretrained_cfg
         in_chans = int(cfg.get("input_size", (3,))[0])
+        if self.normalization is not None:
+            mean, std = self.normalization
+            return Preprocess(mean=to_channels(mean, in_chans), std=to_channels(std, in_chans), in_chans=in_chans)
         return Preprocess(mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))), in_chans=in_chans)
+
+    def set_normalization(self, mean: Iterable[float], std: Iterable[float]) -> None:
+        """Normalise inputs with this mean/std (0..1 scale, one per image channel) instead of the backbone's.
+
+        A plain attribute, not a buffer: checkpoints stay the backbone's state dict; the run records the
+        values (``selection.json``) and ``load_run(...).load_model()`` sets them again.
+        """
+        self.normalization = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled backbone features."""

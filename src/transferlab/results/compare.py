@@ -23,6 +23,7 @@ COLUMNS = [
     ("test_acc", "test acc"),
     ("test_balanced_acc", "balanced acc"),
     ("test_macro_f1", "macro F1"),
+    ("test_ece", "ECE"),
     ("n_seeds", "seeds"),
     ("train_seconds", "train time (s)"),
     ("inference_images_per_s", "inference img/s"),
@@ -66,6 +67,10 @@ def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
             values = [getattr(r, key) for r in ok if getattr(r, key) is not None]
             if len(values) == len(ok):
                 row[key], row[f"{key}_std"] = _mean_std(values)
+        for key in ("test_ece", "test_nll", "test_brier", "test_ece_calibrated"):  # calibration: absent in older runs
+            values = [getattr(r, key) for r in ok if getattr(r, key) is not None]
+            if values and len(values) == len(ok):
+                row[key], row[f"{key}_std"] = _mean_std(values)
         row["inference_images_per_s"], row["inference_images_per_s_std"] = _mean_std([r.inference_images_per_s for r in ok])
         row["train_seconds"], row["train_seconds_std"] = _mean_std([r.training_cost_seconds() for r in ok])
         row["trainable_params"] = first.trainable_params
@@ -95,6 +100,9 @@ def _fmt(row: dict[str, Any], key: str) -> str:
         return f"{100 * v:.2f}%" + (f" ± {100 * row[key + '_std']:.2f}" if multi else "")
     if key == "test_macro_f1":
         return f"{v:.3f}" + (f" ± {row[key + '_std']:.3f}" if multi else "")
+    if key == "test_ece":  # with train.calibrate: temperature, before → after scaling
+        after = f" → {row['test_ece_calibrated']:.3f}" if row.get("test_ece_calibrated") is not None else ""
+        return f"{v:.3f}" + (f" ± {row[key + '_std']:.3f}" if multi else "") + after
     if key == "train_seconds":
         return f"{v:.1f}" + (f" ± {row['train_seconds_std']:.1f}" if row.get("n_seeds", 0) > 1 else "")
     if key == "inference_images_per_s":
@@ -111,7 +119,7 @@ def compare(study_dir: str | Path, console: Console | None = None, write: bool =
     rows = collect(study_dir)
     table = Table(title=f"study {study_dir.name}")
     for _, title in COLUMNS:
-        table.add_column(title, justify="right" if title.endswith(("acc", "F1", "(s)", "img/s", "params", "seeds")) else "left")
+        table.add_column(title, justify="right" if title.endswith(("acc", "F1", "ECE", "(s)", "img/s", "params", "seeds")) else "left")
     for row in rows:
         table.add_row(*[_fmt(row, k) for k, _ in COLUMNS])
     console.print(table)

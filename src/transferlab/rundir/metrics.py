@@ -56,6 +56,17 @@ class RunMetrics:
     derived from ``confusion_matrix``, so every kind that records one has it."""
     test_macro_f1: float | None = None
     """Unweighted mean F1 over the classes that occur or are predicted (scikit-learn's ``f1_score(average='macro')``)."""
+    test_ece: float | None = None
+    """Expected calibration error of the test predictions: torchmetrics' ``MulticlassCalibrationError``, 15 equal-width
+    bins of the top-label confidence, L1 norm (``transferlab.engine.calibration``). ``None`` in runs written before it."""
+    test_nll: float | None = None
+    """Mean negative log-likelihood of the true class on the test split."""
+    test_brier: float | None = None
+    """Multiclass Brier score on the test split: mean over images of sum_k (p_k - [y = k])^2 (0 … 2)."""
+    test_ece_calibrated: float | None = None
+    """With ``train.calibrate: temperature``: the test ECE after dividing the logits by ``temperature``."""
+    temperature: float | None = None
+    """With ``train.calibrate: temperature``: the T > 0 fitted on the validation logits (NLL, L-BFGS)."""
     tested_weights: str | None = None
     """``kind: train``: which weights the test metrics are of — ``raw`` (as trained) or ``ema`` (``train.ema``)."""
     per_class_acc: list[float | None] | None = None

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from transferlab.config import ConfigError, EnsembleSpec, ExperimentConfig, SweepPoint, config_from_yaml_text
+from transferlab.data.normalize import Normalization
 from transferlab.engine.export import ExportFormat, ExportResult, Tolerance, export_format, export_model, export_spec, parity_inputs
 from transferlab.files import read_json
 from transferlab.models.model import TransferModel, build_model
@@ -84,7 +85,30 @@ class Run:
         model_cfg = dataclasses.replace(self.config.model, weights="scratch")
         model, _ = build_model(model_cfg, self.config.head, len(self.class_names))
         load_model_weights(model, self.path / "checkpoints" / f"{checkpoint}.safetensors")
+        norm = self.normalization
+        if norm.mean is not None and norm.std is not None:  # data.normalize: dataset / none, as the run trained
+            model.set_normalization(norm.mean, norm.std)
         return model.eval()
+
+    @cached_property
+    def selection(self) -> dict[str, Any]:
+        """``selection.json`` (indices, classes, folds, normalisation); ``{}`` when the run wrote none."""
+        path = self.path / "selection.json"
+        return read_json(path) if path.is_file() else {}
+
+    @property
+    def normalization(self) -> Normalization:
+        """The mean/std the run's inputs were normalised with (``data.normalize``; ``backbone``: the model's own).
+
+        ``dataset`` stats come from ``selection.json``; a run whose config says ``dataset`` but that
+        recorded no stats cannot be rebuilt faithfully, and says so.
+        """
+        norm = Normalization.from_dict(self.selection.get("normalize"))
+        wanted = self.config.data.normalize if self.config is not None else "backbone"
+        if wanted != "backbone" and norm.mean is None:
+            raise RunError(f"{self.path}: data.normalize={wanted!r} but selection.json records no mean/std, "
+                           "so its inputs cannot be normalised as in training")
+        return norm
 
     def export(
         self, format: str | ExportFormat = "onnx", out: str | Path | None = None, checkpoint: str = "best", tolerance: Tolerance | None = None

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from transferlab.config import ConfigError, ExperimentConfig, from_dict, load_yaml
+from transferlab.config.schema import resolve_as_recorded
 from transferlab.files import read_json, write_csv, write_json, write_text
 from transferlab.rundir.metrics import METRICS_FILE, RunMetrics, code_version
 
@@ -185,7 +186,7 @@ class RunDir:
             old = from_dict(ExperimentConfig, load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}).to_dict()
         except ConfigError as e:
             raise RunError(f"{path} cannot be read by this version of transferlab ({e}); pass --overwrite to redo the run") from None
-        changes = config_changes(old, snapshot)
+        changes = config_changes(old, resolve_as_recorded(old, snapshot))  # train.lr: find matches the lr it found
         relevant = [c for c in changes if not is_harmless(c.key)]
         if relevant:
             what = "finished" if finished else "was started"

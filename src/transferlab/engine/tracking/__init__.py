@@ -7,10 +7,11 @@ register one tracker each. Their packages are optional extras, imported only by 
 
 from transferlab.engine.tracking import mlflow, tensorboard  # noqa: F401 - each registers its tracker
 from transferlab.engine.tracking.core import TRACKERS, TRACKING_FILE, RunInfo, RunTracking, Tracker, check_tracking, flat_config
-from transferlab.engine.tracking.mlflow import PARENT_FILE, MlflowOptions, MlflowTracker, tracking_uri
+from transferlab.engine.tracking.mlflow import LOG_MODEL_FORMATS, PARENT_FILE, MlflowOptions, MlflowTracker, log_study_artifacts, tracking_uri
 from transferlab.engine.tracking.tensorboard import TensorBoardOptions, TensorBoardTracker
 
 __all__ = [
+    "LOG_MODEL_FORMATS",
     "PARENT_FILE",
     "TRACKERS",
     "TRACKING_FILE",
@@ -23,5 +24,6 @@ __all__ = [
     "Tracker",
     "check_tracking",
     "flat_config",
+    "log_study_artifacts",
     "tracking_uri",
 ]

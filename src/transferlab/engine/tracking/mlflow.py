@@ -7,13 +7,19 @@ database in the study folder, ``sqlite:///runs/<study>/mlflow.db`` (artifacts be
 A run logs: params = the flattened resolved config; tags kind, strategy, backbone, weights, seed,
 git commit; per-epoch ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``lr``, ``seconds`` with
 step = epoch; the test metrics; artifacts ``config.yaml``, ``metrics.json``, ``history.csv`` and
-``confusion_matrix.png``. Only ``MlflowClient`` is used (no fluent API, whose "active run" is global
+``confusion_matrix.png``; with ``log_model: onnx`` (or ``safetensors``) the model, exported and
+parity-checked after the run (``engine.export.export_checkpoint``), as ``model/<file>`` with its
+``<file>.parity.json``. Only ``MlflowClient`` is used (no fluent API, whose "active run" is global
 state): several runs in one process, threads or workers never mix.
 
 The study's parent run is found or created by whichever run of the study comes first, under a file
 lock in the study folder, and recorded in ``runs/<study>/mlflow_parent.json``: parallel workers share
 one parent. The run's id is recorded in its ``tracking.json``, so ``--resume`` continues the same
 MLflow run and logs only the epochs it does not have yet.
+
+Files made after the study (the report, written above this layer) are logged to the parent run by
+``log_study_artifacts(study_dir, paths)``, which reads ``mlflow_parent.json``: ``transferlab run``
+calls it with ``report.html`` and ``report.md``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferlab.engine.tracking.core import TRACKERS, RunInfo, Tracker, confusion_image, flat_config
+from rich.console import Console
+from rich.markup import escape
+
+from transferlab.engine.export import EXPORT_FORMATS, ExportParityError, export_checkpoint, parity_path
+from transferlab.engine.tracking.core import TRACKERS, RunInfo, Tracker, confusion_image, flat_config, missing_modules
 from transferlab.files import read_json, write_json
 
 try:
@@ -36,7 +46,7 @@ try:
 except ImportError:  # no fcntl (Windows): the parent run is found or created unlocked
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["MlflowOptions", "MlflowTracker", "PARENT_FILE", "tracking_uri"]
+__all__ = ["LOG_MODEL_FORMATS", "MlflowOptions", "MlflowTracker", "PARENT_FILE", "log_study_artifacts", "tracking_uri"]
 
 PARENT_FILE = "mlflow_parent.json"
 """In the study folder: the study's MLflow experiment and parent run, per tracking URI."""
@@ -48,6 +58,9 @@ ARTIFACTS = ("config.yaml", "metrics.json", "history.csv")
 REACH_TIMEOUT_S = 3.0
 """How long an ``http(s)`` tracking server may take to accept a connection before tracking is off."""
 _DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+LOG_MODEL_FORMATS = ("none", "onnx", "safetensors")
+"""``tracking.mlflow.log_model``: the export format of the model logged with each run (``none``: no model)."""
+MODEL_ARTIFACT_DIR = "model"
 
 
 @dataclass
@@ -60,6 +73,9 @@ class MlflowOptions:
     """MLflow experiment name; default the study name."""
     log_artifacts: bool = True
     """Upload ``config.yaml``, ``metrics.json``, ``history.csv`` and the confusion matrix image with every run."""
+    log_model: str = "none"
+    """``onnx`` or ``safetensors``: after a run that finished, export its model (parity-checked) and upload the file and
+    its ``.parity.json`` under ``model/``; ``none``: no model."""
 
 
 def tracking_uri(options: MlflowOptions, study_dir: Path) -> str:
@@ -116,6 +132,16 @@ class MlflowTracker(Tracker):
         # a database store needs SQLAlchemy and alembic besides mlflow(-skinny); a server does not
         db = _scheme(options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:") in _DB_SCHEMES
         return ("mlflow", "sqlalchemy", "alembic") if db else ("mlflow",)
+
+    @classmethod
+    def check(cls, options: MlflowOptions) -> str | None:
+        if options.log_model not in LOG_MODEL_FORMATS:
+            return f"log_model={options.log_model!r} must be one of {', '.join(map(repr, LOG_MODEL_FORMATS))}"
+        if options.log_model != "none":
+            fmt = EXPORT_FORMATS.get(options.log_model)
+            if missing := missing_modules(fmt.requires):
+                return f"log_model={options.log_model} needs {', '.join(missing)}, which is not installed: pip install 'transferlab[{fmt.extra}]'"
+        return None
 
     # ----------------------------------------------------------------------------------------
     # the study's experiment and parent run
@@ -257,11 +283,69 @@ class MlflowTracker(Tracker):
             if ok and metrics.get("confusion_matrix"):
                 image = confusion_image(metrics["confusion_matrix"], metrics.get("class_names") or [])
                 self.client.log_image(self.run_id, image, artifact_file="confusion_matrix.png")
+        if ok and self.options.log_model != "none":
+            self._log_model(metrics)
         # an interrupted run (Ctrl-C, a stopped trial) is KILLED: --resume continues it; an error FAILED
         status = "FINISHED" if ok else "FAILED" if isinstance(error, Exception) and not hasattr(error, "status") else "KILLED"
         self.client.set_terminated(self.run_id, status)
         if self.parent_id:
             self.client.set_terminated(self.parent_id, "FINISHED")  # the study's latest activity
+
+
+    def _log_model(self, metrics: dict[str, Any]) -> None:
+        """Export the run's model as ``log_model`` and upload it with its parity report; a problem is said, not raised."""
+        fmt, cfg = EXPORT_FORMATS.get(self.options.log_model), self.run.cfg
+        say = self.run.console.print
+        if cfg.kind == "ensemble" or not (self.run.run_dir / "checkpoints" / "best.safetensors").is_file():
+            say(f"[yellow]tracking: mlflow logs no model for {escape(self.run.name)} (a {escape(cfg.kind)} run keeps no single model)[/]")
+            return
+        out = self.run.run_dir / "export" / fmt.filename
+        try:
+            files, verdict = [*export_checkpoint(self.run.run_dir, cfg, metrics, fmt, out).files, parity_path(out)], "ok"
+        except ExportParityError as e:  # the file is kept and logged with the report that says what is wrong
+            files, verdict = [out, parity_path(out)], "failed"
+            say(f"[yellow]tracking: the {fmt.name} export of {escape(self.run.name)} failed its parity check ({escape(str(e)[:300])}); "
+                "logged with its report, tagged model_parity=failed[/]")
+        except Exception as e:  # noqa: BLE001 - the run is done; a model that does not export must not hide it
+            say(f"[yellow]tracking: mlflow could not log the model of {escape(self.run.name)} "
+                f"({escape(type(e).__name__)}: {escape(str(e).splitlines()[0][:300] if str(e) else '')})[/]")
+            return
+        for path in files:
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), f"{MODEL_ARTIFACT_DIR}/{path.name}")
+            elif path.is_file():
+                self.client.log_artifact(self.run_id, str(path), MODEL_ARTIFACT_DIR)
+        self.client.set_tag(self.run_id, "model_format", fmt.name)
+        self.client.set_tag(self.run_id, "model_parity", verdict)
+
+
+def log_study_artifacts(study_dir: str | Path, paths: list[str | Path], console: Console | None = None) -> list[str]:
+    """Upload ``paths`` (the study report) to the study's MLflow parent run(s) recorded in ``<study_dir>/mlflow_parent.json``.
+
+    Returns the parent run ids they went to; ``[]`` when the study was not tracked with MLflow. Like all
+    tracking it never raises: a problem is said once on ``console`` and the paths are left where they are.
+    """
+    study_dir = Path(study_dir)
+    record = study_dir / PARENT_FILE
+    files = [Path(p) for p in paths if Path(p).is_file()]
+    if not record.is_file() or not files:
+        return []
+    done = []
+    try:
+        from mlflow import MlflowClient  # lazy: the optional extra (a study with a parent record has it)
+
+        for rec in read_json(record).values():
+            _check_reachable(rec["tracking_uri"])
+            client = MlflowClient(tracking_uri=rec["tracking_uri"])
+            for path in files:
+                client.log_artifact(rec["parent_run_id"], str(path))
+            done.append(rec["parent_run_id"])
+    except Exception as e:  # noqa: BLE001 - tracking never fails a study
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        (console or Console(stderr=True)).print(
+            f"[yellow]tracking: could not log {escape(', '.join(p.name for p in files))} to the study's MLflow run ({escape(reason)})[/]"
+        )
+    return done
 
 
 def _number(v: Any) -> bool:

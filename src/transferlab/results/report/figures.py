@@ -189,6 +189,28 @@ def per_class_figure(mean: np.ndarray, std: np.ndarray, names: list[str], title:
     return _png(fig)
 
 
+def reliability_figure(before: dict[str, list[float]], after: dict[str, list[float]] | None, title: str) -> bytes:
+    """Reliability diagram: accuracy against mean confidence per confidence bin (bars: share of the images), the
+    diagonal is perfect calibration; with temperature scaling the calibrated bins beside them."""
+    fig = _figure(4.6, 4.0)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="perfect calibration")
+    n_bins = len(before["count"])
+    edges = np.linspace(0, 1, n_bins + 1)
+    ax.bar(edges[:-1], np.asarray(before["count"]) / max(sum(before["count"]), 1), width=1 / n_bins, align="edge",
+           color="0.85", label="share of images")
+    for rel, color, label in ((before, "C0", "test"), (after, "C3", "after temperature scaling")):
+        if rel is None:
+            continue
+        count = np.asarray(rel["count"], dtype=float)
+        keep = count > 0
+        conf, acc = np.asarray(rel["confidence"])[keep] / count[keep], np.asarray(rel["correct"])[keep] / count[keep]
+        ax.plot(conf, acc, marker="o", ms=4, color=color, label=label)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class probability)", ylabel="accuracy", title=title)
+    ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)
+
+
 def image_png(img: Any, min_side: int = 64) -> bytes:
     """uint8 C×H×W tensor/array -> PNG, upscaled (nearest) to at least ``min_side`` pixels."""
     from PIL import Image

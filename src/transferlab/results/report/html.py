@@ -22,15 +22,18 @@ from transferlab.results.report.stats import (
     SweepRow,
     best_flags,
     confused_pairs,
+    lr_find_curves,
     per_class_accuracy,
     study_front,
     summed_confusion,
+    summed_reliability,
     sweep_groups,
 )
 from transferlab.results.report.text import (
     acc_text,
     balance_text,
     class_label,
+    ece_text,
     error_text,
     int_text,
     pct,
@@ -103,7 +106,7 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 
 
 COMPARISON_HEAD = [
     "experiment", "backbone", "weights", "strategy", "trainable params", "test accuracy (mean ± std, n)",
-    "balanced accuracy", "macro F1", "training time (s)", "inference img/s", "status",
+    "balanced accuracy", "macro F1", "ECE", "training time (s)", "inference img/s", "status",
 ]
 ERROR_PREVIEW = 160
 """Characters of the first error shown in the comparison table (in full under "Failed runs")."""
@@ -227,6 +230,7 @@ def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
         num("test_acc", acc_text(r), r.get("test_acc")),
         num("test_balanced_acc", balance_text(r, "test_balanced_acc"), r.get("test_balanced_acc")),
         num("test_macro_f1", balance_text(r, "test_macro_f1"), r.get("test_macro_f1")),
+        num("test_ece", ece_text(r), r.get("test_ece")),
         num("train_seconds", time_text(r), r.get("train_seconds")),
         num("inference_images_per_s", rate_text(r.get("inference_images_per_s")), r.get("inference_images_per_s")),
         f"<td>{esc(status_text(e))}{err}</td>",
@@ -313,11 +317,32 @@ def experiment(e: ExperimentRecord, grid_images: int, grid_wrong: int) -> list[s
         png = figures.per_class_figure(pcs[0], pcs[1], names, f"{e.name}: per-class accuracy")
         lines.append(img(png, f"per-class accuracy of {e.name}"))
     lines.append("</div>")
+    lines += calibration(e, over)
     if cm is not None:
         lines.append(pairs_table(cm, names, over))
     lines += predictions(e, names, grid_images, grid_wrong)
     lines += outside_images(e)
     lines.append("</section>")
+    return lines
+
+
+def calibration(e: ExperimentRecord, over: str) -> list[str]:
+    """The reliability diagram (before and after temperature scaling) and the LR-finder curves of one experiment."""
+    lines = ['<div class="row">']
+    before = summed_reliability(e)
+    if before is not None:
+        png = figures.reliability_figure(before, summed_reliability(e, calibrated=True), f"{e.name}: reliability{over}")
+        lines.append(img(png, f"reliability diagram of {e.name}"))
+    for run, path in lr_find_curves(e):
+        lines.append(f'<img class="plot" src="{figures.data_uri(path.read_bytes())}" alt="{esc(f"LR finder curve of {run}")}">')
+    lines.append("</div>")
+    if len(lines) == 2:
+        return []
+    r = e.row
+    if r.get("test_ece") is not None:
+        nll, brier = r.get("test_nll"), r.get("test_brier")
+        extra = f", NLL {nll:.3f}, Brier {brier:.3f}" if nll is not None and brier is not None else ""
+        lines.append(f'<p class="meta">calibration of the test predictions: ECE (15 bins, L1) {esc(ece_text(r))}{esc(extra)}</p>')
     return lines
 
 

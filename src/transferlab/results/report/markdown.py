@@ -11,13 +11,23 @@ import html
 from pathlib import Path
 from typing import Any
 
+from transferlab.files import read_json
 from transferlab.results.report.outside import outside_table
 from transferlab.results.report.records import ExperimentRecord, StudyRecord
-from transferlab.results.report.stats import SweepRow, best_flags, confused_pairs, study_front, summed_confusion, sweep_groups
+from transferlab.results.report.stats import (
+    SweepRow,
+    best_flags,
+    confused_pairs,
+    lr_find_curves,
+    study_front,
+    summed_confusion,
+    sweep_groups,
+)
 from transferlab.results.report.text import (
     acc_text,
     balance_text,
     class_label,
+    ece_text,
     error_text,
     int_text,
     pct,
@@ -34,8 +44,8 @@ __all__ = ["md_esc", "summary"]
 
 COMPARISON_HEAD = [
     "| experiment | backbone | weights | strategy | trainable params | test accuracy (mean ± std, n) "
-    "| balanced accuracy | macro F1 | training time (s) | inference img/s | status |",
-    "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    "| balanced accuracy | macro F1 | ECE | training time (s) | inference img/s | status |",
+    "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
 ]
 
 
@@ -58,6 +68,7 @@ def summary(study: StudyRecord, html_name: str) -> str:
         lines += sweeps(groups)
     if ok:
         lines += outside(ok)
+        lines += lr_finder(ok)
         lines += ["## Most-confused pairs", ""] + [line for e in ok for line in pairs(e)]
     for rec in read_searches(study.path):
         lines += [f"## Search: {md_esc(rec.experiment)}", ""] + [f"- {md_esc(t)}" for t in search_lines(rec)] + [""]
@@ -96,7 +107,7 @@ def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
     return (
         f"| {md_esc(e.name)} | {md_esc(r.get('backbone'))} | {md_esc(r.get('weights'))} | {md_esc(r.get('strategy'))} | "
         f"{b('trainable_params', int_text(r.get('trainable_params')))} | {b('test_acc', acc_text(r))} | "
-        f"{md_esc(balance_text(r, 'test_balanced_acc'))} | {md_esc(balance_text(r, 'test_macro_f1'))} | "
+        f"{md_esc(balance_text(r, 'test_balanced_acc'))} | {md_esc(balance_text(r, 'test_macro_f1'))} | {md_esc(ece_text(r))} | "
         f"{b('train_seconds', time_text(r))} | {b('inference_images_per_s', rate_text(r.get('inference_images_per_s')))} | "
         f"{md_esc(status_text(e))} |"
     )
@@ -155,6 +166,19 @@ def outside(ok: list[ExperimentRecord]) -> list[str]:
     lines = ["## Predictions on outside images", "", "| image | " + " | ".join(md_esc(n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for f in files:
         lines.append(f"| {md_esc(Path(f).name)} | " + " | ".join(md_esc(cells[n].get(f, "—")) for n in names) + " |")
+    return lines + [""]
+
+
+def lr_finder(ok: list[ExperimentRecord]) -> list[str]:
+    """The LR finder's suggestion of every run that has a curve (``train.lr: find`` or ``transferlab lr-find``)."""
+    found = [(run, path) for e in ok for run, path in lr_find_curves(e)]
+    if not found:
+        return []
+    lines = ["## LR finder", ""]
+    for run, path in found:
+        record = read_json(path.with_suffix(".json")) if path.with_suffix(".json").is_file() else {}
+        what = f"{record['suggestion']:.3g} ({record.get('rule', '?')})" if "suggestion" in record else "—"
+        lines.append(f"- {md_esc(run)}: suggested lr {md_esc(what)} — curve {md_esc(path)}")
     return lines + [""]
 
 

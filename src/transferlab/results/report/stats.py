@@ -11,6 +11,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,10 +26,12 @@ __all__ = [
     "best_flags",
     "confused_pairs",
     "epoch_stats",
+    "lr_find_curves",
     "pareto_front",
     "per_class_accuracy",
     "study_front",
     "summed_confusion",
+    "summed_reliability",
     "sweep_groups",
 ]
 
@@ -78,6 +81,32 @@ def summed_confusion(e: ExperimentRecord) -> np.ndarray | None:
     if not mats or len({m.shape for m in mats}) != 1:
         return None
     return np.sum(mats, axis=0)
+
+
+def summed_reliability(e: ExperimentRecord, calibrated: bool = False) -> dict[str, list[float]] | None:
+    """Reliability bins (count, confidence sum, correct sum per bin) summed over the finished seeds; ``None`` when
+    no run recorded them (runs written before calibration was measured). ``calibrated``: after temperature scaling."""
+    bins = []
+    for r in e.ok_runs:
+        cal = r.record.extra.get("calibration") or {}
+        rel = (cal.get("calibrated") or {}).get("reliability") if calibrated else cal.get("reliability")
+        if rel:
+            bins.append(rel)
+    if not bins or len({len(b["count"]) for b in bins}) != 1:
+        return None
+    return {k: [float(sum(v)) for v in zip(*(b[k] for b in bins), strict=True)] for k in ("count", "confidence", "correct")}
+
+
+def lr_find_curves(e: ExperimentRecord) -> list[tuple[str, Path]]:
+    """(run name, ``lr_find.png``) of every run of ``e`` that has an LR-finder curve: its own (``train.lr: find``),
+    else the one ``transferlab lr-find`` wrote under ``<study>/lr_find/<run>/``."""
+    out = []
+    for r in e.runs:
+        for png in (r.path / "lr_find.png", r.path.parent / "lr_find" / r.path.name / "lr_find.png"):
+            if png.is_file():
+                out.append((r.path.name, png))
+                break
+    return out
 
 
 def confused_pairs(cm: np.ndarray, k: int = CONFUSED_PAIRS) -> list[tuple[int, int, int, float]]:

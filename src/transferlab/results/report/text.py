@@ -17,6 +17,7 @@ __all__ = [
     "acc_text",
     "balance_text",
     "class_label",
+    "ece_text",
     "error_text",
     "int_text",
     "pct",
@@ -59,6 +60,15 @@ def balance_text(row: dict[str, Any], key: str) -> str:
     if key == "test_macro_f1":
         return f"{v:.3f}" + (f" ± {std:.3f}" if multi else "")
     return f"{100 * v:.2f}%" + (f" ± {100 * std:.2f}" if multi else "")
+
+
+def ece_text(row: dict[str, Any]) -> str:
+    """Test ECE of a comparison row (15 bins, L1), ± std over seeds; ``→ after`` with temperature scaling."""
+    if row.get("test_ece") is None:
+        return MISSING
+    std = f" ± {row.get('test_ece_std', 0.0):.3f}" if row.get("n_seeds", 0) > 1 else ""
+    after = f" → {row['test_ece_calibrated']:.3f}" if row.get("test_ece_calibrated") is not None else ""
+    return f"{row['test_ece']:.3f}{std}{after}"
 
 
 def time_text(row: dict[str, Any]) -> str:
