@@ -31,13 +31,14 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from transferlab.config import DataConfig, HeadConfig, ModelConfig, TrainConfig
 from transferlab.data.batches import TensorBatches
 from transferlab.data.prepare import prepare_splits
-from transferlab.engine.features import extract_features, extraction_batch_size
+from transferlab.engine.features.cached import extract_features, extraction_batch_size
 from transferlab.engine.features.cuts import CutPoint
 from transferlab.engine.precision import auto_precision, cpu_flags
 from transferlab.files import write_text
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     precision, why = auto_precision("cpu")
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision.startswith("bf16") else contextlib.nullcontext
-    new_bs = extraction_batch_size(TrainConfig(precision=precision), device)
+    new_bs = extraction_batch_size(SimpleNamespace(train=TrainConfig(precision=precision)), device)
     flags = sorted((cpu_flags() or frozenset()) & {"avx512_bf16", "amx_bf16", "avx512f"})
     print(f"precision auto -> {precision} ({why}); CPU flags {flags}; old batch {OLD_BATCH}, new batch {new_bs}; "
           f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")

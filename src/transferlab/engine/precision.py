@@ -19,11 +19,13 @@ recorded with every run and shown in the comparison table.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
-__all__ = ["AUTO", "NATIVE_BF16_FLAGS", "auto_precision", "cpu_flags", "cpu_has_native_bf16", "device_type", "resolve_precision"]
+__all__ = ["AUTO", "NATIVE_BF16_FLAGS", "auto_precision", "autocast_for", "cpu_flags", "cpu_has_native_bf16", "device_type",
+           "resolve_precision"]
 
 AUTO = "auto"
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -85,3 +87,14 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     if precision != AUTO:
         return precision
     return auto_precision(device_type(accelerator))[0]
+
+
+def autocast_for(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager[None]:
+    """The autocast a run of ``precision`` evaluated under (``bf16-mixed``, ``16-mixed``), for inference outside Fabric
+    (``transferlab predict``), so a run's predictions come out as the run computed them; a no-op for full precision."""
+    kind = torch.device(device).type
+    if precision.startswith("bf16") and "mixed" in precision:
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    if precision.startswith("16") and "mixed" in precision and kind == "cuda":
+        return torch.autocast(kind, dtype=torch.float16)
+    return contextlib.nullcontext()

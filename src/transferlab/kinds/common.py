@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -139,14 +140,22 @@ def batch_kwargs(model: TransferModel, cfg: ExperimentConfig, device: torch.devi
 def split_features(
     model: TransferModel, splits: ImageSplits, names: tuple[str, ...], cfg: ExperimentConfig, fabric: Fabric, ctx: RunContext
 ) -> tuple[dict[str, FeatureSet], float]:
-    """The frozen backbone's pooled features of the named splits (one pass each, or a cache hit), and the seconds spent."""
+    """The frozen backbone's pooled features of the named splits (one pass each, or a cache hit), and the seconds spent.
+
+    Features computed under bf16 autocast (``train.precision: bf16-mixed``, what ``auto`` picks on CPUs with native
+    bf16) are cached in bfloat16; the probes and episodes solve in float32, so they get a float32 copy (pooled
+    vectors: small).
+    """
     kwargs = batch_kwargs(model, cfg, fabric.device)
     weights = state_hash(model.backbone)
     sets, seconds = {}, 0.0
     for split in names:
-        sets[split], s = frozen_features(
+        fs, s = frozen_features(
             model, splits, split, cfg, fabric.device, kwargs, default_cache_dir(ctx.rundir.path), fabric.autocast, weights=weights
         )
+        if fs.features.is_floating_point() and fs.features.dtype != torch.float32:
+            fs = dataclasses.replace(fs, features=fs.features.float())
+        sets[split] = fs
         seconds += s
     return sets, seconds
 

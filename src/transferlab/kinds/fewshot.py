@@ -17,7 +17,7 @@ from transferlab.data.prepare import ImageSplits
 from transferlab.engine.episodes import FewShotResult, episodic_finetune, per_class_accuracy, protonet_accuracy, resolve_classes, sample_episodes
 from transferlab.files import save_checkpoint
 from transferlab.kinds.base import KINDS, Kind, RunContext
-from transferlab.kinds.common import base_metrics, load_splits, single_process_fabric, split_features
+from transferlab.kinds.common import base_metrics, load_splits, single_process_fabric, split_features, use_data_normalization
 from transferlab.models.model import TransferModel, build_model
 from transferlab.rundir import RunMetrics
 from transferlab.strategies import apply_strategy, linear_probe
@@ -43,6 +43,8 @@ class FewShotKind(Kind):
         eval_labels = getattr(splits, f"{fs.split}_y")
         episodes = sample_episodes(eval_labels, eval_classes, fs.ways, fs.shots, fs.queries, fs.episodes, cfg.seed, names, fs.split)
         model, report = (ctx.model, None) if ctx.model is not None else build_model(cfg.model, cfg.head, splits.num_classes)
+        if ctx.model is None:
+            use_data_normalization(model, splits)
         model.to(device)
         ft_classes, finetune_rows, finetune_seconds = _finetune(cfg, model, splits, eval_classes, fabric)
         linear_probe(model, cfg.strategy)  # evaluation: a frozen feature extractor

@@ -28,7 +28,7 @@ from transferlab.engine.lr_find import LrFindResult, lr_find, resolved, save_lr_
 from transferlab.engine.predictions import PredictionRecorder, save_test_predictions
 from transferlab.files import load_checkpoint_group, read_json
 from transferlab.kinds.base import KINDS, Kind, RunContext
-from transferlab.kinds.common import base_metrics, batch_kwargs, load_splits, set_calibration
+from transferlab.kinds.common import base_metrics, batch_kwargs, load_splits, set_calibration, use_data_normalization
 from transferlab.models.model import TransferModel, build_model, count_params
 from transferlab.models.weights import load_model_weights
 from transferlab.rundir import Opening, RunMetrics, code_version
@@ -56,6 +56,7 @@ class TrainKind(Kind):
         splits, data_seconds = load_splits(cfg, ctx, writer)
         criterion = make_loss(cfg, splits.class_names, splits.train_y)  # train.loss + class_weights: bad ones fail here
         model, weights_report = build_model(cfg.model, cfg.head, splits.num_classes)
+        use_data_normalization(model, splits)  # data.normalize: dataset / none — batches, cache key, outside images alike
         apply_strategy(model, cfg.strategy)
         _check_activation_layers(model, cfg)  # a wrong layer name stops the run now, not after training
         total_params, trainable_params = count_params(model)
@@ -217,6 +218,7 @@ def find_lr(cfg: ExperimentConfig, out: str | Path, console: Any = None) -> LrFi
     splits = prepare_splits(cfg.data, cfg.seed)
     criterion = make_loss(cfg, splits.class_names, splits.train_y)
     model, _ = build_model(cfg.model, cfg.head, splits.num_classes)
+    use_data_normalization(model, splits)
     apply_strategy(model, cfg.strategy)
     train, _, _ = _batches(cfg, splits, batch_kwargs(model, cfg, fabric.device), fabric)
     result = lr_find(model, train, cfg, criterion.to(fabric.device), fabric.device, fabric.autocast)

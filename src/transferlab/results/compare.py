@@ -20,6 +20,7 @@ COLUMNS = [
     ("strategy", "strategy"),
     ("backbone", "backbone"),
     ("weights", "weights"),
+    ("precision", "precision"),
     ("test_acc", "test acc"),
     ("test_balanced_acc", "balanced acc"),
     ("test_macro_f1", "macro F1"),
@@ -47,6 +48,13 @@ def collect(study_dir: str | Path) -> list[dict[str, Any]]:
     return [experiment_row(e) for e in read_study(study_dir).experiments]
 
 
+def run_precision(exp: ExperimentRuns) -> str | None:
+    """The precision the experiment's runs recorded (``train.precision`` in ``config.yaml``, resolved from ``auto``);
+    several values (seeds run on different machines) are listed; ``None`` for an ensemble (its members' own)."""
+    values = sorted({r.config.train.precision for r in (exp.ok_runs or exp.runs) if r.config is not None and r.config.kind != "ensemble"})
+    return ", ".join(values) if values else None
+
+
 def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
     """One experiment's row: what ran, mean ± std over its finished seeds, and its status."""
     ok = [r.record for r in exp.ok_runs]
@@ -58,6 +66,7 @@ def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
         "strategy": first.strategy,
         "backbone": first.backbone,
         "weights": first.weights,
+        "precision": run_precision(exp),
         "n_seeds": len(ok),
         "status": _status(failed),
     }

@@ -22,6 +22,7 @@ from transferlab.data.sources import load_dataset
 from transferlab.engine.evaluation import with_tta
 from transferlab.engine.export import load_onnx
 from transferlab.engine.inspect import ImagePrediction, PredictError, collect_image_files, load_images, predict_images
+from transferlab.engine.precision import autocast_for
 from transferlab.rundir import Run, load_run
 
 __all__ = [
@@ -75,16 +76,21 @@ def predict(
         model, spec = load_onnx(run)
         files = collect_image_files(paths)
         channels, size, pre, tta, names = spec.channels, spec.image_size, spec.preprocess(), spec.tta, list(spec.class_names)
+        fit, precision = ("crop", 1.0), "32-true"
     else:
         run = run if not isinstance(run, (str, Path)) else load_run(run)
         files = collect_image_files(paths)
         channels, size = run_input_spec(run)
         model = run.load_model(checkpoint).to(device)
         pre, tta, names = model.preprocess(), run.config.train.tta, run.class_names
+        fit = (run.config.data.resize, run.config.data.crop_pct)  # brought to size as the run's images were
+        precision = run.config.train.precision
     tested = with_tta(model, tta)  # predict as the run was evaluated
-    x, ok, errors = load_images(files, channels, size)
+    x, ok, errors = load_images(files, channels, size, *fit)
     out = [ImagePrediction(str(f), error=errors.get(i)) for i, f in enumerate(files)]
-    for i, top in zip(ok, predict_images(tested, pre, x, names, top_k, device, batch_size), strict=True):
+    with autocast_for(precision, device):  # in the run's precision (bf16-mixed runs evaluated in bf16)
+        tops = predict_images(tested, pre, x, names, top_k, device, batch_size)
+    for i, top in zip(ok, tops, strict=True):
         out[i].top = top
     return out
 

@@ -37,6 +37,7 @@ from transferlab.data.batches import make_batches
 from transferlab.data.sampler import epoch_order
 from transferlab.engine.features.cuts import CutCheck, CutPoint, check_cut, check_pieces, cut_points, prefix_parameters
 from transferlab.engine.features.store import STORE, FeatureCache, FeatureCacheError, FeatureSet, cache_key, images_hash, state_hash, tensor_bytes
+from transferlab.engine.precision import resolve_precision
 from transferlab.files import file_lock, write_text
 from transferlab.models.model import TransferModel
 
@@ -426,10 +427,15 @@ def _record(check: CutCheck, n_views: int, sets: list[FeatureSet], pass_seconds:
 
 
 def extraction_batch_size(cfg: Any, device: torch.device) -> int:
-    """Batch size of the feature pass: ``train.eval_batch_size``, at most 64 on the CPU (where small batches
-    stay in cache: EfficientNet-Lite0 at 64 px runs about 1.8x faster with 64 than with 512)."""
+    """Batch size of the feature pass, per device and precision: ``train.eval_batch_size``, on the CPU at most 64 in
+    fp32 (small batches stay in cache: EfficientNet-Lite0 at 64 px runs about 1.8x faster with 64 than with 512)
+    and at most 128 under bf16 autocast (half the bytes per activation, so twice the images fit the same cache;
+    ``benchmarks/feature_pass.py`` measures the pass). On a GPU the evaluation batch itself (raise it there)."""
     bs = int(cfg.train.eval_batch_size)
-    return min(bs, 64) if torch.device(device).type == "cpu" else bs
+    if torch.device(device).type != "cpu":
+        return bs
+    bf16 = resolve_precision(cfg.train.precision, "cpu").startswith("bf16")
+    return min(bs, 128 if bf16 else 64)
 
 
 SHARED_ENV = "TRANSFERLAB_SHARED_FEATURES"
