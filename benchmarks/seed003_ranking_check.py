@@ -64,8 +64,9 @@ def rank_scores(paths: list[Path]) -> tuple[dict[str, dict[str, list[float]]], l
 def mean_std(v: list[float]) -> str:
     if not v:
         return "not measured"
-    sd = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{100 * statistics.mean(v):.2f} % ± {100 * sd:.2f} (n={len(v)})"
+    if len(v) == 1:
+        return f"{100 * v[0]:.2f} % (n=1)"
+    return f"{100 * statistics.mean(v):.2f} % ± {100 * statistics.stdev(v):.2f} (n={len(v)})"
 
 
 def main() -> None:

@@ -164,8 +164,8 @@ def test_exponent_floats_without_dot_are_numbers(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"train": {"lr": -0.1}}, "train.lr=-0.1 must be > 0"),
-        ({"train": {"lr": 0}}, "train.lr=0.0 must be > 0"),
+        ({"train": {"lr": -0.1}}, "train.lr=-0.1 must be > 0 (or 'find': the LR finder)"),
+        ({"train": {"lr": 0}}, "train.lr=0.0 must be > 0 (or 'find': the LR finder)"),
         ({"train": {"epochs": 0}}, "train.epochs=0 must be >= 1"),
         ({"train": {"batch_size": 0}}, "train.batch_size=0 must be >= 1"),
         ({"train": {"label_smoothing": 1.0}}, "train.label_smoothing=1.0 must be in [0, 1)"),

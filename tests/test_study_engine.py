@@ -482,14 +482,16 @@ def test_ctrl_c_stops_the_local_workers_and_resume_finishes_with_the_same_result
             raise KeyboardInterrupt
         return real_wait(self, timeout)
 
+    raw = _long_study("kill")
+    raw["defaults"]["train"]["epochs"] = 6  # long enough that the interrupt lands mid-run
     monkeypatch.setattr(LocalExecutor, "wait", ctrl_c_once_checkpointed)
     with pytest.raises(Interrupted) as info:
-        run_study(parse_study(_long_study("kill")), tmp_path / "runs", console=QUIET, executor="local", workers=2)
+        run_study(parse_study(raw), tmp_path / "runs", console=QUIET, executor="local", workers=2)
     assert "long" in [info.value.run, *info.value.others] and "--resume" in info.value.describe()
     assert not (study_dir / "long" / "metrics.json").is_file()  # stopped mid-run, not recorded as finished or failed
     monkeypatch.setattr(LocalExecutor, "wait", real_wait)
-    res = run_study(parse_study(_long_study("kill")), tmp_path / "runs", console=QUIET, executor="local", workers=2, resume=True)
-    ref = run_study(parse_study(_long_study("kill")), tmp_path / "ref", console=QUIET, threads=1)
+    res = run_study(parse_study(raw), tmp_path / "runs", console=QUIET, executor="local", workers=2, resume=True)
+    ref = run_study(parse_study(raw), tmp_path / "ref", console=QUIET, threads=1)
     assert res.ok and ref.ok and _metrics(study_dir) == _metrics(tmp_path / "ref" / "kill")
 
 

@@ -49,7 +49,8 @@ def default_image_size(backbone: str) -> int | None:
     cfg = timm.models.get_pretrained_cfg(backbone) if timm.is_model(backbone) else None
     size = getattr(cfg, "input_size", None) if cfg is not None else None
     if size is None and timm.is_model(backbone):
-        size = (timm.create_model(backbone, pretrained=False).pretrained_cfg or {}).get("input_size")
+        with torch.random.fork_rng():  # building draws random init: the run's own model must get the seed's first draws
+            size = (timm.create_model(backbone, pretrained=False).pretrained_cfg or {}).get("input_size")
     return int(size[-1]) if size else None
 
 
