@@ -478,12 +478,17 @@ def test_ctrl_c_stops_the_local_workers_and_resume_finishes_with_the_same_result
     study_dir = tmp_path / "runs" / "kill"
 
     def ctrl_c_once_checkpointed(self, timeout):
-        if (study_dir / "long" / "checkpoints" / "last.safetensors").is_file():
-            raise KeyboardInterrupt
-        return real_wait(self, timeout)
+        deadline = time.time() + timeout
+        while time.time() < deadline:  # look often: on a quiet machine the whole run takes about a second
+            if (study_dir / "long" / "checkpoints" / "last.safetensors").is_file():
+                raise KeyboardInterrupt
+            if done := real_wait(self, 0.02):
+                return done
+        return []
 
     raw = _long_study("kill")
     raw["defaults"]["train"]["epochs"] = 6  # long enough that the interrupt lands mid-run
+    raw["defaults"]["data"]["synthetic_size"] = 512
     monkeypatch.setattr(LocalExecutor, "wait", ctrl_c_once_checkpointed)
     with pytest.raises(Interrupted) as info:
         run_study(parse_study(raw), tmp_path / "runs", console=QUIET, executor="local", workers=2)
