@@ -71,6 +71,7 @@ __all__ = [
     "export_checkpoint",
     "export_format",
     "export_model",
+    "export_run_model",
     "export_spec",
     "load_onnx",
     "parity_inputs",
@@ -675,8 +676,19 @@ def export_checkpoint(
     size = metrics.get("image_size") or cfg.data.image_size
     if not size:
         raise ExportError(f"{run_dir}: metrics.json records no image_size, so the input size of the export is unknown")
+    return export_run_model(model, cfg, class_names, metrics, samples, run_dir, fmt, out, checkpoint, tolerance, size)
+
+
+def export_run_model(
+    model: TransferModel, cfg: ExperimentConfig, class_names: list[str], metrics: dict[str, Any], samples: torch.Tensor | None,
+    run_dir: Path, fmt: ExportFormat, out: str | Path | None, checkpoint: str, tolerance: Tolerance | None, size: int,
+) -> ExportResult:
+    """The part of a run's export after its model is loaded (``Run.export`` and ``export_checkpoint``): the spec, the
+    parity inputs (the recorded test samples, else test images), the output path (default ``<run>/export/<filename>``)."""
     channels = metrics.get("channels") or (samples.shape[1] if samples is not None else model.preprocess().in_chans)
     spec = export_spec(model, cfg, class_names, size, channels, source=str(run_dir), checkpoint=checkpoint)
     images, described = parity_inputs(samples, cfg.data, spec.channels, spec.image_size)
     out = Path(out) if out is not None else run_dir / "export" / fmt.filename
+    if out.is_dir() and Path(fmt.filename).suffix:  # a folder given for a one-file format: the default name in it
+        out = out / fmt.filename
     return export_model(model, spec, fmt, out, images, described, tolerance)

@@ -20,7 +20,7 @@ import yaml
 
 from transferlab.config import ConfigError, EnsembleSpec, ExperimentConfig, SweepPoint, config_from_yaml_text
 from transferlab.data.normalize import Normalization
-from transferlab.engine.export import ExportFormat, ExportResult, Tolerance, export_format, export_model, export_spec, parity_inputs
+from transferlab.engine.export import ExportFormat, ExportResult, Tolerance, export_format, export_run_model
 from transferlab.files import read_json
 from transferlab.models.model import TransferModel, build_model
 from transferlab.models.weights import load_model_weights
@@ -132,13 +132,7 @@ class Run:
         size = m.get("image_size") or self.config.data.image_size
         if not size:
             raise RunError(f"{self.path}: metrics.json records no image_size, so the input size of the export is unknown")
-        channels = m.get("channels") or (samples.shape[1] if samples is not None else model.preprocess().in_chans)
-        spec = export_spec(model, self.config, self.class_names, size, channels, source=str(self.path), checkpoint=checkpoint)
-        images, described = parity_inputs(samples, self.config.data, spec.channels, spec.image_size)
-        out = Path(out) if out is not None else self.path / "export" / fmt.filename
-        if out.is_dir() and Path(fmt.filename).suffix:  # a folder given for a one-file format: the default name in it
-            out = out / fmt.filename
-        return export_model(model, spec, fmt, out, images, described, tolerance)
+        return export_run_model(model, self.config, self.class_names, m, samples, self.path, fmt, out, checkpoint, tolerance, size)
 
 
 def _read_metrics(path: Path) -> RunMetrics:

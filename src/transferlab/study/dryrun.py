@@ -116,7 +116,7 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
     t0 = time.perf_counter()
     for run in plan:
         row = PlanRow(run.name, run.cfg.kind, run.needs, levels[run.name], _data(run.cfg, facts),
-                      ("local", "members' runs") if run.cfg.kind == "ensemble" else _weights(run, plan))
+                      ("local", "members' runs") if run.cfg.kind == "ensemble" else _weights(run))
         if row.data.state == "missing":
             report.problems.append(f"{run.name}: data: {row.data.detail}")
         if row.weights[0] == "missing":
@@ -177,7 +177,7 @@ def _known(cfg: ExperimentConfig, state: str, detail: str) -> DataFacts:
                      ch, d.image_size or side, classes)
 
 
-def _weights(run: PlannedRun, plan: list[PlannedRun]) -> tuple[str, str]:
+def _weights(run: PlannedRun) -> tuple[str, str]:
     if run.needs and run.cfg.model.weights.startswith("run:"):
         return "local", f"from run {run.needs[0]} (made first)"
     return weights_status(run.cfg.model.backbone, run.cfg.model.weights)

@@ -130,11 +130,6 @@ class SearchDriver:
         return {"storage": self.url, "study": self.name, "trial_id": slot.trial_id, "metric": self.spec.metric,
                 "direction": self.spec.resolved_direction()}
 
-    def finished(self, number: int) -> bool:
-        """Trial ``number`` exists and is over (complete, pruned or failed)."""
-        trials = self.study.get_trials(deepcopy=False)
-        return number < len(trials) and trials[number].state.is_finished()
-
     def next_trial(self, number: int) -> TrialSlot:
         """Trial ``number``: a trial left running by an interrupted search continues; otherwise a new one is asked."""
         trials = self.study.get_trials(deepcopy=False)

@@ -33,6 +33,7 @@ from rich.markup import escape
 from transferlab.config import ConfigError, ExperimentConfig, choice_message, from_dict, register_check
 from transferlab.config.tracking import tracking_specs
 from transferlab.engine.distributed import world
+from transferlab.engine.figures import draw_confusion
 from transferlab.engine.loop import Callback, Loop
 from transferlab.files import read_json, write_json
 from transferlab.registry import Registry
@@ -177,30 +178,18 @@ def flat_config(cfg: ExperimentConfig) -> dict[str, str | int | float | bool]:
 def confusion_image(matrix: list[list[int]], class_names: list[str]) -> np.ndarray:
     """The test confusion matrix as an RGB image (H, W, 3, uint8): rows true, columns predicted, counts written in.
 
-    Coloured by share of the true class, like the report's figure (``results`` is a higher layer, so
-    this small version lives here). matplotlib without pyplot: no global state, no display.
+    Drawn by ``engine.figures.draw_confusion``, as the report's figure is. matplotlib without pyplot: no global
+    state, no display.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: only tracked runs pay for matplotlib
     from matplotlib.figure import Figure
 
     cm = np.asarray(matrix, dtype=np.int64)
     n = len(cm)
-    rows = cm.sum(1, keepdims=True)
-    share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
     side = min(max(4.0, 0.38 * n + 1.8), 14)
     fig = Figure(figsize=(side + 1, side), layout="constrained")
-    ax = fig.add_subplot()
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    if n <= 40:  # past that the tick labels are unreadable
-        labels = [" " + str(c).replace("$", r"\$") for c in class_names]  # no math mode, no legend-hidden '_' names
-        ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(n), labels, fontsize=8)
-    if n <= 15:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    labels = [" " + str(c).replace("$", r"\$") for c in class_names]  # no math mode, no legend-hidden '_' names
+    draw_confusion(fig.add_subplot(), cm, labels)
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()

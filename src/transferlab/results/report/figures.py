@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from transferlab.engine.figures import draw_confusion
 from transferlab.results.report.records import ExperimentRecord
 from transferlab.results.report.stats import SweepRow, epoch_stats
 
@@ -154,20 +155,8 @@ def confusion_figure(cm: np.ndarray, names: list[str], title: str) -> bytes:
     side = min(max(4.0, 0.38 * n + 1.8), 14)
     fig = _figure(side + 1, side)
     ax = fig.add_subplot()
-    rows = cm.sum(1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)  # a class absent from test: 0
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    im = draw_confusion(ax, cm, [mpl_label(c) for c in names])
     fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
-    if n <= 40:  # past that the tick labels are unreadable
-        labels = [mpl_label(c) for c in names]
-        ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(n), labels, fontsize=8)
-    if n <= 15:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
     ax.set_title(mpl_label(title), fontsize=10)
     return _png(fig)
 
