@@ -6,9 +6,12 @@ cached features) and ``train.cache: off`` (the plain loop runs the frozen backbo
 and the ratios are printed side by side. Then 600 five-way five-shot ProtoNet episodes are timed on
 the cached test features.
 
-    .venv/bin/python benchmarks/feature_cache.py                 # full: 18 000 train / 2 000 val / 10 000 test, 20 epochs (~7 min per head)
+    .venv/bin/python benchmarks/feature_cache.py                 # full: 18 000 train / 2 000 val / 10 000 test, 20 epochs (~7 min per head and round)
     .venv/bin/python benchmarks/feature_cache.py --size small    # a quick check that it works (about a minute)
     .venv/bin/python benchmarks/feature_cache.py --size medium   # 2 700 / 300 / 1 000 images, 20 epochs (minutes)
+
+Each head runs ``--rounds`` interleaved rounds of (cached, plain), alternating which goes first, and the
+speedups are the median over the rounds, so one run's ratio does not carry the machine's drift.
 
 Targets (issue 4): cached ≥ 10× faster end to end, test accuracy within 0.3 points; 600 episodes ≤ 5 s.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -52,6 +56,26 @@ def _cfg(name: str, size: dict, head: str, cache: str, accelerator: str):  # noq
     return cfg
 
 
+def _timed_run(cfg, runs: Path, quiet: Console) -> dict:  # noqa: ANN001
+    """One run from a cold feature store (the cached run pays its one backbone pass), timed end to end."""
+    from transferlab.engine.features import STORE
+    from transferlab.kinds import run_experiment
+
+    STORE.clear()
+    t0 = time.perf_counter()
+    m = run_experiment(cfg, runs / "bench" / cfg.name, overwrite=True, console=quiet)
+    wall = time.perf_counter() - t0
+    fc = m["feature_cache"]
+    return {"wall_seconds": wall, "train_seconds": m["train_seconds"], "pass_seconds": fc.get("pass_seconds", 0.0),
+            "data_seconds": m["data_seconds"], "test_acc": m["test_acc"], "cache_used": fc["used"], "cut": fc.get("cut"),
+            "n_train": m["n_train"], "n_val": m["n_val"], "n_test": m["n_test"], "epochs": m["epochs_run"]}
+
+
+def _line(head: str, r: int, cache: str, t: dict) -> str:
+    return (f"  round {r} {head}_{cache}: test acc {100 * t['test_acc']:.2f}%, {t['wall_seconds']:.1f}s wall "
+            f"(train loop {t['train_seconds']:.1f}s, backbone pass {t['pass_seconds']:.1f}s, data {t['data_seconds']:.1f}s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="full")
@@ -59,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--runs-dir", type=Path, help="keep the run directories here (default: a temporary folder)")
     p.add_argument("--json", dest="json_out", type=Path, help="also write the numbers as JSON")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds of (cached, plain), alternating which goes first; medians are reported (default 3)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the untimed warm-up runs (then the first timed run also pays the process's one-off costs)")
     args = p.parse_args(argv)
@@ -90,27 +116,22 @@ def main(argv: list[str] | None = None) -> int:
             warm = _cfg(f"warmup_{cache}", SIZES["small"], "linear", cache, args.accelerator)
             run_experiment(warm, runs / "bench" / warm.name, overwrite=True, console=quiet)
     for head in [h.strip() for h in args.heads.split(",") if h.strip()]:
-        row = {"head": head}
-        for cache in ("auto", "off"):
-            STORE.clear()  # a cold cache: the cached run pays its one backbone pass
-            cfg = _cfg(f"{head}_{cache}", size, head, cache, args.accelerator)
-            t0 = time.perf_counter()
-            m = run_experiment(cfg, runs / "bench" / cfg.name, overwrite=True, console=quiet)
-            wall = time.perf_counter() - t0
-            fc = m["feature_cache"]
-            row[cache] = {
-                "wall_seconds": wall, "train_seconds": m["train_seconds"], "pass_seconds": fc.get("pass_seconds", 0.0),
-                "data_seconds": m["data_seconds"], "test_acc": m["test_acc"], "cache_used": fc["used"], "cut": fc.get("cut"),
-                "n_train": m["n_train"], "n_val": m["n_val"], "n_test": m["n_test"], "epochs": m["epochs_run"],
-            }
-            console.print(f"  {cfg.name}: test acc {100 * m['test_acc']:.2f}%, {wall:.1f}s wall "
-                          f"(train loop {m['train_seconds']:.1f}s, backbone pass {fc.get('pass_seconds', 0.0):.1f}s, data {m['data_seconds']:.1f}s)")
-        on, off = row["auto"], row["off"]
-        # end to end without the data loading both share: the cached run's pass + loop vs the plain loop
-        row["speedup_train"] = off["train_seconds"] / (on["train_seconds"] + on["pass_seconds"])
-        row["speedup_wall"] = off["wall_seconds"] / on["wall_seconds"]
-        row["acc_diff_points"] = 100 * (on["test_acc"] - off["test_acc"])
-        results.append(row)
+        rounds = []
+        for r in range(args.rounds):
+            # interleaved, alternating which mode goes first, so the machine's drift is shared by both
+            row: dict = {"round": r}
+            for cache in (("auto", "off") if r % 2 == 0 else ("off", "auto")):
+                row[cache] = _timed_run(_cfg(f"{head}_{cache}", size, head, cache, args.accelerator), runs, quiet)
+                console.print(_line(head, r, cache, row[cache]))
+            on, off = row["auto"], row["off"]
+            # end to end without the data loading both share: the cached run's pass + loop vs the plain loop
+            row["speedup_train"] = off["train_seconds"] / (on["train_seconds"] + on["pass_seconds"])
+            row["speedup_wall"] = off["wall_seconds"] / on["wall_seconds"]
+            row["acc_diff_points"] = 100 * (on["test_acc"] - off["test_acc"])
+            rounds.append(row)
+        median = {k: statistics.median(r[k] for r in rounds) for k in ("speedup_train", "speedup_wall", "acc_diff_points")}
+        mid = min(rounds, key=lambda r: abs(r["speedup_train"] - median["speedup_train"]))  # the round shown in the table
+        results.append({"head": head, **median, "auto": mid["auto"], "off": mid["off"], "rounds": rounds})
 
     # 600 five-way five-shot episodes on cached features (the test split's pooled features)
     cfg = _cfg("episodes", size, "linear", "auto", args.accelerator)
@@ -141,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * off['test_acc']:.2f}%", f"{100 * on['test_acc']:.2f}%", f"{r['acc_diff_points']:+.2f}",
         )
     console.print(table)
+    for r in results:
+        console.print(f"{r['head']}: speedup (train) per round " + ", ".join(f"{x['speedup_train']:.1f}×" for x in r["rounds"])
+                      + f"; the table shows the round nearest the median of {len(r['rounds'])}")
     console.print(f"600 five-way five-shot ProtoNet episodes on {len(feats.labels)} cached test features ({x.shape[1]}-d): "
                   f"{episode_seconds:.2f}s (sampling included), accuracy {100 * float(acc.mean()):.2f}%")
     console.print(f"device: {fabric.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "

@@ -218,12 +218,13 @@ def test_yaml_merge_key_override_is_not_a_duplicate(tmp_path):
 CTRL_C_STUDY = {
     "study": "ctrlc",
     "defaults": {
-        # 288 training images: 9 steps of 32 per epoch, a checkpoint after every step
+        # 288 training images: 9 steps of 32 per epoch, a checkpoint after every step; 6 epochs so that a bf16 run
+        # (what precision auto picks on CPUs with native bf16) cannot finish between the first checkpoint and the signal
         "data": {"dataset": "synthetic", "synthetic_classes": 4, "synthetic_size": 384, "val_fraction": 0.25, "augment": ["flip", "crop"]},
         "model": {"backbone": "transferlab_cnn", "weights": "scratch"},
         "head": {"type": "mlp", "hidden": 32, "dropout": 0.3},
         "train": {
-            "epochs": 2,
+            "epochs": 6,
             "batch_size": 32,
             "lr": 0.01,
             "schedule": "onecycle",

@@ -75,12 +75,15 @@ def study_dir(tmp_path_factory):
 
 
 def _independent_probs(run_dir):
-    """A member's test probabilities computed the plain way: its own splits, batches and preprocessing."""
+    """A member's test probabilities computed the plain way: its own splits, batches, preprocessing and precision
+    (``auto`` is bf16 on CPUs with native bf16: the run recorded what it resolved to)."""
+    from transferlab.engine.precision import autocast_for
+
     run = load_run(run_dir)
     splits = prepare_splits(run.config.data, run.config.seed)
     model = run.load_model()
     batches = TensorBatches(splits.test_x, splits.test_y, 16, model.preprocess())
-    with torch.no_grad():
+    with torch.no_grad(), autocast_for(run.config.train.precision, "cpu"):
         return torch.cat([model(x).softmax(1) for x, _ in batches]), splits.test_y
 
 

@@ -45,7 +45,9 @@ STUDY = {
     "study": "export",
     "defaults": {
         "data": SYNTH,
-        "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "progress": False, "accelerator": "cpu"},
+        # fp32 runs: the exports are fp32, and `predict <run>` computes as the run did (bf16 autocast for a bf16 run,
+        # which `auto` picks on CPUs with native bf16), so only an fp32 run's outputs can match them to 1e-5
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "progress": False, "accelerator": "cpu", "precision": "32-true"},
     },
     "experiments": [
         {"name": "cnn", "data": {"dataset": "digits", "train_subset": 300}, "model": {"backbone": "transferlab_cnn"}},

@@ -30,6 +30,28 @@ def test_builtin_cnn_is_a_timm_model_with_the_timm_interface():
     assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Dropout"]
 
 
+def test_fast_cnn_is_airbenchs_pool_first_block_and_trains_as_a_backbone():
+    import transferlab.models  # noqa: F401
+
+    m = timm.create_model("transferlab_cnn_fast", num_classes=10)
+    kinds = [type(layer).__name__ for layer in m.blocks[0]]
+    assert kinds == ["Conv2d", "MaxPool2d", "BatchNorm2d", "GELU", "Conv2d", "BatchNorm2d", "GELU"]  # pooled before BN
+    x = torch.randn(2, 3, 28, 28)
+    assert m.forward_features(x).shape == (2, 256, 3, 3) and m(x).shape == (2, 10)
+    assert isinstance(m.global_pool, torch.nn.AdaptiveMaxPool2d)
+    # the second conv of each block runs at half the resolution of the first (what halves the FLOPs)
+    seen = []
+    hooks = [c.register_forward_hook(lambda mod, i, o: seen.append(i[0].shape[-1]))
+             for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+    m(x)
+    [h.remove() for h in hooks]
+    assert seen == [28, 14, 14, 7, 7, 3]
+    model, _ = build_model(ModelConfig(backbone="transferlab_cnn_fast"), HeadConfig(), num_classes=4)
+    assert model.num_features == 256 and model(x).shape == (2, 4)
+    with pytest.raises(ValueError, match="unknown style"):
+        timm.create_model("transferlab_cnn", style="resnet")
+
+
 @pytest.mark.parametrize("head", [HeadConfig(type="linear", dropout=0.2), HeadConfig(type="mlp", hidden=32, dropout=0.3)])
 def test_transfer_model_interface_and_heads(head):
     model, report = build_model(ModelConfig(backbone="transferlab_cnn"), head, num_classes=5)

@@ -57,10 +57,89 @@ def test_auto_resolves_per_device_and_explicit_values_stay(monkeypatch, native):
     assert extraction_batch_size(SimpleNamespace(train=TrainConfig(precision="32-true")), torch.device("cpu")) == 64
 
 
-def test_the_default_is_full_precision_and_unknown_values_are_rejected(make_cfg):
-    assert TrainConfig().precision == "32-true"  # auto is opt-in until every bf16 path passes its parity checks
+def test_the_default_is_auto_and_unknown_values_are_rejected(make_cfg):
+    assert TrainConfig().precision == "auto"
     with pytest.raises(Exception, match="precision"):
         make_cfg(train={"precision": "bf16-mixd"})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_study_without_the_key_resolves_auto_on_both_branches(tmp_path, monkeypatch, native):
+    """The default itself (no ``precision`` key anywhere): bf16 where the CPU has it, fp32 where it has not."""
+    from transferlab import run_study
+
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda flags=None: native)
+    study = {"study": "dflt", "defaults": {"data": {"dataset": "synthetic", "synthetic_size": 32, "val_fraction": 0.25},
+                                           "train": {"epochs": 1, "batch_size": 16, "progress": False, "accelerator": "cpu"}},
+             "experiments": [{"name": "cnn"}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    result = run_study(tmp_path / "s.yaml", runs_dir=tmp_path / "runs", console=QUIET)
+    assert result.finished == ["cnn"]
+    recorded = yaml.safe_load((tmp_path / "runs" / "dflt" / "cnn" / "config.yaml").read_text())["train"]["precision"]
+    assert recorded == ("bf16-mixed" if native else "32-true")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the guard for oneDNN's bf16 weight-gradient bug on 1×1 inputs
+
+
+def _bf16_weight_grad(conv: torch.nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    conv.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    (out.float() * g).sum().backward()
+    return conv.weight.grad.clone()
+
+
+@pytest.mark.skipif(not prec.cpu_has_native_bf16(), reason="the bug is in oneDNN's native bf16 kernels")
+def test_strided_conv_on_a_1x1_input_gets_garbage_bf16_weight_gradients_unless_guarded():
+    """The bug itself (so the guard is dropped when a torch fixes it), then the guarded layer against fp32 on the
+    same bf16-rounded operands: exact where the padding taps are zero, finite always."""
+    torch.manual_seed(0)
+    bad_plain = 0
+    for _ in range(30):
+        conv = torch.nn.Conv2d(32, 16, 3, stride=2, padding=1, bias=False)
+        x, g = torch.randn(32, 32, 1, 1), torch.randn(32, 16, 1, 1)
+        plain = _bf16_weight_grad(conv, x, g)
+        w = conv.weight.detach().bfloat16().float().requires_grad_()
+        (torch.nn.functional.conv2d(x.bfloat16().float(), w, stride=2, padding=1) * g).sum().backward()
+        bad_plain += int(not torch.isfinite(plain).all() or (plain - w.grad).abs().max() > 1e-2 * w.grad.abs().max())
+        conv.__class__ = prec.Fp32Conv2d
+        guarded = _bf16_weight_grad(conv, x, g)
+        ref = torch.autograd.grad((torch.nn.functional.conv2d(x, conv.weight, stride=2, padding=1) * g).sum(), conv.weight)[0]
+        assert torch.isfinite(guarded).all() and torch.allclose(guarded, ref, atol=1e-5)
+        assert guarded[:, :, [0, 0, 2, 2], [0, 2, 0, 2]].abs().max() == 0  # taps that only see padding get nothing
+    assert bad_plain > 0, "oneDNN no longer returns garbage here: the guard in engine.precision may be dropped"
+
+
+def test_the_guard_finds_strided_convs_on_1x1_inputs_only_under_bf16_on_the_cpu():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=4)
+    x = torch.randn(2, 3, 16, 16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert prec.bf16_unsafe_convs(model, x) == ["layer4.0.conv1"]
+    assert prec.bf16_unsafe_convs(model, torch.randn(2, 3, 32, 32)) == []  # 2×2 inputs there: not affected
+    assert prec.guard_bf16_convs(model, x, "32-true", "cpu") == []
+    assert prec.guard_bf16_convs(model, x, "bf16-mixed", "cuda") == []
+    assert type(model.layer4[0].conv1) is torch.nn.Conv2d
+    assert prec.guard_bf16_convs(model, x, "bf16-mixed", "cpu") == ["layer4.0.conv1"]
+    assert type(model.layer4[0].conv1) is prec.Fp32Conv2d
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # same names and values, BN stats untouched
+    model.eval()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x).dtype == torch.bfloat16  # the rest of the network still computes in bf16
+        assert model.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16  # bf16-true: the dtype is kept around it
+
+
+def test_a_bf16_run_records_the_guarded_layers_and_trains_finite_weights(make_cfg, tmp_path):
+    cfg = make_cfg(data={"image_size": 16}, model={"backbone": "test_resnet"}, train={"precision": "bf16-mixed", "epochs": 2})
+    m = run_experiment(cfg, tmp_path / "s" / "t", console=QUIET)
+    assert m["status"] == "ok" and m["bf16_fp32_convs"] == ["backbone.layer4.0.conv1"]
+    model = load_run(tmp_path / "s" / "t").load_model()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("native", [True, False])

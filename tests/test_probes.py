@@ -160,10 +160,14 @@ def test_logistic_and_knn_runs_are_ordinary_run_directories(tmp_path):
     logistic = load_run(tmp_path / "probes" / "logistic")
     assert logistic.metrics["probe"]["l2"] in (1e-3, 1e-1, 10.0) and len(logistic.history) == 3
     assert logistic.metrics["trainable_params"] == 10 * 96 + 10
-    # the probe is saved as a normal linear head: the reloaded model reproduces the test accuracy on images
+    # the probe is saved as a normal linear head: the reloaded model reproduces the test accuracy on images, in the
+    # precision the run recorded (auto: bf16 on CPUs with native bf16, where the cached features were bf16 too)
+    from transferlab.engine.precision import autocast_for
+
     model = logistic.load_model()
     splits = prepare_splits(logistic.config.data, 0)
-    acc = evaluate(model, TensorBatches(splits.test_x, splits.test_y, 128, model.preprocess()), 10)["acc"]
+    with autocast_for(logistic.config.train.precision, "cpu"):
+        acc = evaluate(model, TensorBatches(splits.test_x, splits.test_y, 128, model.preprocess()), 10)["acc"]
     assert acc == pytest.approx(logistic.metrics["test_acc"], abs=1 / 450)
     knn = load_run(tmp_path / "probes" / "knn")
     assert knn.metrics["probe"]["k"] in (1, 10) and knn.metrics["trainable_params"] == 0

@@ -10,6 +10,7 @@ test with mixup + EMA + the balanced sampler is in ``tests/test_reliability.py``
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -460,7 +461,13 @@ def test_imbalanced_folder_from_the_cli_records_balanced_metrics_and_weights(tmp
 def test_recipes_study_file_parses_and_validates():
     study = load_study(STUDY_FILE)
     names = {e.name for e in study.experiments}
-    assert names == {"cnn_scratch", "cnn_scratch_recipes", "lite0_finetune", "lite0_finetune_recipes"}
-    assert len(study.experiments) == 12  # 3 seeds each
+    assert names == {"cnn_scratch", "cnn_scratch_recipes", "lite0_finetune", "lite0_finetune_recipes",
+                     "cnn_scratch_lrfind", "lite0_finetune_lrfind"}
+    assert len(study.experiments) == 18  # 3 seeds each
     recipes = [e for e in study.experiments if e.name.endswith("_recipes")]
     assert all(e.train.mixup and e.train.ema and e.data.augment for e in recipes)
+    by_name = {e.name: e for e in study.experiments if e.seed == 0}
+    for base in ("cnn_scratch", "lite0_finetune"):  # the LR finder's rows differ from the demo's only in the lr
+        found, hand = by_name[f"{base}_lrfind"], by_name[base]
+        assert found.train.lr == "find" and isinstance(hand.train.lr, float)
+        assert dataclasses.replace(found.train, lr=hand.train.lr) == hand.train and found.model == hand.model

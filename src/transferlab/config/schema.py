@@ -281,13 +281,12 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     accelerator: str = "auto"
     """Lightning Fabric accelerator: ``auto``, ``cpu``, ``cuda``."""
-    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"] = "32-true"
-    """Lightning Fabric precision. ``auto`` (``transferlab.engine.precision``): ``bf16-mixed`` on CPUs with native
-    bf16 (AVX512-BF16 / AMX, detected from the CPU flags) and on CUDA devices that support bf16, ``32-true``
-    otherwise; resolved before the run starts and recorded in ``config.yaml`` (a resumed run keeps what it
-    recorded). Results depend on it. ``bf16-mixed`` measured 1.85x the fp32 training step on an AVX512-BF16 CPU.
-    The default stays ``32-true`` until the bf16 paths pass every parity check (issue 17: the Hugging Face export's
-    parity failed on bf16-trained runs); ``auto`` is opt-in."""
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"] = "auto"
+    """Lightning Fabric precision; the default ``auto`` (``transferlab.engine.precision``): ``bf16-mixed`` on CPUs with
+    native bf16 (AVX512-BF16 / AMX, detected from the CPU flags) and on CUDA devices that support bf16, ``32-true``
+    otherwise; resolved before the run starts and recorded in ``config.yaml`` and the comparison table (a resumed run
+    keeps what it recorded). Results depend on it: bf16 rounds activations to 8 bits of mantissa. ``bf16-mixed``
+    measured 1.85x the fp32 training step on an AVX512-BF16 CPU. Set ``32-true`` for the same numbers on every machine."""
     compile: bool = False
     """Train through ``torch.compile`` (opt-in: the first steps pay the compile time, and on the CPU it
     needs a C++ compiler). Checkpoints and evaluation use the plain module, so runs stay interchangeable."""

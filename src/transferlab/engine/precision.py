@@ -15,6 +15,14 @@ so a run directory always records the concrete precision it used and ``--resume`
 
 Results depend on the precision (bf16 rounds activations to 8 bits of mantissa), which is why it is
 recorded with every run and shown in the comparison table.
+
+**A guard for a oneDNN bf16 bug** (``guard_bf16_convs``): on the CPU (torch 2.14.1), the bf16 weight gradient of
+a strided k×k convolution whose input is 1×1 pixel (a 3×3 stride-2 conv at the end of a ResNet fed 16 px images)
+comes back as uninitialised memory — NaN or values like 1e36 in some of the taps that only see padding, in
+about one step of three (``tests/test_precision.py`` reproduces it on a bare ``nn.Conv2d``). Such layers are
+found with one shape-only forward and run in fp32 (their class becomes ``Fp32Conv2d``: the weights, their names
+and the checkpoints are unchanged); mathematically they are a matrix product of the centre tap, so fp32 costs
+nothing measurable.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ import contextlib
 from pathlib import Path
 
 import torch
+from torch import nn
 
-__all__ = ["AUTO", "NATIVE_BF16_FLAGS", "auto_precision", "autocast_for", "cpu_flags", "cpu_has_native_bf16", "device_type",
-           "resolve_precision"]
+__all__ = ["AUTO", "NATIVE_BF16_FLAGS", "Fp32Conv2d", "auto_precision", "autocast_for", "bf16_unsafe_convs", "cpu_flags",
+           "cpu_has_native_bf16", "device_type", "guard_bf16_convs", "resolve_precision"]
 
 AUTO = "auto"
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -98,3 +107,57 @@ def autocast_for(precision: str, device: str | torch.device) -> contextlib.Abstr
     if precision.startswith("16") and "mixed" in precision and kind == "cuda":
         return torch.autocast(kind, dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The oneDNN bf16 weight-gradient bug: strided convolutions on 1×1 inputs run in fp32
+
+
+class Fp32Conv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that computes in fp32 whatever the autocast or the input dtype (output in the input's dtype
+    outside autocast, so a ``bf16-true`` network stays bf16 around it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        with torch.autocast(kind, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            out = self._conv_forward(x.float(), self.weight.float(), bias)
+        return out if torch.is_autocast_enabled(kind) else out.to(x.dtype)
+
+
+def bf16_unsafe_convs(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the ``nn.Conv2d`` layers of ``model`` that receive a 1×1 input with a stride above 1 and a kernel
+    above 1×1 when ``model`` runs on ``x`` (one image of it is enough: a shape-only forward in eval mode under
+    ``no_grad``, so no statistics, gradients or random numbers change)."""
+    found: list[str] = []
+
+    def hook(name: str):  # noqa: ANN202
+        def record(mod: nn.Conv2d, args: tuple[torch.Tensor, ...]) -> None:
+            h, w = args[0].shape[-2:]
+            if h == w == 1 and max(mod.stride) > 1 and max(mod.kernel_size) > 1 and name not in found:
+                found.append(name)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+def guard_bf16_convs(model: nn.Module, x: torch.Tensor, precision: str, device: str | torch.device) -> list[str]:
+    """Under bf16 on the CPU, make the layers ``bf16_unsafe_convs`` finds compute in fp32 (see the module docstring);
+    returns their names (empty for other precisions and devices)."""
+    if not precision.startswith("bf16") or torch.device(device).type != "cpu":
+        return []
+    names = bf16_unsafe_convs(model, x)
+    modules = dict(model.named_modules())
+    for name in names:
+        modules[name].__class__ = Fp32Conv2d
+    return names

@@ -25,6 +25,7 @@ from transferlab.engine.inspect import FEATURES, ActivationError, check_layer, c
 from transferlab.engine.loop import fit
 from transferlab.engine.losses import make_loss
 from transferlab.engine.lr_find import LrFindResult, lr_find, resolved, save_lr_find
+from transferlab.engine.precision import guard_bf16_convs
 from transferlab.engine.predictions import PredictionRecorder, save_test_predictions
 from transferlab.files import load_checkpoint_group, read_json
 from transferlab.kinds.base import KINDS, Kind, RunContext
@@ -36,6 +37,19 @@ from transferlab.rundir.metrics import balanced_scores
 from transferlab.strategies import apply_strategy
 
 __all__ = ["TrainKind", "find_lr"]
+
+
+def _guard_bf16(model: TransferModel, train: Any, cfg: ExperimentConfig, fabric: Fabric, ctx: RunContext) -> list[str]:
+    """Strided convs that see 1×1 inputs run in fp32 under bf16 on the CPU (``engine.precision.guard_bf16_convs``)."""
+    if not cfg.train.precision.startswith("bf16") or fabric.device.type != "cpu":
+        return []
+    train.set_epoch(0)  # batch order and augmentation are seeded by the epoch: reading one batch changes nothing
+    batch = next(iter(train), None)
+    names = [] if batch is None else guard_bf16_convs(model, batch[0].to(fabric.device), cfg.train.precision, fabric.device)
+    if names:
+        ctx.console.print(f"  bf16: convolutions with a stride > 1 on a 1×1 input run in fp32 (a oneDNN bf16 weight-gradient "
+                          f"bug, see transferlab.engine.precision): {', '.join(names)}")
+    return names
 
 
 class TrainKind(Kind):
@@ -69,6 +83,7 @@ class TrainKind(Kind):
         )
         if weights_report is not None and weights_report.dropped:
             ctx.console.print(f"  weights: {weights_report.describe()}")
+        fp32_convs = _guard_bf16(model, train, cfg, fabric, ctx)
         cfg, lr_record = _resolve_lr(cfg, ctx, model, train, criterion, fabric, recorded)  # train.lr: find -> a number
         meta = {"config": cfg.to_dict(), "class_names": splits.class_names, "code_version": code_version()}
 
@@ -104,6 +119,8 @@ class TrainKind(Kind):
         if cfg.train.ema is not None:
             m.extra["ema"] = {"decay": cfg.train.ema.decay, "warmup": cfg.train.ema.warmup, "evaluate": cfg.train.ema.evaluate,
                               "main": m.tested_weights, **({"test_raw": raw_test} if raw_test else {})}
+        if fp32_convs:
+            m.extra["bf16_fp32_convs"] = fp32_convs
         if getattr(criterion, "weight", None) is not None:
             m.extra["class_weights"] = [round(float(w), 6) for w in criterion.weight]
         if writer and recorder is not None:
