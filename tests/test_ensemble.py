@@ -84,7 +84,7 @@ def _independent_probs(run_dir):
     model = run.load_model()
     batches = TensorBatches(splits.test_x, splits.test_y, 16, model.preprocess())
     with torch.no_grad(), autocast_for(run.config.train.precision, "cpu"):
-        return torch.cat([model(x).softmax(1) for x, _ in batches]), splits.test_y
+        return torch.cat([model(x).float().softmax(1) for x, _ in batches]), splits.test_y
 
 
 @pytest.mark.parametrize("vote", ["hard", "soft"])
@@ -106,6 +106,17 @@ def test_ensemble_of_runs_is_a_run_with_the_votes_of_its_members(study_dir, vote
     assert "lowest class index" in m["tie_rule"]
     assert (m["test_top5"] is None) and (m["test_loss"] is None) == (vote == "hard")
     assert (study_dir / f"vote_{vote}" / "ensemble.yaml").is_file()
+    if vote == "hard":  # votes, no probability: nothing to calibrate
+        assert m.get("test_ece") is None and "calibration" not in m
+    else:  # the mean probability's calibration, against torchmetrics / the definitions directly
+        from torchmetrics.classification import MulticlassCalibrationError
+
+        mean = torch.stack(probs).mean(0)
+        assert m["test_ece"] == pytest.approx(float(MulticlassCalibrationError(4, n_bins=15)(mean, y[0])), abs=1e-4)  # bf16: batch 16 vs 40
+        assert m["test_nll"] == pytest.approx(float(-mean.gather(1, y[0][:, None]).log().mean()), abs=1e-4)
+        brier = float(((mean - torch.nn.functional.one_hot(y[0], 4)) ** 2).sum(1).mean())
+        assert m["test_brier"] == pytest.approx(brier, abs=1e-4)
+        assert sum(m["calibration"]["reliability"]["count"]) == m["n_test"]
 
 
 def test_compare_lists_ensembles_beside_their_members(study_dir):

@@ -198,7 +198,8 @@ def _photo(path: Path, seed: int) -> Path:
 STUDY = {
     "study": "outside",
     "defaults": {
-        "data": {"dataset": "digits", "image_size": 16, "val_fraction": 0.2},
+        # resize: pad — the 20×30 photos are brought to size as the run's data.resize says, in the section and the tool
+        "data": {"dataset": "digits", "image_size": 16, "val_fraction": 0.2, "resize": "pad"},
         "model": {"backbone": "transferlab_cnn"},
         "train": {"epochs": 1, "batch_size": 64, "progress": False, "accelerator": "cpu"},
     },
@@ -232,7 +233,11 @@ def test_predict_section_writes_what_transferlab_predict_says(outside_study):
     doc = json.loads((run / OUTSIDE_JSON).read_text())
     assert [Path(i["file"]).name for i in doc["images"]] == ["a.png", "b.jpg"]  # the folder, searched and sorted
     assert doc["input"] == {"channels": 1, "image_size": 16} and doc["top_k"] == 3
-    again = predict(run, [outside_study / "photos"], top_k=3)  # the finished run, through the tool
+    again = predict(run, [outside_study / "photos"], top_k=3)  # the finished run, through the tool (data.resize: pad)
+    from transferlab.engine.inspect import load_images
+
+    files = [outside_study / "photos" / n for n in ("a.png", "b.jpg")]
+    assert not torch.equal(load_images(files, 1, 16, "pad")[0], load_images(files, 1, 16, "crop")[0])  # it matters here
     for item, p in zip(doc["images"], again, strict=True):
         assert [q["index"] for q in item["predictions"]] == [i for _, i, _ in p.top]
         assert [q["prob"] for q in item["predictions"]] == pytest.approx([q for _, _, q in p.top], abs=1e-5)

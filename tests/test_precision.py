@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -91,13 +92,13 @@ def _bf16_weight_grad(conv: torch.nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -
     return conv.weight.grad.clone()
 
 
-@pytest.mark.skipif(not prec.cpu_has_native_bf16(), reason="the bug is in oneDNN's native bf16 kernels")
-def test_strided_conv_on_a_1x1_input_gets_garbage_bf16_weight_gradients_unless_guarded():
-    """The bug itself (so the guard is dropped when a torch fixes it), then the guarded layer against fp32 on the
-    same bf16-rounded operands: exact where the padding taps are zero, finite always."""
+def test_the_guarded_strided_conv_on_a_1x1_input_gets_exact_finite_weight_gradients_under_bf16():
+    """The guarded layer against fp32 autograd: exact, finite, nothing for the taps that only see padding. Unguarded,
+    oneDNN's native bf16 kernel returns uninitialised memory there in some trials (4-23 of 50 measured, RESULTS.md
+    §9c); that depends on what the memory holds, so its presence is reported as a warning, not asserted."""
     torch.manual_seed(0)
     bad_plain = 0
-    for _ in range(30):
+    for _ in range(60):
         conv = torch.nn.Conv2d(32, 16, 3, stride=2, padding=1, bias=False)
         x, g = torch.randn(32, 32, 1, 1), torch.randn(32, 16, 1, 1)
         plain = _bf16_weight_grad(conv, x, g)
@@ -109,7 +110,9 @@ def test_strided_conv_on_a_1x1_input_gets_garbage_bf16_weight_gradients_unless_g
         ref = torch.autograd.grad((torch.nn.functional.conv2d(x, conv.weight, stride=2, padding=1) * g).sum(), conv.weight)[0]
         assert torch.isfinite(guarded).all() and torch.allclose(guarded, ref, atol=1e-5)
         assert guarded[:, :, [0, 0, 2, 2], [0, 2, 0, 2]].abs().max() == 0  # taps that only see padding get nothing
-    assert bad_plain > 0, "oneDNN no longer returns garbage here: the guard in engine.precision may be dropped"
+    if prec.cpu_has_native_bf16() and bad_plain == 0:
+        warnings.warn("oneDNN returned correct bf16 weight gradients in 60 of 60 trials: if a torch upgrade fixed the "
+                      "bug, engine.precision.guard_bf16_convs may be dropped", stacklevel=1)
 
 
 def test_the_guard_finds_strided_convs_on_1x1_inputs_only_under_bf16_on_the_cpu():

@@ -183,6 +183,22 @@ def test_resume_continues_the_same_runs_without_duplicates(make_cfg, tmp_path, m
     assert steps(tb, "val/acc") == [STEPS, 2 * STEPS, 3 * STEPS]
 
 
+def test_lr_find_logs_the_lr_the_run_trained_with(make_cfg, tmp_path, mlflow_db):
+    """``train.lr: find``: MLflow's param and TensorBoard's hparam are the finder's number, never the word ``find``."""
+    cfg = make_cfg(name="f", data=DATA, train={**TRAIN, "lr": "find", "lr_find": {"steps": 20}}, tracking=["tensorboard", "mlflow"])
+    assert "train.lr" not in flat_config(cfg)  # not known yet
+    study_dir = tmp_path / "runs" / "found"
+    client = seed_db(mlflow_db, study_dir)
+    m = run_experiment(cfg, study_dir / "f", console=quiet())
+    assert m["status"] == "ok"
+    lr = m["lr_find"]["suggestion"]
+    run = client.get_run(read_json(study_dir / "f" / TRACKING_FILE)["mlflow"]["run_id"])
+    assert float(run.data.params["train.lr"]) == pytest.approx(lr) and float(run.data.params["train.lr_find.found"]) == pytest.approx(lr)
+    tb = events(study_dir / "tb" / "f")
+    hp = plugin_data_pb2.HParamsPluginData.FromString(tb.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert hp.session_start_info.hparams["train.lr"].number_value == pytest.approx(lr)
+
+
 # --------------------------------------------------------------------------------------------
 # tracking never fails a run
 

@@ -474,15 +474,18 @@ def image_activations(
 def save_outside_predictions(
     run_dir: str | Path, model: nn.Module, pre: Preprocess, cfg: PredictConfig, class_names: Sequence[str],
     channels: int, size: int, title: str = "", device: str | torch.device = "cpu", batch_size: int = 64,
+    fit: tuple[str, float] = ("crop", 1.0),
 ) -> dict[str, Any]:
     """``predict:``: top-k classes of its images, written to ``outside_predictions.json`` / ``.csv`` / ``.png``.
+
+    ``fit`` is the run's (``data.resize``, ``data.crop_pct``): the images are brought to size as its own were.
 
     A file that cannot be decoded is recorded with the reason (and left out of the grid) instead of
     failing the run. Returns the summary kept in ``metrics.json`` (``predict``).
     """
     run_dir = Path(run_dir)
     files = collect_image_files(cfg.images)
-    x, ok, errors = load_images(files, channels, size)
+    x, ok, errors = load_images(files, channels, size, *fit)
     preds = [ImagePrediction(str(f), error=errors.get(i)) for i, f in enumerate(files)]
     for i, top in zip(ok, predict_images(model, pre, x, class_names, cfg.top_k, device, batch_size), strict=True):
         preds[i].top = top
@@ -504,16 +507,17 @@ def save_outside_predictions(
 
 def save_activation_maps(
     run_dir: str | Path, model: nn.Module, pre: Preprocess, cfg: ActivationsConfig, class_names: Sequence[str],
-    channels: int, size: int, title: str = "", device: str | torch.device = "cpu",
+    channels: int, size: int, title: str = "", device: str | torch.device = "cpu", fit: tuple[str, float] = ("crop", 1.0),
 ) -> dict[str, Any]:
-    """``activations:``: one PNG of feature maps per image in ``activations/``, listed in ``activations.json``.
+    """``activations:``: one PNG of feature maps per image in ``activations/``, listed in ``activations.json``
+    (``fit``: the run's ``data.resize`` and ``data.crop_pct``).
 
     A file that cannot be decoded is recorded with the reason instead of failing the run. Returns the
     summary kept in ``metrics.json`` (``activations``).
     """
     out_dir = Path(run_dir) / ACTIVATIONS_DIR
     files = collect_image_files(cfg.images)
-    x, ok, errors = load_images(files, channels, size)
+    x, ok, errors = load_images(files, channels, size, *fit)
     decoded = dict(zip(ok, x, strict=True))
     entries, used = [], set()
     for i, f in enumerate(files):

@@ -44,8 +44,10 @@ from transferlab.data.batches import TensorBatches
 from transferlab.data.images import FileImages, decode_files, format_problems
 from transferlab.data.resize import resize_uint8
 from transferlab.data.sources import load_dataset
+from transferlab.engine.calibration import CalibrationSums
 from transferlab.engine.evaluation import with_tta
 from transferlab.kinds.base import KINDS, Kind, RunContext, run_experiment
+from transferlab.kinds.common import set_calibration
 from transferlab.rundir import Run, RunError, RunMetrics, code_version, load_run
 
 __all__ = ["VOTES", "EnsembleError", "EnsembleKind", "EnsembleResult", "combine_votes", "evaluate_ensemble", "run_ensemble"]
@@ -254,6 +256,10 @@ def evaluate_ensemble(
         code_version=code_version(),
     )
     m.extra.update(vote=vote, vote_ties=ties, tie_rule=TIE_RULES[vote], members=rows, inference_seconds=seconds)
+    if vote == "soft":  # the mean probability is the ensemble's prediction: its calibration, as a run's (hard votes have none)
+        sums = CalibrationSums(k, mean.device)
+        sums.update(mean.clamp_min(1e-12).log(), ref_y)  # softmax(log p) = p
+        set_calibration(m, sums.compute(sums.sums, n))
     return EnsembleResult(m, preds, ref_y, probs.argmax(2))
 
 

@@ -85,6 +85,8 @@ class TrainKind(Kind):
             ctx.console.print(f"  weights: {weights_report.describe()}")
         fp32_convs = _guard_bf16(model, train, cfg, fabric, ctx)
         cfg, lr_record = _resolve_lr(cfg, ctx, model, train, criterion, fabric, recorded)  # train.lr: find -> a number
+        if lr_record is not None:
+            ctx.tracking.resolved(cfg)  # the trackers log the lr the run trains with, not "find"
         meta = {"config": cfg.to_dict(), "class_names": splits.class_names, "code_version": code_version()}
 
         # a frozen prefix runs once: the loop then trains the rest on cached features (train.cache)
@@ -260,19 +262,22 @@ def _outside_images(model: TransferModel, cfg: ExperimentConfig, splits: ImageSp
 
     Here rather than after the run, because the model is in memory with the weights that were tested and
     the files belong to this run directory (one writer, under its lock; ``--resume`` keeps them with the run).
-    The images get the training images' channels and size, as ``transferlab predict`` gives them.
+    The images get the training images' channels, size and ``data.resize``, as ``transferlab predict`` gives them.
     """
     out: dict[str, Any] = {}
     channels, size = int(splits.train_x.shape[1]), int(splits.train_x.shape[-1])
+    fit = (cfg.data.resize, cfg.data.crop_pct)
     pre, names = model.preprocess(), splits.class_names
     if cfg.predict.images:
         tested = with_tta(model, cfg.train.tta)  # predicted as the test split was
         with fabric.autocast():
             out["predict"] = save_outside_predictions(
-                ctx.rundir.path, tested, pre, cfg.predict, names, channels, size, cfg.name, fabric.device, cfg.train.eval_batch_size
+                ctx.rundir.path, tested, pre, cfg.predict, names, channels, size, cfg.name, fabric.device, cfg.train.eval_batch_size,
+                fit,
             )
     if cfg.activations.images:
-        out["activations"] = save_activation_maps(ctx.rundir.path, model, pre, cfg.activations, names, channels, size, cfg.name, fabric.device)
+        out["activations"] = save_activation_maps(ctx.rundir.path, model, pre, cfg.activations, names, channels, size, cfg.name,
+                                                  fabric.device, fit)
     if out:
         done = ", ".join(f"{k} ({v['images']} images)" for k, v in out.items())
         ctx.console.print(f"  outside images: {done}")

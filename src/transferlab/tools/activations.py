@@ -88,7 +88,7 @@ def save_activations(
     if not image.is_file():
         raise PredictError(f"{image}: no such image file")
     channels, size = run_input_spec(run)
-    x_u8, _, errors = load_images([image], channels, size)
+    x_u8, _, errors = load_images([image], channels, size, run.config.data.resize, run.config.data.crop_pct)  # as the run's images
     if errors:
         raise PredictError(f"{image}: {errors[0]}")
     model = run.load_model(checkpoint).to(device)

@@ -101,6 +101,9 @@ class Tracker:
         """What ``tracking.json`` keeps for this tracker (read back as ``previous`` on ``--resume``)."""
         return {}
 
+    def resolved(self) -> None:
+        """``run.cfg`` now holds values resolved during the run (``train.lr: find`` -> a number): log them."""
+
     def fit_start(self, first_step: int, steps_per_epoch: int, history: list[dict[str, float]]) -> None:
         """Training starts at global step ``first_step``; ``history`` holds the epochs a resumed run already did."""
 
@@ -160,7 +163,11 @@ def check_tracking(cfg: ExperimentConfig) -> None:
 
 
 def flat_config(cfg: ExperimentConfig) -> dict[str, str | int | float | bool]:
-    """The resolved config as dotted keys -> scalars (lists, mappings and ``None`` as JSON text): params, hparams."""
+    """The resolved config as dotted keys -> scalars (lists, mappings and ``None`` as JSON text): params, hparams.
+
+    A value the run resolves later (``train.lr: find``) is left out until it is a number (``Tracker.resolved``):
+    MLflow refuses to change a logged param, and ``find`` is not what the run trained with.
+    """
 
     def walk(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -172,7 +179,11 @@ def flat_config(cfg: ExperimentConfig) -> dict[str, str | int | float | bool]:
                 out[key] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
         return out
 
-    return walk(cfg.to_dict(), "")
+    flat = walk(cfg.to_dict(), "")
+    if flat.get("train.lr") == "find":
+        for key in ("train.lr", "train.lr_find.found"):
+            flat.pop(key, None)
+    return flat
 
 
 def confusion_image(matrix: list[list[int]], class_names: list[str]) -> np.ndarray:
@@ -270,6 +281,12 @@ class RunTracking(Callback):
         except OSError as e:
             say = f"tracking: could not write {path} ({e}); --resume will start new tracker runs"
             self.run.console.print(f"[yellow]{escape(say)}[/]")
+
+    def resolved(self, cfg: ExperimentConfig) -> None:
+        """``cfg`` with the values resolved during the run (``train.lr: find``): every tracker logs what is new."""
+        if self.started and self.run is not None:
+            self.run.cfg = cfg
+            self._call("resolved")
 
     def finish(self, metrics: dict[str, Any] | None, error: BaseException | None = None) -> None:
         """The run ended (``metrics.json`` written, or ``error`` raised): final logs, then close every tracker."""

@@ -232,6 +232,9 @@ class MlflowTracker(Tracker):
             self.run_id = self.client.create_run(self.experiment_id, run_name=self.run.name, tags=self._tags()).info.run_id
         self._log_params()
 
+    def resolved(self) -> None:
+        self._log_params()  # the keys the run lacked: train.lr, now a number
+
     def _log_params(self) -> None:
         """The flattened config; on resume only keys the run lacks (MLflow refuses to change a logged param)."""
         from mlflow.entities import Param

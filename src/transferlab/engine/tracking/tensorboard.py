@@ -82,7 +82,12 @@ class TensorBoardTracker(Tracker):
         if self.log_dir.exists():  # a new (or replaced) run: the old run's events go with it
             shutil.rmtree(self.log_dir)
         self._open()
-        self._write_hparams()
+        if self.run.cfg.train.lr != "find":  # else once the LR finder has chosen it (resolved)
+            self._write_hparams()
+
+    def resolved(self) -> None:
+        if self.writer is not None:
+            self._write_hparams()
 
     def record(self) -> dict[str, Any]:
         return {"log_dir": str(self.log_dir)}
