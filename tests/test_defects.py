@@ -218,8 +218,8 @@ def test_yaml_merge_key_override_is_not_a_duplicate(tmp_path):
 CTRL_C_STUDY = {
     "study": "ctrlc",
     "defaults": {
-        # 288 training images: 9 steps of 32 per epoch, a checkpoint after every step; 6 epochs so that a bf16 run
-        # (what precision auto picks on CPUs with native bf16) cannot finish between the first checkpoint and the signal
+        # 288 training images: 9 steps of 32 per epoch, a checkpoint after every step; 6 epochs, so that even a bf16 run
+        # (what precision auto picks on CPUs with native bf16) is still training when the signal comes
         "data": {"dataset": "synthetic", "synthetic_classes": 4, "synthetic_size": 384, "val_fraction": 0.25, "augment": ["flip", "crop"]},
         "model": {"backbone": "transferlab_cnn", "weights": "scratch"},
         "head": {"type": "mlp", "hidden": 32, "dropout": 0.3},
@@ -237,12 +237,23 @@ CTRL_C_STUDY = {
 }
 
 
+def _signal_masks(pid: int) -> str:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "unknown"
+    return " ".join(line.replace("\t", "") for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def _cli(study: Path, runs: Path, *extra: str) -> subprocess.Popen:
+    # SIGINT back to its default in the child: a test session started in the background by a shell (`pytest &`)
+    # ignores SIGINT, the child would inherit that, and Python installs no KeyboardInterrupt handler then
     return subprocess.Popen(
         [sys.executable, "-m", "transferlab.cli", "run", str(study), "--runs-dir", str(runs), "--no-report", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - no threads started by then
     )
 
 
@@ -261,11 +272,12 @@ def test_ctrl_c_prints_one_line_exits_130_and_resumes_bit_identically(tmp_path):
             assert cut.poll() is None, f"the run ended before it could be interrupted:\n{cut.communicate()}"
             assert time.time() < deadline, "no checkpoint within 120 s"
             time.sleep(0.01)
+        sig = _signal_masks(cut.pid)  # for the message below: a child that ignores SIGINT cannot be interrupted
         os.kill(cut.pid, signal.SIGINT)
         out, err = cut.communicate(timeout=60)
     finally:
         cut.kill()
-    assert cut.returncode == 130, f"exit {cut.returncode}\n{out}\n{err}"
+    assert cut.returncode == 130, f"exit {cut.returncode} (signal masks when interrupted: {sig})\n{out}\n{err}"
     assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err
     assert not (run_dir / "metrics.json").exists()  # interrupted, not finished or recorded as failed
     with safe_open(str(last), "pt") as f:  # the checkpoint's own header (its .json copy is written after it)
