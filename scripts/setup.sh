@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,zoo,tensorboard,mlflow,onnx,search,ray,slurm]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,docs,zoo,tensorboard,mlflow,onnx,search,ray,slurm,peft,wandb]"
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }) \
     || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will say how to get it"
