@@ -1,19 +1,58 @@
-"""The comparison table of a study: one row per experiment, mean ± std over seeds."""
+"""The comparison table of a study: one row per experiment, mean ± std and a 95 % interval over seeds,
+and every experiment tested against a reference (the best row, or ``against``).
+
+Which test a pair of experiments gets (``docs/comparisons.md`` says what each assumes):
+
+* both have runs with the same seed / fold, at least two such pairs: the paired t-test over them;
+* both have several runs, but none pair up: Welch's t-test;
+* otherwise (a single run on a side): the two runs' recorded test predictions, when they are of the same
+  test images — McNemar's test (mid-p) for accuracy, a paired bootstrap for the other metrics;
+* else no test ("no test": nothing to pair).
+
+The p-values of one table are one family: Holm's correction, then each row is ``better`` / ``worse``
+than the reference or ``not distinguishable`` from it, with a "seeds needed" hint for the latter. The
+numbers come from ``transferlab.results.stats``.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from transferlab.files import write_text
+from transferlab.results import stats
 from transferlab.results.search import read_searches, search_lines
-from transferlab.rundir import ExperimentRuns, RunMetrics, read_study
+from transferlab.rundir import ExperimentRuns, Run, RunError, RunMetrics, load_test_predictions, read_study
+
+__all__ = [
+    "COLUMNS",
+    "CONSOLE_WIDTH",
+    "HIGHER_IS_BETTER",
+    "TESTED_METRICS",
+    "CompareError",
+    "ci_text",
+    "collect",
+    "compare",
+    "compare_rows",
+    "console_table",
+    "experiment_row",
+    "markdown_table",
+    "pair_test",
+    "run_precision",
+    "seeds_hint",
+    "study_rows",
+    "training_cost_seconds",
+    "versus_text",
+]
 
 COLUMNS = [
     ("experiment", "experiment"),
@@ -21,7 +60,10 @@ COLUMNS = [
     ("backbone", "backbone"),
     ("weights", "weights"),
     ("precision", "precision"),
+    ("image_size", "image size"),
     ("test_acc", "test acc"),
+    ("test_acc_ci", "95 % CI"),
+    ("versus", "vs reference"),
     ("test_balanced_acc", "balanced acc"),
     ("test_macro_f1", "macro F1"),
     ("test_ece", "ECE"),
@@ -32,6 +74,36 @@ COLUMNS = [
     ("data", "data"),
     ("status", "status"),
 ]
+"""Every column of the Markdown table and of ``compare --wide``, in order (key, title)."""
+
+NARROW = ["experiment", "backbone", "strategy", "test_acc", "test_acc_ci", "versus", "n_seeds", "train_seconds"]
+"""The console table's columns without ``--wide``: it fits ``CONSOLE_WIDTH`` (the rest is in compare.md / .csv;
+experiments with runs that did not finish are listed below it)."""
+NARROW_TITLES = {"test_acc": "test acc %", "n_seeds": "n", "train_seconds": "train (s)"}
+NARROW_MAX = {"experiment": 26, "backbone": 16, "strategy": 12}
+"""Longest text of a narrow console column (longer values end in …; compare.md has them whole)."""
+CONSOLE_WIDTH = 120
+
+HIGHER_IS_BETTER = {
+    "test_acc": True,
+    "test_balanced_acc": True,
+    "test_macro_f1": True,
+    "test_ece": False,
+    "test_nll": False,
+    "test_brier": False,
+    "test_loss": False,
+    "train_seconds": False,
+    "inference_images_per_s": True,
+    "trainable_params": False,
+}
+"""Which direction is better, per metric (the ★ of the report and the marks of the tests)."""
+TESTED_METRICS = ("test_acc", "test_balanced_acc", "test_macro_f1", "test_ece")
+"""The metrics a comparison can be made on (``compare --metric``); each also gets a 95 % interval."""
+INTERVAL_METRICS = (*TESTED_METRICS, "train_seconds")
+
+
+class CompareError(ValueError):
+    """The comparison cannot be made as asked (an unknown reference experiment or metric)."""
 
 
 def training_cost_seconds(metrics: dict[str, Any]) -> float:
@@ -43,9 +115,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def collect(study_dir: str | Path) -> list[dict[str, Any]]:
-    """Read every run of ``study_dir`` and aggregate the seeds of each experiment (one row per experiment)."""
-    return [experiment_row(e) for e in read_study(study_dir).experiments]
+def collect(study_dir: str | Path, metric: str = "test_acc", against: str | None = None) -> list[dict[str, Any]]:
+    """Read every run of ``study_dir``: one row per experiment (``experiment_row``) with its comparison against
+    the reference (``compare_rows``)."""
+    return study_rows(read_study(study_dir).experiments, metric, against)
+
+
+def study_rows(experiments: Sequence[ExperimentRuns], metric: str = "test_acc", against: str | None = None) -> list[dict[str, Any]]:
+    """The rows of ``experiments`` (in order), each compared on ``metric`` against the reference."""
+    rows = [experiment_row(e) for e in experiments]
+    compare_rows(list(experiments), rows, metric, against)
+    return rows
 
 
 def run_precision(exp: ExperimentRuns) -> str | None:
@@ -55,8 +135,15 @@ def run_precision(exp: ExperimentRuns) -> str | None:
     return ", ".join(values) if values else None
 
 
+def _values(exp: ExperimentRuns, key: str) -> list[float]:
+    """``key`` of every finished run of ``exp`` (the training cost for ``train_seconds``)."""
+    if key == "train_seconds":
+        return [r.record.training_cost_seconds() for r in exp.ok_runs]
+    return [v for v in (getattr(r.record, key) for r in exp.ok_runs) if v is not None]
+
+
 def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
-    """One experiment's row: what ran, mean ± std over its finished seeds, and its status."""
+    """One experiment's row: what ran, mean ± std and the 95 % interval over its finished seeds, and its status."""
     ok = [r.record for r in exp.ok_runs]
     first = ok[0] if ok else exp.runs[0].record
     failed = [r.record for r in exp.failed_runs]
@@ -67,6 +154,7 @@ def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
         "backbone": first.backbone,
         "weights": first.weights,
         "precision": run_precision(exp),
+        "image_size": first.image_size,
         "n_seeds": len(ok),
         "status": _status(failed),
     }
@@ -87,6 +175,12 @@ def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
         row["data"] = f"{first.dataset} {first.n_train} train, {first.image_size}px"
         if first.notes:
             row["data"] += f"; {first.notes}"
+        for key in INTERVAL_METRICS:  # 95 % interval of the mean over seeds / folds; none for one run
+            values = _values(exp, key)
+            ci = stats.mean_interval(values) if len(values) == len(ok) else None
+            if ci is not None:
+                row[f"{key}_ci_low"], row[f"{key}_ci_high"] = ci.low, ci.high
+                row["ci_method"] = ci.method
     return row
 
 
@@ -100,7 +194,172 @@ def _status(not_ok: list[Any]) -> str:
     return ", ".join(f"{n} {status}" for status, n in counts.items()) + f": {(not_ok[0].error or '')[:120]}"
 
 
+# --------------------------------------------------------------------------------------------
+# the comparisons: which runs pair up, which test, Holm, the marks
+
+
+def _pair_key(run: Run) -> tuple[str, str]:
+    """What pairs two runs of different experiments: the same seed and the same fold (``data.fold``)."""
+    fold = run.config.data.fold if run.config is not None else None
+    return str(run.seed), str(fold)
+
+
+def _by_key(exp: ExperimentRuns, metric: str) -> dict[tuple[str, str], Run]:
+    return {_pair_key(r): r for r in exp.ok_runs if getattr(r.record, metric) is not None}
+
+
+def _same_images(a: Run, b: Run) -> tuple[Any, Any] | None:
+    """Both runs' test predictions when they are of the same test images (same dataset, same labels in the
+    same order), else ``None``."""
+    if a.record.dataset != b.record.dataset:
+        return None
+    try:
+        pa, pb = load_test_predictions(a.path), load_test_predictions(b.path)
+    except RunError:
+        return None
+    if pa is None or pb is None or len(pa.true) != len(pb.true) or not np.array_equal(pa.true, pb.true):
+        return None
+    return pa, pb
+
+
+def pair_test(exp: ExperimentRuns, ref: ExperimentRuns, metric: str = "test_acc") -> stats.TestResult | None:
+    """``exp`` against ``ref`` on ``metric`` (difference exp - ref), with the test the runs allow (module
+    docstring); ``None`` when nothing pairs (a single run without predictions on the same test images)."""
+    mine, theirs = _by_key(exp, metric), _by_key(ref, metric)
+    common = [k for k in mine if k in theirs]
+    if len(common) >= 2:
+        return stats.paired_t([getattr(mine[k].record, metric) for k in common], [getattr(theirs[k].record, metric) for k in common])
+    if len(mine) >= 2 and len(theirs) >= 2:
+        return stats.welch_t([getattr(r.record, metric) for r in mine.values()], [getattr(r.record, metric) for r in theirs.values()])
+    if not mine or not theirs:
+        return None
+    key = common[0] if common else next(iter(mine))
+    a, b = mine[key], theirs.get(key) or next(iter(theirs.values()))
+    found = _same_images(a, b)
+    if found is None:
+        return None
+    pa, pb = found
+    if metric == "test_acc":
+        return stats.mcnemar(pa.true == pa.pred, pb.true == pb.pred)
+    return stats.paired_bootstrap(pa.true, pa.pred, pb.pred, stats.METRIC_FUNCTIONS[metric], pa.prob, pb.prob)
+
+
+def _reference(experiments: list[ExperimentRuns], rows: list[dict[str, Any]], metric: str, against: str | None) -> int | None:
+    names = [e.name for e in experiments]
+    if against is not None:
+        if against not in names:
+            raise CompareError(f"compare --against {against!r}: no such experiment in the study (experiments: {', '.join(names)})")
+        i = names.index(against)
+        if rows[i].get(metric) is None:
+            raise CompareError(f"compare --against {against!r}: the experiment has no finished run with {metric}")
+        return i
+    candidates = [i for i, r in enumerate(rows) if r.get(metric) is not None]
+    if not candidates:
+        return None
+    pick = max if HIGHER_IS_BETTER[metric] else min
+    return pick(candidates, key=lambda i: rows[i][metric])  # ties: the first in study order
+
+
+def compare_rows(experiments: list[ExperimentRuns], rows: list[dict[str, Any]], metric: str = "test_acc",
+                 against: str | None = None, alpha: float = stats.ALPHA) -> None:
+    """Test every experiment against the reference on ``metric`` and write the result into its row.
+
+    The reference is ``against``, else the best row on ``metric``. Each row gets ``reference``, ``metric``,
+    ``test``, ``diff`` (row - reference) with ``diff_ci_low`` / ``diff_ci_high``, ``p_value``, ``p_adjusted``
+    (Holm over the table's comparisons), ``mark`` (``reference``, ``better``, ``worse``,
+    ``not distinguishable``, or ``no test``) and, where not distinguishable, ``seeds_needed`` (runs per
+    experiment for 80 % power at the strictest Holm level; ``None`` beyond ``stats.MAX_RUNS_NEEDED``).
+    """
+    if metric not in TESTED_METRICS:
+        raise CompareError(f"compare --metric {metric!r}: one of {', '.join(TESTED_METRICS)}")
+    ref = _reference(experiments, rows, metric, against)
+    if ref is None:
+        return
+    rows[ref].update(reference=experiments[ref].name, metric=metric, mark="reference")
+    results: dict[int, stats.TestResult] = {}
+    for i, (exp, row) in enumerate(zip(experiments, rows, strict=True)):
+        if i == ref or row.get(metric) is None:
+            continue
+        row.update(reference=experiments[ref].name, metric=metric, mark="no test")
+        result = pair_test(exp, experiments[ref], metric)
+        if result is not None:
+            results[i] = result
+    adjusted = stats.holm([r.p_value for r in results.values()])
+    family = max(len(results), 1)
+    for (i, r), p_adj in zip(results.items(), adjusted, strict=True):
+        row = rows[i]
+        row.update(test=r.test, test_n=r.n, diff=r.diff, diff_ci_low=r.low, diff_ci_high=r.high, p_value=r.p_value, p_adjusted=p_adj,
+                   mark=stats.mark(r.diff, p_adj, HIGHER_IS_BETTER[metric], alpha))
+        if row["mark"] == "not distinguishable" and r.spread is not None:
+            row["seeds_needed"] = stats.runs_needed(r.diff, r.spread, alpha / family, paired=r.paired)
+
+
+# --------------------------------------------------------------------------------------------
+# text: the cells of the console table and of compare.md (the report reuses ``ci_text`` / ``versus_text``)
+
+
+def _scale(key: str) -> tuple[float, int]:
+    """How a metric is written: accuracies as percentages with 2 decimals, F1 / ECE as fractions with 3."""
+    return (100.0, 2) if key in ("test_acc", "test_balanced_acc") else (1.0, 3)
+
+
+def ci_text(row: dict[str, Any], key: str = "test_acc") -> str:
+    """The 95 % interval of ``key``'s mean as ``low–high`` (percent for accuracies), or "one run: no interval"."""
+    if row.get(key) is None:
+        return "—"
+    if row.get(f"{key}_ci_low") is None:
+        return "one run: no interval" if row.get("n_seeds", 0) < 2 else "—"
+    scale, digits = _scale(key) if key != "train_seconds" else (1.0, 1)
+    return f"{scale * row[f'{key}_ci_low']:.{digits}f}–{scale * row[f'{key}_ci_high']:.{digits}f}"
+
+
+def _p_text(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.1 else f"p={p:.2f}"
+
+
+MARK_SYMBOL = {"better": "▲", "worse": "▼", "not distinguishable": "≈", "reference": "●", "no test": "·"}
+
+
+def versus_text(row: dict[str, Any], short: bool = False) -> str:
+    """The row against the reference: ``▼ worse p=0.004`` (Holm-adjusted p), ``≈ p=0.41, ~9 seeds``,
+    ``● reference``, ``· no test`` (nothing pairs); ``short`` leaves out the test's name."""
+    m = row.get("mark")
+    if m is None:
+        return "—"
+    if m in ("reference", "no test"):
+        return f"{MARK_SYMBOL[m]} {m}"
+    text = f"{MARK_SYMBOL[m]} {'' if m == 'not distinguishable' else m + ' '}{_p_text(row['p_adjusted'])}"
+    if m == "not distinguishable":
+        need = row.get("seeds_needed")
+        if need is not None:
+            text += f", ~{need} seeds"
+        elif row.get("test", "").endswith(" t"):
+            text += f", >{stats.MAX_RUNS_NEEDED} seeds"
+    return text if short else f"{text} ({row['test']})"
+
+
+def seeds_hint(row: dict[str, Any]) -> str | None:
+    """A sentence for a not-distinguishable row: how many seeds would resolve it, or why none is given."""
+    if row.get("mark") != "not distinguishable":
+        return None
+    scale, digits = _scale(row["metric"])
+    diff = f"{scale * row['diff']:+.{digits}f}{' points' if scale == 100 else ''}"
+    head = f"{row['experiment']} vs {row['reference']}: {diff}, not distinguishable ({row['test']}, adjusted {_p_text(row['p_adjusted'])})"
+    need = row.get("seeds_needed")
+    if need is not None:
+        return head + f"; about {need} seeds per experiment would resolve a difference this size (80 % power)"
+    if row["test"].startswith(("McNemar", "paired bootstrap")):
+        return head + "; one run each: run several seeds to measure the seed spread"
+    if row.get("diff") == 0:
+        return head + "; identical results"
+    return head + f"; more than {stats.MAX_RUNS_NEEDED} seeds: the difference is small next to the seed spread"
+
+
 def _fmt(row: dict[str, Any], key: str) -> str:
+    if key == "test_acc_ci":
+        return ci_text(row, "test_acc") if row.get("test_acc") is not None else "—"
+    if key == "versus":
+        return versus_text(row)
     if key not in row or row[key] is None:
         return "—"
     v = row[key]
@@ -118,31 +377,118 @@ def _fmt(row: dict[str, Any], key: str) -> str:
         return f"{v:,.0f}"
     if key == "trainable_params":
         return f"{v:,}"
+    if key == "image_size":
+        return f"{v}px"
     return str(v)
 
 
-def compare(study_dir: str | Path, console: Console | None = None, write: bool = True) -> list[dict[str, Any]]:
-    """Print the comparison table of ``study_dir`` and write ``compare.csv`` and ``compare.md`` there."""
+def _clip(text: str, n: int | None) -> str:
+    return text if n is None or len(text) <= n else text[: n - 1] + "…"
+
+
+RIGHT = ("test_acc", "test_acc_ci", "test_balanced_acc", "test_macro_f1", "test_ece", "n_seeds", "train_seconds",
+         "inference_images_per_s", "trainable_params", "image_size")
+
+
+def _narrow(row: dict[str, Any], key: str) -> str:
+    """A cell of the narrow console table: accuracies without the % sign, time without ± std, status in short."""
+    if key == "test_acc" and row.get(key) is not None:
+        return f"{100 * row[key]:.2f}" + (f" ± {100 * row['test_acc_std']:.2f}" if row.get("n_seeds", 0) > 1 else "")
+    if key == "test_acc_ci" and row.get("test_acc") is not None and row.get("test_acc_ci_low") is not None:
+        return f"{100 * row['test_acc_ci_low']:.2f}–{100 * row['test_acc_ci_high']:.2f}"
+    if key == "train_seconds" and row.get(key) is not None:
+        return f"{row[key]:.1f}"
+    if key == "versus":
+        return versus_text(row, short=True)
+    return _clip(_fmt(row, key), NARROW_MAX.get(key))
+
+
+def console_table(rows: list[dict[str, Any]], title: str, wide: bool = False) -> Table:
+    """The comparison as a rich table: without ``wide`` the ``NARROW`` columns, one line per row (print it at
+    most ``CONSOLE_WIDTH`` wide: long texts end in …); with ``wide`` every column of ``COLUMNS`` in full."""
+    keys = [k for k, _ in COLUMNS] if wide else NARROW
+    titles = dict(COLUMNS) if wide else {**dict(COLUMNS), **NARROW_TITLES}
+    ref = next((r["reference"] for r in rows if r.get("reference")), None)
+    if ref is not None:
+        titles["versus"] = "vs " + (ref if wide else _clip(ref, 12))
+    table = Table(title=title, box=box.HEAVY_HEAD if wide else None, pad_edge=False, header_style="bold underline")
+    for k in keys:
+        table.add_column(titles[k], justify="right" if k in RIGHT else "left", no_wrap=not wide, overflow="fold" if wide else "ellipsis")
+    for row in rows:
+        table.add_row(*[_fmt(row, k) if wide else _narrow(row, k) for k in keys])
+    return table
+
+
+COMPARISON_KEYS = ["reference", "metric", "mark", "test", "test_n", "diff", "diff_ci_low", "diff_ci_high", "p_value", "p_adjusted",
+                   "seeds_needed"]
+"""The columns ``compare_rows`` adds, as ``compare.csv`` orders them (after the tested metric's own)."""
+
+
+def _csv_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """``compare.csv``'s columns: the table's, each metric followed by its std and interval bounds, the comparison's
+    after ``test_acc``; anything else after them, by name."""
+    present = {k for r in rows for k in r}
+    order: list[str] = []
+    for key, _ in COLUMNS:
+        group = [key, f"{key}_std", f"{key}_ci_low", f"{key}_ci_high"]
+        if key == "test_acc":
+            group += ["ci_method", *COMPARISON_KEYS]
+        order += [k for k in group if k in present and k not in order]
+    return order + sorted(present - set(order))
+
+
+def compare(study_dir: str | Path, console: Console | None = None, write: bool = True, metric: str = "test_acc",
+            against: str | None = None, wide: bool = False) -> list[dict[str, Any]]:
+    """Print the comparison table of ``study_dir`` and write ``compare.csv`` and ``compare.md`` there.
+
+    Every experiment is tested on ``metric`` against ``against`` (default: the best row); the rows are returned
+    (``experiment_row`` plus ``compare_rows``' keys). The console table fits 120 columns; ``wide`` shows all.
+    """
     console = console or Console()
     study_dir = Path(study_dir)
-    rows = collect(study_dir)
-    table = Table(title=f"study {study_dir.name}")
-    for _, title in COLUMNS:
-        table.add_column(title, justify="right" if title.endswith(("acc", "F1", "ECE", "(s)", "img/s", "params", "seeds")) else "left")
+    rows = collect(study_dir, metric, against)
+    table = console_table(rows, f"study {study_dir.name}", wide)
+    console.print(table, width=None if wide else min(console.width, CONSOLE_WIDTH))
+    legend = _legend(rows)
+    if legend:
+        console.print(legend, markup=False, highlight=False)
+    for row in rows if not wide else []:
+        if row.get("status", "ok") != "ok":
+            console.print(_clip(f"  {row['experiment']}: {row['status']}", CONSOLE_WIDTH), markup=False, highlight=False)
     for row in rows:
-        table.add_row(*[_fmt(row, k) for k, _ in COLUMNS])
-    console.print(table)
+        hint = seeds_hint(row)
+        if hint:
+            console.print("  " + hint, markup=False, highlight=False)
     for rec in read_searches(study_dir):  # a search's result is its best trial on validation, marked as such
         console.print(f"search {rec.experiment}: " + "; ".join(search_lines(rec)[1:]), markup=False, highlight=False)
     if write:
-        keys = sorted({k for r in rows for k in r}, key=lambda k: [c for c, _ in COLUMNS].index(k) if k in dict(COLUMNS) else 99)
         buf = io.StringIO(newline="")
-        w = csv.DictWriter(buf, fieldnames=keys)
+        w = csv.DictWriter(buf, fieldnames=_csv_keys(rows))
         w.writeheader()
         w.writerows(rows)
         write_text(study_dir / "compare.csv", buf.getvalue())
-        md = ["| " + " | ".join(t for _, t in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        md += ["| " + " | ".join(_fmt(r, k).replace("|", "\\|") for k, _ in COLUMNS) + " |" for r in rows]
-        write_text(study_dir / "compare.md", "\n".join(md) + "\n")
+        write_text(study_dir / "compare.md", markdown_table(rows))
         console.print(f"written: {study_dir / 'compare.csv'}, {study_dir / 'compare.md'}")
     return rows
+
+
+def _legend(rows: list[dict[str, Any]]) -> str:
+    ref = next((r for r in rows if r.get("mark") == "reference"), None)
+    if ref is None:
+        return ""
+    method = "bootstrap" if any(r.get("ci_method") == "bootstrap" for r in rows) else "t"
+    return (f"95 % CI of the mean over seeds ({method}); vs {ref['experiment']} on {ref['metric']}: ▲ better, ▼ worse, ≈ not\n"
+            "distinguishable at 5 % after Holm's correction (paired t over seeds; McNemar on the test images for single runs)")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """``compare.md``: every column, the tests' p-values and the seeds-needed hints below the table."""
+    md = ["| " + " | ".join(t for _, t in COLUMNS) + " | p | p (Holm) |", "|" + "---|" * (len(COLUMNS) + 2)]
+    for r in rows:
+        cells = [_fmt(r, k) for k, _ in COLUMNS]
+        cells += [f"{r[k]:.3g}" if r.get(k) is not None else "—" for k in ("p_value", "p_adjusted")]
+        md.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    legend = _legend(rows)
+    hints = [h for h in (seeds_hint(r) for r in rows) if h]
+    extra = ([""] + [legend] if legend else []) + ([""] + [f"- {h}" for h in hints] if hints else [])
+    return "\n".join(md + extra) + "\n"
