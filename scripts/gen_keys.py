@@ -83,6 +83,13 @@ STUDY_KEYS = {
     "tracking": "Where every experiment is also logged (``tensorboard``, ``mlflow``): the default of each experiment's ``tracking``.",
 }
 
+# Keys an entry of ``experiments:`` may have besides the experiment's own (they shape the study, not one run).
+ENTRY_KEYS = {
+    "sweep": "Dotted key -> list of values: this experiment becomes one experiment per value (several keys: a grid).",
+    "search": "An Optuna search over dotted keys; each trial is a run (the ``search`` table below).",
+    "resources": "What one run of this experiment asks of a worker, over the study's ``resources`` (the ``resources`` table below).",
+}
+
 # Which page of the site explains each section.
 SEE = {
     "": "configuration.md", "data": "datasets.md", "model": "strategies.md#weights", "model.truncate": "strategies.md#truncation",
@@ -199,7 +206,7 @@ def documented_keys() -> set[str]:
     """Every dotted key this reference documents (experiment keys, study-file keys and their sections)."""
     experiment, study = all_sections()
     keys = {row.key for _, rows in [*experiment.values(), *study.values()] for row in rows}
-    return keys | set(study_keys())
+    return keys | set(study_keys()) | set(ENTRY_KEYS)
 
 
 def render_section(prefix: str, cls: type, rows: list[Row], link_prefix: str = "../") -> list[str]:
@@ -237,6 +244,8 @@ def render() -> str:
         "|---|---|",
     ]
     lines += [f"| `{k}` | {clean(STUDY_KEYS[k])} |" for k in study_keys()]
+    lines += ["", "An entry of `experiments:` may also have:", "", "| key | description |", "|---|---|"]
+    lines += [f"| `{k}` | {clean(v)} |" for k, v in ENTRY_KEYS.items()]
     lines += ["", "## Experiment", "",
               "The keys of one experiment (`transferlab.config.schema.ExperimentConfig`): an entry of `experiments:`,",
               "or `defaults:`. The fully resolved experiment is saved as `config.yaml` in its run directory.", ""]
