@@ -4,8 +4,8 @@
 ``metrics.json``, ``config.yaml``, ``history.csv``, ``predictions.json`` and ``test_samples.safetensors`` —
 and writes ``report.html`` and ``report.md`` into the study folder:
 
-* the comparison table (``transferlab.results.compare``: mean ± std over seeds), sortable, the best value
-  of each column marked;
+* the comparison table (``transferlab.results.compare``: mean ± std and 95 % interval over seeds, every
+  experiment tested against the best one or ``against``), sortable, the best value of each column marked;
 * test accuracy against training time, with the Pareto front;
 * learning curves (train/val loss and accuracy per epoch) of every experiment;
 * confusion matrix, per-class accuracy and the most-confused pairs of every experiment;
@@ -69,14 +69,17 @@ def build_report(
     md_path: str | Path | None = None,
     grid_images: int = GRID_IMAGES,
     grid_wrong: int = GRID_WRONG,
+    metric: str = "test_acc",
+    against: str | None = None,
 ) -> Report:
     """Write the HTML report and the Markdown summary of ``study_dir`` (default: inside it).
 
     ``grid_images`` test images are shown per experiment, then up to ``grid_wrong`` more misclassified
-    ones. Raises ``ReportError`` when the folder holds no readable runs.
+    ones. Every experiment is tested on ``metric`` against ``against`` (default: the best experiment), as
+    ``transferlab compare`` does. Raises ``ReportError`` when the folder holds no readable runs.
     """
     study_dir = Path(study_dir)
-    study = read_study(study_dir)
+    study = read_study(study_dir, metric, against)
     html_path = Path(html_path) if html_path else study_dir / REPORT_HTML
     md_path = Path(md_path) if md_path else study_dir / REPORT_MD
     sections = html.sections(study, grid_images, grid_wrong)

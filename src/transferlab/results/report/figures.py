@@ -58,43 +58,84 @@ def _png(fig: Any, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
-def _integer_epochs(ax: Any) -> None:
+MAX_EPOCH_TICKS = 12
+"""Up to this many epochs every one is a tick; beyond, matplotlib picks integer ticks."""
+
+
+def _integer_epochs(ax: Any, epochs: list[float]) -> None:
+    """Epochs are integers: a tick at each epoch (a short run's axis would otherwise read 0.945 0.960 … 1.050),
+    half an epoch of room on either side."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    values = sorted({int(e) for e in epochs if e == int(e)})
+    if values and len(values) <= MAX_EPOCH_TICKS:
+        ax.set_xticks(values)
+        ax.set_xlim(values[0] - 0.5, values[-1] + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _outside_legend(fig: Any, ax: Any, where: str = "right", fontsize: int = 8, ncols: int = 1) -> None:
+    """The legend outside the axes (``right``: beside them, ``below``: under them), where it hides no data."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        loc = "outside right upper" if where == "right" else "outside lower center"
+        fig.legend(handles, labels, loc=loc, fontsize=fontsize, ncols=ncols, frameon=False)
 
 
 # --------------------------------------------------------------------------------------------
 # the study: accuracy vs time, validation accuracy of every experiment
 
 
+MARKERS = {"reference": "*", "better": "^", "worse": "v", "not distinguishable": "o", "no test": "o"}
+"""The marker of a point in the accuracy-vs-time plot: how its experiment compares with the reference."""
+
+
+def _ci_err(row: dict[str, Any], key: str, scale: float = 1.0) -> Any:
+    """Asymmetric error bar (below, above) of ``key``'s 95 % interval; ``None`` for one run."""
+    if row.get(f"{key}_ci_low") is None:
+        return None
+    mean = row[key]
+    return [[scale * (mean - row[f"{key}_ci_low"])], [scale * (row[f"{key}_ci_high"] - mean)]]
+
+
+def _mark_label(row: dict[str, Any]) -> str:
+    mark = row.get("mark")
+    if mark in (None, "no test"):
+        return ""
+    if mark == "reference":
+        return " (reference)"
+    return f" ({mark}, p={row['p_adjusted']:.2g})"
+
+
 def scatter_figure(exps: list[ExperimentRecord], front: list[int]) -> bytes:
-    """Test accuracy against training time (mean ± std over seeds), the Pareto front ``front`` (indices) drawn."""
-    fig = _figure(8, 5)
+    """Test accuracy against training time, error bars the 95 % intervals over seeds, the marker how each compares
+    with the reference (★ reference, ▲ better, ▼ worse, ● not distinguishable), the Pareto front ``front`` drawn."""
+    fig = _figure(9, 5)
     ax = fig.add_subplot()
     times = [e.row["train_seconds"] for e in exps]
     accs = [100 * e.row["test_acc"] for e in exps]
     for k, (e, t, a) in enumerate(zip(exps, times, accs, strict=True)):
-        multi = e.row.get("n_seeds", 0) > 1
         ax.errorbar(
-            t, a, xerr=e.row["train_seconds_std"] if multi else None, yerr=100 * e.row["test_acc_std"] if multi else None,
-            fmt="o", color=e.color, ms=8, capsize=3, label=mpl_label(e.name),
+            t, a, xerr=_ci_err(e.row, "train_seconds"), yerr=_ci_err(e.row, "test_acc", 100),
+            fmt=MARKERS.get(e.row.get("mark", ""), "o"), color=e.color, ms=12 if e.row.get("mark") == "reference" else 8,
+            capsize=3, label=mpl_label(e.name + _mark_label(e.row)),
         )
         # labels alternate above and below their point: fewer overlaps
         ax.annotate(mpl_label(e.name), (t, a), textcoords="offset points", xytext=(6, 6 if k % 2 == 0 else -13), fontsize=8)
     if front:
         fx, fy = [times[i] for i in front], [accs[i] for i in front]
         ax.plot(fx, fy, "--", color="0.3", drawstyle="steps-post", lw=1.2, label="Pareto front")
-        ax.scatter(fx, fy, s=220, facecolors="none", edgecolors="0.3", lw=1.2)
+        ax.scatter(fx, fy, s=260, facecolors="none", edgecolors="0.3", lw=1.2)
     if len(times) > 1 and min(times) > 0 and max(times) / min(times) > 20:
         ax.set_xscale("log")  # a cached-feature probe next to full fine-tuning spans orders of magnitude
     ax.margins(x=0.18, y=0.12)  # room for the labels
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("test accuracy vs training time (mean ± std over seeds)")
+    ax.set_title("test accuracy vs training time (error bars: 95 % CI over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
-    if len(exps) <= 12:  # beyond that the legend hides the plot; the annotations still name the points
-        ax.legend(fontsize=8, loc="best")
+    if len(exps) <= 12:  # beyond that the legend would be longer than the plot; the annotations still name the points
+        _outside_legend(fig, ax)
     return _png(fig)
 
 
@@ -102,21 +143,21 @@ def val_overview_figure(exps: list[ExperimentRecord]) -> bytes | None:
     """Validation accuracy per epoch of every experiment in one plot; ``None`` when none has a history."""
     fig = _figure(8, 4)
     ax = fig.add_subplot()
-    drawn = False
+    epochs: list[float] = []
     for e in exps:
         ep, mean, _ = epoch_stats([r for r in e.ok_runs if r.history], "val_acc")
         if ep:
-            ax.plot(ep, [100 * m for m in mean], marker="o", ms=3, color=e.color, label=mpl_label(e.name))
-            drawn = True
-    if not drawn:
+            ax.plot(ep, [100 * m for m in mean], marker="o", ms=4, color=e.color, label=mpl_label(e.name))
+            epochs += ep
+    if not epochs:
         return None
-    _integer_epochs(ax)
+    _integer_epochs(ax, epochs)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("validation accuracy per epoch, all experiments")
+    ax.set_title("validation accuracy per epoch, all experiments", fontsize=10)
     ax.grid(alpha=0.3)
     if len(exps) <= 15:
-        ax.legend(fontsize=8)
+        _outside_legend(fig, ax)
     return _png(fig)
 
 
@@ -129,21 +170,30 @@ def curves_figure(e: ExperimentRecord) -> bytes | None:
     runs = [r for r in e.ok_runs if r.history]
     if not runs:
         return None
-    fig = _figure(6.2, 2.7)
+    fig = _figure(6.2, 3.0)
     axes = fig.subplots(1, 2)
     for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        epochs: list[float] = []
         for split, style, color in (("train", "-", "C0"), ("val", "--", "C1")):
             ep, mean, std = epoch_stats(runs, f"{split}_{metric}")
             if not ep:
                 continue
-            ax.plot(ep, mean, style, marker="o", ms=3, label=f"{split} {label}", color=color)
+            epochs += ep
+            ax.plot(ep, mean, style, marker="o", ms=4 if len(ep) > 1 else 6, label=split, color=color)
             if len(runs) > 1:
                 ax.fill_between(ep, np.subtract(mean, std), np.add(mean, std), alpha=0.2, color=color)
+            if len(ep) == 1:  # a single epoch is a point: it says its value
+                ax.annotate(f"{split} {mean[0]:.3g}", (ep[0], mean[0]), textcoords="offset points",
+                            xytext=(8, 4 if split == "train" else -10), fontsize=7, color=color)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
-        _integer_epochs(ax)
+        _integer_epochs(ax, epochs)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[1].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=7, frameon=False)
     seeds = f" — mean ± std over {len(runs)} seeds" if len(runs) > 1 else ""
     fig.suptitle(mpl_label(e.name) + seeds, fontsize=10)
     return _png(fig)
@@ -195,8 +245,9 @@ def reliability_figure(before: dict[str, list[float]], after: dict[str, list[flo
         keep = count > 0
         conf, acc = np.asarray(rel["confidence"])[keep] / count[keep], np.asarray(rel["correct"])[keep] / count[keep]
         ax.plot(conf, acc, marker="o", ms=4, color=color, label=label)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class probability)", ylabel="accuracy", title=title)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence (top class probability)", ylabel="accuracy")
+    ax.set_title(mpl_label(title), fontsize=10)
+    _outside_legend(fig, ax, "below", fontsize=7, ncols=2)
     return _png(fig)
 
 
@@ -252,7 +303,7 @@ def sweep_figure(group: str, rows: list[SweepRow]) -> tuple[bytes, str]:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(mpl_label(f"{group}: accuracy vs {xkey}"), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _outside_legend(fig, ax)
     return _png(fig), xkey
 
 

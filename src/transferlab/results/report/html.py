@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transferlab.results.compare import seeds_hint, versus_text
 from transferlab.results.report import figures
 from transferlab.results.report.outside import activation_images, outside_predictions, outside_table
 from transferlab.results.report.records import ExperimentRecord, StudyRecord
@@ -30,12 +31,15 @@ from transferlab.results.report.stats import (
     sweep_groups,
 )
 from transferlab.results.report.text import (
+    MISSING,
     acc_text,
     balance_text,
     class_label,
     ece_text,
     error_text,
     int_text,
+    interval_text,
+    legend_text,
     pct,
     rate_text,
     secs,
@@ -70,6 +74,9 @@ figure.cell.wrong{border-color:#d33}figure.cell img{width:96px;height:96px;image
 figure.cell figcaption{overflow-wrap:anywhere}figure.cell .mark{font-weight:700;color:#d33}
 .exp{background:#fff;border:1px solid #d8dde5;border-radius:6px;padding:.4rem 1rem 1rem;margin:1rem 0}
 .note{color:#666;font-style:italic}
+td .ci{display:block;color:#555;font-size:.8rem}td.mark{white-space:nowrap}td.mark .test{display:block;color:#666;font-size:.78rem}
+td.better{color:#1b5e20;font-weight:600}td.worse{color:#b3261e}td.same{color:#555}td.reference{font-weight:600}
+ul.hints{font-size:.9rem;color:#333}
 """  # noqa: E501 - written into the page as it stands: one line per group of rules
 
 # Sorts every table.sortable by the clicked column (numerically when both cells parse, by ``data-sort``
@@ -105,8 +112,9 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 
 """Inline styles and script, ``data:`` images, nothing else: the page cannot load from the network."""
 
 COMPARISON_HEAD = [
-    "experiment", "backbone", "weights", "strategy", "trainable params", "test accuracy (mean ± std, n)",
-    "balanced accuracy", "macro F1", "ECE", "training time (s)", "inference img/s", "status",
+    "experiment", "backbone", "weights", "strategy", "precision", "image size", "trainable params",
+    "test accuracy (mean ± std, n; 95 % CI)", "vs reference", "balanced accuracy", "macro F1", "ECE", "training time (s)",
+    "inference img/s", "status",
 ]
 ERROR_PREVIEW = 160
 """Characters of the first error shown in the comparison table (in full under "Failed runs")."""
@@ -192,42 +200,55 @@ def header(study: StudyRecord) -> list[str]:
 
 
 def comparison(study: StudyRecord) -> list[str]:
-    """The sortable comparison table, one row per experiment, best values marked."""
+    """The sortable comparison table, one row per experiment, best values marked, each row tested against the
+    reference; below it, how many seeds would resolve the differences that are not distinguishable."""
     best = best_flags(study.experiments)
-    head = "".join(f"<th>{esc(h)}</th>" for h in COMPARISON_HEAD)
+    ref = next((e.name for e in study.experiments if e.row.get("mark") == "reference"), None)
+    head = "".join(f"<th>{esc(f'vs {ref}' if h == 'vs reference' and ref else h)}</th>" for h in COMPARISON_HEAD)
     table = [f'<div class="scroll"><table class="sortable" id="comparison"><thead><tr>{head}</tr></thead><tbody>']
     table += [comparison_row(e, best) for e in study.experiments]
     table.append("</tbody></table></div>")
-    return [
+    hints = [h for h in (seeds_hint(e.row) for e in study.experiments) if h]
+    lines = [
         '<h2 id="comparison">Comparison</h2>',
-        '<p class="meta">Click a column to sort. ★ marks the best value of a column (highest accuracy and throughput, '
-        "shortest training time, fewest trainable parameters). "
-        "Accuracy and time: mean ± std over the seeds that finished (n).</p>",
+        '<p class="meta">Click a column to sort. ★ marks the best value of a column (highest accuracy, balanced accuracy, '
+        "macro F1 and throughput; lowest ECE, shortest training time, fewest trainable parameters). "
+        "Metrics and time: mean ± std over the seeds that finished (n). " + esc(legend_text(study)) + "</p>",
         "\n".join(table),
     ]
+    if hints:
+        lines.append('<ul class="hints" id="seeds-needed">' + "".join(f"<li>{esc(h)}</li>" for h in hints) + "</ul>")
+    return lines
+
+
+MARK_CLASS = {"better": "better", "worse": "worse", "not distinguishable": "same", "reference": "reference"}
 
 
 def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
     """One experiment's row; numeric cells carry their value in ``data-sort`` (a missing one sorts last)."""
     r = e.row
 
-    def num(key: str, text: str, sort_value: Any) -> str:
+    def num(key: str, text: str, sort_value: Any, extra: str = "") -> str:
         cls = "num best" if e.name in best.get(key, set()) else "num"
         sv = "-Infinity" if sort_value is None else repr(float(sort_value))
-        return f'<td class="{cls}" data-sort="{esc(sv)}">{esc(text)}</td>'
+        return f'<td class="{cls}" data-sort="{esc(sv)}">{esc(text)}{extra}</td>'
 
     err = ""
     if e.failed_runs:
         first_err = error_text(e.failed_runs[0])
         short = first_err if len(first_err) <= ERROR_PREVIEW else first_err[: ERROR_PREVIEW - 3] + "..."
         err = f'<div class="err">{esc(short)}</div>'  # in full under "Failed runs"
+    ci = f'<span class="ci">{esc(interval_text(r))}</span>' if r.get("test_acc") is not None else ""
     cells = [
         f"<td>{esc(e.name)}</td>",
         f"<td>{esc(r.get('backbone'))}</td>",
         f"<td>{esc(r.get('weights'))}</td>",
         f"<td>{esc(r.get('strategy'))}</td>",
+        f"<td>{esc(r.get('precision') or MISSING)}</td>",
+        num("image_size", f"{r['image_size']} px" if r.get("image_size") else MISSING, r.get("image_size")),
         num("trainable_params", int_text(r.get("trainable_params")), r.get("trainable_params")),
-        num("test_acc", acc_text(r), r.get("test_acc")),
+        num("test_acc", acc_text(r), r.get("test_acc"), ci),
+        versus_cell(r),
         num("test_balanced_acc", balance_text(r, "test_balanced_acc"), r.get("test_balanced_acc")),
         num("test_macro_f1", balance_text(r, "test_macro_f1"), r.get("test_macro_f1")),
         num("test_ece", ece_text(r), r.get("test_ece")),
@@ -237,6 +258,17 @@ def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
     ]
     cls = ' class="failed"' if e.failed_runs else ""
     return f"<tr{cls}>" + "".join(cells) + "</tr>"
+
+
+def versus_cell(r: dict[str, Any]) -> str:
+    """The row against the reference: the mark and the Holm-adjusted p, the test below; sorts by adjusted p."""
+    mark = r.get("mark")
+    if mark is None:
+        return f'<td class="mark" data-sort="Infinity">{MISSING}</td>'
+    text = versus_text(r, short=True)
+    test = f'<span class="test">{esc(r["test"])}, n={r["test_n"]}</span>' if r.get("test") else ""
+    sort = -1.0 if mark == "reference" else r.get("p_adjusted", 2.0)
+    return f'<td class="mark {MARK_CLASS.get(mark, "")}" data-sort="{sort!r}">{esc(text)}{test}</td>'
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.files import read_json
+from transferlab.results.compare import ci_text, seeds_hint, versus_text
 from transferlab.results.report.outside import outside_table
 from transferlab.results.report.records import ExperimentRecord, StudyRecord
 from transferlab.results.report.stats import (
@@ -30,6 +31,7 @@ from transferlab.results.report.text import (
     ece_text,
     error_text,
     int_text,
+    legend_text,
     pct,
     rate_text,
     secs,
@@ -43,9 +45,9 @@ from transferlab.results.search import read_searches, search_lines
 __all__ = ["md_esc", "summary"]
 
 COMPARISON_HEAD = [
-    "| experiment | backbone | weights | strategy | trainable params | test accuracy (mean ± std, n) "
-    "| balanced accuracy | macro F1 | ECE | training time (s) | inference img/s | status |",
-    "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    "| experiment | backbone | weights | strategy | precision | image size | trainable params | test accuracy (mean ± std, n) "
+    "| 95 % CI | vs reference | p (Holm) | balanced accuracy | macro F1 | ECE | training time (s) | inference img/s | status |",
+    "|---|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
 ]
 
 
@@ -92,9 +94,15 @@ def header(study: StudyRecord, html_name: str) -> list[str]:
 def comparison(study: StudyRecord) -> list[str]:
     """The comparison table, one row per experiment, the best value of each marked column in bold."""
     best = best_flags(study.experiments)
-    lines = ["## Comparison", "", "Best value of each column in **bold**.", "", *COMPARISON_HEAD]
+    ref = next((e.name for e in study.experiments if e.row.get("mark") == "reference"), None)
+    head = COMPARISON_HEAD[0].replace("vs reference", f"vs {md_esc(ref)}") if ref else COMPARISON_HEAD[0]
+    legend = legend_text(study)
+    lines = ["## Comparison", "", "Best value of each column in **bold** (ECE: lowest). " + md_esc(legend), "", head, COMPARISON_HEAD[1]]
     lines += [comparison_row(e, best) for e in study.experiments]
     lines.append("")
+    hints = [h for h in (seeds_hint(e.row) for e in study.experiments) if h]
+    if hints:
+        lines += [f"- {md_esc(h)}" for h in hints] + [""]
     return lines
 
 
@@ -104,10 +112,15 @@ def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
     def b(key: str, text: str) -> str:
         return f"**{md_esc(text)}**" if e.name in best.get(key, set()) else md_esc(text)
 
+    size = f"{r['image_size']} px" if r.get("image_size") else "—"
+    p_adj = f"{r['p_adjusted']:.3g}" if r.get("p_adjusted") is not None else "—"
     return (
         f"| {md_esc(e.name)} | {md_esc(r.get('backbone'))} | {md_esc(r.get('weights'))} | {md_esc(r.get('strategy'))} | "
+        f"{md_esc(r.get('precision') or '—')} | {size} | "
         f"{b('trainable_params', int_text(r.get('trainable_params')))} | {b('test_acc', acc_text(r))} | "
-        f"{md_esc(balance_text(r, 'test_balanced_acc'))} | {md_esc(balance_text(r, 'test_macro_f1'))} | {md_esc(ece_text(r))} | "
+        f"{md_esc(ci_text(r))} | {md_esc(versus_text(r))} | {p_adj} | "
+        f"{b('test_balanced_acc', balance_text(r, 'test_balanced_acc'))} | {b('test_macro_f1', balance_text(r, 'test_macro_f1'))} | "
+        f"{b('test_ece', ece_text(r))} | "
         f"{b('train_seconds', time_text(r))} | {b('inference_images_per_s', rate_text(r.get('inference_images_per_s')))} | "
         f"{md_esc(status_text(e))} |"
     )

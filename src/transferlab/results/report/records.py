@@ -1,8 +1,9 @@
 """The study as the report sees it: experiments with their runs, their comparison row and a plot colour.
 
 A thin layer over ``transferlab.rundir.read_study`` (which reads the run folders) and
-``transferlab.results.compare.experiment_row`` (mean ± std over seeds), so the report shows exactly
-the numbers ``transferlab compare`` shows. Reading problems become ``ReportError``.
+``transferlab.results.compare.study_rows`` (mean ± std and 95 % interval over seeds, each experiment tested
+against the reference), so the report shows exactly the numbers ``transferlab compare`` shows. Reading
+problems become ``ReportError``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferlab.results.compare import experiment_row
+from transferlab.results.compare import study_rows
 from transferlab.rundir import ExperimentRuns, RunError, StudyRuns
 from transferlab.rundir import read_study as read_runs
 
@@ -40,13 +41,15 @@ class StudyRecord(StudyRuns):
     experiments: list[ExperimentRecord] = field(default_factory=list)  # type: ignore[assignment]
 
 
-def read_study(study_dir: str | Path) -> StudyRecord:
-    """Every run folder of ``study_dir`` (``*/metrics.json``), grouped by experiment in study order."""
+def read_study(study_dir: str | Path, metric: str = "test_acc", against: str | None = None) -> StudyRecord:
+    """Every run folder of ``study_dir`` (``*/metrics.json``), grouped by experiment in study order; each row is
+    tested on ``metric`` against ``against`` (default: the best experiment)."""
     try:
         study = read_runs(study_dir)
     except (FileNotFoundError, RunError) as e:
         raise ReportError(str(e)) from None
     record = StudyRecord(study.path, study.name, study.source)
-    for i, exp in enumerate(study.experiments):
-        record.experiments.append(ExperimentRecord(exp.name, exp.runs, experiment_row(exp), PALETTE[i % len(PALETTE)]))
+    rows = study_rows(study.experiments, metric, against)
+    for i, (exp, row) in enumerate(zip(study.experiments, rows, strict=True)):
+        record.experiments.append(ExperimentRecord(exp.name, exp.runs, row, PALETTE[i % len(PALETTE)]))
     return record

@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 
 from transferlab.config import SweepPoint
+from transferlab.results.compare import HIGHER_IS_BETTER
 from transferlab.results.report.records import ExperimentRecord
 from transferlab.rundir import Run
 
 __all__ = [
+    "BEST_KEYS",
     "CONFUSED_PAIRS",
     "SweepRow",
     "best_flags",
@@ -38,8 +40,8 @@ __all__ = [
 CONFUSED_PAIRS = 5
 """Most-confused (true, predicted) pairs listed per experiment."""
 
-# How each marked column of the comparison table picks its best value.
-BEST_RULES = {"test_acc": max, "train_seconds": min, "inference_images_per_s": max, "trainable_params": min}
+BEST_KEYS = ("test_acc", "test_balanced_acc", "test_macro_f1", "test_ece", "train_seconds", "inference_images_per_s", "trainable_params")
+"""The comparison table's columns whose best value is marked (the direction: ``HIGHER_IS_BETTER``; ECE lower)."""
 
 
 def best_flags(exps: list[ExperimentRecord]) -> dict[str, set[str]]:
@@ -49,7 +51,8 @@ def best_flags(exps: list[ExperimentRecord]) -> dict[str, set[str]]:
     """
     out: dict[str, set[str]] = {}
     ok = [e for e in exps if e.row.get("test_acc") is not None]
-    for key, pick in BEST_RULES.items():
+    for key in BEST_KEYS:
+        pick = max if HIGHER_IS_BETTER[key] else min
         vals = [e.row[key] for e in ok if e.row.get(key) is not None]
         if len(vals) < 2:
             out[key] = set()
