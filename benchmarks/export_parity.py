@@ -3,7 +3,7 @@ run by its own runtime, against the transferlab model — the figures ``benchmar
 
 Why it exists: every ``transferlab export`` checks its own file, but the tests export each family to
 ONNX and each torch format once; this script runs every (family, format) pair on trained models and
-real images, so the tolerance the check states (``transferlab.engine.export.Tolerance``) can be
+real images, so the tolerance the check states (``transferlab.results.export.Tolerance``) can be
 compared with what the runtimes actually differ by. It trains one small run per family (a stratified
 subset, a couple of epochs: the point is realistic logits, not accuracy), exports each to every format
 with ``Run.export`` — the parity check is on the run's recorded test samples — and prints one row per pair.
@@ -24,8 +24,8 @@ import torch
 import yaml
 
 import transferlab
-from transferlab.engine.export import EXPORT_FORMATS, ONNX_OPSET, Tolerance
 from transferlab.files import write_json, write_text
+from transferlab.results.export import EXPORT_FORMATS, ONNX_OPSET, Tolerance
 
 # (experiment, what it is): one per family the issue names
 FAMILIES = [

@@ -28,7 +28,8 @@ import transferlab
 from report_fixtures import synthetic_class_image
 from transferlab.cli import main
 from transferlab.config import DataConfig, HeadConfig, ModelConfig, from_dict
-from transferlab.engine.export import (
+from transferlab.models.model import build_model
+from transferlab.results.export import (
     EXPORT_FORMATS,
     ONNX_OPSET,
     ExportError,
@@ -36,7 +37,6 @@ from transferlab.engine.export import (
     parity_inputs,
     parity_path,
 )
-from transferlab.models.model import build_model
 from transferlab.rundir import load_run, load_test_predictions
 from transferlab.tools.predict import predict
 

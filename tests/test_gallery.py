@@ -31,9 +31,9 @@ from PIL import Image
 import transferlab
 from transferlab.cli import main
 from transferlab.config import ConfigError, ExperimentConfig, from_dict, load_study, parse_study, resolve_paths
-from transferlab.engine.inspect import ACTIVATIONS_DIR, ACTIVATIONS_FILE, OUTSIDE_CSV, OUTSIDE_JSON, OUTSIDE_PNG, capture_activations
 from transferlab.models.model import build_model
 from transferlab.strategies import apply_strategy
+from transferlab.tools.inspect import ACTIVATIONS_DIR, ACTIVATIONS_FILE, OUTSIDE_CSV, OUTSIDE_JSON, OUTSIDE_PNG, capture_activations
 from transferlab.tools.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def test_predict_section_writes_what_transferlab_predict_says(outside_study):
     assert [Path(i["file"]).name for i in doc["images"]] == ["a.png", "b.jpg"]  # the folder, searched and sorted
     assert doc["input"] == {"channels": 1, "image_size": 16} and doc["top_k"] == 3
     again = predict(run, [outside_study / "photos"], top_k=3)  # the finished run, through the tool (data.resize: pad)
-    from transferlab.engine.inspect import load_images
+    from transferlab.tools.inspect import load_images
 
     files = [outside_study / "photos" / n for n in ("a.png", "b.jpg")]
     assert not torch.equal(load_images(files, 1, 16, "pad")[0], load_images(files, 1, 16, "crop")[0])  # it matters here

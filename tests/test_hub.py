@@ -28,11 +28,11 @@ from safetensors.torch import load_file, save_file
 import transferlab
 from transferlab.cli import main
 from transferlab.config import TruncateConfig
-from transferlab.engine.export import EXPORT_FORMATS, export_checkpoint, parity_path
 from transferlab.files import CheckpointError
 from transferlab.models import WEIGHT_SOURCES, WeightsError, create_backbone
-from transferlab.results import hub
-from transferlab.results.hub import PARITY_FILE, HubError, export_hf, load_hf_model, push_hf
+from transferlab.results.export import EXPORT_FORMATS, export_checkpoint, parity_path
+from transferlab.results.export import hf as hub
+from transferlab.results.export.hf import PARITY_FILE, HubError, export_hf, load_hf_model, push_hf
 from transferlab.rundir import load_run, load_test_predictions
 
 STUDY = {

@@ -42,16 +42,16 @@ LAYERS: tuple[Layer, ...] = (
     Layer("base", 0, packages=("transferlab.registry", "transferlab.files")),
     Layer("config", 1, packages=("transferlab.config",)),
     Layer("data", 2, packages=("transferlab.data",)),
-    Layer("models", 3, packages=("transferlab.models",)),
-    Layer("strategies", 4, packages=("transferlab.strategies",)),
-    Layer("engine", 5, packages=("transferlab.engine",)),
-    Layer("rundir", 6, packages=("transferlab.rundir",)),
+    Layer("rundir", 3, packages=("transferlab.rundir",)),  # low: every layer above reads or writes run folders
+    Layer("models", 4, packages=("transferlab.models",)),
+    Layer("strategies", 5, packages=("transferlab.strategies",)),
+    Layer("engine", 6, packages=("transferlab.engine",)),
     Layer("kinds", 7, packages=("transferlab.kinds",)),
     Layer("study", 8, packages=("transferlab.study",)),
-    Layer("results", 9, packages=("transferlab.results",)),
-    Layer("tools", 9, packages=("transferlab.tools",)),
-    Layer("cli", 10, packages=("transferlab.cli",)),
-    Layer("api", 11, modules=("transferlab", "transferlab.__main__")),
+    Layer("results", 9, packages=("transferlab.results",)),  # compare, report, export (a package of formats), trackers
+    Layer("tools", 10, packages=("transferlab.tools",)),  # predict / activations read exports; inspection registers run sections
+    Layer("cli", 11, packages=("transferlab.cli",)),
+    Layer("api", 12, modules=("transferlab", "transferlab.__main__")),
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,9 +19,9 @@ from transferlab.data.check import check_config
 from transferlab.data.images import load_image
 from transferlab.data.normalize import Preprocess, channel_stats
 from transferlab.data.resize import fit_geometry, resize_uint8
-from transferlab.engine.export import export_spec
 from transferlab.kinds.common import default_image_size
 from transferlab.models.model import build_model
+from transferlab.results.export import export_spec
 from transferlab.rundir import load_run
 from transferlab.study import run_study
 

@@ -25,19 +25,12 @@ from transferlab.cli import main
 from transferlab.config import ConfigError, config_from_yaml_text, parse_study
 from transferlab.config.tracking import tracking_specs, with_tracking
 from transferlab.engine import Callback
-from transferlab.engine.tracking import (
-    TRACKING_FILE,
-    MlflowOptions,
-    MlflowTracker,
-    RunInfo,
-    RunTracking,
-    TensorBoardTracker,
-    flat_config,
-    log_study_artifacts,
-)
+from transferlab.engine.tracking import RunInfo, RunTracking, flat_config
 from transferlab.files import read_json
 from transferlab.kinds import run_experiment
+from transferlab.results.trackers import MlflowOptions, MlflowTracker, TensorBoardTracker, log_study_artifacts
 from transferlab.rundir import Opening, RunDir, RunError, code_version
+from transferlab.rundir.layout import TRACKING_FILE
 
 DATA = {"dataset": "digits", "train_subset": 200, "test_subset": 60, "val_fraction": 0.2}  # 160 train images
 TRAIN = {"epochs": 2, "batch_size": 40, "lr": 0.01, "progress": False, "accelerator": "cpu"}  # 4 steps per epoch

@@ -12,12 +12,13 @@ Python API::
 
 from importlib import metadata
 
+from transferlab import tools  # noqa: F401 - registers the predict: / activations: run sections
 from transferlab.config import ConfigError, ExperimentConfig, Study, load_study, parse_study
 from transferlab.kinds import run_experiment
-from transferlab.results import hub as _hub  # noqa: F401 - registers the `hf` export format: load_run(p).export("hf", out)
+from transferlab.results import trackers  # noqa: F401 - registers the trackers (tracking: [...])
 from transferlab.results.compare import compare
+from transferlab.results.export import export_run
 from transferlab.rundir import Run, load_run
-from transferlab.rundir.read import export_run
 from transferlab.study import StudyResult, run_study
 
 try:

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from transferlab.cli.command import COMMANDS, Command
-from transferlab.engine.export import EXPORT_FORMATS, export_format
+from transferlab.results.export import EXPORT_FORMATS, export_format
 from transferlab.rundir import load_run
 
 

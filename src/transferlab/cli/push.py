@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from transferlab.cli.command import COMMANDS, Command
-from transferlab.results.hub import push_hf
+from transferlab.results.export.hf import push_hf
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

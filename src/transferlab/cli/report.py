@@ -8,9 +8,9 @@ from pathlib import Path
 from rich.console import Console
 
 from transferlab.cli.command import COMMANDS, Command
-from transferlab.engine.tracking import log_study_artifacts
 from transferlab.results.report import build_report
 from transferlab.results.report.browser import Shot, check_page
+from transferlab.results.trackers import log_study_artifacts
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

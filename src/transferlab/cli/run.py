@@ -13,9 +13,9 @@ from transferlab.cli.command import COMMANDS, Command
 from transferlab.config import ExecutorConfig, load_study, parse_executor
 from transferlab.config.tracking import with_tracking
 from transferlab.engine.distributed import world
-from transferlab.engine.tracking import log_study_artifacts
 from transferlab.results.compare import compare
 from transferlab.results.report import build_report
+from transferlab.results.trackers import log_study_artifacts
 from transferlab.study import EXECUTORS, run_study
 from transferlab.study.dryrun import dry_run, print_plan
 

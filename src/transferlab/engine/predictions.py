@@ -21,11 +21,10 @@ from transferlab.data.images import FileImages, load_image
 from transferlab.data.prepare import ImageSplits
 from transferlab.data.resize import resize_uint8
 from transferlab.files import atomic_write, write_json
+from transferlab.rundir.layout import PREDICTIONS_FILE, SAMPLES_FILE
 
-__all__ = ["PREDICTIONS_FILE", "SAMPLES_FILE", "PredictionRecorder", "save_test_predictions"]
+__all__ = ["PredictionRecorder", "save_test_predictions"]
 
-PREDICTIONS_FILE = "predictions.json"
-SAMPLES_FILE = "test_samples.safetensors"
 SAMPLE_RANDOM = 32
 """Test images kept per run for the report's grid: a seeded random sample of this many ..."""
 SAMPLE_WRONG = 16

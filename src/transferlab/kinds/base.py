@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 
@@ -33,7 +36,7 @@ from transferlab.models.model import TransferModel
 from transferlab.registry import Registry
 from transferlab.rundir import Opening, RunDir, RunMetrics, code_version
 
-__all__ = ["KINDS", "Kind", "RunContext", "recorded_precision", "resolve_run_config", "run_experiment"]
+__all__ = ["KINDS", "RUN_SECTIONS", "Kind", "RunContext", "RunSection", "Tested", "check_sections", "recorded_precision", "resolve_run_config", "run_experiment", "run_sections"]
 
 
 @dataclass
@@ -82,6 +85,63 @@ class Kind:
 
 
 KINDS: Registry[Kind] = Registry("kind", "kind: what an experiment does")
+
+
+# --------------------------------------------------------------------------------------------
+# sections that run after testing, with the tested model in memory
+
+
+@dataclass
+class Tested:
+    """A run's tested model, handed to the ``RUN_SECTIONS`` after testing."""
+
+    cfg: ExperimentConfig
+    model: TransferModel
+    """Best weights, eval mode, on ``device``."""
+    predictor: torch.nn.Module
+    """``model`` with the run's test-time augmentation: what the test split was predicted with."""
+    class_names: list[str]
+    channels: int
+    size: int
+    """The channels and square size of the run's training images: outside images are brought to these."""
+    device: torch.device
+    autocast: Callable[[], AbstractContextManager[Any]]
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """A config section worked on a run's tested model (``predict:``, ``activations:``): ``applies(cfg)`` says whether
+    this experiment asks for it, ``check(model, cfg)`` refuses what cannot work before training (``None``: nothing to
+    check), ``run(tested)`` writes its files into the run directory and returns the summary kept in ``metrics.json``.
+
+    Sections register themselves where they are implemented (``transferlab.tools.inspect``), above the kinds: a kind
+    that trains calls every registered section and imports none of them.
+    """
+
+    name: str
+    applies: Callable[[ExperimentConfig], bool]
+    check: Callable[[torch.nn.Module, ExperimentConfig], None] | None
+    run: Callable[[Tested], dict[str, Any]]
+
+
+RUN_SECTIONS: Registry[RunSection] = Registry("run section", "work on a run's tested model, after testing")
+
+
+def check_sections(model: torch.nn.Module, cfg: ExperimentConfig) -> None:
+    """Every section ``cfg`` asks for accepts ``model`` (e.g. ``activations.layers`` exist): before anything trains."""
+    for section in RUN_SECTIONS.values():
+        if section.check is not None and section.applies(cfg):
+            section.check(model, cfg)
+
+
+def run_sections(tested: Tested, console: Console) -> dict[str, Any]:
+    """Run every section the config asks for on the tested model; ``{name: summary}`` for ``metrics.json``."""
+    out = {s.name: s.run(tested) for s in RUN_SECTIONS.values() if s.applies(tested.cfg)}
+    if out:
+        done = ", ".join(f"{k} ({v['images']} images)" for k, v in out.items())
+        console.print(f"  outside images: {done}")
+    return out
 
 
 register_choices(ExperimentConfig, "kind", KINDS.names)

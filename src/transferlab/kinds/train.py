@@ -21,14 +21,13 @@ from transferlab.engine.calibration import collect_logits, fit_temperature
 from transferlab.engine.distributed import RoundRobin, SliceOfGlobalBatch, make_fabric
 from transferlab.engine.evaluation import evaluate, with_tta
 from transferlab.engine.features import cached_training, default_cache_dir
-from transferlab.engine.inspect import FEATURES, ActivationError, check_layer, check_layers, save_activation_maps, save_outside_predictions
 from transferlab.engine.loop import fit
 from transferlab.engine.losses import make_loss
 from transferlab.engine.lr_find import LrFindResult, lr_find, resolved, save_lr_find
 from transferlab.engine.precision import guard_bf16_convs
 from transferlab.engine.predictions import PredictionRecorder, save_test_predictions
 from transferlab.files import load_checkpoint_group, read_json
-from transferlab.kinds.base import KINDS, Kind, RunContext
+from transferlab.kinds.base import KINDS, Kind, RunContext, Tested, check_sections, run_sections
 from transferlab.kinds.common import base_metrics, batch_kwargs, load_splits, set_calibration, use_data_normalization
 from transferlab.models.model import TransferModel, build_model, count_params
 from transferlab.models.weights import load_model_weights
@@ -72,7 +71,7 @@ class TrainKind(Kind):
         model, weights_report = build_model(cfg.model, cfg.head, splits.num_classes)
         use_data_normalization(model, splits)  # data.normalize: dataset / none — batches, cache key, outside images alike
         apply_strategy(model, cfg.strategy)
-        _check_activation_layers(model, cfg)  # a wrong layer name stops the run now, not after training
+        check_sections(model, cfg)  # e.g. a wrong activations layer stops the run now, not after training
         total_params, trainable_params = count_params(model)
         kwargs = batch_kwargs(model, cfg, fabric.device)
         train, val, test = _batches(cfg, splits, kwargs, fabric)
@@ -128,7 +127,9 @@ class TrainKind(Kind):
         if writer and recorder is not None:
             save_test_predictions(ctx.rundir.path, recorder, splits, cfg.seed)  # predictions.json, test_samples.safetensors
         if writer:
-            m.extra.update(_outside_images(model, cfg, splits, fabric, ctx))  # the predict: / activations: sections
+            tested = Tested(cfg, model, with_tta(model, cfg.train.tta), splits.class_names, int(splits.train_x.shape[1]),
+                            int(splits.train_x.shape[-1]), fabric.device, fabric.autocast, ctx.rundir.path)
+            m.extra.update(run_sections(tested, ctx.console))  # the predict: / activations: sections
         ctx.console.print(
             f"  [green]{cfg.name}[/]: test acc {m.test_acc:.4f}, trained {m.train_seconds:.1f}s, "
             f"inference {m.inference_images_per_s:.0f} img/s -> {ctx.rundir.path}"
@@ -245,43 +246,6 @@ def find_lr(cfg: ExperimentConfig, out: str | Path, console: Any = None) -> LrFi
     if console is not None:
         console.print(f"{cfg.name}: suggested lr {result.suggestion:.3g} ({result.rule}; {len(result.lrs)} steps, {result.stopped}) -> {out}")
     return result
-
-
-def _check_activation_layers(model: TransferModel, cfg: ExperimentConfig) -> None:
-    a = cfg.activations
-    try:
-        check_layers(model, a.layers or [])
-        if a.gradcam and a.gradcam_layer != FEATURES:  # 'features': the backbone's final feature map
-            check_layer(model, a.gradcam_layer, "activations.gradcam_layer")
-    except ActivationError as e:
-        raise cfg.error(str(e)) from None
-
-
-def _outside_images(model: TransferModel, cfg: ExperimentConfig, splits: ImageSplits, fabric: Fabric, ctx: RunContext) -> dict[str, Any]:
-    """``predict:`` / ``activations:``: outside image files through the tested model (best weights), into the run directory.
-
-    Here rather than after the run, because the model is in memory with the weights that were tested and
-    the files belong to this run directory (one writer, under its lock; ``--resume`` keeps them with the run).
-    The images get the training images' channels, size and ``data.resize``, as ``transferlab predict`` gives them.
-    """
-    out: dict[str, Any] = {}
-    channels, size = int(splits.train_x.shape[1]), int(splits.train_x.shape[-1])
-    fit = (cfg.data.resize, cfg.data.crop_pct)
-    pre, names = model.preprocess(), splits.class_names
-    if cfg.predict.images:
-        tested = with_tta(model, cfg.train.tta)  # predicted as the test split was
-        with fabric.autocast():
-            out["predict"] = save_outside_predictions(
-                ctx.rundir.path, tested, pre, cfg.predict, names, channels, size, cfg.name, fabric.device, cfg.train.eval_batch_size,
-                fit,
-            )
-    if cfg.activations.images:
-        out["activations"] = save_activation_maps(ctx.rundir.path, model, pre, cfg.activations, names, channels, size, cfg.name,
-                                                  fabric.device, fit)
-    if out:
-        done = ", ".join(f"{k} ({v['images']} images)" for k, v in out.items())
-        ctx.console.print(f"  outside images: {done}")
-    return out
 
 
 KINDS.register("train", TrainKind())

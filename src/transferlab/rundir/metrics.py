@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from transferlab.rundir.layout import METRICS_FILE
+
 __all__ = ["METRICS_FILE", "SCHEMA_VERSION", "RunMetrics", "balanced_scores", "code_version"]
 
-METRICS_FILE = "metrics.json"
 SCHEMA_VERSION = 2
 """2: ``kind`` and ``schema_version`` always present, every field always written. 1: before (no version)."""
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from transferlab.engine.predictions import PREDICTIONS_FILE, SAMPLES_FILE
+from transferlab.rundir.layout import PREDICTIONS_FILE, SAMPLES_FILE
 from transferlab.rundir.rundir import RunError
 
 __all__ = ["TestPredictions", "load_test_predictions"]

@@ -8,27 +8,44 @@ ensembles written before they had a ``config.yaml`` (their ``ensemble.yaml`` say
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from transferlab.config import ConfigError, EnsembleSpec, ExperimentConfig, SweepPoint, config_from_yaml_text
 from transferlab.data.normalize import Normalization
-from transferlab.engine.export import ExportFormat, ExportResult, Tolerance, export_format, export_run_model
 from transferlab.files import read_json
-from transferlab.models.model import TransferModel, build_model
-from transferlab.models.weights import load_model_weights
-from transferlab.rundir.metrics import METRICS_FILE, RunMetrics
-from transferlab.rundir.predictions import load_test_predictions
+from transferlab.rundir.layout import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, SELECTION_FILE
+from transferlab.rundir.metrics import RunMetrics
 from transferlab.rundir.rundir import RunError
 
-__all__ = ["ExperimentRuns", "Run", "StudyRuns", "export_run", "load_run", "read_history", "read_run", "read_study"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["RUN_ACTIONS", "ExperimentRuns", "Run", "RunActions", "StudyRuns", "load_run", "read_history", "read_run", "read_study"]
+
+
+@dataclass
+class RunActions:
+    """What a run folder can do beyond being read, supplied by the layers that know how.
+
+    The run folder is read by every layer, so ``rundir`` sits low and imports neither the models nor the
+    exporters; ``transferlab.models`` sets ``load_model`` and ``transferlab.results.export`` sets
+    ``export`` when they are imported (``import transferlab`` imports both), which is what
+    ``Run.load_model()`` and ``Run.export()`` call.
+    """
+
+    load_model: Callable[..., nn.Module] | None = None
+    export: Callable[..., Any] | None = None
+
+
+RUN_ACTIONS = RunActions()
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -76,24 +93,19 @@ class Run:
 
     @cached_property
     def history(self) -> list[dict[str, float]]:
-        return read_history(self.path / "history.csv")
+        return read_history(self.path / HISTORY_FILE)
 
-    def load_model(self, checkpoint: str = "best") -> TransferModel:
-        """Rebuild the model and load the ``best`` (or ``last``) checkpoint strictly. No download happens."""
-        if self.config is None:
-            raise RunError(f"{self.path}: no readable config.yaml, so its model cannot be rebuilt")
-        model_cfg = dataclasses.replace(self.config.model, weights="scratch")
-        model, _ = build_model(model_cfg, self.config.head, len(self.class_names))
-        load_model_weights(model, self.path / "checkpoints" / f"{checkpoint}.safetensors")
-        norm = self.normalization
-        if norm.mean is not None and norm.std is not None:  # data.normalize: dataset / none, as the run trained
-            model.set_normalization(norm.mean, norm.std)
-        return model.eval()
+    def load_model(self, checkpoint: str = "best") -> nn.Module:
+        """Rebuild the model and load the ``best`` (or ``last``) checkpoint strictly, normalised as the run
+        trained (``transferlab.models.load_run_model``). No download happens."""
+        if RUN_ACTIONS.load_model is None:
+            raise RunError("Run.load_model needs transferlab.models: `import transferlab` (or transferlab.models) first")
+        return RUN_ACTIONS.load_model(self, checkpoint)
 
     @cached_property
     def selection(self) -> dict[str, Any]:
         """``selection.json`` (indices, classes, folds, normalisation); ``{}`` when the run wrote none."""
-        path = self.path / "selection.json"
+        path = self.path / SELECTION_FILE
         return read_json(path) if path.is_file() else {}
 
     @property
@@ -110,29 +122,12 @@ class Run:
                            "so its inputs cannot be normalised as in training")
         return norm
 
-    def export(
-        self, format: str | ExportFormat = "onnx", out: str | Path | None = None, checkpoint: str = "best", tolerance: Tolerance | None = None
-    ) -> ExportResult:
-        """Write the run's model as ``format`` (``onnx``, ``torchscript``, ``exported-program``, ``safetensors``)
-        to ``out`` (default ``<run>/export/model.<ext>``) and check it (``transferlab.engine.export``).
-
-        The parity check runs the file with its own runtime on the run's recorded test samples (or, when
-        it recorded none, on test images of its dataset) and raises ``ExportParityError`` if it disagrees
-        with the model; its report is written to ``<file>.parity.json``.
-        """
-        fmt = export_format(format)  # an unknown name or a missing extra fails before any work
-        if self.config is None or self.config.kind == "ensemble":
-            raise RunError(f"{self.path}: {'an ensemble has no single model' if self.config else 'no readable config.yaml'}; nothing to export")
-        if not self.ok:
-            raise RunError(f"{self.path}: the run did not finish (status {self.record.status!r}); nothing to export")
-        model = self.load_model(checkpoint)
-        recorded = load_test_predictions(self.path)
-        samples = recorded.images if recorded is not None else None
-        m = self.metrics
-        size = m.get("image_size") or self.config.data.image_size
-        if not size:
-            raise RunError(f"{self.path}: metrics.json records no image_size, so the input size of the export is unknown")
-        return export_run_model(model, self.config, self.class_names, m, samples, self.path, fmt, out, checkpoint, tolerance, size)
+    def export(self, format: Any = "onnx", out: str | Path | None = None, checkpoint: str = "best", tolerance: Any = None) -> Any:
+        """Write the run's model as ``format`` (``onnx``, ``torchscript``, ``exported-program``, ``safetensors``,
+        ``hf``) to ``out`` (default ``<run>/export/<file>``) and check its parity: ``transferlab.results.export.export_run``."""
+        if RUN_ACTIONS.export is None:
+            raise RunError("Run.export needs transferlab.results.export: `import transferlab` first")
+        return RUN_ACTIONS.export(self, format, out, checkpoint, tolerance)
 
 
 def _read_metrics(path: Path) -> RunMetrics:
@@ -145,7 +140,7 @@ def _read_metrics(path: Path) -> RunMetrics:
 
 
 def _read_config(path: Path) -> ExperimentConfig | None:
-    cfg_path = path / "config.yaml"
+    cfg_path = path / CONFIG_FILE
     if cfg_path.is_file():
         return config_from_yaml_text(cfg_path.read_text(encoding="utf-8"), str(cfg_path))
     ens_path = path / "ensemble.yaml"  # ensembles written before they had a config.yaml
@@ -165,13 +160,6 @@ def load_run(path: str | Path) -> Run:
     if not (path / METRICS_FILE).is_file():
         raise RunError(f"{path}: run not finished (no {METRICS_FILE}); continue it with --resume")
     return Run(path, config, _read_metrics(path / METRICS_FILE))
-
-
-def export_run(
-    path: str | Path, format: str | ExportFormat = "onnx", out: str | Path | None = None, checkpoint: str = "best", tolerance: Tolerance | None = None
-) -> ExportResult:
-    """``load_run(path).export(...)``: write a finished run's model as ``format`` and check its parity."""
-    return load_run(path).export(format, out, checkpoint, tolerance)
 
 
 def read_run(path: str | Path) -> Run:

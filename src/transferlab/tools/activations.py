@@ -11,7 +11,7 @@ container, or its direct children — those whose output is a N×C×H×W feature
 2017: channel weights = spatially averaged gradients of the class score, ReLU of the weighted sum) is
 computed on the backbone's final feature map (``forward_features``) unless ``--gradcam-layer`` names another.
 
-The model-level core (hooks, Grad-CAM, the figure) is ``transferlab.engine.inspect``, shared with an
+The model-level core (hooks, Grad-CAM, the figure) is ``transferlab.tools.inspect``, shared with an
 experiment's ``activations:`` section; this module adds the run.
 """
 
@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from transferlab.engine.inspect import (
+from transferlab.files import write_bytes
+from transferlab.rundir import Run, load_run
+from transferlab.tools.inspect import (
     FEATURES,
     MAX_MAPS,
     ActivationError,
@@ -37,8 +39,6 @@ from transferlab.engine.inspect import (
     image_activations,
     load_images,
 )
-from transferlab.files import write_bytes
-from transferlab.rundir import Run, load_run
 from transferlab.tools.predict import run_input_spec
 
 __all__ = [

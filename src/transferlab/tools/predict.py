@@ -7,7 +7,7 @@ get the training data's channel count and square size, then the model's normalis
 run's test-time augmentation. ``predict("model.onnx", paths)`` does the same with a file written by
 ``transferlab export --format onnx``, run by onnxruntime, with the preprocessing recorded in it — so a
 deployed file can be checked against its run. The model-level core (decoding, top-k, the file search) is
-``transferlab.engine.inspect``, shared with an experiment's ``predict:`` section; this module adds the run.
+``transferlab.tools.inspect``, shared with an experiment's ``predict:`` section; this module adds the run.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 
 from transferlab.data.sources import load_dataset
 from transferlab.engine.evaluation import with_tta
-from transferlab.engine.export import load_onnx
-from transferlab.engine.inspect import ImagePrediction, PredictError, collect_image_files, load_images, predict_images
 from transferlab.engine.precision import autocast_for
+from transferlab.results.export import load_onnx
 from transferlab.rundir import Run, load_run
+from transferlab.tools.inspect import ImagePrediction, PredictError, collect_image_files, load_images, predict_images
 
 __all__ = [
     "ImagePrediction", "PredictError", "collect_image_files", "is_onnx_file", "load_images", "predict", "predictions_json", "run_input_spec",

@@ -1,6 +1,6 @@
 """Outside images in the report: what the experiments' ``predict:`` / ``activations:`` sections left in their runs.
 
-``transferlab.engine.inspect`` writes, per run, ``outside_predictions.json`` (+ its PNG grid) and
+``transferlab.tools.inspect`` writes, per run, ``outside_predictions.json`` (+ its PNG grid) and
 ``activations/`` (one PNG per image, listed in ``activations.json``). Read back here from the run folders
 alone, like every other part of the report; each experiment shows its first finished run, as the test
 grid does. ``outside_table`` is seed 003's "images from the internet" table: one row per image, one
@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transferlab.engine.inspect import ACTIVATIONS_DIR, ACTIVATIONS_FILE, OUTSIDE_JSON, OUTSIDE_PNG
 from transferlab.results.report.records import ExperimentRecord
 from transferlab.results.report.text import MISSING
+from transferlab.rundir.layout import ACTIVATIONS_DIR, ACTIVATIONS_FILE, OUTSIDE_JSON, OUTSIDE_PNG
 
 __all__ = ["ActivationImage", "OutsidePredictions", "activation_images", "outside_predictions", "outside_table"]
 

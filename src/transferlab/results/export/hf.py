@@ -15,14 +15,14 @@ it. Whether plain timm can build it depends on the model:
   instead of building something else. transferlab reads it: ``weights: hf:DIR`` (the backbone) and
   ``load_hf_model(DIR)`` (the whole model).
 
-``hf`` is one more ``ExportFormat`` in ``transferlab.engine.export.EXPORT_FORMATS`` (registered
+``hf`` is one more ``ExportFormat`` in ``transferlab.results.export.EXPORT_FORMATS`` (registered
 when this module is imported; ``import transferlab`` does), so it gets the same parity check as every
 format: the folder is read back the way its users read it (timm's ``local-dir:`` loader, or
 ``load_hf_model``) and run beside the run's model on its recorded test samples; the report is
 written beside the folder (``<folder>.parity.json``) and a failed check is an error.
 
-The format lives here, above the engine, because its model card reads the run and the study around
-it: the test accuracy of every seed (mean ± std) and the comparison table's row.
+The format lives in the results layer with the other formats; its model card also reads the run and the
+study around it: the test accuracy of every seed (mean ± std) and the comparison table's row.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from transferlab.config import ConfigError, HeadConfig, ModelConfig, from_dict
-from transferlab.engine.export import EXPORT_FORMATS, ExportFormat, ExportResult, ExportSpec, parity_path
 from transferlab.files import atomic_write, read_json, write_json, write_text
 from transferlab.models import TransferModel, build_model, load_strict, read_state_file
 from transferlab.models.hub import (
@@ -57,6 +56,9 @@ from transferlab.models.hub import (
     resolve_hf,
 )
 from transferlab.results.compare import experiment_row
+from transferlab.results.export.parity import parity_path
+from transferlab.results.export.run import ExportResult
+from transferlab.results.export.spec import EXPORT_FORMATS, ExportFormat, ExportSpec
 from transferlab.results.report.markdown import md_esc
 from transferlab.rundir import Run, RunError, load_run, read_study
 
@@ -487,7 +489,7 @@ def _usage(timm_loadable: bool, size: int, arch: str, num_classes: int, backbone
         ]
     else:
         code = [
-            "from transferlab.results.hub import load_hf_model",
+            "from transferlab.results.export.hf import load_hf_model",
             "",
             'hub = load_hf_model("path/to/this/folder")  # or "<owner/name>": the whole model (backbone and head)',
             "model, names = hub.model, hub.class_names  # a TransferModel; model.preprocess() normalises uint8 N×C×H×W",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferlab.engine.tracking.core import TRACKERS, RunInfo, Tracker, confusion_image, flat_config
+from transferlab.engine.tracking import TRACKERS, RunInfo, Tracker, confusion_image, flat_config
 
 __all__ = ["TensorBoardOptions", "TensorBoardTracker"]
 

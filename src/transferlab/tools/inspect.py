@@ -1,9 +1,10 @@
 """What a trained model makes of images from outside its dataset: top-k classes, feature maps, Grad-CAM.
 
-The model-level core of ``transferlab predict`` / ``transferlab activations`` (``transferlab.tools``, which
-load a finished run and call these) and of an experiment's ``predict:`` / ``activations:`` sections, which
-the train kind runs on its model right after testing (``save_outside_predictions``, ``save_activation_maps``)
-— the model is in memory with its best weights then, and the results land in its own run directory::
+The model-level core of ``transferlab predict`` / ``transferlab activations`` (``tools.predict`` and
+``tools.activations``, which load a finished run and call these) and of an experiment's ``predict:`` /
+``activations:`` sections: registered here as ``RUN_SECTIONS`` (``kinds.base``), which a kind that trains
+runs on its model right after testing — the model is in memory with its best weights then, and the
+results land in its own run directory::
 
     outside_predictions.json / .csv / .png   top-k classes of every image, and a grid of them
     activations/<image>.png                  feature maps (and Grad-CAM) per image; activations.json lists them
@@ -41,6 +42,8 @@ from transferlab.config import ActivationsConfig, ExperimentConfig, PredictConfi
 from transferlab.data.batches import Preprocess
 from transferlab.data.images import ImageReadError, is_image_file, load_image, probe_image
 from transferlab.files import write_bytes, write_csv, write_json
+from transferlab.kinds.base import RUN_SECTIONS, RunSection, Tested
+from transferlab.rundir.layout import ACTIVATIONS_DIR, ACTIVATIONS_FILE, OUTSIDE_CSV, OUTSIDE_JSON, OUTSIDE_PNG
 
 __all__ = [
     "ACTIVATIONS_DIR",
@@ -71,11 +74,6 @@ __all__ = [
     "save_outside_predictions",
 ]
 
-OUTSIDE_JSON = "outside_predictions.json"
-OUTSIDE_CSV = "outside_predictions.csv"
-OUTSIDE_PNG = "outside_predictions.png"
-ACTIVATIONS_DIR = "activations"
-ACTIVATIONS_FILE = "activations.json"
 """Files a run's ``predict:`` / ``activations:`` sections write (the report reads them back)."""
 
 FEATURES = "features"
@@ -567,3 +565,36 @@ def check_outside_images(cfg: ExperimentConfig) -> None:
                     probe_image(f)
                 except ImageReadError as e:
                     raise cfg.error(f"{key}[{i}]: {f}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# the sections, registered for the kinds that train
+
+
+def _check_activations(model: nn.Module, cfg: ExperimentConfig) -> None:
+    a = cfg.activations
+    try:
+        check_layers(model, a.layers or [])
+        if a.gradcam and a.gradcam_layer != FEATURES:  # 'features': the backbone's final feature map
+            check_layer(model, a.gradcam_layer, "activations.gradcam_layer")
+    except ActivationError as e:
+        raise cfg.error(str(e)) from None
+
+
+def _run_predict(t: Tested) -> dict[str, Any]:
+    cfg = t.cfg
+    with t.autocast():
+        return save_outside_predictions(
+            t.run_dir, t.predictor, t.model.preprocess(), cfg.predict, t.class_names, t.channels, t.size, cfg.name, t.device,
+            cfg.train.eval_batch_size, (cfg.data.resize, cfg.data.crop_pct),
+        )
+
+
+def _run_activations(t: Tested) -> dict[str, Any]:
+    cfg = t.cfg
+    return save_activation_maps(t.run_dir, t.model, t.model.preprocess(), cfg.activations, t.class_names, t.channels, t.size,
+                                cfg.name, t.device, (cfg.data.resize, cfg.data.crop_pct))
+
+
+RUN_SECTIONS.register(obj=RunSection("predict", lambda cfg: bool(cfg.predict.images), None, _run_predict))
+RUN_SECTIONS.register(obj=RunSection("activations", lambda cfg: bool(cfg.activations.images), _check_activations, _run_activations))

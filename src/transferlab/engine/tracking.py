@@ -1,5 +1,9 @@
 """A run's trackers: the ``TRACKERS`` registry, the ``Tracker`` interface and ``RunTracking``, which drives them.
 
+This is the seam between the training loop and the trackers: the trackers themselves (TensorBoard,
+MLflow, Weights & Biases) are peers in ``transferlab.results.trackers`` and register here when imported
+(``import transferlab`` does), so the engine and the kinds never import them.
+
 Each run makes its own trackers inside the process that runs it (``kinds.run_experiment``), so every
 executor works the same way (one writer per run) and under DDP only rank 0 logs. ``RunTracking``
 
@@ -37,11 +41,10 @@ from transferlab.engine.figures import draw_confusion
 from transferlab.engine.loop import Callback, Loop
 from transferlab.files import read_json, write_json
 from transferlab.registry import Registry
+from transferlab.rundir.layout import TRACKING_FILE
 
 __all__ = ["TRACKERS", "TRACKING_FILE", "RunInfo", "RunTracking", "Tracker", "check_tracking", "confusion_image", "flat_config", "missing_modules"]
 
-TRACKING_FILE = "tracking.json"
-"""In the run directory: where each tracker logs this run (``{"mlflow": {"run_id": ...}, ...}``)."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ A run logs: params = the flattened resolved config; tags kind, strategy, backbon
 git commit; per-epoch ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``lr``, ``seconds`` with
 step = epoch; the test metrics; artifacts ``config.yaml``, ``metrics.json``, ``history.csv`` and
 ``confusion_matrix.png``; with ``log_model: onnx`` (or ``safetensors``) the model, exported and
-parity-checked after the run (``engine.export.export_checkpoint``), as ``model/<file>`` with its
+parity-checked after the run (``results.export.export_checkpoint``), as ``model/<file>`` with its
 ``<file>.parity.json``. Only ``MlflowClient`` is used (no fluent API, whose "active run" is global
 state): several runs in one process, threads or workers never mix.
 
@@ -37,9 +37,9 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from transferlab.engine.export import EXPORT_FORMATS, ExportParityError, export_checkpoint, parity_path
-from transferlab.engine.tracking.core import TRACKERS, RunInfo, Tracker, confusion_image, flat_config, missing_modules
+from transferlab.engine.tracking import TRACKERS, RunInfo, Tracker, confusion_image, flat_config, missing_modules
 from transferlab.files import read_json, write_json
+from transferlab.results.export import EXPORT_FORMATS, ExportParityError, export_checkpoint, parity_path
 
 try:
     import fcntl

@@ -1,0 +1,176 @@
+"""Export = write + check: a model (``export_model``) or a finished run's model (``export_run_model``,
+``export_checkpoint``) written in a registered format and parity-checked on the run's test samples."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from transferlab.config import ExperimentConfig
+from transferlab.files import write_json
+from transferlab.models.model import TransferModel, build_model
+from transferlab.models.weights import load_model_weights
+from transferlab.results.export.parity import ParityReport, Tolerance, check_parity, parity_inputs, parity_path
+from transferlab.results.export.spec import ExportError, ExportFormat, ExportParityError, ExportSpec, export_format, export_spec
+from transferlab.rundir import RUN_ACTIONS, Run, RunError, load_run, load_test_predictions
+from transferlab.rundir.layout import EXPORT_DIR, SAMPLES_FILE, checkpoint_path
+
+__all__ = ["ExportResult", "export_checkpoint", "export_model", "export_run", "export_run_model"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportResult:
+    """What ``export_model`` did: the file, everything written with it, and the parity check."""
+
+    format: str
+    path: Path
+    files: list[Path]
+    parity: ParityReport
+    report_path: Path
+    seconds: float
+    """Time to write the file (the check not included)."""
+
+
+def export_model(
+    model: TransferModel,
+    spec: ExportSpec,
+    fmt: str | ExportFormat,
+    out: str | Path,
+    images: torch.Tensor,
+    samples: str = "",
+    tolerance: Tolerance | None = None,
+) -> ExportResult:
+    """Write ``model`` to ``out`` as ``fmt`` and check the file on ``images`` (uint8, described by ``samples``),
+    on the CPU, against a copy of ``model`` in eval mode.
+
+    The report is written to ``parity_path(out)`` and logged whatever the verdict; a failed check then
+    raises ``ExportParityError`` (the file is kept, for inspection — do not deploy it).
+    """
+    fmt = export_format(fmt)
+    out = Path(out)
+    if len(images) == 0:
+        raise ExportError("the parity check needs at least one image")
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device and mode
+    x = spec.preprocess()(images.cpu())
+    example = x[:2] if len(x) >= 2 else x.repeat(2, 1, 1, 1)  # 2: a batch of 1 would let exporters specialise it
+    # A contiguous copy for the exporters: channels_last weights make torch.export.save warn about
+    # tensors it cannot place, and the exported graphs do not depend on the memory format anyway.
+    clean = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            files = fmt.save(clean, example, spec, out)
+    except Exception as e:
+        first = str(e).splitlines()[0][:500] if str(e) else ""
+        raise ExportError(f"--format {fmt.name}: exporting {spec.experiment or 'the model'} failed ({type(e).__name__}: {first})") from e
+    seconds = time.perf_counter() - start
+    runner = fmt.load(out)
+    report = check_parity(
+        model, runner, x, tolerance, format=fmt.name, file=str(out), runtime=fmt.runtime, exporter=fmt.exporter,
+        samples=samples or f"{len(images)} images",
+    )
+    report.versions = _versions(fmt)
+    report_path = parity_path(out)
+    write_json(report_path, report.to_dict())
+    (log.info if report.ok else log.error)("%s", report.describe())
+    if not report.ok:
+        raise ExportParityError(f"{out}: {report.describe()}; report: {report_path} (the file is kept for inspection; do not deploy it)", report)
+    return ExportResult(fmt.name, out, files, report, report_path, seconds)
+
+
+def _versions(fmt: ExportFormat) -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for dist in fmt.requires:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def export_checkpoint(
+    run_dir: str | Path,
+    cfg: ExperimentConfig,
+    metrics: dict[str, Any],
+    fmt: str | ExportFormat,
+    out: str | Path | None = None,
+    checkpoint: str = "best",
+    tolerance: Tolerance | None = None,
+) -> ExportResult:
+    """Export the model of a finished run directory from the engine's pieces alone (``cfg``, ``metrics.json``
+    as a dict, ``checkpoints/<checkpoint>.safetensors``, ``test_samples.safetensors``), parity-checked.
+
+    What ``export_run`` does from a run folder that is still being written (the MLflow tracker's ``log_model``
+    at the end of a run, before its ``metrics.json`` exists).
+    The default ``out`` is ``<run>/export/<format's filename>``.
+    """
+    fmt = export_format(fmt)
+    run_dir = Path(run_dir)
+    class_names = [str(c) for c in metrics.get("class_names") or []]
+    model, _ = build_model(dataclasses.replace(cfg.model, weights="scratch"), cfg.head, len(class_names))
+    load_model_weights(model, checkpoint_path(run_dir, checkpoint))
+    model.eval()
+    samples_file = run_dir / SAMPLES_FILE
+    samples = load_file(str(samples_file))["images"] if samples_file.is_file() else None
+    size = metrics.get("image_size") or cfg.data.image_size
+    if not size:
+        raise ExportError(f"{run_dir}: metrics.json records no image_size, so the input size of the export is unknown")
+    return export_run_model(model, cfg, class_names, metrics, samples, run_dir, fmt, out, checkpoint, tolerance, size)
+
+
+def export_run_model(
+    model: TransferModel, cfg: ExperimentConfig, class_names: list[str], metrics: dict[str, Any], samples: torch.Tensor | None,
+    run_dir: Path, fmt: ExportFormat, out: str | Path | None, checkpoint: str, tolerance: Tolerance | None, size: int,
+) -> ExportResult:
+    """The part of a run's export after its model is loaded (``Run.export`` and ``export_checkpoint``): the spec, the
+    parity inputs (the recorded test samples, else test images), the output path (default ``<run>/export/<filename>``)."""
+    channels = metrics.get("channels") or (samples.shape[1] if samples is not None else model.preprocess().in_chans)
+    spec = export_spec(model, cfg, class_names, size, channels, source=str(run_dir), checkpoint=checkpoint)
+    images, described = parity_inputs(samples, cfg.data, spec.channels, spec.image_size)
+    out = Path(out) if out is not None else run_dir / EXPORT_DIR / fmt.filename
+    if out.is_dir() and Path(fmt.filename).suffix:  # a folder given for a one-file format: the default name in it
+        out = out / fmt.filename
+    return export_model(model, spec, fmt, out, images, described, tolerance)
+
+
+def export_run(
+    run: Run | str | Path, format: str | ExportFormat = "onnx", out: str | Path | None = None, checkpoint: str = "best",
+    tolerance: Tolerance | None = None,
+) -> ExportResult:
+    """Write a finished run's model as ``format`` (``onnx``, ``torchscript``, ``exported-program``, ``safetensors``,
+    ``hf``) to ``out`` (default ``<run>/export/<format's filename>``) and check it (``Run.export`` calls this).
+
+    The parity check runs the file with its own runtime on the run's recorded test samples (or, when
+    it recorded none, on test images of its dataset) and raises ``ExportParityError`` if it disagrees
+    with the model; its report is written to ``<file>.parity.json``.
+    """
+    fmt = export_format(format)  # an unknown name or a missing extra fails before any work
+    run = run if isinstance(run, Run) else load_run(run)
+    if run.config is None:
+        raise RunError(f"{run.path}: no readable config.yaml; nothing to export")
+    if run.config.kind == "ensemble":
+        raise RunError(f"{run.path}: an ensemble has no single model; nothing to export")
+    if not run.ok:
+        raise RunError(f"{run.path}: the run did not finish (status {run.record.status!r}); nothing to export")
+    model = run.load_model(checkpoint)
+    recorded = load_test_predictions(run.path)
+    samples = recorded.images if recorded is not None else None
+    m = run.metrics
+    size = m.get("image_size") or run.config.data.image_size
+    if not size:
+        raise RunError(f"{run.path}: metrics.json records no image_size, so the input size of the export is unknown")
+    return export_run_model(model, run.config, run.class_names, m, samples, run.path, fmt, out, checkpoint, tolerance, size)
+
+
+RUN_ACTIONS.export = export_run
