@@ -181,6 +181,60 @@ def test_key_checks_catch_a_wrong_key(keys: set[str]) -> None:
     assert sorted(bad) == ["head.dropot", "train.epoch", "train.lrr"]
 
 
+# --------------------------------------------------------------------------- Python names
+
+
+NOT_PYTHON = {
+    "transferlab.spec",  # the export spec's metadata key in ONNX files
+    "transferlab.why_not_timm",  # a field of an exported config.json
+}
+
+
+def python_names(text: str) -> list[str]:
+    """``transferlab.x.y`` names a page mentions, and the names its ``from transferlab.x import a, b`` lines import."""
+    names = [n.rstrip(".") for n in re.findall(r"\btransferlab(?:\.[A-Za-z_][A-Za-z0-9_]*)+\.?", text)]
+    for module, imported in re.findall(r"^\s*from (transferlab[\w.]*) import ([\w, ]+)", text, flags=re.M):
+        names += [f"{module}.{n.strip()}" for n in imported.split(",") if n.strip()]
+    return [n for n in names if n not in NOT_PYTHON]
+
+
+def resolves(name: str) -> bool:
+    """``name`` is a module of transferlab, or an attribute reached from one."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_pages_name_only_existing_python_objects() -> None:
+    """A module or function the docs name must exist: code that moves takes its documentation along."""
+    missing = sorted({f"{page.relative_to(REPO)}: {name}" for page in hand_written_pages()
+                      for name in python_names(page.read_text(encoding="utf-8")) if not resolves(name)})
+    assert missing == [], "the docs name Python objects that do not exist (moved or renamed?):\n" + "\n".join(missing)
+
+
+def test_architecture_lists_every_registry() -> None:
+    """docs/architecture.md's registry table names every Registry, at the module that holds it."""
+    import transferlab  # noqa: F401 - registers everything
+    from transferlab.registry import REGISTRIES
+
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    listed = []
+    for names, module in re.findall(r"^\| (`[A-Z_]+`(?:, `[A-Z_]+`)*) \| `(transferlab[\w.]*)`", text, flags=re.M):
+        listed += [getattr(importlib.import_module(module), name) for name in re.findall(r"[A-Z_]+", names)]
+    missing = [what for what, registry in REGISTRIES.items() if not any(registry is r for r in listed)]
+    assert missing == [], f"registries missing from the table in docs/architecture.md: {missing}"
+
+
 # --------------------------------------------------------------------------- docs/extending.md
 
 
