@@ -149,12 +149,21 @@ def show_default(value: Any) -> str:
 
 def clean(text: str) -> str:
     """A docstring as one Markdown table cell: RST ``code`` -> `code`, one line, pipes escaped."""
-    text = " ".join(inspect.cleandoc(text).split())
-    return text.replace("``", "`").replace("|", "\\|")
+    text = " ".join(inspect.cleandoc(text).split()).replace("``", "`")
+    parts = text.split("`")  # odd parts are code spans, where a pipe needs no escape (and would show the backslash)
+    return "`".join(part if i % 2 else part.replace("|", "\\|") for i, part in enumerate(parts))
 
 
 def show_type(tp: str) -> str:
-    return "`" + tp.replace("|", "\\|") + "`"
+    """``float | None`` as `float` or `None`: a pipe would split the table cell on GitHub, even in a code span."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(tp):
+        depth += ch in "[(" and 1 or (-1 if ch in "])" else 0)
+        if ch == "|" and depth == 0:
+            parts.append(tp[start:i].strip())
+            start = i + 1
+    parts.append(tp[start:].strip())
+    return " or ".join(f"`{part.replace('|', 'or')}`" for part in parts)
 
 
 @dataclasses.dataclass
