@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import zlib
@@ -321,8 +322,12 @@ def test_duplicates_reported_not_dropped(tmp_path: Path) -> None:
     assert len(errors) == 1 and "identical images under different classes ['cat', 'dog']" in errors[0] and "cat1.png" in errors[0]
     assert any("test leakage" in m and "leak.png" in m for s, m in by_kind if s == "warning")
     assert any("2 identical images" in m and "copy.png" in m for s, m in by_kind if s == "warning")
-    raw = load_dataset(folder_cfg(tmp_path))  # loading keeps every file: nothing silently dropped
-    assert len(raw.train_y) + len(raw.test_y) == 20 + 4 + 3
+    with pytest.raises(DatasetError, match=re.escape(errors[0])):  # a run refuses what check-data rejects, with its message
+        load_dataset(folder_cfg(tmp_path))
+    (tmp_path / "train" / "dog" / "cat1.png").unlink()
+    raw = load_dataset(folder_cfg(tmp_path))  # the warnings load: every file kept, nothing silently dropped
+    assert len(raw.train_y) + len(raw.test_y) == 20 + 4 + 2
+    assert sum(p.kind == "duplicate" for p in raw.warnings) == 2
 
 
 def test_check_data_cli_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -369,10 +374,10 @@ def test_check_data_on_a_study_checks_selections(tmp_path: Path, capsys: pytest.
 
 
 def test_grayscale_folder_is_one_channel(tmp_path: Path) -> None:
-    for c in ("a", "b"):
+    for k, c in enumerate(("a", "b")):  # distinct images: identical ones under two classes are refused
         for i in range(4):
-            png(tmp_path / "train" / c / f"{i}.png", mode="L", seed=i)
-            png(tmp_path / "test" / c / f"{i}.png", mode="L", seed=10 + i)
+            png(tmp_path / "train" / c / f"{i}.png", mode="L", seed=100 * k + i)
+            png(tmp_path / "test" / c / f"{i}.png", mode="L", seed=100 * k + 10 + i)
     s = prepare_splits(folder_cfg(tmp_path, val_count=2), 0)
     assert s.train_x.shape[1] == 1
     png(tmp_path / "train" / "a" / "colour.png", seed=5)  # one RGB image: the dataset becomes RGB

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from transferlab.config.convert import deep_merge, from_dict, suggest
-from transferlab.config.scaling import ExecutorConfig, Resources, SearchSpec, parse_executor, parse_resources, parse_search
+from transferlab.config.scaling import Distribution, ExecutorConfig, Resources, SearchSpec, parse_executor, parse_resources, parse_search
 from transferlab.config.schema import ConfigError, ExperimentConfig, SweepPoint, resolve_paths
 from transferlab.config.yamlio import load_yaml, load_yaml_file
 
@@ -241,12 +241,37 @@ def _check_search(raw: Any, where: str, expanded: list[ExperimentConfig]) -> Sea
     spec = parse_search(raw, where, sweep_keys())
     base = expanded[0].to_dict()
     for key, dist in spec.distributions().items():
+        _check_drawn_type(base, key, dist, f"{where}.space.{key}")
         for value in dist.extremes():
             try:
                 from_dict(ExperimentConfig, _set_dotted(base, key, value), f"{where}.space.{key}={value!r}").validate()
             except ConfigError as e:
                 raise ConfigError(f"{where}.space.{key}: the value {value!r} gives an invalid experiment: {e}") from None
     return spec
+
+
+def _check_drawn_type(base: dict[str, Any], key: str, dist: Distribution, where: str) -> None:
+    """A range distribution draws values of its own type (``uniform`` / ``log_uniform``: real numbers, ``int``:
+    integers); they must be values ``key`` takes. Checked on a value from inside the range, as a trial would get
+    it: the bounds alone (``uniform: [16, 64]`` are integers) pass for a key that takes integers and trial 0 would fail."""
+    if dist.kind == "choice":
+        return
+    low, high = dist.low, dist.high
+    if dist.kind == "int":
+        sample: Any = (int(low) + int(high)) // 2  # type: ignore[arg-type]
+        draws = "integers"
+    else:
+        sample = float(f"{low + (high - low) * 0.37:.4g}")  # type: ignore[operator]  # a draw from inside the range
+        draws = "real numbers"
+    try:
+        from_dict(ExperimentConfig, _set_dotted(base, key, sample), where)
+    except ConfigError as e:
+        m = re.search(r"expected (.+?), got", str(e))
+        expected = m.group(1) if m else str(e)
+        bounds = f"[{low}, {high}]"
+        fix = (f"use {{int: {bounds}}} or {{choice: [...]}}" if dist.kind != "int" and all(float(b).is_integer() for b in (low, high))
+               else "use {choice: [...]} with values it takes")
+        raise ConfigError(f"{where}: {{{dist.kind}: {bounds}}} draws {draws} (e.g. {sample!r}) but {key} expects {expected}: {fix}") from None
 
 
 def _study_header(raw: Any, source: str) -> tuple[str, dict[str, Any], dict[str, list[Any]], list[int] | None, list[Any]]:

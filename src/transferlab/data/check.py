@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from transferlab.config import ConfigError, DataConfig, load_study
-from transferlab.data.folder import FolderScan, probe_scan, raw_from_scan, scan_folder
+from transferlab.data.folder import FolderScan, duplicate_problems, probe_scan, raw_from_scan, scan_duplicates, scan_folder
 from transferlab.data.images import ImageReadError, Problem, load_image, map_files
 from transferlab.data.prepare import prepare_splits
 from transferlab.data.sources import DATASETS, DatasetError, RawDataset, load_dataset
@@ -75,35 +75,6 @@ class DataReport:
         return "\n".join(lines)
 
 
-def _digest(path: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _duplicates(items: list[tuple[str, str, str, str]]) -> list[Problem]:
-    """items: (digest, where, split, class name) -> one problem per group of identical items."""
-    groups: dict[str, list[tuple[str, str, str]]] = {}
-    for digest, where, split, cls in items:
-        groups.setdefault(digest, []).append((where, split, cls))
-    problems = []
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        classes = sorted({c for _, _, c in members})
-        splits = sorted({s for _, s, _ in members})
-        where = ", ".join(m[0] for m in members[:5]) + (f" (+{len(members) - 5} more)" if len(members) > 5 else "")
-        if len(classes) > 1:
-            problems.append(Problem(members[0][0], f"identical images under different classes {classes}: {where}", "duplicate", "error"))
-        elif len(splits) > 1:
-            problems.append(Problem(members[0][0], f"identical images in splits {splits} (test leakage): {where}", "duplicate", "warning"))
-        else:
-            problems.append(Problem(members[0][0], f"{len(members)} identical images: {where}", "duplicate", "warning"))
-    return problems
-
-
 def check_scan(scan: FolderScan, decode: bool = True, workers: int | None = None) -> list[Problem]:
     """Problems of a scanned file dataset: the scan's own, plus full decoding and duplicate files."""
     problems = list(scan.problems)
@@ -120,9 +91,7 @@ def check_scan(scan: FolderScan, decode: bool = True, workers: int | None = None
             if isinstance(r, Exception):
                 problems.append(Problem(path, str(r) if isinstance(r, ImageReadError) else f"{type(r).__name__}: {r}"))
                 already_bad.add(path)
-    digests = map_files(_digest, [e[0] for e in entries], workers)
-    items = [(d, path, split, cls) for (path, split, cls), d in zip(entries, digests, strict=True) if isinstance(d, str) and path not in already_bad]
-    problems += _duplicates(items)
+    problems += scan_duplicates(scan, already_bad, workers)  # the same rule a run applies (transferlab.data.folder)
     return problems
 
 
@@ -134,7 +103,7 @@ def _array_duplicates(raw: RawDataset) -> list[Problem]:
         arr = x.numpy().reshape(len(x), -1)
         for i in range(len(arr)):
             items.append((hashlib.blake2b(arr[i].tobytes(), digest_size=16).hexdigest(), f"{split}[{i}]", split, raw.class_names[int(y[i])]))
-    return _duplicates(items)
+    return duplicate_problems(items)
 
 
 def _selection_problems(cfg: DataConfig, raw: RawDataset, seed: int) -> list[Problem]:

@@ -21,6 +21,7 @@ class sets, a CSV row pointing at a missing file — are all collected and repor
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import unicodedata
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from transferlab.config import DataConfig
-from transferlab.data.images import FileImages, Problem, ScanResult, format_problems, is_image_file, scan_headers
+from transferlab.data.images import FileImages, Problem, ScanResult, format_problems, is_image_file, map_files, scan_headers
 from transferlab.data.sources import DATASETS, DatasetError, RawDataset
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -65,22 +66,71 @@ def _visible(name: str) -> bool:
     return not name.startswith(".") and name not in ("__MACOSX", "Thumbs.db", "desktop.ini")
 
 
-def _class_files(class_dir: Path, problems: list[Problem]) -> list[str]:
-    """Image files under ``class_dir`` (recursive, sorted); other visible files become warnings."""
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or below it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _refused_link(link: str, root_real: str, visited: set[str]) -> str | None:
+    """Why the folder link ``link`` inside a class folder is not followed, or ``None`` to follow it.
+
+    Followed: a link to a folder outside the dataset (a dataset assembled from links to another disk), once.
+    Not followed: a link back into the dataset folder (``y/loop -> ..``: a loop, or the same images counted again
+    under another class), to a folder that contains the dataset (a loop), or to a folder already scanned.
+    """
+    target = os.path.realpath(link)
+    if _inside(target, root_real):
+        return f"it points back into the dataset folder ({target}): a loop, or the same images counted twice"
+    if _inside(root_real, target):
+        return f"it points to {target}, which contains the dataset folder: a loop"
+    if any(_inside(target, v) or _inside(v, target) for v in visited):
+        return f"it points to {target}, which is scanned already through another link: a loop, or the same images counted twice"
+    return None
+
+
+def _class_files(class_dir: Path, problems: list[Problem], root_real: str = "", visited: set[str] | None = None) -> list[str]:
+    """Image files under ``class_dir`` (recursive, sorted, depth first); other visible files become warnings.
+
+    Folder links are followed as ``_refused_link`` says; a link not followed is a ``symlink`` warning (check-data
+    lists it, a run records it), so a loop can neither hang the scan nor multiply the images.
+    """
+    visited = visited if visited is not None else set()
+    root_real = root_real or os.path.realpath(class_dir)
     images, others = [], []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        for name in sorted(filenames):
-            if not _visible(name):
+    stack = [str(class_dir)]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            problems.append(Problem(folder, f"cannot list folder ({e.strerror or e}): ignored", "ignored_file", "warning"))
+            continue
+        subdirs = []
+        for entry in entries:
+            if not _visible(entry.name):
                 continue
-            (images if is_image_file(name) else others).append(os.path.join(dirpath, name))
+            if entry.is_dir():  # follows a link
+                if entry.is_symlink():
+                    why = _refused_link(entry.path, root_real, visited)
+                    if why is not None:
+                        problems.append(Problem(entry.path, f"symbolic link not followed: {why}", "symlink", "warning"))
+                        continue
+                    visited.add(os.path.realpath(entry.path))
+                subdirs.append(entry.path)
+            else:
+                (images if is_image_file(entry.name) else others).append(entry.path)
+        stack.extend(reversed(subdirs))
     for other in others:
         problems.append(Problem(other, "not an image file (by its extension): ignored", "ignored_file", "warning"))
     return images
 
 
-def _scan_split_dir(split_dir: Path, problems: list[Problem]) -> dict[str, tuple[str, list[str]]]:
+def _scan_split_dir(
+    split_dir: Path, problems: list[Problem], root_real: str = "", visited: set[str] | None = None,
+) -> dict[str, tuple[str, list[str]]]:
     """class name (NFC) -> (folder name, image files) for one split folder."""
+    visited = visited if visited is not None else set()
+    root_real = root_real or os.path.realpath(split_dir)
     try:
         entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
     except OSError as e:
@@ -92,6 +142,13 @@ def _scan_split_dir(split_dir: Path, problems: list[Problem]) -> dict[str, tuple
         if not _visible(entry.name):
             continue
         if entry.is_dir():
+            if entry.is_symlink():  # a class folder that is a link to the split folder or above it would hold every class
+                target = os.path.realpath(entry.path)
+                if _inside(os.path.realpath(split_dir), target):
+                    problems.append(Problem(entry.path, f"symbolic link not followed: it points to {target}, which contains it: a loop",
+                                            "symlink", "warning"))
+                    continue
+                visited.add(target)
             name = nfc(entry.name)
             if name in classes:
                 problems.append(
@@ -102,7 +159,7 @@ def _scan_split_dir(split_dir: Path, problems: list[Problem]) -> dict[str, tuple
                     )
                 )
                 continue
-            classes[name] = (entry.name, _class_files(Path(entry.path), problems))
+            classes[name] = (entry.name, _class_files(Path(entry.path), problems, root_real, visited))
         else:
             loose.append(entry.path)
     loose_images = [p for p in loose if is_image_file(p)]
@@ -189,7 +246,8 @@ def _scan_tree(root: Path) -> FolderScan:
     layout = "splits" if "train" in split_dirs and len(split_dirs) == len(subdirs) else "classes"
     if layout == "classes":
         split_dirs = {"train": root}
-    per_split = {split: _scan_split_dir(d, problems) for split, d in split_dirs.items()}
+    root_real, visited = os.path.realpath(root), set()
+    per_split = {split: _scan_split_dir(d, problems, root_real, visited) for split, d in split_dirs.items()}
     _check_class_sets({s: set(c) for s, c in per_split.items() if c}, {s: str(d) for s, d in split_dirs.items()}, problems)
     names = _sort_classes(set(per_split.get("train", {})))
     index = {n: i for i, n in enumerate(names)}
@@ -277,6 +335,62 @@ def _scan_csv(path: Path) -> FolderScan:
 
 
 # --------------------------------------------------------------------------------------------
+# identical files: one rule for check-data and for runs
+
+
+def file_digest(path: str) -> str:
+    """A content hash of a file (BLAKE2b, 128 bits)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def duplicate_problems(items: list[tuple[str, str, str, str]]) -> list[Problem]:
+    """items: (digest, where, split, class name) -> one problem per group of identical items.
+
+    Identical images under different classes are an error (one of the labels is wrong: ``transferlab check-data``
+    and a run refuse them alike); identical images across splits (test leakage) or within a class are warnings.
+    """
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    for digest, where, split, cls in items:
+        groups.setdefault(digest, []).append((where, split, cls))
+    problems = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        classes = sorted({c for _, _, c in members})
+        splits = sorted({s for _, s, _ in members})
+        where = ", ".join(m[0] for m in members[:5]) + (f" (+{len(members) - 5} more)" if len(members) > 5 else "")
+        if len(classes) > 1:
+            problems.append(Problem(members[0][0], f"identical images under different classes {classes}: {where}", "duplicate", "error"))
+        elif len(splits) > 1:
+            problems.append(Problem(members[0][0], f"identical images in splits {splits} (test leakage): {where}", "duplicate", "warning"))
+        else:
+            problems.append(Problem(members[0][0], f"{len(members)} identical images: {where}", "duplicate", "warning"))
+    return problems
+
+
+def scan_duplicates(scan: FolderScan, exclude: set[str] | frozenset[str] = frozenset(), workers: int | None = None) -> list[Problem]:
+    """Identical files of ``scan`` (``duplicate_problems``), leaving out the paths in ``exclude`` (bad images).
+
+    Only files whose size another file shares are read and hashed: identical files have equal sizes, so the
+    result is the same as hashing everything, at the cost of one ``stat`` per file for most datasets.
+    """
+    entries = [(path, split, scan.class_names[label]) for split, (paths, labels) in scan.splits.items()
+               for path, label in zip(paths, labels, strict=True) if path not in exclude]
+    sizes = map_files(os.path.getsize, [e[0] for e in entries], workers)
+    by_size: dict[int, int] = {}
+    for size in sizes:
+        if isinstance(size, int):
+            by_size[size] = by_size.get(size, 0) + 1
+    shared = [e for e, size in zip(entries, sizes, strict=True) if isinstance(size, int) and by_size[size] > 1]
+    digests = map_files(file_digest, [e[0] for e in shared], workers)
+    return duplicate_problems([(d, path, split, cls) for (path, split, cls), d in zip(shared, digests, strict=True) if isinstance(d, str)])
+
+
+# --------------------------------------------------------------------------------------------
 # from a scan to a RawDataset
 
 
@@ -358,4 +472,8 @@ def folder(cfg: DataConfig) -> RawDataset:
     """
     if not cfg.root:
         raise DatasetError("dataset 'folder' needs data.root: a folder of <class>/<image> folders, or a path,label CSV file")
-    return raw_from_scan(scan_folder(cfg.root), cfg)
+    scan = scan_folder(cfg.root)
+    # the rules of `transferlab check-data` (transferlab.data.check), so a folder it rejects is refused here with the
+    # same message: identical images under different classes are an error, across splits a warning
+    scan.problems += scan_duplicates(scan, {p.path for p in scan.problems if p.kind == "bad_image"})
+    return raw_from_scan(scan, cfg)

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from transferlab.config import ExperimentConfig, register_check
+from transferlab.config import DataConfig, ExperimentConfig, register_check
+from transferlab.data.archives import no_downloads
 from transferlab.data.images import FileImages
-from transferlab.data.sources import DatasetError, RawDataset
+from transferlab.data.selection import select_classes
+from transferlab.data.sources import DatasetError, RawDataset, load_dataset
 
-__all__ = ["check_folds", "fold_test_positions", "pool_train_test"]
+__all__ = ["FoldsLimit", "check_folds", "fold_test_positions", "folds_limit", "pool_train_test"]
 
 
 def fold_test_positions(labels: np.ndarray, folds: int, seed: int, names: list[str] | None = None) -> list[np.ndarray]:
@@ -42,6 +44,38 @@ def fold_test_positions(labels: np.ndarray, folds: int, seed: int, names: list[s
                            f"every fold needs one of each class (use at most {counts[smallest]} folds)")
     kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [np.sort(test) for _, test in kfold.split(np.zeros(len(labels)), labels)]
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldsLimit:
+    """The largest ``data.folds`` a data config allows: the image count of its smallest class (pooled train + test)."""
+
+    largest: int
+    smallest_class: str
+    n_images: int
+
+
+def folds_limit(cfg: DataConfig) -> FoldsLimit | None:
+    """How many folds the data of ``cfg`` allows (after ``data.classes``), read without training or downloading.
+
+    ``None`` when the data is not here or cannot be read: the run itself then says why.
+    """
+    try:
+        with no_downloads():
+            raw = load_dataset(dataclasses.replace(cfg, skip_bad_images=True))
+        relabel, _, names = select_classes(cfg.classes, raw.class_names)
+    except DatasetError:
+        return None
+    labels = torch.cat([raw.train_y, raw.test_y]).numpy()
+    if relabel is not None:
+        labels = relabel[labels]
+        labels = labels[labels >= 0]
+    if len(labels) == 0:
+        return None
+    counts = np.bincount(labels, minlength=len(names))
+    present = np.flatnonzero(counts)
+    smallest = int(present[np.argmin(counts[present])])
+    return FoldsLimit(int(counts[smallest]), names[smallest] if smallest < len(names) else str(smallest), len(labels))
 
 
 def _concat(a: torch.Tensor | FileImages, b: torch.Tensor | FileImages) -> torch.Tensor | FileImages:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ __all__ = [
     "load_strict",
     "read_run_weights",
     "read_state_file",
+    "unpickling_reason",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,15 @@ def load_strict(
     return report
 
 
+def unpickling_reason(error: BaseException) -> str:
+    """What a refused pickle holds, from torch's ``weights_only`` error, without torch's advice to load it unsafely."""
+    for line in str(error).splitlines():
+        m = re.search(r"(?:[Uu]nsupported|unsupported|Trying to load)[^\n]*?GLOBAL [\w.]+", line)
+        if m:
+            return m.group(0).removeprefix("WeightsUnpickler error: ").rstrip(".")
+    return "objects other than tensors"
+
+
 def read_state_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a weights file safely: safetensors, or a torch state dict with ``weights_only=True``."""
     if not path.is_file():
@@ -130,6 +142,12 @@ def read_state_file(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a pickle of more than tensors: torch's advice to load it unsafely is not relayed
+        raise WeightsError(
+            f"cannot read weights file {path}: it is a pickle that holds more than tensors ({unpickling_reason(e)}); transferlab "
+            "reads weights files as tensors only and never runs code from one. Where you trust the file, load it there and "
+            "save its state dict (tensors only) with torch.save, or as .safetensors"
+        ) from None
     except Exception as e:  # noqa: BLE001 - corrupt or hostile file: name it, never execute it
         raise WeightsError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 from collections.abc import Iterator
@@ -40,7 +41,10 @@ try:
 except ImportError:  # no fcntl (Windows): run directories are written unlocked
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["HARMLESS_KEYS", "ConfigChange", "Opening", "RunDir", "RunError", "RunStopped", "config_changes", "flatten", "is_harmless", "run_lock"]
+__all__ = [
+    "HARMLESS_KEYS", "ConfigChange", "Opening", "RunDir", "RunError", "RunLocked", "RunRefused", "RunStopped", "config_changes", "flatten",
+    "hold_lock", "is_harmless", "pid_alive", "run_lock", "stale_holder", "study_lock",
+]
 
 HARMLESS_KEYS = frozenset({
     "notes",
@@ -60,6 +64,92 @@ def is_harmless(key: str) -> bool:
 
 class RunError(RuntimeError):
     """A run directory is missing, incomplete, in use, or was made with another config. The message names the folder."""
+
+
+class RunRefused(RunError):
+    """The run directory was not taken — held by another process, made earlier (no ``--resume`` / ``--overwrite``), or
+    made with another config: nothing was written into it, and nothing may be (not even a failure record)."""
+
+
+class RunLocked(RunRefused):
+    """Refused: another live process holds the lock (of a run directory or a study folder). Nothing was written."""
+
+
+# --------------------------------------------------------------------------------------------
+# locks: one writer per run directory, one driver per study folder
+
+_HOLDER = re.compile(r"pid (\d+) on (\S+)")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:  # Linux: a zombie (killed, not yet reaped) holds nothing
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stale_holder(holder: str) -> bool:
+    """A lock holder (``pid N on HOST``) that is a process of this host which no longer exists."""
+    m = _HOLDER.search(holder)
+    return m is not None and m.group(2) == socket.gethostname() and not pid_alive(int(m.group(1)))
+
+
+def _same_file(path: Path, f: Any) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def hold_lock(path: Path, busy: str, hint: str, wait: bool = False) -> Iterator[None]:
+    """Hold the exclusive ``flock`` of ``path`` (created if missing) and write ``pid N on HOST`` into it.
+
+    Held by another live process: ``RunLocked("<busy> by another process (pid N on HOST); <hint>")``.
+    An ``flock`` is released by the kernel when its holder dies, but a child that inherited the
+    descriptor (a forked data-loader process, a worker whose driver was killed) keeps it held: when the
+    recorded holder is a process of this host that no longer exists, the lock is stale and is broken
+    (the file is replaced by a fresh one, which is locked instead). A live holder, or one on another
+    host (its liveness cannot be seen from here), is never broken. ``wait``: wait for the lock instead (short
+    critical sections, e.g. asking a search storage for a trial).
+    """
+    holder = ""
+    for _ in range(5):
+        f = open(path, "a+")  # noqa: SIM115 - held open for the duration of the lock
+        try:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip()
+            if stale_holder(holder) and _same_file(path, f):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()  # stale: its holder died; an orphan keeps the old file's lock, nobody writes for it
+                f.close()
+                continue
+            f.close()
+            raise RunLocked(f"{busy} by another process ({holder or 'unknown'}); {hint}") from None
+        if not _same_file(path, f):  # another process broke a stale lock between our open and our flock: try again
+            f.close()
+            continue
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+            yield
+        finally:
+            f.close()
+        return
+    raise RunLocked(f"{busy} by another process ({holder or 'unknown'}); {hint}")
 
 
 @dataclass(frozen=True)
@@ -122,32 +212,20 @@ class RunDir:
     # ----------------------------------------------------------------------------------------
     # opening
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager[None]:
         """Hold an exclusive lock on the run directory (``.<name>.lock`` beside it) while writing it.
 
-        A second process that tries to write the same run directory is refused with a clear message.
-        The lock is an OS file lock (``flock``), so a killed process never leaves a stale lock behind.
+        A second process that tries to write the same run directory is refused (``RunLocked``) with a
+        message naming the holder. The lock is an OS file lock (``flock``), so a killed process never
+        leaves a stale lock behind; a lock still held on behalf of a process of this host that no longer
+        exists (an orphaned child kept the descriptor) is recognised as stale and taken over (``hold_lock``).
         """
         parent = self.path.parent
         if parent.exists() and not parent.is_dir():
             raise RunError(f"{parent} is a file, not a folder: --runs-dir must name a folder (it is created if missing)")
         parent.mkdir(parents=True, exist_ok=True)
-        with open(parent / f".{self.path.name}.lock", "a+") as f:
-            try:
-                if fcntl is not None:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "unknown"
-                raise RunError(
-                    f"run directory {self.path} is being written by another process ({holder}); wait for it or use another --runs-dir"
-                ) from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-            f.flush()
-            yield
+        return hold_lock(parent / f".{self.path.name}.lock", f"run directory {self.path} is being written",
+                         "wait for it or use another --runs-dir")
 
     def finished_metrics(self) -> RunMetrics | None:
         """The recorded result when the run finished (``metrics.json`` with status ``ok``), else ``None``."""
@@ -169,7 +247,7 @@ class RunDir:
             return Opening()
         if not resume:
             if not overwrite:
-                raise RunError(f"run directory {self.path} already exists: pass --resume to continue it or --overwrite to replace it")
+                raise RunRefused(f"run directory {self.path} already exists: pass --resume to continue it or --overwrite to replace it")
             return Opening(replace=True)
         finished = self.finished_metrics()
         harmless = self.check_config(snapshot, finished is not None)
@@ -185,13 +263,13 @@ class RunDir:
         try:
             old = from_dict(ExperimentConfig, load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}).to_dict()
         except ConfigError as e:
-            raise RunError(f"{path} cannot be read by this version of transferlab ({e}); pass --overwrite to redo the run") from None
+            raise RunRefused(f"{path} cannot be read by this version of transferlab ({e}); pass --overwrite to redo the run") from None
         changes = config_changes(old, resolve_as_recorded(old, snapshot))  # train.lr: find matches the lr it found
         relevant = [c for c in changes if not is_harmless(c.key)]
         if relevant:
             what = "finished" if finished else "was started"
             listed = "\n".join(f"  {c}" for c in relevant)
-            raise RunError(
+            raise RunRefused(
                 f"run directory {self.path} {what} with another config than the study asks for now "
                 f"({len(relevant)} changed key{'s' if len(relevant) > 1 else ''}, recorded → now):\n{listed}\n"
                 f"--resume would {'show its old result' if finished else 'continue it'} under the new config. "
@@ -263,3 +341,18 @@ class RunStopped(Exception):
 def run_lock(run_dir: str | Path) -> contextlib.AbstractContextManager[None]:
     """The single-writer lock of ``run_dir`` (``RunDir(run_dir).lock()``)."""
     return RunDir(run_dir).lock()
+
+
+def study_lock(study_dir: str | Path) -> contextlib.AbstractContextManager[None]:
+    """The one-driver lock of a study folder (``.<study>.study.lock`` beside it), held while ``run_study`` runs it.
+
+    A second invocation of the same study into the same runs folder is refused at once, naming the first's
+    pid and host. The folder that holds the lock is created if missing (nothing else is written).
+    """
+    study_dir = Path(study_dir)
+    parent = study_dir.parent
+    if parent.exists() and not parent.is_dir():
+        raise RunError(f"--runs-dir {parent} is a file, not a folder: give a folder (it is created if missing)")
+    parent.mkdir(parents=True, exist_ok=True)
+    return hold_lock(parent / f".{study_dir.name}.study.lock", f"study folder {study_dir} is being run",
+                     "wait for it to finish, or give another --runs-dir (two drivers of one study would overwrite each other's runs)")

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from transferlab.config import ExecutorConfig, ExperimentConfig, Study, load_study
+from transferlab.config import ConfigError, ExecutorConfig, ExperimentConfig, Study, load_study
 from transferlab.data.archives import DownloadRefused, no_downloads
 from transferlab.data.prepare import select_parts
 from transferlab.data.selection import select_classes
@@ -36,9 +36,9 @@ from transferlab.models.model import build_model
 from transferlab.strategies import apply_strategy
 from transferlab.study.executors import EXECUTORS
 from transferlab.study.plan import PlannedRun, dependency_levels, plan_study
-from transferlab.study.runner import resolve_executor
+from transferlab.study.runner import check_folds_fit, resolve_executor
 
-__all__ = ["PlanReport", "PlanRow", "dry_run", "print_plan"]
+__all__ = ["PlanReport", "PlanRow", "dry_run", "print_plan", "probe_key"]
 
 KNOWN_SIZES = {  # (train, test, channels, side) from the datasets' documentation, for data that is not here yet
     "cifar10": (50_000, 10_000, 3, 32), "cifar100": (50_000, 10_000, 3, 32), "cifar100_coarse": (50_000, 10_000, 3, 32),
@@ -55,12 +55,20 @@ PROBE_MAX_BATCH = 32
 class DataFacts:
     state: str  # local | download | missing
     detail: str
-    n_train: int = 0
-    n_val: int = 0
-    n_test: int = 0
+    n_train: int | None = 0
+    n_val: int | None = 0
+    n_test: int | None = 0
+    """Split sizes; ``None``: unknown (the data is not here and its size is not documented, or its selection fails)."""
     channels: int = 3
     side: int = 32
     n_classes: int = 10
+
+    @property
+    def known(self) -> bool:
+        return self.n_train is not None and self.n_val is not None and self.n_test is not None
+
+    def sizes(self) -> str:
+        return f"{self.n_train}/{self.n_val}/{self.n_test} @{self.side}px" if self.known else "size unknown"
 
 
 @dataclass
@@ -117,13 +125,13 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
     for run in plan:
         row = PlanRow(run.name, run.cfg.kind, run.needs, levels[run.name], _data(run.cfg, facts),
                       ("local", "members' runs") if run.cfg.kind == "ensemble" else _weights(run))
-        if row.data.state == "missing":
+        if row.data.state == "missing" or not row.data.known:
             report.problems.append(f"{run.name}: data: {row.data.detail}")
         if row.weights[0] == "missing":
             report.problems.append(f"{run.name}: weights: {row.weights[1]}")
         if run.search:
             row.note = "search trial (settings chosen when it starts)"
-        if probe and run.cfg.kind != "ensemble":
+        if probe and run.cfg.kind != "ensemble" and row.data.known:  # no model is timed for data that is not there
             try:
                 row.estimate_s = _estimate(run.cfg, row.data, probes)
             except Exception as e:  # noqa: BLE001 - a model the probe cannot build is a problem to report, not a crash
@@ -132,6 +140,10 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
             row.estimate_s = 0.0 if probe else None
         report.rows.append(row)
     report.probe_seconds = time.perf_counter() - t0
+    try:
+        check_folds_fit(study, plan)
+    except ConfigError as e:
+        report.problems.append(str(e))
     _cache_groups(report.rows, plan)
     _schedule(report.rows, exec_cfg)
     return report
@@ -147,30 +159,38 @@ def _data(cfg: ExperimentConfig, cache: dict[str, DataFacts]) -> DataFacts:
     try:
         with no_downloads():
             raw = load_dataset(cfg.data)
-        relabel, _, names = select_classes(cfg.data.classes, raw.class_names)
-        parts, _ = select_parts(cfg.data, raw, cfg.seed, relabel, names)
-        shape = tuple(raw.train_x.shape) if isinstance(raw.train_x, torch.Tensor) else None
-        facts = DataFacts("local", raw.source, len(parts["train"][0]), len(parts["val"][0]), len(parts["test"][0]),
-                          shape[1] if shape else getattr(raw.train_x, "channels", 3) or 3,
-                          cfg.data.image_size or (shape[2] if shape else 224), len(names))
     except DownloadRefused as e:
         facts = _known(cfg, "download", str(e))
     except DatasetError as e:
-        facts = _known(cfg, "missing", str(e).splitlines()[0][:300])
+        facts = DataFacts("missing", str(e).splitlines()[0][:300] + " (size unknown)", None, None, None, side=cfg.data.image_size or 224,
+                          n_classes=len(cfg.data.classes) if cfg.data.classes else 10)
+    else:
+        shape = tuple(raw.train_x.shape) if isinstance(raw.train_x, torch.Tensor) else None
+        channels = shape[1] if shape else getattr(raw.train_x, "channels", 3) or 3
+        side = cfg.data.image_size or (shape[2] if shape else 224)
+        try:
+            relabel, _, names = select_classes(cfg.data.classes, raw.class_names)
+            parts, _ = select_parts(cfg.data, raw, cfg.seed, relabel, names)
+            facts = DataFacts("local", raw.source, len(parts["train"][0]), len(parts["val"][0]), len(parts["test"][0]), channels, side, len(names))
+        except DatasetError as e:  # here, but its selection cannot be made: the run would fail; no size to estimate from
+            facts = DataFacts("local", f"{raw.source}: {str(e).splitlines()[0][:300]}", None, None, None, channels, side, len(raw.class_names))
     cache[key] = facts
     return facts
 
 
 def _known(cfg: ExperimentConfig, state: str, detail: str) -> DataFacts:
-    """Split sizes of a dataset that is not here, from its documented size and the selection settings."""
-    n_train, n_test, ch, side = KNOWN_SIZES.get(cfg.data.dataset, (1000, 200, 3, 224))
+    """Split sizes of a dataset that is not here, from its documented size and the selection settings (``None``: not
+    documented, the size is unknown; nothing is invented)."""
     d = cfg.data
+    classes = len(d.classes) if d.classes else {"cifar100": 100, "cifar100_coarse": 20, "tiny_imagenet": 200}.get(d.dataset, 10)
+    if d.dataset not in KNOWN_SIZES:
+        return DataFacts(state, detail + " (size unknown)", None, None, None, 3, d.image_size or 224, classes)
+    n_train, n_test, ch, side = KNOWN_SIZES[d.dataset]
     if d.train_subset is not None:
         n_train = int(d.train_subset if d.train_subset > 1 else n_train * d.train_subset)
     if d.test_subset is not None:
         n_test = int(d.test_subset if d.test_subset > 1 else n_test * d.test_subset)
     n_val = d.val_count if d.val_count is not None else int(n_train * d.val_fraction)
-    classes = len(d.classes) if d.classes else {"cifar100": 100, "cifar100_coarse": 20, "tiny_imagenet": 200}.get(d.dataset, 10)
     if d.k_per_class is not None:
         n_train = d.k_per_class * classes
     return DataFacts(state, detail + " (split sizes from the dataset's documented size)", max(0, n_train - n_val), n_val, n_test,
@@ -183,10 +203,26 @@ def _weights(run: PlannedRun) -> tuple[str, str]:
     return weights_status(run.cfg.model.backbone, run.cfg.model.weights)
 
 
+COSTLESS = {"model": ("weights", "keep_head", "drop_rate"), "head": ("dropout",)}
+"""Settings that do not change what one training step or forward pass costs: a probe is not repeated for them
+(the probe runs from random weights, and a dropout rate costs the same at any value)."""
+
+
+def probe_key(cfg: ExperimentConfig, data: DataFacts) -> str:
+    """What a probe's timing depends on: the architecture (backbone, truncation, head shape), what trains (strategy),
+    the input (side, channels, classes), batch sizes, precision and whether a training step is timed (kind)."""
+    parts: dict[str, Any] = {
+        section: {k: v for k, v in dataclasses.asdict(getattr(cfg, section)).items() if k not in COSTLESS.get(section, ())}
+        for section in ("model", "head", "strategy")
+    }
+    parts.update(side=data.side, channels=data.channels, classes=data.n_classes, batch=cfg.train.batch_size,
+                 eval_batch=cfg.train.eval_batch_size, precision=cfg.train.precision, steps=cfg.kind == "train")
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
 def _estimate(cfg: ExperimentConfig, data: DataFacts, probes: dict[str, tuple[float | None, float | None]]) -> float:
     """Seconds for one run: probe (step, forward per image) of its model, times its steps and images."""
-    key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.head), dataclasses.asdict(cfg.strategy), data.side,
-                      data.n_classes, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.train.precision], sort_keys=True, default=str)
+    key = probe_key(cfg, data)
     if key not in probes:
         probes[key] = _probe(cfg, data)
     step, fwd = probes[key]
@@ -276,7 +312,7 @@ def print_plan(report: PlanReport, console: Console) -> None:
     for col in ("run", "kind", "needs", "slot", "data", "weights", "cache", "estimate", "start"):
         t.add_column(col)
     for r in report.rows:
-        data = f"{r.data.state}: {r.data.n_train}/{r.data.n_val}/{r.data.n_test} @{r.data.side}px"
+        data = f"{r.data.state}: {r.data.sizes()}"
         weights = r.weights[0] if r.weights[0] in ("none", "local") else f"{r.weights[0]}: {r.weights[1]}"
         t.add_row(escape(r.name), r.kind, escape(", ".join(r.needs)) or "—", str(r.slot), escape(data), escape(weights),
                   r.cache_group or "—", _fmt_s(r.estimate_s), _fmt_s(r.start_s))

@@ -13,9 +13,12 @@ is ready, the executor only starts it and reports what finished (``Outcome``).
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +33,7 @@ from transferlab.registry import Registry
 from transferlab.rundir import RunError
 from transferlab.study.worker import Outcome, RunJob, attempts_of, execute_run
 
-__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "RayExecutor", "SequentialExecutor", "SlurmExecutor", "slurm_parameters"]
+__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "die_with_parent", "RayExecutor", "SequentialExecutor", "SlurmExecutor", "slurm_parameters"]
 
 
 class Executor:
@@ -108,8 +111,39 @@ class SequentialExecutor(Executor):
 # local: worker processes on this machine
 
 
-def _local_main(job: RunJob, result_path: str) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_POLL_S = 1.0
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when process ``parent`` (the driver that started it) dies, even by SIGKILL.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, the kernel kills this process when its parent exits. Everywhere
+    (and in case the call is unavailable): a daemon thread that checks every second whether the parent is still
+    this process's parent (an orphan is re-parented to init or a subreaper). A worker that outlived its driver
+    would go on training unsupervised and keep its run directory's lock, so ``--resume`` could not continue it.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no libc prctl (another libc): the watchdog below still ends it
+            pass
+    if os.getppid() != parent:  # the driver died before the line above took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="transferlab-parent-watchdog", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)  # like the kernel's PDEATHSIG: the checkpoints on disk are whole (atomic writes)
+
+
+def _local_main(job: RunJob, result_path: str, parent: int | None = None) -> None:
     """A local worker process: run the job, leave the outcome in ``result_path`` (no file: the process died)."""
+    if parent is not None:
+        die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the workers itself
     outcome = execute_run(job)
     write_json(Path(result_path), asdict(outcome))
@@ -159,7 +193,7 @@ class LocalExecutor(Executor):
     def _start(self, slot: _Slot) -> None:
         assert slot.job is not None
         self._result_path(slot.job).unlink(missing_ok=True)
-        slot.proc = self._ctx.Process(target=_local_main, args=(slot.job, str(self._result_path(slot.job))),
+        slot.proc = self._ctx.Process(target=_local_main, args=(slot.job, str(self._result_path(slot.job)), os.getpid()),
                                       name=f"transferlab-{slot.job.name}", daemon=False)
         slot.tries += 1
         slot.started = time.time()

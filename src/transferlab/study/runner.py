@@ -8,7 +8,9 @@ reason, without running; independent runs go on. A search proposes its trials as
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -19,12 +21,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from transferlab.config import ConfigError, ExecutorConfig, ExperimentConfig, Study, load_study, parse_executor
+from transferlab.data.folds import FoldsLimit, folds_limit
 from transferlab.engine.distributed import world
 from transferlab.engine.features.cached import SHARED_ENV
 from transferlab.files import atomic_write, write_json, write_text
 from transferlab.kinds import KINDS
 from transferlab.kinds.base import resolve_run_config
-from transferlab.rundir import RunDir, RunError, RunStopped
+from transferlab.rundir import METRICS_FILE, RunDir, RunError, RunStopped
+from transferlab.rundir.rundir import RunLocked, study_lock
 from transferlab.study.executors import EXECUTORS, Executor, SequentialExecutor
 from transferlab.study.plan import PlannedRun, plan_study
 from transferlab.study.progress import StudyProgress
@@ -101,20 +105,24 @@ def run_study(
     if any(r.search for r in plan):
         require_optuna()  # before anything runs
     ex_cls = EXECUTORS.get(exec_cfg.name)
-    if resume:
-        _check_resumable([r for r in plan if not r.search], out, overwrite)
-    ex = ex_cls(exec_cfg, out, console) if ex_cls is SequentialExecutor else ex_cls(exec_cfg, out)  # a missing extra fails here
-    out.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex if ex.parallel else ""
-    if world()[0] == 0:  # under torchrun only rank 0 writes
-        _record_study(study, out)
-        if token:
-            write_text(out / TOKEN_FILE, token)
-    drivers = {r.search: SearchDriver(r.search, study.searches[r.search], r.cfg, out, search_storage, overwrite)
-               for r in plan if r.search}
-    result = StudyResult(study.name, out)
-    Scheduler(plan, ex, drivers, result, console, token, resume, overwrite).run()
-    result.searches = {name: d.summary() for name, d in drivers.items()}
+    check_folds_fit(study, plan)  # data.folds above the smallest class: one config error, before anything is written
+    # one driver per study folder: a second invocation is refused here, naming the first, before it writes anything
+    with study_lock(out) if world()[0] == 0 else contextlib.nullcontext():
+        if resume:
+            _check_resumable([r for r in plan if not r.search], out, overwrite)
+        ex = ex_cls(exec_cfg, out, console) if ex_cls is SequentialExecutor else ex_cls(exec_cfg, out)  # a missing extra fails here
+        searched = {r.search: r.cfg for r in reversed(plan) if r.search}  # each searched experiment once (its first slot's config)
+        drivers = {name: SearchDriver(name, study.searches[name], cfg, out, search_storage, overwrite)
+                   for name, cfg in reversed(searched.items())}  # a changed search space is refused here
+        out.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex if ex.parallel else ""
+        if world()[0] == 0:  # under torchrun only rank 0 writes
+            _record_study(study, out)
+            if token:
+                write_text(out / TOKEN_FILE, token)
+        result = StudyResult(study.name, out)
+        Scheduler(plan, ex, drivers, result, console, token, resume, overwrite).run()
+        result.searches = {name: d.summary() for name, d in drivers.items()}
     return result
 
 
@@ -198,6 +206,13 @@ class Scheduler:
         if run.search:
             driver = self.drivers[run.search]
             slot = driver.next_trial(int(run.name.rsplit("=", 1)[1]))
+            if slot is None:  # other drivers on the same storage asked the trials this slot was for
+                self.status[run.name] = "unneeded"
+                self.console.print(f"[dim]{escape(run.name)}: not run: the search storage already holds "
+                                   f"{driver.spec.trials} trials (search.trials), some asked by another driver[/]")
+                if self.progress is not None:
+                    self.progress.update(run.name, "skipped")
+                return
             cfg, resume = slot.cfg, resume or slot.resume
             trial = driver.trial_info(slot)
             if cfg.name != run.name:  # another process asked trials on the same storage: follow Optuna's numbering
@@ -229,9 +244,10 @@ class Scheduler:
             return
         self.status[outcome.name] = status
         self.result.outcomes[outcome.name] = outcome
-        if run is not None and status == "failed" and not (self.ex.study_dir / run.name / "metrics.json").is_file() and world()[0] == 0:
-            # the worker died before it could record anything: the run's folder says so, as for any failure
-            RunDir(self.ex.study_dir / run.name).write_failure(run.cfg, RunStopped(outcome.error or "failed", status="failed"))
+        if run is not None and status == "failed" and not outcome.refused and world()[0] == 0:
+            # the worker died before it could record anything: the run's folder says so, as for any failure (under its lock,
+            # if nothing is there yet). A run refused by its lock or its folder (held or made by someone else) is left alone.
+            self._write_failure(run, RunStopped(outcome.error or "failed", status="failed"))
         if outcome.name in self.trials:
             exp, number = self.trials[outcome.name]
             self.drivers[exp].tell(number, status, outcome.value)
@@ -251,13 +267,24 @@ class Scheduler:
         what = "member run(s)" if run.cfg.kind == "ensemble" else f"{run.cfg.model.weights}: the source run"
         error = RunStopped(f"{what} did not finish: {reasons}", status="skipped")
         if world()[0] == 0:
-            RunDir(self.ex.study_dir / run.name).write_failure(run.cfg, error)
+            self._write_failure(run, error)
         self.status[run.name] = "skipped"
         self.result.failed[run.name] = str(error)
         self.result.outcomes[run.name] = Outcome(run.name, "skipped", str(error))
         self.console.print(f"[yellow]{escape(run.name)} skipped: {escape(str(error))}[/]")
         if self.progress is not None:
             self.progress.update(run.name, "skipped")
+
+
+    def _write_failure(self, run: PlannedRun, error: RunStopped) -> None:
+        """Record a run that did not run (skipped) or whose worker died, under its lock: never into a folder another process holds."""
+        rundir = RunDir(self.ex.study_dir / run.name)
+        try:
+            with rundir.lock():
+                if not (rundir.path / METRICS_FILE).is_file() or error.status == "skipped":
+                    rundir.write_failure(run.cfg, error)
+        except RunLocked as e:
+            self.console.print(f"[yellow]{escape(run.name)}: not recorded ({escape(str(e))})[/]")
 
 
 def _check_resumable(plan: list[PlannedRun], out: Path, overwrite: bool) -> None:
@@ -275,6 +302,33 @@ def _check_resumable(plan: list[PlannedRun], out: Path, overwrite: bool) -> None
             refused.append(str(e))
     if refused:
         raise RunError("\n".join(refused) + ("" if len(refused) == 1 else f"\n({len(refused)} runs refused; nothing was run)"))
+
+
+def check_folds_fit(study: Study, plan: list[PlannedRun]) -> None:
+    """``data.folds`` of every run fits its data (each fold needs an image of every class): else one ConfigError
+    naming the file, the experiment, the value and the largest value that works. Data that is not here is not
+    checked (nothing is downloaded for this); its runs say what is missing."""
+    seen: dict[str, FoldsLimit | None] = {}
+    problems: list[str] = []
+    for run in plan:
+        d = run.cfg.data
+        if d.folds is None or run.cfg.kind == "ensemble":
+            continue
+        key = json.dumps(dataclasses.asdict(dataclasses.replace(d, fold=None, folds=None)), sort_keys=True, default=str)
+        if key not in seen:
+            seen[key] = folds_limit(d)
+        limit = seen[key]
+        if limit is None or d.folds <= limit.largest:
+            continue
+        group = run.cfg.sweep.group if run.cfg.sweep else run.cfg.name
+        fix = (f"the largest data.folds that works is {limit.largest}" if limit.largest >= 2 else
+               "cross-validation needs at least 2 images of every class: remove data.folds")
+        problem = (f"experiment {group!r}: data.folds={d.folds} but class {limit.smallest_class!r} of {d.dataset} has only "
+                   f"{limit.largest} images ({limit.n_images} images in all; every fold needs one of each class): {fix}")
+        if problem not in problems:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(f"{study.source}: " + "\n".join(problems) + "\n(nothing was run or written)")
 
 
 def _check_only(study: Study, only: list[str] | None) -> None:

@@ -15,8 +15,11 @@ trial's test metrics are what the search reports, marked as such (``search/<expe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +28,16 @@ from transferlab.config import ConfigError, ExperimentConfig, SearchSpec, SweepP
 from transferlab.engine.loop import Callback, Loop
 from transferlab.files import write_bytes, write_json
 from transferlab.rundir import RunError, RunStopped
+from transferlab.rundir.rundir import hold_lock, pid_alive
 
 __all__ = ["PruningCallback", "SearchDriver", "TrialSlot", "require_optuna", "storage_url"]
 
 INSTALL = "pip install 'transferlab[search]'"
+SPACE_ATTR = "transferlab_space"
+"""Optuna study attribute: the search space (per key, Optuna's JSON of the distribution) the storage was made with."""
+OBJECTIVE_ATTR = "transferlab_objective"
+DRIVER_ATTR = "transferlab_driver"
+"""Optuna trial attribute: the driver that asked the trial (study folder, host, pid)."""
 
 
 def require_optuna() -> Any:
@@ -54,6 +63,27 @@ def _storage(url: str) -> Any:
     if url.startswith("sqlite:"):  # several processes write: wait for the lock instead of failing at once
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
     return optuna.storages.RDBStorage(url)
+
+
+def _storage_file(url: str) -> Path | None:
+    """The file of a SQLite or journal storage (``None``: a database server)."""
+    if url.startswith("journal:"):
+        return Path(url[len("journal:"):])
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    return None
+
+
+def _describe(dist_json: str | None) -> str:
+    """An Optuna distribution (as stored) in the study file's words: ``{log_uniform: [1e-05, 0.1]}``; ``(none)``."""
+    if dist_json is None:
+        return "(none)"
+    optuna = require_optuna()
+    d = optuna.distributions.json_to_distribution(dist_json)
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return f"{{choice: {list(d.choices)}}}"
+    kind = "int" if isinstance(d, optuna.distributions.IntDistribution) else "log_uniform" if d.log else "uniform"
+    return f"{{{kind}: [{d.low}, {d.high}]}}"
 
 
 def _distributions(spec: SearchSpec) -> dict[str, Any]:
@@ -123,20 +153,87 @@ class SearchDriver:
             n_existing = 0
         self.study = optuna.create_study(study_name=name, storage=self.storage, sampler=_sampler(spec, n_existing), pruner=_pruner(spec),
                                          direction=spec.resolved_direction(), load_if_exists=True)
-        self._stale = {t.number for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING}
+        self.home = str(study_dir.resolve())
+        self._check_space()
+        # left running by an interrupted driver of this study folder (the study lock says no other driver is here), or by
+        # a driver of this host that is gone: continued. A trial running for a live driver elsewhere is not ours to take.
+        self._stale = {t.number for t in self.study.get_trials(deepcopy=False)
+                       if t.state == optuna.trial.TrialState.RUNNING and self._abandoned(t)}
+
+    # ----------------------------------------------------------------------------------------
+    # the space the storage was made with
+
+    def _check_space(self) -> None:
+        """Refuse a storage whose trials were drawn from another space or for another metric (a config change)."""
+        optuna = require_optuna()
+        now = {k: optuna.distributions.distribution_to_json(v) for k, v in _distributions(self.spec).items()}
+        objective = {"metric": self.spec.metric, "direction": self.spec.resolved_direction()}
+        attrs = self.study.user_attrs
+        trials = self.study.get_trials(deepcopy=False)
+        if SPACE_ATTR in attrs:
+            recorded, rec_objective = attrs[SPACE_ATTR], attrs.get(OBJECTIVE_ATTR, objective)
+        elif trials:  # a storage from before the space was recorded: the distributions its trials were drawn from
+            recorded, rec_objective = {}, objective
+            for t in trials:
+                recorded.update({k: optuna.distributions.distribution_to_json(v) for k, v in t.distributions.items()})
+        else:
+            self.study.set_user_attr(SPACE_ATTR, now)
+            self.study.set_user_attr(OBJECTIVE_ATTR, objective)
+            return
+        changes = []
+        for key in sorted(set(recorded) | set(now)):
+            old, new = recorded.get(key), now.get(key)
+            if old is None or new is None or optuna.distributions.json_to_distribution(old) != optuna.distributions.json_to_distribution(new):
+                changes.append(f"  space.{key}: {_describe(old)} → {_describe(new)}")
+        changes += [f"  {k}: {rec_objective.get(k)!r} → {v!r}" for k, v in objective.items() if rec_objective.get(k) != v]
+        if changes:
+            raise RunError(
+                f"search {self.name} in {self.url} was made with another search than the study asks for now "
+                f"({len(changes)} change{'s' if len(changes) > 1 else ''}, recorded → now):\n" + "\n".join(changes) + "\n"
+                f"Its {len(trials)} trial(s) would mix with trials of the new space. Pass --overwrite to start the search again "
+                "(its trials are deleted), or give the experiment a new name (or another --search-storage) to keep both."
+            )
+        if SPACE_ATTR not in attrs:
+            self.study.set_user_attr(SPACE_ATTR, now)
+            self.study.set_user_attr(OBJECTIVE_ATTR, objective)
+
+    def _abandoned(self, trial: Any) -> bool:
+        """A running trial nobody runs any more: asked by a driver of this study folder, or of this host that is gone."""
+        owner = trial.user_attrs.get(DRIVER_ATTR)
+        if not isinstance(owner, dict) or owner.get("study_dir") == self.home:
+            return True
+        return owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", 0)))
+
+    def _ours(self, trial: Any) -> bool:
+        owner = trial.user_attrs.get(DRIVER_ATTR)
+        return not isinstance(owner, dict) or owner.get("study_dir") == self.home or trial.number in self._stale
+
+    def _storage_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Several drivers on one storage file take turns to count and ask trials, so ``trials:`` is not exceeded."""
+        path = _storage_file(self.url)
+        if path is None:  # a database server: Optuna numbers the trials; the count is checked right before asking
+            return contextlib.nullcontext()
+        return hold_lock(Path(str(path) + ".lock"), f"search storage {path} is in use", "", wait=True)
 
     def trial_info(self, slot: TrialSlot) -> dict[str, Any]:
         """What a worker needs to report to and be pruned by this study (``RunJob.trial``)."""
         return {"storage": self.url, "study": self.name, "trial_id": slot.trial_id, "metric": self.spec.metric,
                 "direction": self.spec.resolved_direction()}
 
-    def next_trial(self, number: int) -> TrialSlot:
-        """Trial ``number``: a trial left running by an interrupted search continues; otherwise a new one is asked."""
-        trials = self.study.get_trials(deepcopy=False)
-        if number < len(trials) and (trials[number].state.is_finished() or number in self._stale):
-            t = trials[number]  # finished: its run directory is reused; left running: it continues from its checkpoint
-            return TrialSlot(t.number, t._trial_id, dict(t.params), self.config_for(t.number, t.params), resume=True)
-        trial = self.study.ask(_distributions(self.spec))
+    def next_trial(self, number: int) -> TrialSlot | None:
+        """Trial ``number``: a trial of this study folder that finished or was left running continues (its run directory
+        is reused); otherwise a new one is asked, unless the storage already holds ``trials:`` trials (other drivers on
+        the same storage asked them): then ``None``, the slot is not needed."""
+        with self._storage_lock():
+            trials = self.study.get_trials(deepcopy=False)
+            if number < len(trials) and self._ours(trials[number]) and (trials[number].state.is_finished() or number in self._stale):
+                t = trials[number]  # finished: its run directory is reused; left running: it continues from its checkpoint
+                self._stale.discard(number)
+                return TrialSlot(t.number, t._trial_id, dict(t.params), self.config_for(t.number, t.params), resume=True)
+            if len(trials) >= self.spec.trials:
+                return None
+            trial = self.study.ask(_distributions(self.spec))
+            trial.set_user_attr(DRIVER_ATTR, {"study_dir": self.home, "host": socket.gethostname(), "pid": os.getpid()})
         return TrialSlot(trial.number, trial._trial_id, dict(trial.params), self.config_for(trial.number, trial.params), resume=False)
 
     def config_for(self, number: int, params: dict[str, Any]) -> ExperimentConfig:

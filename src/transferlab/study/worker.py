@@ -27,6 +27,7 @@ from transferlab.config import ExperimentConfig
 from transferlab.files import read_json, write_json
 from transferlab.kinds import run_experiment
 from transferlab.rundir import RunError
+from transferlab.rundir.rundir import RunRefused
 from transferlab.study.search import PruningCallback
 
 __all__ = ["Outcome", "RunJob", "execute_run"]
@@ -73,6 +74,9 @@ class Outcome:
     started: float = 0.0
     ended: float = 0.0
     """Wall-clock start and end (``time.time()``) of the last attempt."""
+    refused: bool = False
+    """The run's folder was not taken (``RunRefused``: held by another process, or made earlier or with another
+    config): nothing may be written into it, not even this failure."""
 
 
 def execute_run(job: RunJob, console: Console | None = None) -> Outcome:
@@ -86,7 +90,7 @@ def execute_run(job: RunJob, console: Console | None = None) -> Outcome:
     threads_before = torch.get_num_threads()
     if job.threads:
         torch.set_num_threads(job.threads)
-    attempt = 1
+    attempt, refused = 1, False
     try:
         if job.token:  # a parallel executor: another process or node; in this process (sequential) there is nothing to check
             check_shared_folder(job)
@@ -98,9 +102,10 @@ def execute_run(job: RunJob, console: Console | None = None) -> Outcome:
         status, error = "ok", None
     except Exception as e:  # noqa: BLE001 - recorded in the run's metrics.json by run_experiment; reported in the outcome
         status, error = getattr(e, "status", "failed"), f"{type(e).__name__}: {e}"
+        refused = isinstance(e, RunRefused)
     finally:
         torch.set_num_threads(threads_before)  # in-process (sequential) runs leave the driver as it was
-    return Outcome(job.name, status, error, worker, time.perf_counter() - t0, attempt, _objective(job), started, time.time())
+    return Outcome(job.name, status, error, worker, time.perf_counter() - t0, attempt, _objective(job), started, time.time(), refused)
 
 
 def check_shared_folder(job: RunJob) -> None:
