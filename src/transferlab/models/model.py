@@ -125,9 +125,17 @@ class TransferModel(nn.Module):
         return self
 
 
-def build_model(model_cfg: ModelConfig, head_cfg: HeadConfig, num_classes: int) -> tuple[TransferModel, LoadReport | None]:
-    """Create the backbone with its weights and attach a new head for ``num_classes`` classes."""
-    backbone, report = create_backbone(model_cfg.backbone, model_cfg.weights, model_cfg.drop_rate, truncate=model_cfg.truncate)
+def build_model(
+    model_cfg: ModelConfig, head_cfg: HeadConfig, num_classes: int, image_size: int | None = None
+) -> tuple[TransferModel, LoadReport | None]:
+    """Create the backbone with its weights and attach a new head for ``num_classes`` classes.
+
+    A fixed-input-size backbone (ViT, Swin, …) is built at ``image_size``, else at ``model_cfg.image_size``
+    (filled from ``data.image_size`` when the config is read), else at its default size.
+    """
+    size = image_size if image_size is not None else model_cfg.image_size
+    backbone, report = create_backbone(model_cfg.backbone, model_cfg.weights, model_cfg.drop_rate, truncate=model_cfg.truncate,
+                                       image_size=size)
     model = TransferModel(backbone, build_head(head_cfg, backbone, num_classes), head_cfg, num_classes)
     if model_cfg.keep_head and model_cfg.weights.startswith("run:"):
         load_run_head(model, model_cfg.weights[len("run:") :], head_cfg, num_classes, report)
