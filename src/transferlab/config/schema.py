@@ -140,6 +140,10 @@ class ModelConfig:
     """Dropout inside the backbone where the architecture supports it."""
     channels_last: bool = True
     """Use the channels_last memory format (faster convolutions on CPU and GPU)."""
+    image_size: int | None = None
+    """The input size a fixed-input-size backbone (ViT, DeiT, Swin, any timm model taking ``img_size``) is built at.
+    Filled from ``data.image_size`` when the config is read, so every rebuild of the model (``load_run``, exports)
+    has it; other backbones ignore it. Set it only to the value of ``data.image_size``."""
 
 
 @dataclass
@@ -174,7 +178,8 @@ class StrategyConfig:
     """What trains. See ``transferlab.strategies`` for the list."""
 
     name: str = "finetune"
-    """Registered strategy: ``scratch``, ``finetune``, ``linear_probe``, ``freeze_first``, ``bn_only``."""
+    """Registered strategy: ``scratch``, ``finetune``, ``linear_probe``, ``freeze_first``, ``bn_only``, ``norm_only``,
+    ``bitfit``, ``lora`` (needs ``pip install 'transferlab[peft]'``), ``vpt``."""
     stages: int | None = None
     """``freeze_first``: freeze the stem and the first N stages (timm's coarse layer groups)."""
     children: int | None = None
@@ -185,6 +190,19 @@ class StrategyConfig:
     """Gradual unfreezing: at these epochs the next frozen stages (from the top) start to train."""
     freeze_epochs: int | None = None
     """fastai's ``fine_tune``: the strategy's frozen part trains too from this epoch on (all at once)."""
+    rank: int = 8
+    """``lora``: rank of the low-rank update of every targeted Linear / Conv2d layer."""
+    alpha: float = 16.0
+    """``lora``: scaling of the update (``alpha / rank``), as in HF peft's ``lora_alpha``."""
+    dropout: float = 0.0
+    """``lora``: dropout on the adapter's input (peft's ``lora_dropout``)."""
+    targets: str | list[str] = "auto"
+    """``lora``: ``auto`` (the per-architecture table: attention and MLP projections of transformer blocks, the
+    convolutions of CNN stages) or a list of layer-name patterns (``qkv``, ``blocks.11``, ``layer4.*.conv2``)."""
+    prompts: int = 10
+    """``vpt``: number of learnable prompt tokens inserted after the class (and register) tokens."""
+    deep: bool = False
+    """``vpt``: fresh prompt tokens in front of every transformer block (VPT-deep) instead of only the first."""
 
 
 @dataclass
@@ -433,6 +451,12 @@ class ExperimentConfig:
     """Top-k predictions on outside image files after training (``kind: train``)."""
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     """Feature maps of outside image files after training (``kind: train``)."""
+
+    def __post_init__(self) -> None:
+        # the model section records the size a fixed-input-size backbone is built at, so every rebuild of the model
+        # (load_run, export, the HF folder) has it without the data section
+        if self.model.image_size is None and self.data.image_size is not None:
+            self.model = dataclasses.replace(self.model, image_size=self.data.image_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
