@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import statistics
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -448,7 +449,8 @@ def compare(study_dir: str | Path, console: Console | None = None, write: bool =
     study_dir = Path(study_dir)
     rows = collect(study_dir, metric, against)
     table = console_table(rows, f"study {study_dir.name}", wide)
-    console.print(table, width=None if wide else min(console.width, CONSOLE_WIDTH))
+    # narrow: at most 120 columns (cut with … if still too wide); wide: as wide as the table needs, never folded
+    console.print(table, width=max(console.width, console.measure(table).maximum) if wide else min(console.width, CONSOLE_WIDTH))
     legend = _legend(rows)
     if legend:
         console.print(legend, markup=False, highlight=False)
@@ -458,7 +460,7 @@ def compare(study_dir: str | Path, console: Console | None = None, write: bool =
     for row in rows:
         hint = seeds_hint(row)
         if hint:
-            console.print("  " + hint, markup=False, highlight=False)
+            console.print(textwrap.fill(hint, CONSOLE_WIDTH, initial_indent="  ", subsequent_indent="    "), markup=False, highlight=False)
     for rec in read_searches(study_dir):  # a search's result is its best trial on validation, marked as such
         console.print(f"search {rec.experiment}: " + "; ".join(search_lines(rec)[1:]), markup=False, highlight=False)
     if write:

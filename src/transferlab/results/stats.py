@@ -56,7 +56,7 @@ ALPHA = 0.05
 BOOTSTRAP_MIN_N = 30
 """From this many seeds / folds on, a mean's interval is the bootstrap percentile interval. Below it the
 percentile bootstrap is too narrow (it uses normal-like quantiles and the plug-in spread, so with 3 seeds
-a nominal 95 % interval covers about 70 %), while the t-interval is exact for normally distributed run
+a nominal 95 % interval covers about 75 %), while the t-interval is exact for normally distributed run
 noise and close to it otherwise; at 30 values and more the two agree for normal noise and the bootstrap
 no longer assumes symmetry."""
 BOOTSTRAP_RESAMPLES = 4000
