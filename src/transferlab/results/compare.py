@@ -450,7 +450,13 @@ def compare(study_dir: str | Path, console: Console | None = None, write: bool =
     rows = collect(study_dir, metric, against)
     table = console_table(rows, f"study {study_dir.name}", wide)
     # narrow: at most 120 columns (cut with … if still too wide); wide: as wide as the table needs, never folded
-    console.print(table, width=max(console.width, console.measure(table).maximum) if wide else min(console.width, CONSOLE_WIDTH))
+    if wide:  # as wide as the table needs, never folded (rich caps a print at the console's width: lift it meanwhile)
+        width = console.width
+        console.width = max(width, console.measure(table, options=console.options.update_width(10_000)).maximum)
+        console.print(table)
+        console.width = width
+    else:  # at most 120 columns (cut with … if still too wide)
+        console.print(table, width=min(console.width, CONSOLE_WIDTH))
     legend = _legend(rows)
     if legend:
         console.print(legend, markup=False, highlight=False)
