@@ -9,6 +9,7 @@ the cached test features.
     .venv/bin/python benchmarks/feature_cache.py                 # full: 18 000 train / 2 000 val / 10 000 test, 20 epochs (~7 min per head and round)
     .venv/bin/python benchmarks/feature_cache.py --size small    # a quick check that it works (about a minute)
     .venv/bin/python benchmarks/feature_cache.py --size medium   # 2 700 / 300 / 1 000 images, 20 epochs (minutes)
+    .venv/bin/python benchmarks/feature_cache.py --device cuda   # on a GPU (benchmarks/gpu.sh)
 
 Each head runs ``--rounds`` interleaved rounds of (cached, plain), alternating which goes first, and the
 speedups are the median over the rounds, so one run's ratio does not carry the machine's drift.
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="full")
     p.add_argument("--heads", default="linear", help="comma-separated: linear, mlp (default linear)")
-    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--device", "--accelerator", dest="accelerator", default="auto",
+                   help="train.accelerator of every run: auto (CUDA when there is one, default), cpu or cuda")
     p.add_argument("--runs-dir", type=Path, help="keep the run directories here (default: a temporary folder)")
     p.add_argument("--json", dest="json_out", type=Path, help="also write the numbers as JSON")
     p.add_argument("--rounds", type=int, default=3,

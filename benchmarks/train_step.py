@@ -9,6 +9,7 @@ between the two to cancel machine noise; the printed ratio is the median over ro
     python benchmarks/train_step.py                 # transferlab_cnn_deep at 28 px, 6 000 images
     python benchmarks/train_step.py --backbone resnet18 --size 32 --images 4000
     python benchmarks/train_step.py --variants bf16-mixed,compile   # also: transferlab with these vs fp32 eager
+    python benchmarks/train_step.py --device cuda --images 30000 --batch 256   # on a GPU (benchmarks/gpu.sh)
 
 ``--variants`` measures transferlab's own training settings against its fp32 eager default: each
 variant trains 2 epochs; the second epoch's time is the steady-state figure, the first epoch's extra
@@ -43,16 +44,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default="", help="comma-separated: bf16-mixed, compile, compile+bf16-mixed")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where both loops train (the images live there)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    device = torch.device(args.device)
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (args.images, 1, args.size, args.size), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (args.images,), generator=g)
+    x = torch.randint(0, 256, (args.images, 1, args.size, args.size), dtype=torch.uint8, generator=g).to(device)
+    y = torch.randint(0, 10, (args.images,), generator=g).to(device)
     cfg = from_dict(ExperimentConfig, {
         "name": "bench", "model": {"backbone": args.backbone},
-        "train": {"epochs": 1, "batch_size": args.batch, "optimizer": "adamw", "schedule": "cosine", "progress": False, "accelerator": "cpu"},
+        "train": {"epochs": 1, "batch_size": args.batch, "optimizer": "adamw", "schedule": "cosine", "progress": False, "accelerator": device.type,
+                  # fp32 like the bare loop (the default `auto` is bf16 on some machines; --variants measures bf16)
+                  "precision": "32-true"},
     })
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # CUDA runs asynchronously: stop the clock when the GPU is done
 
     def fresh():
         torch.manual_seed(0)
@@ -64,27 +73,29 @@ def main() -> None:
         """Wall time of ``fit`` and the seconds of each epoch (from its history)."""
         model = fresh()
         pre = model.preprocess()
-        train = TensorBatches(x, y, args.batch, pre, shuffle=True, seed=0, channels_last=True)
-        val = TensorBatches(x[:128], y[:128], 512, pre, channels_last=True)
+        train = TensorBatches(x, y, args.batch, pre, device=device, shuffle=True, seed=0, channels_last=True)
+        val = TensorBatches(x[:128], y[:128], 512, pre, device=device, channels_last=True)
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
-            fabric = Fabric(accelerator="cpu", devices=1, precision=c.train.precision)
+            fabric = Fabric(accelerator=device.type, devices=1, precision=c.train.precision)
             result = fit(model, train, val, c, fabric, Path(d), {}, console=Console(quiet=True))
+            sync()
             return time.perf_counter() - t, [row["seconds"] for row in result.history]
 
     def transferlab_epoch() -> float:
         return transferlab_fit()[0]
 
     def bare_epoch() -> float:
-        model = fresh().to(memory_format=torch.channels_last)
+        model = fresh().to(device, memory_format=torch.channels_last)
         pre: Preprocess = model.preprocess()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
         steps = (len(x) + args.batch - 1) // args.batch
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         loss_fn = torch.nn.CrossEntropyLoss()
+        sync()
         t = time.perf_counter()
         model.train()
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).to(device)
         for i in range(0, len(x), args.batch):
             idx = order[i : i + args.batch]
             xb = pre(x[idx]).contiguous(memory_format=torch.channels_last)
@@ -93,6 +104,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             sched.step()
+        sync()
         return time.perf_counter() - t
 
     bare_epoch()  # warm-up (oneDNN kernels, allocator)
@@ -102,7 +114,8 @@ def main() -> None:
         rows.append({"round": r, "bare_img_s": len(x) / b, "transferlab_img_s": len(x) / t, "ratio": b / t})
         print(f"round {r}: bare {len(x) / b:8.0f} img/s | transferlab {len(x) / t:8.0f} img/s | ratio {b / t:.3f}", flush=True)
     ratio = statistics.median(r["ratio"] for r in rows)
-    print(f"{args.backbone} {args.size}px batch {args.batch}, {args.images} images, threads {torch.get_num_threads()}: "
+    on = "" if device.type == "cpu" else f", {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}"
+    print(f"{args.backbone} {args.size}px batch {args.batch}, {args.images} images, threads {torch.get_num_threads()}{on}: "
           f"transferlab / bare throughput = {ratio:.3f} (median of {args.rounds}; target >= 0.9)")
     variants = _measure_variants(args, cfg, transferlab_fit) if args.variants else {}
     if args.json:

@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m ruff check .
 NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict  # not --quiet: it silences the warnings --strict counts
-exec .venv/bin/python -m pytest -m "not slow" -q "$@"
+exec .venv/bin/python -m pytest -m "not slow and not gpu" -q "$@"
