@@ -9,7 +9,7 @@ median of interleaved rounds, after one untimed pass per shape — and prints th
 throughput relative to the current default.
 
     .venv/bin/python benchmarks/eval_batch.py                       # four models, batch 64/128/256/512, CPU
-    .venv/bin/python benchmarks/eval_batch.py --batches 128,1024 --accelerator cuda
+    .venv/bin/python benchmarks/eval_batch.py --batches 128,1024 --device cuda
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def throughput(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: 
     batches = TensorBatches(x, y, batch, model.preprocess(), device=device, channels_last=True)
     if warm:
         evaluate(model, batches, 10, device)
-    return evaluate(model, batches, 10, device)["images_per_s"]
+    return evaluate(model, batches, 10, device).images_per_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=4096, help="images per timed pass (default 4096)")
     ap.add_argument("--rounds", type=int, default=5, help="timed passes per batch size, interleaved; the median is kept")
     ap.add_argument("--models", default=",".join(m[0] for m in MODELS), help="comma-separated backbones from the list above")
-    ap.add_argument("--accelerator", default="cpu", help="cpu or cuda")
+    ap.add_argument("--device", "--accelerator", dest="accelerator", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--json", type=Path, help="also write the numbers as JSON")
     args = ap.parse_args(argv)
 

@@ -31,12 +31,13 @@ def test_ece_nll_and_brier_of_a_hand_built_case_follow_their_definitions():
         bins.setdefault(int(c * ECE_BINS), []).append((c, float(p == t)))
     expected = sum(abs(sum(k for _, k in b) - sum(c for c, _ in b)) for b in bins.values()) / len(y)
     out = evaluate(torch.nn.Identity(), [(probs.log(), y)], 3)  # log-probabilities as logits: softmax gives probs back
-    assert out["ece"] == pytest.approx(expected, abs=1e-6)
-    assert ece_from_bins(out["reliability"]) == pytest.approx(expected, abs=1e-6)
-    assert out["nll"] == pytest.approx(float(-probs[torch.arange(6), y].log().mean()), abs=1e-6)
+    cal = out.calibration
+    assert cal.ece == pytest.approx(expected, abs=1e-6)
+    assert ece_from_bins(cal.reliability) == pytest.approx(expected, abs=1e-6)
+    assert cal.nll == pytest.approx(float(-probs[torch.arange(6), y].log().mean()), abs=1e-6)
     brier = float(((probs - F.one_hot(y, 3)) ** 2).sum(1).mean())
-    assert out["brier"] == pytest.approx(brier, abs=1e-6)
-    assert sum(out["reliability"]["count"]) == 6
+    assert cal.brier == pytest.approx(brier, abs=1e-6)
+    assert sum(cal.reliability["count"]) == 6
 
 
 def test_temperature_scaling_lowers_the_nll_of_an_over_confident_model():
@@ -48,8 +49,8 @@ def test_temperature_scaling_lowers_the_nll_of_an_over_confident_model():
     assert t > 1
     assert F.cross_entropy(hot / t, y) < F.cross_entropy(hot, y)
     scaled = evaluate(torch.nn.Identity(), [(hot, y)], 5, temperature=t)
-    assert scaled["ece_calibrated"] < scaled["ece"] and scaled["nll_calibrated"] < scaled["nll"]
-    assert scaled["temperature"] == t
+    assert scaled.calibrated.ece < scaled.calibration.ece and scaled.calibrated.nll < scaled.calibration.nll
+    assert scaled.temperature == t
 
 
 def test_a_tiny_digits_run_records_calibration_and_fits_t_on_val_only(make_cfg, tmp_path, monkeypatch):

@@ -778,7 +778,7 @@ def _train_digits(in_memory: bool, augment: list) -> float:
 
     with tempfile.TemporaryDirectory() as ckpt:
         fit(model, train, val, cfg, fabric, Path(ckpt), {"config": cfg.to_dict()})
-    return evaluate(model, test, splits.num_classes)["acc"]
+    return evaluate(model, test, splits.num_classes).acc
 
 
 def test_digits_same_accuracy_in_memory_and_pil() -> None:

@@ -98,7 +98,7 @@ def test_cached_training_matches_the_plain_loop(make_cfg, tmp_path, backbone, st
 
     model = load_run(tmp_path / "auto").load_model()
     splits = prepare_splits(load_run(tmp_path / "auto").config.data, 0)
-    assert evaluate(model, TensorBatches(splits.test_x, splits.test_y, 64, model.preprocess()), 4)["acc"] == pytest.approx(on["test_acc"])
+    assert evaluate(model, TensorBatches(splits.test_x, splits.test_y, 64, model.preprocess()), 4).acc == pytest.approx(on["test_acc"])
 
 
 def test_caching_is_off_with_a_reason(make_cfg, tmp_path):

@@ -36,8 +36,8 @@ class Layer:
     modules: tuple[str, ...] = ()  # exactly these modules
 
 
-# The layers of transferlab, lowest first. README.md, section "Project layout", describes the same
-# layers; keep the two in step. Layers of the same rank are separate: they may not import each other.
+# The layers of transferlab, lowest first. docs/architecture.md ("The layers") describes the same layers;
+# keep the two in step. Layers of the same rank are separate: they may not import each other.
 LAYERS: tuple[Layer, ...] = (
     Layer("base", 0, packages=("transferlab.registry", "transferlab.files")),
     Layer("config", 1, packages=("transferlab.config",)),

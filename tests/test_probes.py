@@ -167,8 +167,8 @@ def test_logistic_and_knn_runs_are_ordinary_run_directories(tmp_path):
     model = logistic.load_model()
     splits = prepare_splits(logistic.config.data, 0)
     with autocast_for(logistic.config.train.precision, "cpu"):
-        acc = evaluate(model, TensorBatches(splits.test_x, splits.test_y, 128, model.preprocess()), 10)["acc"]
-    assert acc == pytest.approx(logistic.metrics["test_acc"], abs=1 / 450)
+        acc = evaluate(model, TensorBatches(splits.test_x, splits.test_y, 128, model.preprocess()), 10).acc
+    assert acc == pytest.approx(logistic.metrics["test_acc"], abs=1.5 / 450)  # one image may flip in bf16 (1/450 itself fails on float32 rounding)
     knn = load_run(tmp_path / "probes" / "knn")
     assert knn.metrics["probe"]["k"] in (1, 10) and knn.metrics["trainable_params"] == 0
     assert knn.metrics["feature_cache"]["sources"] == ["memory"] * 3  # the logistic probe's pass, reused

@@ -377,9 +377,9 @@ def test_ema_both_tests_both_weight_sets_and_the_checkpoint_model_is_the_ema(mak
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # load_run gives the EMA weights
     splits = prepare_splits(cfg.data, cfg.seed)
     test = TensorBatches(splits.test_x, splits.test_y, cfg.train.eval_batch_size, model.preprocess(), channels_last=cfg.model.channels_last)
-    assert evaluate(model, test, 4)["acc"] == pytest.approx(m["test_acc"])
+    assert evaluate(model, test, 4).acc == pytest.approx(m["test_acc"])
     model.load_state_dict(raw)
-    assert evaluate(model, test, 4)["acc"] == pytest.approx(m["ema"]["test_raw"]["acc"])
+    assert evaluate(model, test, 4).acc == pytest.approx(m["ema"]["test_raw"]["acc"])
 
 
 def test_ema_raw_keeps_the_average_beside_the_raw_weights(make_cfg, tmp_path):
@@ -399,7 +399,7 @@ def test_ema_and_the_balanced_sampler_train_on_cached_features(make_cfg, tmp_pat
     model = transferlab.load_run(tmp_path / "run").load_model()  # a full-model checkpoint of the averaged weights
     splits = prepare_splits(cfg.data, cfg.seed)
     test = TensorBatches(splits.test_x, splits.test_y, cfg.train.eval_batch_size, model.preprocess(), channels_last=cfg.model.channels_last)
-    assert evaluate(model, test, 4)["acc"] == pytest.approx(m["test_acc"])
+    assert evaluate(model, test, 4).acc == pytest.approx(m["test_acc"])
 
 
 def test_mixup_switches_feature_caching_off_and_says_why(make_cfg, tmp_path):

@@ -59,7 +59,7 @@ def test_run_directory_contents_and_load_run_reproduces_the_model(make_cfg, tmp_
 
     splits = prepare_splits(cfg.data, cfg.seed)
     test = TensorBatches(splits.test_x, splits.test_y, 64, model.preprocess())
-    assert evaluate(model, test, 4)["acc"] == pytest.approx(m["test_acc"], abs=1e-9)
+    assert evaluate(model, test, 4).acc == pytest.approx(m["test_acc"], abs=1e-9)
 
 
 def test_existing_run_dir_is_not_overwritten_without_permission(make_cfg, tmp_path):
@@ -230,7 +230,7 @@ def test_flip_tta_averages_the_softmax_of_image_and_mirror_everywhere_the_run_is
     assert with_tta(model, "none") is model
     # the recorded test accuracy is the TTA one, and the ensemble re-evaluates members the same way
     test = TensorBatches(splits.test_x, splits.test_y, 64, model.preprocess())
-    assert evaluate(with_tta(model, "flip"), test, 4)["acc"] == pytest.approx(m["test_acc"], abs=1e-9)
+    assert evaluate(with_tta(model, "flip"), test, 4).acc == pytest.approx(m["test_acc"], abs=1e-9)
     probs, _, _ = member_probabilities(run, splits.test_x, splits.test_y, torch.device("cpu"))
     assert float((probs.argmax(1) == splits.test_y).float().mean()) == pytest.approx(m["test_acc"], abs=1e-6)
     with pytest.raises(ConfigError, match="train.tta.*kind: train only"):

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from transferlab.config.kinds import KindUses, kind_uses
+
 __all__ = [
     "ActivationsConfig",
     "ConfigError",
@@ -394,7 +396,7 @@ class EnsembleSpec:
 
 @dataclass
 class PredictConfig:
-    """``predict:``: after training, the top-k classes of image files from outside the dataset (``transferlab.engine.inspect``)."""
+    """``predict:``: after training, the top-k classes of image files from outside the dataset (``transferlab.tools.inspect``)."""
 
     images: list[str] = field(default_factory=list)
     """Image files or folders (searched recursively); in a study file, relative paths start at the study file's folder."""
@@ -460,6 +462,11 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def uses(self) -> KindUses:
+        """What this experiment's kind uses of the config (declared by the kind: ``transferlab.config.kinds``)."""
+        return kind_uses(self.kind)
 
     def error(self, message: str) -> ConfigError:
         """A ConfigError for this experiment: ``experiment '<name>': <message>``."""
@@ -591,7 +598,7 @@ def _kind_checks(cfg: ExperimentConfig) -> Iterable[Check]:
         (fs.queries >= 1, "fewshot.queries", fs.queries, "must be >= 1"),
         (fs.episodes >= 1, "fewshot.episodes", fs.episodes, "must be >= 1"),
         (fs.finetune_episodes >= 0, "fewshot.finetune_episodes", fs.finetune_episodes, "must be >= 0"),
-        (cfg.kind != "ensemble" or len(cfg.ensemble.members) >= 2, "ensemble.members", cfg.ensemble.members, "must list at least 2 runs"),
+        (not cfg.uses.members or len(cfg.ensemble.members) >= 2, "ensemble.members", cfg.ensemble.members, "must list at least 2 runs"),
     ]
 
 
@@ -650,7 +657,7 @@ def _recipe_checks(cfg: ExperimentConfig) -> Iterable[Check]:
         yield (bool(w) and all(v > 0 for v in w), "train.class_weights", w, "must be 'balanced' or a non-empty list of weights > 0")
         n = len(d.classes) if d.classes is not None else None
         yield (n is None or len(w) == n, "train.class_weights", w, f"has {len(w)} weights, data.classes lists {n} classes")
-    if cfg.kind != "train":
+    if not cfg.uses.training:
         used = {"train.mixup": mx, "train.ema": ema, "train.class_weights": w}
         used |= {"train.loss": t.loss} if t.loss != "cross_entropy" else {}
         used |= {"data.sampler": d.sampler} if d.sampler != "random" else {}
@@ -666,7 +673,7 @@ def _lr_find_checks(cfg: ExperimentConfig) -> Iterable[Check]:
     yield (f.steps >= 10, "train.lr_find.steps", f.steps, "must be >= 10")
     yield (f.diverge > 1, "train.lr_find.diverge", f.diverge, "must be > 1")
     yield (f.found is None or t.lr == f.found, "train.lr_find.found", f.found, "is recorded by a run with train.lr: find, not set by hand")
-    if cfg.kind != "train":
+    if not cfg.uses.training:
         why = f"applies to kind: train only (this experiment is kind: {cfg.kind}); give a number"
         yield (t.lr != "find", "train.lr", t.lr, why)
         yield (t.calibrate == "none", "train.calibrate", t.calibrate, f"applies to kind: train only (this experiment is kind: {cfg.kind})")
@@ -688,7 +695,7 @@ def resolve_as_recorded(recorded: dict[str, Any], requested: dict[str, Any]) -> 
 
 
 def _inspect_checks(cfg: ExperimentConfig) -> Iterable[Check]:
-    """``predict:`` and ``activations:`` (the files themselves are checked by ``transferlab.engine.inspect``)."""
+    """``predict:`` and ``activations:`` (the files themselves are checked by ``transferlab.tools.inspect``)."""
     p, a = cfg.predict, cfg.activations
     yield (p.top_k >= 1, "predict.top_k", p.top_k, "must be >= 1")
     yield (a.max_maps >= 1, "activations.max_maps", a.max_maps, "must be >= 1")
@@ -697,7 +704,7 @@ def _inspect_checks(cfg: ExperimentConfig) -> Iterable[Check]:
         for i, v in enumerate(values):
             yield (bool(v.strip()), f"{key}[{i}]", v, "must not be empty")
     yield (a.layers is None or bool(a.layers), "activations.layers", a.layers, "must list at least one layer (or be null: the defaults)")
-    if cfg.kind != "train":
+    if not cfg.uses.training:
         for key, values in (("predict.images", p.images), ("activations.images", a.images)):
             yield (not values, key, values, f"applies to kind: train only (this experiment is kind: {cfg.kind})")
 

@@ -2,13 +2,14 @@
 
 from transferlab.data import cifar, datasets, folder, tiny_imagenet  # noqa: F401 - each registers its datasets
 from transferlab.data.augment import AUGMENTATIONS, Augmentation, AugmentationError, augment_batch, parse_augmentations
-from transferlab.data.batches import ImageDataset, LoaderBatches, Preprocess, TensorBatches, make_batches
+from transferlab.data.batches import Batches, ImageDataset, LoaderBatches, Preprocess, TensorBatches, make_batches
 from transferlab.data.images import FileImages, Problem
 from transferlab.data.prepare import ImageSplits, prepare_splits
 from transferlab.data.resize import resize_uint8
 from transferlab.data.sources import DATASETS, DatasetError, RawDataset, load_dataset
 
 __all__ = [
+    "Batches",
     "AUGMENTATIONS",
     "Augmentation",
     "AugmentationError",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,7 +26,17 @@ from transferlab.data.resize import Images
 from transferlab.data.sampler import epoch_order
 from transferlab.data.sources import DatasetError
 
-__all__ = ["ImageDataset", "LoaderBatches", "Preprocess", "TensorBatches", "default_num_workers", "make_batches"]
+__all__ = ["Batches", "ImageDataset", "LoaderBatches", "Preprocess", "TensorBatches", "default_num_workers", "make_batches"]
+
+
+class Batches(Protocol):
+    """What the loop, evaluation and the feature cache iterate: (images, labels) batches on the device, in an order
+    seeded by the epoch (``set_epoch``). ``TensorBatches`` and ``LoaderBatches`` are the two data paths; the engine
+    wraps them (a rank's slice under DDP, cached features) without knowing which."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class TensorBatches:

@@ -19,7 +19,7 @@ import torch
 
 from transferlab.config import DataConfig
 from transferlab.data.archives import DownloadRefused, download_archive, safe_extract
-from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root, documented_size
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct, scalar
@@ -179,6 +179,7 @@ def _load(kind: str, cfg: DataConfig, coarse: bool = False) -> RawDataset:
 
 
 @DATASETS.register("cifar10")
+@documented_size(train=50_000, test=10_000, channels=3, side=32, classes=10)
 def cifar10(cfg: DataConfig) -> RawDataset:
     """CIFAR-10: 50 000 train / 10 000 test, 32x32 RGB, 10 classes (``cifar-10-batches-py``).
 
@@ -190,12 +191,14 @@ def cifar10(cfg: DataConfig) -> RawDataset:
 
 
 @DATASETS.register("cifar100")
+@documented_size(train=50_000, test=10_000, channels=3, side=32, classes=100)
 def cifar100(cfg: DataConfig) -> RawDataset:
     """CIFAR-100 with its 100 fine labels: 50 000 train / 10 000 test, 32x32 RGB (``cifar-100-python``)."""
     return _load("cifar100", cfg)
 
 
 @DATASETS.register("cifar100_coarse")
+@documented_size(train=50_000, test=10_000, channels=3, side=32, classes=20)
 def cifar100_coarse(cfg: DataConfig) -> RawDataset:
     """CIFAR-100 with its 20 coarse labels (superclasses); same files and lookup as ``cifar100``."""
     return _load("cifar100", cfg, coarse=True)

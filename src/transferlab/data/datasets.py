@@ -11,7 +11,7 @@ import torch
 
 from transferlab.config import DataConfig
 from transferlab.data.archives import refuse_download
-from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root, documented_size
 
 # --------------------------------------------------------------------------------------------
 # IDX files (MNIST family)
@@ -106,6 +106,7 @@ def _idx_dataset(cfg: DataConfig, key: str, tv_name: str, class_names: list[str]
 
 
 @DATASETS.register("fashion_mnist")
+@documented_size(train=60_000, test=10_000, channels=1, side=28, classes=10)
 def fashion_mnist(cfg: DataConfig) -> RawDataset:
     """Fashion-MNIST (Zalando), 60 000 train / 10 000 test, 28x28 grayscale, 10 classes.
 
@@ -123,6 +124,7 @@ MNIST_CLASSES = [str(i) for i in range(10)]
 
 
 @DATASETS.register("mnist")
+@documented_size(train=60_000, test=10_000, channels=1, side=28, classes=10)
 def mnist(cfg: DataConfig) -> RawDataset:
     """MNIST handwritten digits, 60 000 train / 10 000 test, 28x28 grayscale, classes ``0``..``9``.
 
@@ -133,6 +135,7 @@ def mnist(cfg: DataConfig) -> RawDataset:
 
 
 @DATASETS.register("digits")
+@documented_size(train=1_347, test=450, channels=1, side=8, classes=10)
 def digits(cfg: DataConfig) -> RawDataset:
     """scikit-learn's bundled 8x8 handwritten digits (1 797 images, 10 classes), scaled to 0..255.
 

@@ -24,7 +24,17 @@ from transferlab.config import ConfigError, DataConfig, ExperimentConfig, regist
 from transferlab.data.images import FileImages, Problem
 from transferlab.registry import Registry, UnknownNameError
 
-__all__ = ["DATASETS", "DatasetError", "RawDataset", "UnknownDatasetError", "default_data_root", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "DatasetError",
+    "DatasetSize",
+    "RawDataset",
+    "UnknownDatasetError",
+    "dataset_size",
+    "default_data_root",
+    "documented_size",
+    "load_dataset",
+]
 
 
 class DatasetError(RuntimeError):
@@ -58,6 +68,36 @@ DatasetLoader = Callable[[DataConfig], RawDataset]
 DATASETS: Registry[DatasetLoader] = Registry("dataset", "data.dataset: where the images come from")
 
 
+@dataclass(frozen=True)
+class DatasetSize:
+    """A dataset's documented size, declared by its loader: what ``transferlab plan`` assumes before the data is here."""
+
+    train: int
+    test: int
+    channels: int
+    side: int
+    classes: int
+
+
+def documented_size(train: int, test: int, channels: int, side: int, classes: int) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorate a dataset loader with its documented size (``dataset_size`` reads it)::
+
+        @DATASETS.register("cifar10")
+        @documented_size(train=50_000, test=10_000, channels=3, side=32, classes=10)
+        def load_cifar10(cfg): ...
+    """
+    def declare(loader: DatasetLoader) -> DatasetLoader:
+        loader.documented_size = DatasetSize(train, test, channels, side, classes)  # type: ignore[attr-defined]
+        return loader
+    return declare
+
+
+def dataset_size(name: str) -> DatasetSize | None:
+    """The documented size the dataset ``name`` declares (``None``: it declares none — a folder of the user's images)."""
+    loader = DATASETS.get(name) if name in DATASETS else None
+    return getattr(loader, "documented_size", None)
+
+
 def load_dataset(cfg: DataConfig) -> RawDataset:
     """Load the dataset named by ``cfg.dataset``."""
     try:
@@ -69,8 +109,8 @@ def load_dataset(cfg: DataConfig) -> RawDataset:
 
 @register_check
 def check_dataset_name(cfg: ExperimentConfig) -> None:
-    """``data.dataset`` is registered (ensembles read their members' data instead)."""
-    if cfg.kind == "ensemble":
+    """``data.dataset`` is registered (a kind that loads no data itself — an ensemble reads its members' — is not checked)."""
+    if not cfg.uses.data:
         return
     try:
         DATASETS.get(cfg.data.dataset)

@@ -21,7 +21,7 @@ from transferlab.config import DataConfig
 from transferlab.data.archives import DownloadRefused, download_archive, safe_extract
 from transferlab.data.folder import FolderScan, raw_from_scan
 from transferlab.data.images import Problem, is_image_file
-from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root, documented_size
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -124,6 +124,7 @@ def locate(cfg: DataConfig) -> Path:
 
 
 @DATASETS.register("tiny_imagenet")
+@documented_size(train=100_000, test=10_000, channels=3, side=64, classes=200)
 def tiny_imagenet(cfg: DataConfig) -> RawDataset:
     """Tiny ImageNet 200: 100 000 train / 10 000 test (the official val), 64x64 RGB, 200 classes.
 

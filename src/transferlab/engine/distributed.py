@@ -15,19 +15,14 @@ import atexit
 import functools
 import os
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from lightning.fabric import Fabric
 
 from transferlab.config import ExperimentConfig
+from transferlab.data.batches import Batches
 from transferlab.engine.precision import resolve_precision
-
-
-class Batches(Protocol):
-    def set_epoch(self, epoch: int) -> None: ...
-    def __len__(self) -> int: ...
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 def world() -> tuple[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +15,9 @@ from transferlab.config import TrainConfig, register_choices
 from transferlab.engine.calibration import CalibrationSums
 from transferlab.engine.distributed import all_reduce_sum
 from transferlab.registry import Registry, UnknownNameError
+from transferlab.rundir.metrics import balanced_scores
+
+__all__ = ["TTA", "Calibration", "Evaluation", "TestTimeAugmentation", "evaluate", "with_tta"]
 
 TTA: Registry[Callable[[torch.nn.Module], torch.nn.Module]] = Registry(
     "test-time augmentation", "train.tta: the views averaged at evaluation"
@@ -62,6 +66,55 @@ def with_tta(model: torch.nn.Module, tta: str) -> torch.nn.Module:
 register_choices(TrainConfig, "tta", TTA.names)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How well the predicted probabilities match the accuracy (``transferlab.engine.calibration``)."""
+
+    ece: float
+    """L1 expected calibration error over ``ECE_BINS`` confidence bins."""
+    nll: float
+    brier: float
+    reliability: dict[str, list[float]]
+    """Per bin: ``count``, summed ``confidence``, summed ``correct`` (the reliability diagram)."""
+
+    @classmethod
+    def from_sums(cls, d: dict[str, Any], suffix: str = "") -> Calibration:
+        """From ``CalibrationSums.compute``'s mapping (``suffix``: ``_calibrated`` for the temperature-scaled one)."""
+        return cls(d[f"ece{suffix}"], d[f"nll{suffix}"], d[f"brier{suffix}"], d[f"reliability{suffix}"])
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``evaluate`` measured on one split: the engine's typed answer to the kinds."""
+
+    loss: float
+    acc: float
+    """Top-1 accuracy."""
+    top5: float | None
+    """Top-5 accuracy (``None`` with 5 classes or fewer)."""
+    per_class_acc: list[float]
+    confusion_matrix: list[list[int]]
+    """Rows = true class, columns = predicted class."""
+    n: int
+    seconds: float
+    images_per_s: float
+    """Forward passes only, including the preprocessing of each batch."""
+    calibration: Calibration
+    temperature: float | None = None
+    """The temperature the logits were also measured at (``train.calibrate: temperature``) ..."""
+    calibrated: Calibration | None = None
+    """... and the calibration after dividing them by it."""
+
+    @property
+    def balanced_acc(self) -> float:
+        """Mean per-class recall, from the confusion matrix."""
+        return balanced_scores(self.confusion_matrix)[0]
+
+    @property
+    def macro_f1(self) -> float:
+        return balanced_scores(self.confusion_matrix)[1]
+
+
 @torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
@@ -69,14 +122,10 @@ def evaluate(
     num_classes: int,
     device: torch.device | str = "cpu",
     temperature: float | None = None,
-) -> dict[str, Any]:
+) -> Evaluation:
     """Evaluate ``model`` on ``batches``; metrics accumulate on the device, logits are never all kept.
 
-    Returns ``loss``, ``acc`` (top-1), ``top5`` (when there are more than 5 classes),
-    ``per_class_acc``, ``confusion_matrix`` (rows = true class), ``n``, ``seconds``,
-    ``images_per_s`` (forward passes only, including the preprocessing of each batch), and the
-    calibration (``transferlab.engine.calibration``): ``ece``, ``nll``, ``brier``, ``reliability``;
-    with ``temperature`` also ``ece_calibrated``, ``nll_calibrated``, ... of ``logits / temperature``.
+    With ``temperature`` the calibration is also measured on ``logits / temperature``, in the same pass.
     """
     was_training = model.training
     model.eval()
@@ -106,16 +155,17 @@ def evaluate(
     totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(n), device=device, dtype=torch.float64)]))
     loss_sum, n = totals[0], int(totals[1])
     calibration_sums = all_reduce_sum(calibration.sums)
-    out: dict[str, Any] = {
-        "loss": float(loss_sum) / max(n, 1),
-        "acc": float(top1.compute()),
-        "per_class_acc": [float(v) for v in per_class.compute()],
-        "confusion_matrix": confusion.compute().tolist(),
-        "n": n,
-        "seconds": seconds,
-        "images_per_s": n / seconds if seconds > 0 else float("nan"),
-        **calibration.compute(calibration_sums, n),
-    }
-    if top5 is not None:
-        out["top5"] = float(top5.compute())
-    return out
+    cal = calibration.compute(calibration_sums, n)
+    return Evaluation(
+        loss=float(loss_sum) / max(n, 1),
+        acc=float(top1.compute()),
+        top5=float(top5.compute()) if top5 is not None else None,
+        per_class_acc=[float(v) for v in per_class.compute()],
+        confusion_matrix=confusion.compute().tolist(),
+        n=n,
+        seconds=seconds,
+        images_per_s=n / seconds if seconds > 0 else float("nan"),
+        calibration=Calibration.from_sums(cal),
+        temperature=cal.get("temperature"),
+        calibrated=Calibration.from_sums(cal, "_calibrated") if "ece_calibrated" in cal else None,
+    )

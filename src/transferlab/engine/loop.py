@@ -274,10 +274,11 @@ def validate(loop: Loop) -> dict[str, Any]:
     """
     tta, n, dev = loop.cfg.train.tta, loop.model.num_classes, loop.fabric.device
     with loop.fabric.autocast():  # the bare module: DDP's forward would sync buffers per call
-        out = evaluate(with_tta(loop.evaluated(), tta), loop.val, n, dev)
+        ev = evaluate(with_tta(loop.evaluated(), tta), loop.val, n, dev)
+        out: dict[str, Any] = {"loss": ev.loss, "acc": ev.acc}
         if loop.ema is not None and loop.ema.cfg.evaluate == "both":
             raw = evaluate(with_tta(loop.model, tta), loop.val, n, dev)
-            out["extra"] = {"val_loss_raw": raw["loss"], "val_acc_raw": raw["acc"]}
+            out["extra"] = {"val_loss_raw": raw.loss, "val_acc_raw": raw.acc}
     return out
 
 

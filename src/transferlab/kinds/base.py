@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from transferlab.config import ConfigError, ExperimentConfig, load_yaml, register_check, register_choices
+from transferlab.config.kinds import KindUses, declare_kinds
 from transferlab.data.prepare import ImageSplits
 from transferlab.engine.distributed import world
 from transferlab.engine.loop import Callback
@@ -36,7 +37,19 @@ from transferlab.models.model import TransferModel
 from transferlab.registry import Registry
 from transferlab.rundir import Opening, RunDir, RunMetrics, code_version
 
-__all__ = ["KINDS", "RUN_SECTIONS", "Kind", "RunContext", "RunSection", "Tested", "check_sections", "recorded_precision", "resolve_run_config", "run_experiment", "run_sections"]
+__all__ = [
+    "KINDS",
+    "RUN_SECTIONS",
+    "Kind",
+    "RunContext",
+    "RunSection",
+    "Tested",
+    "check_sections",
+    "recorded_precision",
+    "resolve_run_config",
+    "run_experiment",
+    "run_sections",
+]
 
 
 @dataclass
@@ -72,6 +85,9 @@ class Kind:
     """An interrupted run continues from what it left (``--resume``); otherwise it is redone."""
     uses_tta: bool = False
     """The kind evaluates images itself, so ``train.tta`` applies to it."""
+    uses: KindUses = KindUses()
+    """What it uses of a config (data, a model, training, member runs, folds, frozen features): every layer below
+    reads this through ``cfg.uses`` instead of testing the kind's name."""
 
     def check(self, cfg: ExperimentConfig) -> None:
         """Raise ``cfg.error(...)`` for what this kind cannot run. Called before any data is loaded."""
@@ -145,6 +161,7 @@ def run_sections(tested: Tested, console: Console) -> dict[str, Any]:
 
 
 register_choices(ExperimentConfig, "kind", KINDS.names)
+declare_kinds(lambda name: KINDS.get(name).uses if name in KINDS else None)
 
 
 @register_check

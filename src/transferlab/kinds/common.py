@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,23 +16,30 @@ from transferlab.config import ExperimentConfig
 from transferlab.data.prepare import ImageSplits, prepare_splits
 from transferlab.engine.calibration import ECE_BINS
 from transferlab.engine.distributed import make_fabric
+from transferlab.engine.evaluation import Calibration, Evaluation
 from transferlab.engine.features import default_cache_dir, frozen_features
 from transferlab.engine.features.store import FeatureSet, state_hash
+from transferlab.engine.loop import FitResult
 from transferlab.kinds.base import RunContext
 from transferlab.models.model import TransferModel, build_model
 from transferlab.models.weights import LoadReport
 from transferlab.rundir import RunError, RunMetrics, code_version
+from transferlab.rundir.layout import SELECTION_FILE
 from transferlab.strategies import linear_probe
 
 __all__ = [
+    "Prepared",
     "ProbeInputs",
     "base_metrics",
+    "fit_part",
+    "prepare",
+    "test_part",
     "batch_kwargs",
     "default_image_size",
     "load_splits",
     "probe_inputs",
     "probe_metrics",
-    "set_calibration",
+    "calibration_part",
     "single_process_fabric",
     "split_features",
     "use_data_normalization",
@@ -54,11 +62,15 @@ def default_image_size(backbone: str) -> int | None:
     return int(size[-1]) if size else None
 
 
-def load_splits(cfg: ExperimentConfig, ctx: RunContext, writer: bool = True) -> tuple[ImageSplits, float]:
+def load_splits(cfg: ExperimentConfig, ctx: RunContext | None, writer: bool = True) -> tuple[ImageSplits, float]:
     """The run's train/val/test splits (prepared here unless the caller gave them) and the seconds it took;
     ``selection.json`` records the indices, the folds and the normalisation. Image files of mixed sizes
-    without ``data.image_size`` get the backbone's pretrained input size, and the console says so."""
+    without ``data.image_size`` get the backbone's pretrained input size, and the console says so.
+    Without ``ctx`` (the LR finder outside a run) nothing is written or said."""
     t0 = time.perf_counter()
+    if ctx is None:
+        default = default_image_size(cfg.model.backbone) if cfg.data.image_size is None else None
+        return prepare_splits(cfg.data, cfg.seed, default_size=default), time.perf_counter() - t0
     if ctx.splits is not None:
         splits = ctx.splits
     else:
@@ -69,8 +81,88 @@ def load_splits(cfg: ExperimentConfig, ctx: RunContext, writer: bool = True) -> 
                           f"input size, {splits.image_size}×{splits.image_size} (data.resize: {cfg.data.resize})")
     seconds = time.perf_counter() - t0
     if writer:
-        ctx.rundir.write_json("selection.json", splits.selection_record())
+        ctx.rundir.write_json(SELECTION_FILE, splits.selection_record())
     return splits, seconds
+
+
+@dataclass
+class Prepared:
+    """A run's shared start (``prepare``): the Fabric, the data, the model with its normalisation and strategy."""
+
+    fabric: Fabric
+    splits: ImageSplits
+    model: TransferModel
+    weights: LoadReport | None
+    """How the pretrained weights loaded (``None``: a model given by the caller, or random init)."""
+    data_seconds: float
+    wall0: float
+    """``time.perf_counter()`` when the run started (for ``wall_seconds``)."""
+
+    @property
+    def writer(self) -> bool:
+        """This process writes the run directory (rank 0)."""
+        return self.fabric.is_global_zero
+
+
+def prepare(
+    cfg: ExperimentConfig,
+    ctx: RunContext | None,
+    strategy: Callable[[TransferModel, Any], Any] | None = None,
+    single_process: bool = False,
+) -> Prepared:
+    """The start every kind with a model shares, in one order (the RNG draws depend on it): Fabric, the run
+    directory begun (``config.yaml``; skipped without ``ctx``), the seed, the splits, the model (built, or the
+    caller's ``ctx.model``), the data normalisation, then ``strategy(model, cfg.strategy)`` when given.
+
+    ``single_process``: a DDP launch is an error naming the kind (probes, few-shot).
+    """
+    wall0 = time.perf_counter()
+    fabric = single_process_fabric(cfg) if single_process else make_fabric(cfg)
+    if ctx is not None:
+        fabric.barrier()  # every rank has decided from the same view of the folder; now rank 0 may change it
+        ctx.begin(fabric.is_global_zero)
+    fabric.seed_everything(cfg.seed, verbose=False)
+    splits, data_seconds = load_splits(cfg, ctx, fabric.is_global_zero)
+    if ctx is not None and ctx.model is not None:
+        model, weights = ctx.model, None
+    else:
+        model, weights = build_model(cfg.model, cfg.head, splits.num_classes)
+        use_data_normalization(model, splits)  # data.normalize: dataset / none — batches, cache key, outside images alike
+    if strategy is not None:
+        strategy(model, cfg.strategy)
+    return Prepared(fabric, splits, model, weights, data_seconds, wall0)
+
+
+def test_part(ev: Evaluation, fitted_on: str = "val") -> dict[str, Any]:
+    """The test metrics of ``metrics.json`` from an ``Evaluation`` of the test split: accuracy, loss, per class,
+    the confusion matrix, inference speed and the calibration."""
+    part = {"test_acc": ev.acc, "test_top5": ev.top5, "test_loss": ev.loss, "per_class_acc": ev.per_class_acc,
+            "confusion_matrix": ev.confusion_matrix, "inference_images_per_s": ev.images_per_s}
+    return {**part, **calibration_part(ev.calibration, ev.calibrated, ev.temperature, fitted_on)}
+
+
+def calibration_part(cal: Calibration, calibrated: Calibration | None = None, temperature: float | None = None,
+                     fitted_on: str = "val") -> dict[str, Any]:
+    """ECE / NLL / Brier of the test predictions and the ``calibration`` section of ``metrics.json`` (binning, reliability
+    bins; after temperature scaling too when it was applied)."""
+    part: dict[str, Any] = {"test_ece": cal.ece, "test_nll": cal.nll, "test_brier": cal.brier}
+    section: dict[str, Any] = {"ece": {"bins": ECE_BINS, "norm": "l1", "source": "torchmetrics MulticlassCalibrationError"},
+                               "reliability": cal.reliability}
+    if calibrated is not None:
+        part.update(test_ece_calibrated=calibrated.ece, temperature=temperature)
+        section["calibrated"] = {"method": "temperature", "fitted_on": fitted_on, "temperature": temperature,
+                                 "ece": calibrated.ece, "nll": calibrated.nll, "brier": calibrated.brier,
+                                 "reliability": calibrated.reliability}
+    return {**part, "extra": {"calibration": section}}
+
+
+def fit_part(result: FitResult, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The training facts of ``metrics.json`` from the loop's ``FitResult``."""
+    return {
+        "best_epoch": result.best_epoch, "best_val": result.best_metric, "monitor": cfg.train.early_stopping.monitor,
+        "epochs_run": len(result.history), "stopped_early": result.stopped_early, "resumed_from": result.resumed_from,
+        "train_seconds": result.train_seconds,
+    }
 
 
 def base_metrics(cfg: ExperimentConfig, splits: ImageSplits, weights: LoadReport | None, device: torch.device, world_size: int = 1) -> RunMetrics:
@@ -97,22 +189,6 @@ def base_metrics(cfg: ExperimentConfig, splits: ImageSplits, weights: LoadReport
         notes=cfg.notes,
         code_version=code_version(),
     )
-
-
-def set_calibration(m: RunMetrics, test: dict[str, Any], fitted_on: str = "val") -> None:
-    """The calibration of the test predictions (``evaluate``'s output) into ``m``: ECE / NLL / Brier, and the
-    ``calibration`` section (binning, reliability bins; after temperature scaling too when it was applied)."""
-    if "ece" not in test:
-        return
-    m.test_ece, m.test_nll, m.test_brier = test["ece"], test["nll"], test["brier"]
-    section: dict[str, Any] = {"ece": {"bins": ECE_BINS, "norm": "l1", "source": "torchmetrics MulticlassCalibrationError"},
-                               "reliability": test["reliability"]}
-    if "temperature" in test:
-        m.test_ece_calibrated, m.temperature = test["ece_calibrated"], test["temperature"]
-        section["calibrated"] = {"method": "temperature", "fitted_on": fitted_on, "temperature": test["temperature"],
-                                 "ece": test["ece_calibrated"], "nll": test["nll_calibrated"], "brier": test["brier_calibrated"],
-                                 "reliability": test["reliability_calibrated"]}
-    m.extra["calibration"] = section
 
 
 def single_process_fabric(cfg: ExperimentConfig) -> Fabric:
@@ -181,38 +257,28 @@ class ProbeInputs:
 
 def probe_inputs(cfg: ExperimentConfig, ctx: RunContext) -> ProbeInputs:
     """Open the run, load the data, build the model with its backbone frozen, compute (or reuse) the features."""
-    wall0 = time.perf_counter()
-    fabric = single_process_fabric(cfg)
-    ctx.begin()
-    fabric.seed_everything(cfg.seed, verbose=False)
-    splits, data_seconds = load_splits(cfg, ctx)
-    model, report = build_model(cfg.model, cfg.head, splits.num_classes)
-    use_data_normalization(model, splits)
-    linear_probe(model, cfg.strategy)  # the backbone is a fixed feature extractor (BatchNorm in eval mode)
-    model.to(fabric.device).eval()
+    p = prepare(cfg, ctx, linear_probe, single_process=True)  # the backbone is a fixed feature extractor (BatchNorm in eval mode)
+    p.model.to(p.fabric.device).eval()
     ctx.console.print(
         f"[bold]{cfg.name}[/] seed {cfg.seed}: {cfg.kind} on frozen {cfg.model.backbone} ({cfg.model.weights}) features, "
-        f"{len(splits.train_y)}/{len(splits.val_y)}/{len(splits.test_y)} train/val/test images on {fabric.device}"
+        f"{len(p.splits.train_y)}/{len(p.splits.val_y)}/{len(p.splits.test_y)} train/val/test images on {p.fabric.device}"
     )
-    sets, pass_seconds = split_features(model, splits, ("train", "val", "test"), cfg, fabric, ctx)
-    return ProbeInputs(fabric, splits, model, report, sets, data_seconds, pass_seconds, wall0)
+    sets, pass_seconds = split_features(p.model, p.splits, ("train", "val", "test"), cfg, p.fabric, ctx)
+    return ProbeInputs(p.fabric, p.splits, p.model, p.weights, sets, p.data_seconds, pass_seconds, p.wall0)
 
 
 def probe_metrics(
-    cfg: ExperimentConfig, inp: ProbeInputs, test: dict[str, Any], chosen: dict[str, Any], sweep: list[dict[str, float]],
+    cfg: ExperimentConfig, inp: ProbeInputs, test: Evaluation, chosen: dict[str, Any], sweep: list[dict[str, float]],
     fit_seconds: float, trainable: int,
 ) -> RunMetrics:
     """The ``metrics.json`` of a probe: test metrics of the classifier chosen on val, the sweep, the feature pass."""
-    m = base_metrics(cfg, inp.splits, inp.weights, inp.fabric.device)
+    m = base_metrics(cfg, inp.splits, inp.weights, inp.fabric.device).add(test_part(test))
     m.strategy = cfg.kind
-    m.test_acc, m.test_top5, m.test_loss = test["acc"], test.get("top5"), test["loss"]
-    m.per_class_acc, m.confusion_matrix = test["per_class_acc"], test["confusion_matrix"]
-    set_calibration(m, test)
     m.best_epoch, m.best_val, m.monitor, m.epochs_run, m.stopped_early = 1, chosen["val_acc"], "val_acc", 1, False
     m.train_seconds, m.data_seconds, m.wall_seconds = fit_seconds, inp.data_seconds, time.perf_counter() - inp.wall0
     test_ips = inp.features["test"].meta.get("images_per_s")
     # the backbone's forward pass over the test images (when this run computed it) plus the classifier
-    m.inference_images_per_s = (1 / (1 / test_ips + 1 / test["images_per_s"])) if test_ips else test["images_per_s"]
+    m.inference_images_per_s = (1 / (1 / test_ips + 1 / test.images_per_s)) if test_ips else test.images_per_s
     m.total_params, m.trainable_params = sum(p.numel() for p in inp.model.parameters()), trainable
     m.feature_cache = {
         "used": True,

@@ -40,14 +40,15 @@ from rich.console import Console
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from transferlab.config import EnsembleSpec, ExperimentConfig, TrainConfig
+from transferlab.config.kinds import KindUses
 from transferlab.data.batches import TensorBatches
 from transferlab.data.images import FileImages, decode_files, format_problems
 from transferlab.data.resize import resize_uint8
 from transferlab.data.sources import load_dataset
 from transferlab.engine.calibration import CalibrationSums
-from transferlab.engine.evaluation import with_tta
+from transferlab.engine.evaluation import Calibration, with_tta
 from transferlab.kinds.base import KINDS, Kind, RunContext, run_experiment
-from transferlab.kinds.common import set_calibration
+from transferlab.kinds.common import calibration_part
 from transferlab.rundir import Run, RunError, RunMetrics, code_version, load_run
 
 __all__ = ["VOTES", "EnsembleError", "EnsembleKind", "EnsembleResult", "combine_votes", "evaluate_ensemble", "run_ensemble"]
@@ -259,7 +260,7 @@ def evaluate_ensemble(
     if vote == "soft":  # the mean probability is the ensemble's prediction: its calibration, as a run's (hard votes have none)
         sums = CalibrationSums(k, mean.device)
         sums.update(mean.clamp_min(1e-12).log(), ref_y)  # softmax(log p) = p
-        set_calibration(m, sums.compute(sums.sums, n))
+        m.add(calibration_part(Calibration.from_sums(sums.compute(sums.sums, n))))
     return EnsembleResult(m, preds, ref_y, probs.argmax(2))
 
 
@@ -273,6 +274,7 @@ class EnsembleKind(Kind):
     """A hard or soft vote of finished runs, evaluated on their common test images."""
 
     name = "ensemble"
+    uses = KindUses(data=False, model=False, members=True, folds=False)  # votes of finished runs, on their test images
 
     def snapshot(self, cfg: ExperimentConfig) -> dict[str, Any]:
         """Only what an ensemble is: its name, members, vote (the data, model and training are the members')."""

@@ -13,12 +13,13 @@ import torch
 from lightning.fabric import Fabric
 
 from transferlab.config import ConfigError, ExperimentConfig
+from transferlab.config.kinds import KindUses
 from transferlab.data.prepare import ImageSplits
 from transferlab.engine.episodes import FewShotResult, episodic_finetune, per_class_accuracy, protonet_accuracy, resolve_classes, sample_episodes
 from transferlab.files import save_checkpoint
 from transferlab.kinds.base import KINDS, Kind, RunContext
-from transferlab.kinds.common import base_metrics, load_splits, single_process_fabric, split_features, use_data_normalization
-from transferlab.models.model import TransferModel, build_model
+from transferlab.kinds.common import base_metrics, prepare, split_features
+from transferlab.models.model import TransferModel
 from transferlab.rundir import RunMetrics
 from transferlab.strategies import apply_strategy, linear_probe
 
@@ -29,22 +30,17 @@ class FewShotKind(Kind):
     """ProtoNet episodes on frozen pooled features (optionally after episodic fine-tuning)."""
 
     name = "fewshot"
+    uses = KindUses(features=True, folds=False)  # episodes sample their own support and query sets
 
     def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:
         fs = cfg.fewshot
-        wall0 = time.perf_counter()
-        fabric = single_process_fabric(cfg)
-        ctx.begin()
-        fabric.seed_everything(cfg.seed, verbose=False)
+        p = prepare(cfg, ctx, single_process=True)  # the strategy comes later: fine-tuning (if any), then a frozen extractor
+        fabric, splits, model, report, data_seconds, wall0 = p.fabric, p.splits, p.model, p.weights, p.data_seconds, p.wall0
         device = fabric.device
-        splits, data_seconds = load_splits(cfg, ctx)
         names = splits.class_names
         eval_classes = resolve_classes(fs.classes, names, "fewshot.classes")
         eval_labels = getattr(splits, f"{fs.split}_y")
         episodes = sample_episodes(eval_labels, eval_classes, fs.ways, fs.shots, fs.queries, fs.episodes, cfg.seed, names, fs.split)
-        model, report = (ctx.model, None) if ctx.model is not None else build_model(cfg.model, cfg.head, splits.num_classes)
-        if ctx.model is None:
-            use_data_normalization(model, splits)
         model.to(device)
         ft_classes, finetune_rows, finetune_seconds = _finetune(cfg, model, splits, eval_classes, fabric)
         linear_probe(model, cfg.strategy)  # evaluation: a frozen feature extractor

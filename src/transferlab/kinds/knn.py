@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from transferlab.config import ExperimentConfig
+from transferlab.config.kinds import KindUses
 from transferlab.engine.evaluation import evaluate
 from transferlab.engine.features import FeatureBatches
 from transferlab.engine.probes import KNNClassifier, fit_knn
@@ -23,6 +24,7 @@ class KNNKind(Kind):
     """Weighted cosine k-NN on frozen pooled features; k chosen on val."""
 
     name = "knn"
+    uses = KindUses(features=True)
 
     def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:
         inp = probe_inputs(cfg, ctx)

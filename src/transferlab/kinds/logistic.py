@@ -12,6 +12,7 @@ import time
 import torch
 
 from transferlab.config import ExperimentConfig
+from transferlab.config.kinds import KindUses
 from transferlab.engine.evaluation import evaluate
 from transferlab.engine.features import CachedSuffix, CutPoint, FeatureBatches
 from transferlab.engine.probes import fit_logistic
@@ -27,6 +28,7 @@ class LogisticKind(Kind):
     """L-BFGS logistic probe on frozen pooled features; L2 chosen on val."""
 
     name = "logistic"
+    uses = KindUses(features=True)
 
     def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:
         inp = probe_inputs(cfg, ctx)

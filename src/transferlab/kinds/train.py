@@ -15,11 +15,12 @@ from typing import Any
 from lightning.fabric import Fabric
 
 from transferlab.config import ExperimentConfig, from_dict, load_yaml
+from transferlab.config.kinds import KindUses
 from transferlab.data.batches import make_batches
-from transferlab.data.prepare import ImageSplits, prepare_splits
+from transferlab.data.prepare import ImageSplits
 from transferlab.engine.calibration import collect_logits, fit_temperature
-from transferlab.engine.distributed import RoundRobin, SliceOfGlobalBatch, make_fabric
-from transferlab.engine.evaluation import evaluate, with_tta
+from transferlab.engine.distributed import RoundRobin, SliceOfGlobalBatch
+from transferlab.engine.evaluation import Evaluation, evaluate, with_tta
 from transferlab.engine.features import cached_training, default_cache_dir
 from transferlab.engine.loop import fit
 from transferlab.engine.losses import make_loss
@@ -28,11 +29,11 @@ from transferlab.engine.precision import guard_bf16_convs
 from transferlab.engine.predictions import PredictionRecorder, save_test_predictions
 from transferlab.files import load_checkpoint_group, read_json
 from transferlab.kinds.base import KINDS, Kind, RunContext, Tested, check_sections, run_sections
-from transferlab.kinds.common import base_metrics, batch_kwargs, load_splits, set_calibration, use_data_normalization
-from transferlab.models.model import TransferModel, build_model, count_params
+from transferlab.kinds.common import Prepared, base_metrics, batch_kwargs, fit_part, prepare, test_part
+from transferlab.models.model import TransferModel, count_params
 from transferlab.models.weights import load_model_weights
 from transferlab.rundir import Opening, RunMetrics, code_version
-from transferlab.rundir.metrics import balanced_scores
+from transferlab.rundir.layout import HISTORY_FILE, LR_FIND_JSON, LR_FIND_PNG
 from transferlab.strategies import apply_strategy
 
 __all__ = ["TrainKind", "find_lr"]
@@ -55,86 +56,94 @@ class TrainKind(Kind):
     """The training loop: data, model, strategy, (cached) fit, test."""
 
     name = "train"
+    uses = KindUses(training=True)
     keeps_partial = True  # an interrupted run continues from its newest checkpoint
     uses_tta = True
 
     def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:
-        wall0 = time.perf_counter()
-        fabric = make_fabric(cfg)
-        fabric.barrier()  # every rank has decided from the same view of the folder; now rank 0 may change it
-        writer = fabric.is_global_zero
         recorded = _recorded_lr(cfg, ctx)  # read before begin() rewrites config.yaml
-        ctx.begin(writer)
-        fabric.seed_everything(cfg.seed, verbose=False)
-        splits, data_seconds = load_splits(cfg, ctx, writer)
-        criterion = make_loss(cfg, splits.class_names, splits.train_y)  # train.loss + class_weights: bad ones fail here
-        model, weights_report = build_model(cfg.model, cfg.head, splits.num_classes)
-        use_data_normalization(model, splits)  # data.normalize: dataset / none — batches, cache key, outside images alike
-        apply_strategy(model, cfg.strategy)
-        check_sections(model, cfg)  # e.g. a wrong activations layer stops the run now, not after training
-        total_params, trainable_params = count_params(model)
-        kwargs = batch_kwargs(model, cfg, fabric.device)
-        train, val, test = _batches(cfg, splits, kwargs, fabric)
-        ctx.console.print(
-            f"[bold]{cfg.name}[/] seed {cfg.seed}: {cfg.model.backbone} ({cfg.model.weights}) + {cfg.head.type} head, "
-            f"strategy {cfg.strategy.name}, {trainable_params:,}/{total_params:,} params trainable, "
-            f"{len(splits.train_y)}/{len(splits.val_y)}/{len(splits.test_y)} train/val/test images on {fabric.device}"
-        )
-        if weights_report is not None and weights_report.dropped:
-            ctx.console.print(f"  weights: {weights_report.describe()}")
-        fp32_convs = _guard_bf16(model, train, cfg, fabric, ctx)
-        cfg, lr_record = _resolve_lr(cfg, ctx, model, train, criterion, fabric, recorded)  # train.lr: find -> a number
-        if lr_record is not None:
-            ctx.tracking.resolved(cfg)  # the trackers log the lr the run trains with, not "find"
-        meta = {"config": cfg.to_dict(), "class_names": splits.class_names, "code_version": code_version()}
+        p = prepare(cfg, ctx, apply_strategy)  # fabric, config.yaml, seed, splits, model, normalisation, strategy
+        criterion = make_loss(cfg, p.splits.class_names, p.splits.train_y)  # train.loss + class_weights: bad ones fail here
+        check_sections(p.model, cfg)  # e.g. a wrong activations layer stops the run now, not after training
+        kwargs = batch_kwargs(p.model, cfg, p.fabric.device)
+        train, val, test = _batches(cfg, p.splits, kwargs, p.fabric)
+        total_params, trainable_params = count_params(p.model)
+        _announce(cfg, p, trainable_params, total_params, ctx)
+        fp32_convs = _guard_bf16(p.model, train, cfg, p.fabric, ctx)
+        cfg, lr_record = _resolve_lr(cfg, ctx, p.model, train, criterion, p.fabric, recorded)  # train.lr: find -> a number
 
         # a frozen prefix runs once: the loop then trains the rest on cached features (train.cache)
-        cached = cached_training(model, splits, cfg, fabric, kwargs, default_cache_dir(ctx.rundir.path), ctx.console)
-        fit_model, fit_train, fit_val = cached.apply(model, train, val)
-        result = fit(fit_model, fit_train, fit_val, cfg, fabric, ctx.rundir.checkpoints, meta, resume=ctx.resume, console=ctx.console,
+        cached = cached_training(p.model, p.splits, cfg, p.fabric, kwargs, default_cache_dir(ctx.rundir.path), ctx.console)
+        fit_model, fit_train, fit_val = cached.apply(p.model, train, val)
+        meta = {"config": cfg.to_dict(), "class_names": p.splits.class_names, "code_version": code_version()}
+        result = fit(fit_model, fit_train, fit_val, cfg, p.fabric, ctx.rundir.checkpoints, meta, resume=ctx.resume, console=ctx.console,
                      callbacks=ctx.callbacks, criterion=criterion)
-        if writer:
-            ctx.rundir.write_rows("history.csv", result.history)
-        fabric.barrier()  # rank 0 has written the checkpoints every rank now reads
+        if p.writer:
+            ctx.rundir.write_rows(HISTORY_FILE, result.history)
+        p.fabric.barrier()  # rank 0 has written the checkpoints every rank now reads
 
-        best = ctx.rundir.checkpoints / "best.safetensors"
-        chosen = best if best.exists() else ctx.rundir.checkpoints / "last.safetensors"
-        raw_test = _test_raw(model, test, cfg, splits, fabric, chosen)  # train.ema: {evaluate: both}
-        load_model_weights(model, chosen)  # the run's weights: the EMA ones with train.ema (unless evaluate: raw)
-        temperature = _temperature(model, val, cfg, fabric)  # train.calibrate: fitted on the validation images only
-        test_metrics, recorder = _test(model, test, cfg, splits, fabric, temperature)
-        m = base_metrics(cfg, splits, weights_report, fabric.device, fabric.world_size)
-        m.strategy = cfg.strategy.name
-        m.test_acc, m.test_top5, m.test_loss = test_metrics["acc"], test_metrics.get("top5"), test_metrics["loss"]
-        m.per_class_acc, m.confusion_matrix = test_metrics["per_class_acc"], test_metrics["confusion_matrix"]
-        set_calibration(m, test_metrics)
-        if lr_record is not None:
-            m.extra["lr_find"] = lr_record
-        m.best_epoch, m.best_val, m.monitor = result.best_epoch, result.best_metric, cfg.train.early_stopping.monitor
-        m.epochs_run, m.stopped_early, m.resumed_from = len(result.history), result.stopped_early, result.resumed_from
-        m.train_seconds, m.data_seconds, m.wall_seconds = result.train_seconds, data_seconds, time.perf_counter() - wall0
-        m.inference_images_per_s = test_metrics["images_per_s"]
-        m.total_params, m.trainable_params = total_params, trainable_params
-        m.feature_cache = cached.summary(result.train_seconds)  # used or why not; pass vs head seconds
-        m.tested_weights = "ema" if cfg.train.ema is not None and cfg.train.ema.evaluate != "raw" else "raw"
-        if cfg.train.ema is not None:
-            m.extra["ema"] = {"decay": cfg.train.ema.decay, "warmup": cfg.train.ema.warmup, "evaluate": cfg.train.ema.evaluate,
-                              "main": m.tested_weights, **({"test_raw": raw_test} if raw_test else {})}
-        if fp32_convs:
-            m.extra["bf16_fp32_convs"] = fp32_convs
-        if getattr(criterion, "weight", None) is not None:
-            m.extra["class_weights"] = [round(float(w), 6) for w in criterion.weight]
-        if writer and recorder is not None:
-            save_test_predictions(ctx.rundir.path, recorder, splits, cfg.seed)  # predictions.json, test_samples.safetensors
-        if writer:
-            tested = Tested(cfg, model, with_tta(model, cfg.train.tta), splits.class_names, int(splits.train_x.shape[1]),
-                            int(splits.train_x.shape[-1]), fabric.device, fabric.autocast, ctx.rundir.path)
-            m.extra.update(run_sections(tested, ctx.console))  # the predict: / activations: sections
-        ctx.console.print(
-            f"  [green]{cfg.name}[/]: test acc {m.test_acc:.4f}, trained {m.train_seconds:.1f}s, "
-            f"inference {m.inference_images_per_s:.0f} img/s -> {ctx.rundir.path}"
-        )
+        raw_test, temperature = _load_tested_weights(p, test, val, cfg, ctx)  # best (EMA) weights; raw test; T on val
+        ev, recorder = _test(p.model, test, cfg, p.splits, p.fabric, temperature)
+        m = base_metrics(cfg, p.splits, p.weights, p.fabric.device, p.fabric.world_size).add(test_part(ev), fit_part(result, cfg), {
+            "strategy": cfg.strategy.name, "data_seconds": p.data_seconds, "total_params": total_params,
+            "trainable_params": trainable_params, "feature_cache": cached.summary(result.train_seconds),
+            "tested_weights": "ema" if cfg.train.ema is not None and cfg.train.ema.evaluate != "raw" else "raw",
+            "extra": _extra_sections(cfg, lr_record, raw_test, fp32_convs, criterion), "wall_seconds": time.perf_counter() - p.wall0,
+        })
+        if p.writer and recorder is not None:
+            save_test_predictions(ctx.rundir.path, recorder, p.splits, cfg.seed)  # predictions.json, test_samples.safetensors
+        if p.writer:
+            m.add({"extra": run_sections(_tested(p, cfg, ctx), ctx.console)})  # the predict: / activations: sections
+        ctx.console.print(f"  [green]{cfg.name}[/]: test acc {m.test_acc:.4f}, trained {m.train_seconds:.1f}s, "
+                          f"inference {m.inference_images_per_s:.0f} img/s -> {ctx.rundir.path}")
         return m
+
+
+def _announce(cfg: ExperimentConfig, p: Prepared, trainable: int, total: int, ctx: RunContext) -> None:
+    """One line on what trains on what, and how the pretrained weights loaded when some were dropped."""
+    s = p.splits
+    ctx.console.print(
+        f"[bold]{cfg.name}[/] seed {cfg.seed}: {cfg.model.backbone} ({cfg.model.weights}) + {cfg.head.type} head, "
+        f"strategy {cfg.strategy.name}, {trainable:,}/{total:,} params trainable, "
+        f"{len(s.train_y)}/{len(s.val_y)}/{len(s.test_y)} train/val/test images on {p.fabric.device}"
+    )
+    if p.weights is not None and p.weights.dropped:
+        ctx.console.print(f"  weights: {p.weights.describe()}")
+
+
+def _load_tested_weights(p: Prepared, test: Any, val: Any, cfg: ExperimentConfig, ctx: RunContext) -> tuple[dict[str, Any] | None, float | None]:
+    """Load the run's chosen weights into the model (``best``, else ``last``; the EMA ones with ``train.ema`` unless
+    ``evaluate: raw``); return the raw weights' test metrics (``ema: {evaluate: both}``) and the temperature fitted on
+    the validation split (``train.calibrate: temperature``)."""
+    best = ctx.rundir.checkpoints / "best.safetensors"
+    chosen = best if best.exists() else ctx.rundir.checkpoints / "last.safetensors"
+    raw_test = _test_raw(p.model, test, cfg, p.splits, p.fabric, chosen)
+    load_model_weights(p.model, chosen)
+    return raw_test, _temperature(p.model, val, cfg, p.fabric)
+
+
+def _extra_sections(cfg: ExperimentConfig, lr_record: dict[str, Any] | None, raw_test: dict[str, Any] | None,
+                    fp32_convs: list[str], criterion: Any) -> dict[str, Any]:
+    """The kind-specific sections of ``metrics.json``: ``lr_find``, ``ema``, ``bf16_fp32_convs``, ``class_weights``."""
+    extra: dict[str, Any] = {}
+    if lr_record is not None:
+        extra["lr_find"] = lr_record
+    if cfg.train.ema is not None:
+        main = "ema" if cfg.train.ema.evaluate != "raw" else "raw"
+        extra["ema"] = {"decay": cfg.train.ema.decay, "warmup": cfg.train.ema.warmup, "evaluate": cfg.train.ema.evaluate,
+                        "main": main, **({"test_raw": raw_test} if raw_test else {})}
+    if fp32_convs:
+        extra["bf16_fp32_convs"] = fp32_convs
+    if getattr(criterion, "weight", None) is not None:
+        extra["class_weights"] = [round(float(w), 6) for w in criterion.weight]
+    return extra
+
+
+def _tested(p: Prepared, cfg: ExperimentConfig, ctx: RunContext) -> Tested:
+    """The tested model as the run sections get it: outside images take the training images' channels and size."""
+    x = p.splits.train_x
+    return Tested(cfg, p.model, with_tta(p.model, cfg.train.tta), p.splits.class_names, int(x.shape[1]), int(x.shape[-1]),
+                  p.fabric.device, p.fabric.autocast, ctx.rundir.path)
 
 
 def _batches(cfg: ExperimentConfig, splits: ImageSplits, kwargs: dict[str, Any], fabric: Fabric) -> tuple[Any, Any, Any]:
@@ -156,13 +165,12 @@ def _test_raw(model: TransferModel, test: Any, cfg: ExperimentConfig, splits: Im
     model.load_state_dict(load_checkpoint_group(checkpoint, "raw"), strict=True)
     with fabric.autocast():
         r = evaluate(with_tta(model, cfg.train.tta), test, splits.num_classes, fabric.device)
-    balanced, f1 = balanced_scores(r["confusion_matrix"])
-    return {"acc": r["acc"], "top5": r.get("top5"), "loss": r["loss"], "balanced_acc": balanced, "macro_f1": f1}
+    return {"acc": r.acc, "top5": r.top5, "loss": r.loss, "balanced_acc": r.balanced_acc, "macro_f1": r.macro_f1}
 
 
 def _test(
     model: TransferModel, test: Any, cfg: ExperimentConfig, splits: ImageSplits, fabric: Fabric, temperature: float | None = None
-) -> tuple[dict[str, Any], PredictionRecorder | None]:
+) -> tuple[Evaluation, PredictionRecorder | None]:
     """Test metrics of the chosen checkpoint (with the run's TTA); one process also records per-image predictions.
 
     With ``temperature`` the calibration is measured before and after dividing the logits by it, in the same pass."""
@@ -208,7 +216,7 @@ def _resolve_lr(
     """
     if cfg.train.lr != "find":
         return cfg, None
-    record_path = ctx.rundir.path / "lr_find.json"
+    record_path = ctx.rundir.path / LR_FIND_JSON
     if recorded is not None:  # a continued run keeps the lr it trained with so far
         record = read_json(record_path) if record_path.is_file() else {"suggestion": recorded}
         ctx.console.print(f"  lr: find -> {recorded:.3g} (found before the interruption)")
@@ -221,7 +229,7 @@ def _resolve_lr(
     ctx.snapshot = cfg.to_dict()
     ctx.rundir.begin(Opening(), ctx.snapshot)  # config.yaml again, now with the resolved lr
     ctx.console.print(f"  lr: find -> {result.suggestion:.3g} ({result.rule}, {len(result.lrs)} steps, {result.stopped}); "
-                      f"curve in {ctx.rundir.path / 'lr_find.png'}")
+                      f"curve in {ctx.rundir.path / LR_FIND_PNG}")
     return cfg, result.record()
 
 
@@ -233,14 +241,10 @@ def find_lr(cfg: ExperimentConfig, out: str | Path, console: Any = None) -> LrFi
     """
     if cfg.kind != "train":
         raise cfg.error(f"the LR finder needs kind: train (this experiment is kind: {cfg.kind})")
-    fabric = make_fabric(cfg)
-    fabric.seed_everything(cfg.seed, verbose=False)
-    splits = prepare_splits(cfg.data, cfg.seed)
-    criterion = make_loss(cfg, splits.class_names, splits.train_y)
-    model, _ = build_model(cfg.model, cfg.head, splits.num_classes)
-    use_data_normalization(model, splits)
-    apply_strategy(model, cfg.strategy)
-    train, _, _ = _batches(cfg, splits, batch_kwargs(model, cfg, fabric.device), fabric)
+    p = prepare(cfg, None, apply_strategy)  # the run's own start, without a run directory
+    fabric, model = p.fabric, p.model
+    criterion = make_loss(cfg, p.splits.class_names, p.splits.train_y)
+    train, _, _ = _batches(cfg, p.splits, batch_kwargs(model, cfg, fabric.device), fabric)
     result = lr_find(model, train, cfg, criterion.to(fabric.device), fabric.device, fabric.autocast)
     save_lr_find(result, out, f"{cfg.name}: LR finder ({result.rule})")
     if console is not None:

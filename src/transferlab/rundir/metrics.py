@@ -104,6 +104,22 @@ class RunMetrics:
         cache = self.feature_cache or {}
         return float(self.train_seconds or 0.0) + (float(cache.get("pass_seconds", 0.0)) if cache.get("used") else 0.0)
 
+    def add(self, *parts: dict[str, Any]) -> RunMetrics:
+        """Set the fields of each part (a mapping of schema field names; ``extra`` is merged, not replaced) and
+        return self: a kind builds its result from parts — identity, test, fit, timings — not field by field.
+        A key that is no schema field is a programming error, named."""
+        names = {f.name for f in dataclasses.fields(self)}
+        for part in parts:
+            unknown = sorted(set(part) - names)
+            if unknown:
+                raise ValueError(f"not RunMetrics fields: {unknown}")  # programming error
+            for key, value in part.items():
+                if key == "extra":
+                    self.extra.update(value)
+                else:
+                    setattr(self, key, value)
+        return self
+
     def fill_derived(self) -> RunMetrics:
         """Set ``test_balanced_acc`` / ``test_macro_f1`` from the confusion matrix where they are unset (returns self)."""
         if self.confusion_matrix and (self.test_balanced_acc is None or self.test_macro_f1 is None):
