@@ -82,9 +82,11 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     tmp = Path(tmp_name)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a normal write would
     try:
         write(tmp)
+        # mkstemp makes 0600; give the file the permissions a normal write would. After ``write``: some
+        # writers (safetensors' save_file) replace the file at ``tmp`` with a new 0600 one.
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -4,9 +4,10 @@
 read by ``transferlab.data.images.load_image``: transparency composited on white, 16-bit scaled,
 CMYK/palette/1-bit converted, EXIF orientation applied) with the run's own preprocessing: the images
 get the training data's channel count and square size, then the model's normalisation, and the
-run's test-time augmentation. ``predict("model.onnx", paths)`` does the same with a file written by
-``transferlab export --format onnx``, run by onnxruntime, with the preprocessing recorded in it — so a
-deployed file can be checked against its run. The model-level core (decoding, top-k, the file search) is
+run's test-time augmentation. ``predict("model.onnx", paths)`` does the same with a file (or ``hf``
+folder) written by ``transferlab export`` in any format, run by its own runtime (onnxruntime for
+ONNX), with the preprocessing recorded in it (``ExportSpec``: colour mode, ``resize``, ``crop_pct``,
+interpolation, channels, mean, std) — so a deployed file can be checked against its run. The model-level core (decoding, top-k, the file search) is
 ``transferlab.tools.inspect``, shared with an experiment's ``predict:`` section; this module adds the run.
 """
 
@@ -21,18 +22,29 @@ import torch
 from transferlab.data.sources import load_dataset
 from transferlab.engine.evaluation import with_tta
 from transferlab.engine.precision import autocast_for
-from transferlab.results.export import load_onnx
+from transferlab.results.export import ExportSpec, export_format_of, load_export
 from transferlab.rundir import Run, load_run
 from transferlab.tools.inspect import ImagePrediction, PredictError, collect_image_files, load_images, predict_images
 
 __all__ = [
-    "ImagePrediction", "PredictError", "collect_image_files", "is_onnx_file", "load_images", "predict", "predictions_json", "run_input_spec",
+    "ImagePrediction", "PredictError", "collect_image_files", "is_export", "is_onnx_file", "load_images", "predict", "predictions_json",
+    "run_input_spec",
 ]
 
 
-def is_onnx_file(source: object) -> bool:
-    """True for a path naming an ``.onnx`` file (an exported model) rather than a run directory."""
-    return isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".onnx"
+def is_export(source: object) -> bool:
+    """True for a path naming an exported model (``.onnx``, ``.pt``, ``.pt2``, ``.safetensors``, an ``hf`` folder)
+    rather than a run directory."""
+    if not isinstance(source, (str, Path)):
+        return False
+    path = Path(source)
+    if path.is_dir():
+        return not (path / "metrics.json").exists() and export_format_of(path) is not None
+    return export_format_of(path) is not None
+
+
+is_onnx_file = is_export
+"""The name ``transferlab predict`` used when ONNX was the only exported format it read."""
 
 
 def run_input_spec(run: Run) -> tuple[int, int]:
@@ -70,13 +82,13 @@ def predict(
     """
     if top_k < 1:
         raise PredictError(f"top_k must be >= 1, got {top_k}")
-    if is_onnx_file(run):
+    if is_export(run):
         if str(device) != "cpu":
-            raise PredictError(f"{run}: an ONNX file runs on onnxruntime's CPU provider here; leave the device at cpu")
-        model, spec = load_onnx(run)
+            raise PredictError(f"{run}: an exported file runs on its own runtime's CPU path here; leave the device at cpu")
+        model, spec, _ = load_export(run)
         files = collect_image_files(paths)
         channels, size, pre, tta, names = spec.channels, spec.image_size, spec.preprocess(), spec.tta, list(spec.class_names)
-        fit, precision = ("crop", 1.0), "32-true"
+        fit, precision = (spec.resize, spec.crop_pct), "32-true"  # brought to size as the file's metadata says
     else:
         run = run if not isinstance(run, (str, Path)) else load_run(run)
         files = collect_image_files(paths)
@@ -96,12 +108,14 @@ def predict(
 
 
 def predictions_json(run: Run | str | Path, preds: Sequence[ImagePrediction], checkpoint: str = "best") -> dict[str, Any]:
-    """The JSON document ``transferlab predict --json`` writes (for a run, or an exported ``.onnx`` file)."""
-    if is_onnx_file(run):
-        spec = load_onnx(run)[1]
+    """The JSON document ``transferlab predict --json`` writes (for a run, or an exported file)."""
+    if is_export(run):
+        fmt = export_format_of(run)
+        assert fmt is not None and fmt.read_spec is not None
+        spec: ExportSpec = fmt.read_spec(Path(run))
         return {
-            "model": str(run), "format": "onnx", "run": spec.source, "experiment": spec.experiment, "checkpoint": spec.checkpoint,
-            "input": {"channels": spec.channels, "image_size": spec.image_size}, "class_names": list(spec.class_names),
+            "model": str(run), "format": fmt.name, "run": spec.source, "experiment": spec.experiment, "checkpoint": spec.checkpoint,
+            "input": _input(spec.channels, spec.image_size, spec.resize, spec.crop_pct), "class_names": list(spec.class_names),
             "images": [p.to_dict() for p in preds],
         }
     run = run if isinstance(run, Run) else load_run(run)
@@ -110,7 +124,11 @@ def predictions_json(run: Run | str | Path, preds: Sequence[ImagePrediction], ch
         "run": str(run.path),
         "experiment": run.config.name,
         "checkpoint": checkpoint,
-        "input": {"channels": channels, "image_size": size},
+        "input": _input(channels, size, run.config.data.resize, run.config.data.crop_pct),
         "class_names": run.class_names,
         "images": [p.to_dict() for p in preds],
     }
+
+
+def _input(channels: int, size: int, resize: str, crop_pct: float) -> dict[str, Any]:
+    return {"channels": channels, "image_size": size, "resize": resize, "crop_pct": float(crop_pct)}

@@ -13,7 +13,15 @@ it. Whether plain timm can build it depends on the model:
   checkpoint and a ``transferlab`` section in ``config.json`` (backbone, truncation, head);
   ``architecture`` is ``transferlab:<backbone>`` so plain timm refuses it with "Unknown model"
   instead of building something else. transferlab reads it: ``weights: hf:DIR`` (the backbone) and
-  ``load_hf_model(DIR)`` (the whole model).
+  ``load_hf_model(DIR)`` (the whole model). A built-in CNN (not truncated) also gets
+  ``modeling_transferlab_cnn.py`` (``standalone_cnn``: plain torch), so people without transferlab load it too.
+
+The preprocessing travels in ``pretrained_cfg`` in timm's words — ``crop_pct``, ``crop_mode``
+(``center`` for ``resize: crop``, ``squash`` for ``stretch``, ``border`` for ``pad``) and
+``interpolation`` — so ``timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=…))``
+preprocesses as the run did. ``center`` and ``squash`` reproduce transferlab's resize exactly; timm's
+``border`` pads with the mean colour where transferlab padded black, which the card says, with the
+exact transform. ``transferlab.spec`` holds the whole ``ExportSpec``.
 
 ``hf`` is one more ``ExportFormat`` in ``transferlab.results.export.EXPORT_FORMATS`` (registered
 when this module is imported; ``import transferlab`` does), so it gets the same parity check as every
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,16 +64,20 @@ from transferlab.models.hub import (
     read_hf_config,
     resolve_hf,
 )
+from transferlab.models.small_cnn import SmallCNN
 from transferlab.results.compare import experiment_row
+from transferlab.results.export import standalone_cnn
 from transferlab.results.export.parity import parity_path
 from transferlab.results.export.run import ExportResult
-from transferlab.results.export.spec import EXPORT_FORMATS, ExportFormat, ExportSpec
+from transferlab.results.export.spec import EXPORT_FORMATS, ExportError, ExportFormat, ExportSpec
 from transferlab.results.report.markdown import md_esc
 from transferlab.rundir import Run, RunError, load_run, read_study
 
 __all__ = [
     "HF_CARD",
     "PARITY_FILE",
+    "STANDALONE_FILE",
+    "TIMM_CROP_MODES",
     "HubError",
     "HubModel",
     "export_hf",
@@ -72,11 +85,53 @@ __all__ = [
     "model_card",
     "push_hf",
     "timm_equivalent",
+    "timm_preprocessing",
 ]
 
 HF_CARD = "README.md"
 PARITY_FILE = "transferlab_parity.json"
 """The export's parity report, inside the folder ``push`` uploads (beside the folder for ``export``)."""
+STANDALONE_FILE = "modeling_transferlab_cnn.py"
+"""The plain-torch module file (a copy of ``standalone_cnn``) in the folder of a built-in CNN."""
+TIMM_CROP_MODES = {"crop": "center", "stretch": "squash", "pad": "border"}
+"""``data.resize`` in timm's ``crop_mode`` words (``timm.data.transforms_factory.transforms_imagenet_eval``)."""
+
+
+def timm_preprocessing(spec: ExportSpec) -> tuple[dict[str, Any], str | None]:
+    """(``crop_pct``, ``crop_mode``, ``interpolation`` for ``pretrained_cfg``, what timm's transform gets wrong or ``None``).
+
+    ``center`` (torchvision ``Resize(floor(S / crop_pct))`` + ``CenterCrop(S)``) and ``squash`` (``Resize((S, S))`` at
+    crop_pct 1) compute the sizes and offsets transferlab's resize computes, with PIL's bilinear filter; ``border``
+    (``ResizeKeepRatio(longest=1)`` + ``CenterCropOrPad``) places the image as ``pad`` does but fills with the mean colour.
+    """
+    mode = TIMM_CROP_MODES[spec.resize]
+    crop_pct = float(spec.crop_pct) if spec.resize == "crop" else 1.0
+    out = {"crop_pct": crop_pct, "crop_mode": mode, "interpolation": spec.interpolation}
+    if spec.resize == "pad":
+        fill = [round(255 * m) for m in spec.mean]
+        return out, (f"timm's `border` mode pads with the mean colour {fill}, where the run padded with black (0): "
+                     "pad with `fill=0` as in the code below to get the run's input exactly")
+    return out, None
+
+
+def _standalone_args(model: nn.Module, model_cfg: ModelConfig, head: dict[str, Any]) -> dict[str, Any] | None:
+    """``standalone_cnn.TransferlabCNN``'s arguments for ``model``, or ``None`` when it is not a plain built-in CNN."""
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, SmallCNN) or model_cfg.truncate is not None or head.get("type") not in ("linear", "mlp", "conv"):
+        return None
+    blocks = list(backbone.blocks)
+    convs = [m for m in blocks[0].modules() if isinstance(m, nn.Conv2d)]
+    return {
+        "backbone": {
+            "in_chans": convs[0].in_channels,
+            "widths": [next(m for m in b.modules() if isinstance(m, nn.Conv2d)).out_channels for b in blocks],
+            "convs_per_block": len(convs),
+            "style": "pool_first" if isinstance(blocks[0][1], nn.MaxPool2d) else "vgg",
+            "act": "gelu" if any(isinstance(m, nn.GELU) for m in backbone.modules()) else "relu",
+            "global_pool": "max" if isinstance(backbone.global_pool, nn.AdaptiveMaxPool2d) else "avg",
+        },
+        "head": {k: head.get(k) for k in ("type", "hidden", "conv_channels", "kernel_size")},
+    }
 
 
 class HubError(RuntimeError):
@@ -168,20 +223,20 @@ def load_hf_model(source: str | Path) -> HubModel:
 # writing the folder: the ``hf`` format of ``transferlab export``
 
 
-def _hf_config(model: TransferModel, spec: ExportSpec, layout: str, arch: str, why_not: str | None) -> dict[str, Any]:
+def _hf_config(
+    model: TransferModel, spec: ExportSpec, layout: str, arch: str, why_not: str | None, standalone: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """``config.json``: timm's fields (what ``timm.create_model('local-dir:…')`` reads) plus a ``transferlab`` section."""
     # timm's facts about the architecture only — not where, under which license or from which paper
-    # the *original* weights came (these are new weights) — and this run's input: transferlab resizes
-    # the whole image to size×size (bilinear), without a crop
+    # the *original* weights came (these are new weights) — and this run's input, in timm's words
     pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if v is not None and k in _ARCH_KEYS}
+    timm_pre, timm_differs = timm_preprocessing(spec)
     pretrained_cfg.update(
         architecture=arch,
         input_size=[spec.in_chans, spec.image_size, spec.image_size],
         mean=list(spec.mean),
         std=list(spec.std),
-        interpolation="bilinear",
-        crop_pct=1.0,
-        crop_mode="center",
+        **timm_pre,
         num_classes=spec.num_classes,
         custom_load=False,
     )
@@ -203,6 +258,12 @@ def _hf_config(model: TransferModel, spec: ExportSpec, layout: str, arch: str, w
             "head": spec.head,
             "image_size": spec.image_size,
             "channels": spec.channels,
+            "resize": spec.resize,
+            "crop_pct": spec.crop_pct,
+            "preprocessing": spec.recipe(),
+            "timm_transform_exact": timm_differs is None,
+            "timm_transform_differs": timm_differs,
+            "standalone": {"file": STANDALONE_FILE, **standalone} if standalone else None,
             "spec": json.loads(spec.to_json()),
         },
     }
@@ -236,10 +297,18 @@ def _save_hf(model: nn.Module, example: torch.Tensor, spec: ExportSpec, out: Pat
         layout, arch, state = "transferlab", f"transferlab:{model_cfg.backbone}", model.state_dict()
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write(out / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))  # "pt": what the hub expects
-    cfg = _hf_config(model, spec, layout, arch, why_not)
+    standalone = _standalone_args(model, model_cfg, spec.head) if layout == "transferlab" else None
+    cfg = _hf_config(model, spec, layout, arch, why_not, standalone)
     write_json(out / HF_CONFIG, cfg)
     write_text(out / HF_CARD, model_card(spec, cfg, _source_run(spec)))
-    return [out / HF_CONFIG, out / HF_WEIGHTS, out / HF_CARD]
+    files = [out / HF_CONFIG, out / HF_WEIGHTS, out / HF_CARD]
+    if standalone:
+        source = Path(standalone_cnn.__file__)
+        atomic_write(out / STANDALONE_FILE, lambda tmp: shutil.copyfile(source, tmp))
+        files.append(out / STANDALONE_FILE)
+    elif (out / STANDALONE_FILE).exists():  # an earlier export of another model into this folder
+        (out / STANDALONE_FILE).unlink()
+    return files
 
 
 def _load_hf(folder: Path) -> nn.Module:
@@ -247,6 +316,14 @@ def _load_hf(folder: Path) -> nn.Module:
     if read_hf_config(folder).get("transferlab", {}).get("layout") == "transferlab":
         return load_hf_model(folder).model
     return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+
+
+def _read_hf_spec(folder: Path) -> ExportSpec:
+    """``ExportFormat.read_spec`` of ``hf``: the ``ExportSpec`` in ``config.json`` (``transferlab.spec``)."""
+    spec = (read_hf_config(folder).get("transferlab") or {}).get("spec")
+    if not isinstance(spec, dict):
+        raise ExportError(f"{folder / HF_CONFIG}: no transferlab export metadata (transferlab.spec); not a transferlab hf export")
+    return ExportSpec.from_json(json.dumps(spec), str(folder / HF_CONFIG))
 
 
 def _source_run(spec: ExportSpec) -> Run | None:
@@ -261,6 +338,7 @@ EXPORT_FORMATS.register(obj=ExportFormat(
     "timm.create_model('local-dir:…', pretrained=True) or load_hf_model, by layout",
     "timm hub folder: config.json + model.safetensors + README.md model card",
     help="a Hugging Face Hub folder in timm's layout (config.json, model.safetensors, README.md model card)", folder=True,
+    read_spec=_read_hf_spec,
 ))
 
 
@@ -296,10 +374,37 @@ def _pct(v: Any) -> str:
 
 
 def _settings(obj: Any, skip: tuple[str, ...] = ()) -> str:
-    """``a: 1, b: x`` of a config dataclass's set (non-null) fields."""
-    items = dataclasses.asdict(obj).items() if dataclasses.is_dataclass(obj) else dict(obj).items()
-    text = ", ".join(f"{k}: {v}" for k, v in items if v is not None and v is not False and v not in ([], {}) and k not in skip)
+    """``a: 1, b.c: x`` of a config dataclass's set (non-null) fields, nested ones dotted: no Python reprs."""
+    items = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    text = ", ".join(f"{k}: {v}" for k, v in _flat_items(items, "") if k.split(".")[0] not in skip)
     return "`" + text.replace("`", "'") + "`"  # code spans: user strings (class names, paths) need no escaping
+
+
+def _flat_items(d: dict[str, Any], prefix: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for k, v in d.items():
+        if v is None or v is False or v in ([], {}):
+            continue
+        if isinstance(v, dict):
+            out += _flat_items(v, f"{prefix}{k}.")
+        elif isinstance(v, (list, tuple)):
+            out.append((f"{prefix}{k}", "[" + ", ".join(json.dumps(x) if isinstance(x, (dict, list)) else str(x) for x in v) + "]"))
+        else:
+            out.append((f"{prefix}{k}", str(v)))
+    return out
+
+
+# data settings the card does not show: where the files are, loader details, and test_fraction, which only
+# applies to datasets without a test split of their own (the card states the real test share instead)
+_DATA_UNUSED = ("dataset", "root", "num_workers", "in_memory", "synthetic_classes", "synthetic_size", "test_fraction")
+
+
+def _shares(n_train: Any, n_val: Any, n_test: Any) -> str:
+    counts = [n for n in (n_train, n_val, n_test) if isinstance(n, int)]
+    if len(counts) != 3 or not sum(counts):
+        return ""
+    total = sum(counts)
+    return f" ({100 * n_train / total:.0f} / {100 * n_val / total:.0f} / {100 * n_test / total:.0f} % of the {total} images used)"
 
 
 def model_card(spec: ExportSpec, hf_config: dict[str, Any], run: Run | None = None) -> str:
@@ -311,7 +416,7 @@ def model_card(spec: ExportSpec, hf_config: dict[str, Any], run: Run | None = No
     ours = hf_config["transferlab"]
     timm_loadable = ours["layout"] == "timm"
     meta: dict[str, Any] = {
-        "tags": ["image-classification", "timm", "transferlab"],
+        "tags": ["image-classification", "timm", "transferlab"] if timm_loadable else ["image-classification", "transferlab"],
         "library_name": "timm" if timm_loadable else "transferlab",
         "pipeline_tag": "image-classification",
         "metrics": ["accuracy"],
@@ -330,7 +435,7 @@ def model_card(spec: ExportSpec, hf_config: dict[str, Any], run: Run | None = No
     if run is not None:
         lines += _card_data_and_training(run)
         lines += _card_results(run)
-    lines += _usage(timm_loadable, spec.image_size, hf_config["architecture"], spec.num_classes, ours["backbone"])
+    lines += _usage(spec, hf_config)
     lines += [
         "## Export check",
         "",
@@ -364,8 +469,11 @@ def _card_model(spec: ExportSpec, hf_config: dict[str, Any], run: Run | None) ->
         lines.append(f"- **Weights source:** `{run.config.model.weights}`{source}")
         if rec.total_params:
             lines.append(f"- **Parameters:** {rec.total_params:,} ({rec.trainable_params:,} trained)")
+    how = {"crop": f"`resize: crop`, crop_pct {spec.crop_pct:g}", "pad": "`resize: pad` (letterbox on black)",
+           "stretch": "`resize: stretch` (aspect not kept)"}[spec.resize]
     lines += [
-        f"- **Input:** {chans}×{size}×{size}, mean {pre['mean']}, std {pre['std']}; images resized to {size}×{size} (bilinear, no crop){gray}",
+        f"- **Input:** {chans}×{size}×{size}, mean {pre['mean']}, std {pre['std']}{gray}",
+        f"- **Preprocessing** ({how}): {spec.recipe()}",
         f"- **Classes:** {', '.join(md_esc(c) for c in spec.class_names)}",
         "",
     ]
@@ -386,8 +494,9 @@ def _card_data_and_training(run: Run) -> list[str]:
         "## Data",
         "",
         f"- **Dataset:** `{cfg.data.dataset}`" + (f" ({md_esc(cfg.data.root)})" if cfg.data.root else ""),
-        f"- **Selection:** {_settings(cfg.data, skip=('dataset', 'root', 'num_workers', 'in_memory', 'synthetic_classes', 'synthetic_size'))}",
-        f"- **Images:** {rec.n_train} train, {rec.n_val} validation, {rec.n_test} test (seed {run.seed}; indices in the run's `selection.json`)",
+        f"- **Selection:** {_settings(cfg.data, skip=_DATA_UNUSED)}",
+        f"- **Images:** {rec.n_train} train, {rec.n_val} validation, {rec.n_test} test{_shares(rec.n_train, rec.n_val, rec.n_test)} "
+        f"(seed {run.seed}; indices in the run's `selection.json`)",
         "",
         "## Training",
         "",
@@ -432,7 +541,10 @@ def _card_limits(spec: ExportSpec, hf_config: dict[str, Any], run: Run | None) -
         "- A research and teaching artifact from a transfer-learning experiment: not for medical, legal, safety or other high-stakes decisions.",
     ]
     if ours["layout"] != "timm":
-        lines.append(f"- Plain `timm.create_model` cannot build it: {ours['why_not_timm']}. Load it with transferlab (above).")
+        how = f"with `{STANDALONE_FILE}` (plain torch) or transferlab" if ours.get("standalone") else "with transferlab"
+        lines.append(f"- Plain `timm.create_model` cannot build it: {ours['why_not_timm']}. Load it {how} (above).")
+    if ours.get("timm_transform_differs"):
+        lines.append(f"- Preprocessing with timm's transform from `pretrained_cfg` is not exact: {ours['timm_transform_differs']}.")
     if run is not None and run.config.model.weights in ("imagenet", "embedded"):
         lines.append("- Fine-tuned from ImageNet weights: their license and terms may apply to these weights too.")
     if run is not None:
@@ -473,8 +585,21 @@ def _comparison_row(row: dict[str, Any]) -> list[str]:
     ]
 
 
-def _usage(timm_loadable: bool, size: int, arch: str, num_classes: int, backbone: str) -> list[str]:
-    if timm_loadable:
+def _usage(spec: ExportSpec, hf_config: dict[str, Any]) -> list[str]:
+    ours, arch, num_classes = hf_config["transferlab"], hf_config["architecture"], spec.num_classes
+    gray = spec.channels == 1
+    convert = '.convert("L").convert("RGB")' if gray and spec.in_chans == 3 else f'.convert("{spec.image_mode}")'
+    if spec.resize == "pad":  # timm's border mode fills with the mean colour: the run's transform, built from timm's parts
+        transform = [
+            "from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio",
+            "from torchvision import transforms as T",
+            f"transform = T.Compose([ResizeKeepRatio({spec.image_size}, longest=1.0, interpolation={spec.interpolation!r}),",
+            f"                       CenterCropOrPad({spec.image_size}, fill=0),  # the run padded black, not timm's mean colour",
+            "                       T.ToTensor(), T.Normalize(cfg['mean'], cfg['std'])])",
+        ]
+    else:
+        transform = ["transform = timm.data.create_transform(**cfg)  # crop_pct, crop_mode, interpolation: the run's resize"]
+    if ours["layout"] == "timm":
         code = [
             "import timm, torch",
             "from PIL import Image",
@@ -483,9 +608,21 @@ def _usage(timm_loadable: bool, size: int, arch: str, num_classes: int, backbone
             f"# or: timm.create_model({arch!r}, pretrained=True, num_classes={num_classes},",
             f'#         pretrained_cfg_overlay=dict(file="path/to/this/folder/model.safetensors", num_classes={num_classes}))',
             "cfg = timm.data.resolve_data_config(model=model)",
-            "transform = timm.data.create_transform(**cfg)",
-            'probs = model(transform(Image.open("image.png").convert("RGB")).unsqueeze(0)).softmax(-1)',
+            *transform,
+            f'probs = model(transform(Image.open("image.png"){convert}).unsqueeze(0)).softmax(-1)',
             "names = model.pretrained_cfg['label_names']",
+        ]
+    elif ours.get("standalone"):
+        code = [
+            "# plain torch + safetensors + Pillow: no transferlab, no timm",
+            "import sys",
+            'sys.path.insert(0, "path/to/this/folder")',
+            f"from {Path(STANDALONE_FILE).stem} import load_model, preprocess",
+            "",
+            'model, names, config = load_model("path/to/this/folder")',
+            'probs = model(preprocess("image.png", config).unsqueeze(0)).softmax(-1)',
+            "",
+            "# or with transferlab: from transferlab.results.export.hf import load_hf_model; model = load_hf_model(folder).model",
         ]
     else:
         code = [
@@ -501,8 +638,12 @@ def _usage(timm_loadable: bool, size: int, arch: str, num_classes: int, backbone
         *code,
         "```",
         "",
-        f"As a starting point for another transferlab study: `model: {{backbone: {backbone}, weights: \"hf:<folder or owner/name>\"}}` "
-        f"(the backbone, loaded strictly; the classifier is replaced by the experiment's head). Input: {size}×{size} px.",
+        f"Images are preprocessed as the run did: {spec.recipe()}. `config.json` says the same in timm's words "
+        f"(`pretrained_cfg`: crop_pct {hf_config['pretrained_cfg']['crop_pct']:g}, crop_mode `{hf_config['pretrained_cfg']['crop_mode']}`, "
+        f"interpolation `{spec.interpolation}`) and in full (`transferlab.spec`).",
+        "",
+        f"As a starting point for another transferlab study: `model: {{backbone: {ours['backbone']}, weights: \"hf:<folder or owner/name>\"}}` "
+        f"(the backbone, loaded strictly; the classifier is replaced by the experiment's head). Input: {spec.image_size}×{spec.image_size} px.",
         "",
     ]
 

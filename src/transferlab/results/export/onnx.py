@@ -81,4 +81,5 @@ EXPORT_FORMATS.register(obj=ExportFormat(
     f"torch.onnx.export(dynamo=True), opset {ONNX_OPSET}, dynamic batch axis",
     requires=("onnx", "onnxruntime", "onnxscript"), extra="onnx",
     help="ONNX (dynamo exporter), preprocessing and class names in metadata_props",
+    read_spec=lambda path: load_onnx(path)[1],
 ))

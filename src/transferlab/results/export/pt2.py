@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from transferlab.files import write_bytes
-from transferlab.results.export.spec import EXPORT_FORMATS, SPEC_KEY, ExportFormat, ExportSpec, Runner, batch_dim
+from transferlab.results.export.spec import EXPORT_FORMATS, SPEC_KEY, ExportError, ExportFormat, ExportSpec, Runner, batch_dim
 
 __all__: list[str] = []
 
@@ -27,7 +27,16 @@ def _load_exported_program(path: Path) -> Runner:
     return program.module()  # already in eval form: the graph was captured from a model in eval mode
 
 
+def _read_spec(path: Path) -> ExportSpec:
+    extra = {SPEC_KEY: ""}
+    with open(path, "rb") as f:
+        torch.export.load(f, extra_files=extra)
+    if not extra[SPEC_KEY]:
+        raise ExportError(f"{path}: an ExportedProgram without transferlab export metadata (extra file {SPEC_KEY})")
+    return ExportSpec.from_json(extra[SPEC_KEY], str(path))
+
+
 EXPORT_FORMATS.register(obj=ExportFormat(
     "exported-program", "model.pt2", _save_exported_program, _load_exported_program, "torch.export.load",
-    "torch.export.export, dynamic batch axis", help="torch.export ExportedProgram (.pt2)",
+    "torch.export.export, dynamic batch axis", help="torch.export ExportedProgram (.pt2)", read_spec=_read_spec,
 ))

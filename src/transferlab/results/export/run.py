@@ -19,12 +19,21 @@ from transferlab.config import ExperimentConfig
 from transferlab.files import write_json
 from transferlab.models.model import TransferModel, build_model
 from transferlab.models.weights import load_model_weights
-from transferlab.results.export.parity import ParityReport, Tolerance, check_parity, parity_inputs, parity_path
-from transferlab.results.export.spec import ExportError, ExportFormat, ExportParityError, ExportSpec, export_format, export_spec
+from transferlab.results.export.parity import ParityReport, Tolerance, check_parity, check_raw_files, parity_inputs, parity_path
+from transferlab.results.export.spec import (
+    EXPORT_FORMATS,
+    ExportError,
+    ExportFormat,
+    ExportParityError,
+    ExportSpec,
+    Runner,
+    export_format,
+    export_spec,
+)
 from transferlab.rundir import RUN_ACTIONS, Run, RunError, load_run, load_test_predictions
 from transferlab.rundir.layout import EXPORT_DIR, SAMPLES_FILE, checkpoint_path
 
-__all__ = ["ExportResult", "export_checkpoint", "export_model", "export_run", "export_run_model"]
+__all__ = ["ExportResult", "export_checkpoint", "export_format_of", "export_model", "export_run", "export_run_model", "load_export"]
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +59,11 @@ def export_model(
     images: torch.Tensor,
     samples: str = "",
     tolerance: Tolerance | None = None,
+    run_resize: tuple[str, float] | None = None,
 ) -> ExportResult:
     """Write ``model`` to ``out`` as ``fmt`` and check the file on ``images`` (uint8, described by ``samples``),
-    on the CPU, against a copy of ``model`` in eval mode.
+    on the CPU, against a copy of ``model`` in eval mode; then on raw non-square files made from them, the run's
+    preprocessing (``run_resize``: its ``data.resize`` and ``crop_pct``, default the spec's) vs the written file's metadata.
 
     The report is written to ``parity_path(out)`` and logged whatever the verdict; a failed check then
     raises ``ExportParityError`` (the file is kept, for inspection — do not deploy it).
@@ -80,6 +91,13 @@ def export_model(
         model, runner, x, tolerance, format=fmt.name, file=str(out), runtime=fmt.runtime, exporter=fmt.exporter,
         samples=samples or f"{len(images)} images",
     )
+    if report.ok and fmt.read_spec is not None:
+        resize, crop_pct = run_resize or (spec.resize, spec.crop_pct)
+        metadata = fmt.read_spec(out).metadata()  # what the written file says, not what was meant
+        report.raw_files = check_raw_files(
+            model, spec.preprocess(), runner, metadata, images.cpu(), spec.channels, spec.image_size, resize, crop_pct, tolerance,
+        )
+        report.problem = report.raw_files["problem"]
     report.versions = _versions(fmt)
     report_path = parity_path(out)
     write_json(report_path, report.to_dict())
@@ -141,7 +159,7 @@ def export_run_model(
     out = Path(out) if out is not None else run_dir / EXPORT_DIR / fmt.filename
     if out.is_dir() and Path(fmt.filename).suffix:  # a folder given for a one-file format: the default name in it
         out = out / fmt.filename
-    return export_model(model, spec, fmt, out, images, described, tolerance)
+    return export_model(model, spec, fmt, out, images, described, tolerance, (cfg.data.resize, float(cfg.data.crop_pct)))
 
 
 def export_run(
@@ -171,6 +189,35 @@ def export_run(
     if not size:
         raise RunError(f"{run.path}: metrics.json records no image_size, so the input size of the export is unknown")
     return export_run_model(model, run.config, run.class_names, m, samples, run.path, fmt, out, checkpoint, tolerance, size)
+
+
+def export_format_of(path: str | Path) -> ExportFormat | None:
+    """The registered format that wrote ``path`` (by its suffix, or a folder for ``hf``), or ``None``."""
+    path = Path(path)
+    for fmt in EXPORT_FORMATS.values():
+        if fmt.folder:
+            if path.is_dir() and (path / "config.json").is_file():
+                return fmt
+        elif path.suffix.lower() == Path(fmt.filename).suffix and not path.is_dir():
+            return fmt
+    return None
+
+
+def load_export(path: str | Path) -> tuple[Runner, ExportSpec, ExportFormat]:
+    """An exported file (any format) run by its own runtime, its ``ExportSpec`` (the preprocessing, the classes), its format.
+
+    What ``transferlab predict <exported file>`` uses: the images are preprocessed as the spec says.
+    """
+    path = Path(path)
+    fmt = export_format_of(path)
+    if fmt is None or fmt.read_spec is None:
+        suffixes = ", ".join(f.filename if f.folder else Path(f.filename).suffix for f in EXPORT_FORMATS.values())
+        raise ExportError(f"{path}: not an exported model transferlab can read (expected one of {suffixes})")
+    if not path.exists():
+        raise ExportError(f"{path}: not found")
+    fmt.check_available()
+    spec = fmt.read_spec(path)
+    return fmt.load(path), spec, fmt
 
 
 RUN_ACTIONS.export = export_run

@@ -39,12 +39,16 @@ def _save_safetensors(model: nn.Module, example: torch.Tensor, spec: ExportSpec,
     return [path, _config_path(path)]
 
 
-def _load_safetensors(path: Path) -> Runner:
+def _read_spec(path: Path) -> ExportSpec:
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
     if SPEC_KEY not in header:
         raise ExportError(f"{path}: safetensors file without transferlab export metadata")
-    spec = ExportSpec.from_json(header[SPEC_KEY], str(path))
+    return ExportSpec.from_json(header[SPEC_KEY], str(path))
+
+
+def _load_safetensors(path: Path) -> Runner:
+    spec = _read_spec(path)
     model, _ = build_model(from_dict(ModelConfig, spec.model, "model"), from_dict(HeadConfig, spec.head, "head"), spec.num_classes)
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()
@@ -53,5 +57,5 @@ def _load_safetensors(path: Path) -> Runner:
 EXPORT_FORMATS.register(obj=ExportFormat(
     "safetensors", "model.safetensors", _save_safetensors, _load_safetensors,
     "safetensors into a freshly built TransferModel", "state_dict + JSON config",
-    help="the bare state dict + a JSON config to rebuild the model",
+    help="the bare state dict + a JSON config to rebuild the model", read_spec=_read_spec,
 ))

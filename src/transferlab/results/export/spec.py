@@ -3,9 +3,13 @@
 registers itself in.
 
 Every exported model takes what ``TransferModel.forward`` takes: float32 N×in_chans×S×S images,
-already normalised. ``ExportSpec`` records how to get there (size, channels, mean, std, class
-names, test-time augmentation) and travels inside every file: ONNX ``metadata_props``, TorchScript
-and ``.pt2`` extra files, the safetensors header and its JSON config.
+already normalised. ``ExportSpec`` records how a raw image file gets there — the colour mode it is
+converted to, how it is brought to S×S (``data.resize``: ``crop`` / ``pad`` / ``stretch``,
+``crop_pct``, the interpolation), the channels the model takes, mean and std — plus the class names
+and the test-time augmentation, and travels inside every file: ONNX ``metadata_props`` (also as flat,
+readable keys), TorchScript and ``.pt2`` extra files, the safetensors header and its JSON config, the
+hf folder's ``config.json``. ``preprocess_file`` is the whole recipe from those flat keys alone (PIL
+and numpy): what a stranger writes, and what the parity check runs raw image files through.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch import nn
 
 from transferlab.config import ExperimentConfig
@@ -41,6 +48,9 @@ __all__ = [
     "batch_dim",
     "export_format",
     "export_spec",
+    "fit_box",
+    "preprocess_file",
+    "preprocess_image",
     "require_modules",
 ]
 
@@ -103,6 +113,13 @@ class ExportSpec:
     source: str = ""
     """The run directory the model came from."""
     checkpoint: str = "best"
+    resize: str = "crop"
+    """``data.resize`` of the run: how an image of any shape reaches S×S (``fit_box``). Exports written
+    before it was recorded read as ``crop`` at ``crop_pct`` 1.0: what their readers did."""
+    crop_pct: float = 1.0
+    """``resize: crop``: the center crop keeps this share of the shorter side (timm's ``crop_pct``)."""
+    interpolation: str = "bilinear"
+    """PIL's resampling filter for the resize (``bilinear``: PIL's, which antialiases when shrinking)."""
 
     @property
     def num_classes(self) -> int:
@@ -128,12 +145,39 @@ class ExportSpec:
         except (ValueError, TypeError, KeyError) as e:
             raise ExportError(f"{where}: unreadable transferlab export metadata ({e})") from None
 
+    @property
+    def image_mode(self) -> str:
+        """The PIL mode a raw image is converted to first: ``L`` for a run on grayscale images, else ``RGB``."""
+        return "L" if self.channels == 1 else "RGB"
+
+    def recipe(self) -> str:
+        """The preprocessing in one paragraph (the ``preprocessing`` metadata key; ``preprocess_file`` does it)."""
+        s = self.image_size
+        fit = {
+            "crop": f"resize (aspect kept) so the shorter side is floor({s} / crop_pct) = {math.floor(s / self.crop_pct)} px, the longer "
+                    f"side int(shorter × long / short) px, then cut the centered {s}×{s} window (top/left = round((side - {s}) / 2))",
+            "pad": f"resize (aspect kept) so the longer side is {s} px (the shorter round(short × {s} / long), at least 1), then paste it "
+                   f"centered (top/left = ({s} - side) // 2) on a black {s}×{s} canvas",
+            "stretch": f"resize to {s}×{s} (aspect not kept)",
+        }[self.resize]
+        gray = f"; repeat the one channel {self.in_chans} times" if self.channels == 1 and self.in_chans != 1 else ""
+        return (
+            f"convert to {self.image_mode} (transparency composited on white); {fit} ({self.interpolation} resampling, PIL); "
+            f"scale to [0, 1] (pixel / 255){gray}; subtract mean and divide by std per channel; NCHW float32"
+        )
+
     def metadata(self) -> dict[str, str]:
         """Flat string metadata (ONNX ``metadata_props``): readable keys for people and other tools, plus
         the whole spec under ``transferlab.spec`` for transferlab itself."""
         return {
             "input": f"images: float32 N×{self.in_chans}×{self.image_size}×{self.image_size} (NCHW, RGB order), (pixel / 255 - mean) / std",
             "output": f"logits: float32 N×{self.num_classes} (softmax for probabilities)",
+            "preprocessing": self.recipe(),
+            "image_mode": self.image_mode,
+            "resize": self.resize,
+            "crop_pct": repr(float(self.crop_pct)),
+            "interpolation": self.interpolation,
+            "pad_fill": "0",
             "image_size": str(self.image_size),
             "channels": str(self.channels),
             "in_chans": str(self.in_chans),
@@ -165,7 +209,70 @@ def export_spec(
         in_chans=int(pre.in_chans), mean=tuple(float(v) for v in pre.mean), std=tuple(float(v) for v in pre.std),
         model=dataclasses.asdict(model_cfg), head=dataclasses.asdict(model.head_cfg), tta=cfg.train.tta,
         experiment=cfg.name, source=source, checkpoint=checkpoint,
+        resize=cfg.data.resize, crop_pct=float(cfg.data.crop_pct), interpolation="bilinear",  # data.images resizes with PIL's bilinear
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the preprocessing from the metadata alone (PIL + numpy): what a stranger writes
+
+
+_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
+
+
+def fit_box(h: int, w: int, size: int, resize: str, crop_pct: float = 1.0) -> tuple[int, int, int, int]:
+    """(resized height, width, top, left) of an h×w image brought to size×size by ``resize`` (``ExportSpec.recipe``).
+
+    Written from the recipe, independently of ``transferlab.data`` (whose ``fit_geometry`` the run used):
+    the parity check compares the two.
+    """
+    if resize == "stretch" or (h == w and (resize == "pad" or crop_pct == 1.0)):
+        return size, size, 0, 0
+    if resize == "crop":
+        short = math.floor(size / crop_pct)
+        rh, rw = (short, max(short, int(short * w / h))) if h <= w else (max(short, int(short * h / w)), short)
+        return rh, rw, int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
+    if resize == "pad":
+        rh, rw = (max(1, min(size, round(side * size / max(h, w)))) for side in (h, w))
+        return rh, rw, (size - rh) // 2, (size - rw) // 2
+    raise ValueError(f"resize {resize!r} is not crop, pad or stretch")
+
+
+def preprocess_image(img: Image.Image, metadata: dict[str, str]) -> np.ndarray:
+    """One PIL image -> the float32 in_chans×S×S input of the exported model, from the flat metadata keys alone."""
+    size, mode, resize = int(metadata["image_size"]), metadata.get("image_mode", "RGB"), metadata.get("resize", "crop")
+    crop_pct = float(metadata.get("crop_pct", "1.0"))
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA", "P") and (img.mode != "P" or "transparency" in img.info):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    img = img.convert(mode)
+    rh, rw, top, left = fit_box(img.height, img.width, size, resize, crop_pct)
+    if img.size != (rw, rh):
+        img = img.resize((rw, rh), _FILTERS[metadata.get("interpolation", "bilinear")])
+    if resize == "crop" and (rh, rw) != (size, size):
+        img = img.crop((left, top, left + size, top + size))
+    elif resize == "pad" and (rh, rw) != (size, size):
+        canvas = Image.new(mode, (size, size), int(metadata.get("pad_fill", "0")))
+        canvas.paste(img, (left, top))
+        img = canvas
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    in_chans = int(metadata.get("in_chans", x.shape[0]))
+    if x.shape[0] == 1 and in_chans != 1:
+        x = np.repeat(x, in_chans, axis=0)
+    elif x.shape[0] == 3 and in_chans == 1:  # an RGB run feeding a 1-channel model: luma, as transferlab's Preprocess does
+        x = (x * np.asarray([0.299, 0.587, 0.114], dtype=np.float32)[:, None, None]).sum(0, keepdims=True)
+    mean = np.asarray(json.loads(metadata["mean"]), dtype=np.float32)[:, None, None]
+    std = np.asarray(json.loads(metadata["std"]), dtype=np.float32)[:, None, None]
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def preprocess_file(path: str | Path, metadata: dict[str, str]) -> np.ndarray:
+    """An image file -> the float32 in_chans×S×S input of the exported model (``preprocess_image``)."""
+    with Image.open(path) as img:
+        img.load()
+        return preprocess_image(img, metadata)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +304,8 @@ class ExportFormat:
     help: str = ""
     folder: bool = False
     """It writes a folder (``hf``), not one file: an ``--out`` folder that exists is the export itself, not where it goes."""
+    read_spec: Callable[[Path], ExportSpec] | None = None
+    """The ``ExportSpec`` inside a written file (``load_export``: what ``predict`` preprocesses with)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "__doc__", self.help)  # what `transferlab list` shows for this entry

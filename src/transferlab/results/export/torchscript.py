@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from transferlab.files import atomic_write
-from transferlab.results.export.spec import EXPORT_FORMATS, SPEC_KEY, ExportFormat, ExportSpec, Runner
+from transferlab.results.export.spec import EXPORT_FORMATS, SPEC_KEY, ExportError, ExportFormat, ExportSpec, Runner
 
 __all__: list[str] = []
 
@@ -32,7 +32,17 @@ def _load_torchscript(path: Path) -> Runner:
         return torch.jit.load(str(path), map_location="cpu").eval()
 
 
+def _read_spec(path: Path) -> ExportSpec:
+    extra = {SPEC_KEY: ""}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    if not extra[SPEC_KEY]:
+        raise ExportError(f"{path}: a TorchScript file without transferlab export metadata (extra file {SPEC_KEY})")
+    return ExportSpec.from_json(extra[SPEC_KEY], str(path))
+
+
 EXPORT_FORMATS.register(obj=ExportFormat(
     "torchscript", "model.torchscript.pt", _save_torchscript, _load_torchscript, "torch.jit.load",
-    "torch.jit.trace", help="TorchScript (traced), loads with torch.jit.load",
+    "torch.jit.trace", help="TorchScript (traced), loads with torch.jit.load", read_spec=_read_spec,
 ))

@@ -5,8 +5,10 @@ database in the study folder, ``sqlite:///runs/<study>/mlflow.db`` (artifacts be
 ``runs/<study>/mlartifacts``; ``mlflow ui --backend-store-uri sqlite:///runs/<study>/mlflow.db`` shows it).
 
 A run logs: params = the flattened resolved config; tags kind, strategy, backbone, weights, seed,
-git commit; per-epoch ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``lr``, ``seconds`` with
-step = epoch; the test metrics; artifacts ``config.yaml``, ``metrics.json``, ``history.csv`` and
+git commit, and its source (``mlflow.source.name``: the study file, ``runs/<study>/study.yaml``;
+``mlflow.source.type``: ``JOB`` under Slurm, else ``LOCAL``), which the runs table shows; per-epoch
+``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``lr``, ``seconds`` with step = epoch; the test
+metrics; artifacts ``config.yaml``, ``metrics.json``, ``history.csv`` and
 ``confusion_matrix.png``; with ``log_model: onnx`` (or ``safetensors``) the model, exported and
 parity-checked after the run (``results.export.export_checkpoint``), as ``model/<file>`` with its
 ``<file>.parity.json``. Only ``MlflowClient`` is used (no fluent API, whose "active run" is global
@@ -198,7 +200,7 @@ class MlflowTracker(Tracker):
     # the run
 
     def _tags(self) -> dict[str, str]:
-        from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+        from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
         cfg = self.run.cfg
         commit = self.run.version().get("git_commit", "unknown")
@@ -214,7 +216,14 @@ class MlflowTracker(Tracker):
             "experiment": cfg.name,
             "dataset": cfg.data.dataset,
             "transferlab.run_dir": str(self.run.run_dir.resolve()),
+            MLFLOW_SOURCE_NAME: str(self._source()),
+            MLFLOW_SOURCE_TYPE: "JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL",
         }
+
+    def _source(self) -> Path:
+        """The study file the run came from (its copy in the study folder), else the run folder."""
+        study_file = self.run.study_dir / "study.yaml"
+        return (study_file if study_file.is_file() else self.run.run_dir).resolve()
 
     def start(self, resuming: bool, previous: dict[str, Any] | None) -> None:
         from mlflow import MlflowClient  # lazy: the optional extra

@@ -4,9 +4,11 @@
 share one x axis, the global optimizer step: ``train/loss_step`` and ``train/lr`` every step
 (``log_every_steps``), the epoch's ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` and ``epoch``
 at its last step, then ``test/acc``, ``test/loss`` (``test/top5``) and the confusion matrix image
-``test/confusion_matrix``. The flattened config goes to the hparams plugin, so runs compare in
-TensorBoard's HPARAMS table. A resumed run opens its log dir with ``purge_step`` at the step it
-continues from: what the interrupted run logged past its checkpoint is hidden, so no step appears twice.
+``test/confusion_matrix``. The few settings that tell runs apart (``HPARAMS``: backbone, weights,
+strategy, lr, epochs, batch size, image size, seed, precision) go to the hparams plugin, so the HPARAMS
+table shows them side by side; the whole flattened config is the text ``config`` (TEXT tab). A resumed
+run opens its log dir with ``purge_step`` at the step it continues from: what the interrupted run logged
+past its checkpoint is hidden, so no step appears twice.
 
 ``torch.utils.tensorboard.SummaryWriter`` rather than Lightning Fabric's ``TensorBoardLogger``: the
 latter adds ``version_N`` folders and has no ``purge_step``, and our loop is not Lightning's.
@@ -21,7 +23,11 @@ from typing import Any
 
 from transferlab.engine.tracking import TRACKERS, RunInfo, Tracker, confusion_image, flat_config
 
-__all__ = ["TensorBoardOptions", "TensorBoardTracker"]
+__all__ = ["HPARAMS", "TensorBoardOptions", "TensorBoardTracker"]
+
+HPARAMS = ("model.backbone", "model.weights", "strategy.name", "train.lr", "train.epochs", "train.batch_size", "data.image_size",
+           "seed", "train.precision")
+"""The flattened config keys logged as hparams, in this order (the HPARAMS table's columns); the rest is text."""
 
 HPARAM_METRICS = ("test/acc", "test/loss", "val/acc", "val/loss")
 """The scalars the HPARAMS table shows beside each run's hyperparameters (their last value)."""
@@ -72,9 +78,15 @@ class TensorBoardTracker(Tracker):
     def _write_hparams(self) -> None:
         from torch.utils.tensorboard.summary import hparams
 
+        flat = flat_config(self.run.cfg)
+        if self.run.cfg.kind != "train":  # no strategy: the kind says what ran
+            flat["strategy.name"] = self.run.cfg.kind
+        chosen = {k: ("none" if flat[k] is None else flat[k]) for k in HPARAMS if k in flat}
         # the metric values here only declare the HPARAMS table's columns; the scalars of the same tags fill them
-        for summary in hparams(flat_config(self.run.cfg), dict.fromkeys(HPARAM_METRICS, 0.0)):
+        for summary in hparams(chosen, dict.fromkeys(HPARAM_METRICS, 0.0)):
             self.writer.file_writer.add_summary(summary)
+        rows = "\n".join(f"| `{k}` | `{str(v).replace('|', '/')}` |" for k, v in flat.items())
+        self.writer.add_text("config", f"| key | value |\n|---|---|\n{rows}", 0)
 
     def start(self, resuming: bool, previous: dict[str, Any] | None) -> None:
         if resuming:  # opened at fit start, which knows the step the run continues from
