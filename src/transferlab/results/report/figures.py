@@ -109,15 +109,16 @@ def _mark_label(row: dict[str, Any]) -> str:
 
 
 def scatter_figure(exps: list[ExperimentRecord], front: list[int]) -> bytes:
-    """Test accuracy against training time, error bars the 95 % intervals over seeds, the marker how each compares
+    """Test accuracy against training time, error bars the accuracy's 95 % interval over seeds (time: ± std), the marker how each compares
     with the reference (★ reference, ▲ better, ▼ worse, ● not distinguishable), the Pareto front ``front`` drawn."""
-    fig = _figure(9, 5)
+    fig = _figure(8, 5.5)
     ax = fig.add_subplot()
     times = [e.row["train_seconds"] for e in exps]
     accs = [100 * e.row["test_acc"] for e in exps]
     for k, (e, t, a) in enumerate(zip(exps, times, accs, strict=True)):
         ax.errorbar(
-            t, a, xerr=_ci_err(e.row, "train_seconds"), yerr=_ci_err(e.row, "test_acc", 100),
+            # time: ± std (its interval over two or three seeds reaches below zero and is not what is compared)
+            t, a, xerr=e.row["train_seconds_std"] if e.row.get("n_seeds", 0) > 1 else None, yerr=_ci_err(e.row, "test_acc", 100),
             fmt=MARKERS.get(e.row.get("mark", ""), "o"), color=e.color, ms=12 if e.row.get("mark") == "reference" else 8,
             capsize=3, label=mpl_label(e.name + _mark_label(e.row)),
         )
@@ -132,10 +133,10 @@ def scatter_figure(exps: list[ExperimentRecord], front: list[int]) -> bytes:
     ax.margins(x=0.18, y=0.12)  # room for the labels
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("test accuracy vs training time (error bars: 95 % CI over seeds)", fontsize=10)
+    ax.set_title("test accuracy vs training time (error bars: accuracy 95 % CI, time ± std over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     if len(exps) <= 12:  # beyond that the legend would be longer than the plot; the annotations still name the points
-        _outside_legend(fig, ax)
+        _outside_legend(fig, ax, "below", ncols=2)
     return _png(fig)
 
 
@@ -157,7 +158,7 @@ def val_overview_figure(exps: list[ExperimentRecord]) -> bytes | None:
     ax.set_title("validation accuracy per epoch, all experiments", fontsize=10)
     ax.grid(alpha=0.3)
     if len(exps) <= 15:
-        _outside_legend(fig, ax)
+        _outside_legend(fig, ax, "below", ncols=3)
     return _png(fig)
 
 
@@ -185,6 +186,7 @@ def curves_figure(e: ExperimentRecord) -> bytes | None:
             if len(ep) == 1:  # a single epoch is a point: it says its value
                 ax.annotate(f"{split} {mean[0]:.3g}", (ep[0], mean[0]), textcoords="offset points",
                             xytext=(8, 4 if split == "train" else -10), fontsize=7, color=color)
+                ax.margins(y=0.2)  # room for the labels
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         _integer_epochs(ax, epochs)
@@ -303,7 +305,7 @@ def sweep_figure(group: str, rows: list[SweepRow]) -> tuple[bytes, str]:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(mpl_label(f"{group}: accuracy vs {xkey}"), fontsize=10)
     ax.grid(alpha=0.3)
-    _outside_legend(fig, ax)
+    _outside_legend(fig, ax, "below", ncols=3)
     return _png(fig), xkey
 
 

@@ -76,7 +76,7 @@ figure.cell figcaption{overflow-wrap:anywhere}figure.cell .mark{font-weight:700;
 .note{color:#666;font-style:italic}
 td .ci{display:block;color:#555;font-size:.8rem}td.mark{white-space:nowrap}td.mark .test{display:block;color:#666;font-size:.78rem}
 td.better{color:#1b5e20;font-weight:600}td.worse{color:#b3261e}td.same{color:#555}td.reference{font-weight:600}
-ul.hints{font-size:.9rem;color:#333}
+ul.hints{font-size:.9rem;color:#333}td.wrap{max-width:16rem;overflow-wrap:anywhere}
 """  # noqa: E501 - written into the page as it stands: one line per group of rules
 
 # Sorts every table.sortable by the clicked column (numerically when both cells parse, by ``data-sort``
@@ -112,10 +112,10 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 
 """Inline styles and script, ``data:`` images, nothing else: the page cannot load from the network."""
 
 COMPARISON_HEAD = [
-    "experiment", "backbone", "weights", "strategy", "precision", "image size", "trainable params",
-    "test accuracy (mean ± std, n; 95 % CI)", "vs reference", "balanced accuracy", "macro F1", "ECE", "training time (s)",
-    "inference img/s", "status",
+    "experiment", "backbone", "strategy", "test accuracy (mean ± std, n; 95 % CI)", "vs reference", "balanced accuracy",
+    "macro F1", "ECE", "training time (s)", "inference img/s", "trainable params", "weights", "precision", "image size", "status",
 ]
+"""The results first (so a narrow window shows the conclusions), what ran after them."""
 ERROR_PREVIEW = 160
 """Characters of the first error shown in the comparison table (in full under "Failed runs")."""
 
@@ -242,11 +242,7 @@ def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
     cells = [
         f"<td>{esc(e.name)}</td>",
         f"<td>{esc(r.get('backbone'))}</td>",
-        f"<td>{esc(r.get('weights'))}</td>",
         f"<td>{esc(r.get('strategy'))}</td>",
-        f"<td>{esc(r.get('precision') or MISSING)}</td>",
-        num("image_size", f"{r['image_size']} px" if r.get("image_size") else MISSING, r.get("image_size")),
-        num("trainable_params", int_text(r.get("trainable_params")), r.get("trainable_params")),
         num("test_acc", acc_text(r), r.get("test_acc"), ci),
         versus_cell(r),
         num("test_balanced_acc", balance_text(r, "test_balanced_acc"), r.get("test_balanced_acc")),
@@ -254,6 +250,10 @@ def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
         num("test_ece", ece_text(r), r.get("test_ece")),
         num("train_seconds", time_text(r), r.get("train_seconds")),
         num("inference_images_per_s", rate_text(r.get("inference_images_per_s")), r.get("inference_images_per_s")),
+        num("trainable_params", int_text(r.get("trainable_params")), r.get("trainable_params")),
+        f'<td class="wrap">{esc(r.get("weights"))}</td>',
+        f"<td>{esc(r.get('precision') or MISSING)}</td>",
+        num("image_size", f"{r['image_size']} px" if r.get("image_size") else MISSING, r.get("image_size")),
         f"<td>{esc(status_text(e))}{err}</td>",
     ]
     cls = ' class="failed"' if e.failed_runs else ""
