@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
     --budget=*) BUDGET="${1#*=}" ;;
     --keep) KEEP="$2"; shift ;;
     --keep=*) KEEP="${1#*=}" ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
