@@ -61,6 +61,7 @@ find_fmnist() {  # sets FMNIST_DIR to the folder the loader will read (and TRANS
   has_fmnist /usr/share/datasets/fashion-mnist && { FMNIST_DIR=/usr/share/datasets/fashion-mnist; return 0; }
   return 1
 }
+find_fmnist || true  # now, so every step (--dry's checks too) sees $TRANSFERLAB_DATA; the data step reports it
 FMNIST_HELP="Fashion-MNIST not found (looked in \$TRANSFERLAB_DATA/fashion_mnist, .gpu/data/fashion_mnist, /usr/share/datasets/fashion-mnist). Get it: apt-get install dataset-fashion-mnist, or on a machine that has it run 'bash benchmarks/gpu.sh --stage' and bring .gpu/ along, or put the four idx .gz files in \$TRANSFERLAB_DATA/fashion_mnist/"
 
 if [ "$STAGE" = 1 ]; then

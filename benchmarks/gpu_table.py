@@ -311,12 +311,18 @@ FIGURES = {"env": fig_env, "data": fig_data, "gpu-tests": fig_tests, "study-fmni
 
 
 def _commit() -> str:
+    """This checkout's commit (``+ uncommitted changes`` when tracked files differ); ``$TRANSFERLAB_COMMIT`` where
+    the checkout travelled without its ``.git``."""
+    if os.environ.get("TRANSFERLAB_COMMIT"):
+        return os.environ["TRANSFERLAB_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h"], capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+    if out.returncode != 0:
+        return "unknown (no git history here: set TRANSFERLAB_COMMIT)"
     return (out.stdout.strip() or "unknown") + (" (+ uncommitted changes)" if dirty else "")
 
 
