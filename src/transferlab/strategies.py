@@ -15,6 +15,7 @@ is frozen entirely — updating its running statistics would silently change a "
 ``bitfit``         only the backbone's bias terms (BitFit, Ben Zaken et al. 2022) and the head
 ``lora``           low-rank adapters (HF peft) on Linear / Conv2d layers; the base weights stay frozen
 ``vpt``            learnable prompt tokens in a ViT (visual prompt tuning, shallow or deep) and the head
+``lp_ft``          the head alone first (``strategy.probe_epochs``, on cached features), then everything
 =================  ==============================================================================
 
 The new head always trains fully. ``lora`` and ``vpt`` add modules to the backbone
@@ -261,6 +262,14 @@ def vpt(model: TransferModel, cfg: StrategyConfig) -> None:
     freeze(model.backbone)
     model.backbone.prompt_tokens.requires_grad_(True)  # type: ignore[union-attr]
     unfreeze(model.head)
+    sync_frozen_batchnorm(model)
+
+
+@STRATEGIES.register()
+def lp_ft(model: TransferModel, cfg: StrategyConfig) -> None:
+    """LP-FT (Kumar et al. 2022): the head first trains alone on cached features for ``probe_epochs`` epochs, then
+    every parameter trains (``transferlab.kinds.phases``: both phases in one run). As a strategy: ``finetune``'s set."""
+    unfreeze(model)
     sync_frozen_batchnorm(model)
 
 

@@ -24,18 +24,23 @@ __all__ = [
     "ActivationsConfig",
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
     "EarlyStoppingConfig",
     "EmaConfig",
     "EnsembleSpec",
     "ExperimentConfig",
     "FewShotConfig",
     "HeadConfig",
+    "InterpolateConfig",
+    "L2SpConfig",
     "LrFindConfig",
     "MixupConfig",
     "ModelConfig",
     "PredictConfig",
     "ProbeConfig",
+    "SoupSpec",
     "StrategyConfig",
+    "SwaConfig",
     "SweepPoint",
     "TrainConfig",
     "TruncateConfig",
@@ -205,6 +210,9 @@ class StrategyConfig:
     """``vpt``: number of learnable prompt tokens inserted after the class (and register) tokens."""
     deep: bool = False
     """``vpt``: fresh prompt tokens in front of every transformer block (VPT-deep) instead of only the first."""
+    probe_epochs: int | None = None
+    """``lp_ft``: epochs of the linear-probe phase (head only, on cached features) before everything is fine-tuned for
+    the remaining ``train.epochs - probe_epochs`` epochs (Kumar et al. 2022); must be >= 1 and < ``train.epochs``."""
 
 
 @dataclass
@@ -261,6 +269,42 @@ class EmaConfig:
     evaluate: Literal["ema", "raw", "both"] = "ema"
     """Weights validated, kept as ``best`` and tested: ``ema``, ``raw`` (the EMA is only kept in the checkpoints), or
     ``both`` (both validated and tested; the EMA ones are the run's result)."""
+
+
+@dataclass
+class L2SpConfig:
+    """``train.l2_sp``: L2-SP (Li et al. 2018), a penalty toward the starting weights (``transferlab.engine.losses``)."""
+
+    alpha: float = 0.01
+    """Strength of ``alpha/2 · ‖w − w0‖²`` over the trainable backbone parameters (w0: the weights the run started from)."""
+    beta: float = 0.01
+    """Strength of the plain L2 penalty ``beta/2 · ‖w‖²`` on the new head's trainable parameters."""
+
+
+@dataclass
+class SwaConfig:
+    """``train.swa``: stochastic weight averaging (``torch.optim.swa_utils``, ``transferlab.engine.swa``)."""
+
+    start: float = 0.75
+    """When averaging starts, as a fraction of ``train.epochs`` in (0, 1): from (0-based) epoch ``floor(start * epochs)`` on, the
+    weights at the end of every epoch join the average and the lr follows ``SWALR``."""
+    lr: float | None = None
+    """The constant SWA learning rate (``SWALR``'s ``swa_lr``); ``null``: half of ``train.lr``."""
+    anneal_epochs: int = 1
+    """Epochs over which the lr is annealed (cosine) from the schedule's value to ``lr`` once averaging started."""
+
+
+@dataclass
+class DistillConfig:
+    """``train.distill``: knowledge distillation from a finished run (``transferlab.engine.distill``)."""
+
+    teacher: str = ""
+    """``run:<experiment or run directory>``: a finished run with the same class names; frozen, it sees the same
+    augmented batch, resized to its own input size and normalised its own way."""
+    alpha: float = 0.5
+    """Weight of the distillation term: loss = (1 - alpha) * hard loss + alpha * T^2 * KL(teacher_T || student_T)."""
+    temperature: float = 4.0
+    """Softmax temperature T of both teacher and student in the distillation term (Hinton et al. 2015)."""
 
 
 @dataclass
@@ -336,6 +380,18 @@ class TrainConfig:
     calibrate: Literal["none", "temperature"] = "none"
     """``temperature``: fit one temperature T > 0 on the validation logits (L-BFGS on the NLL) and report the test
     calibration before and after dividing the logits by T (``transferlab.engine.calibration``); never fitted on test."""
+    layer_decay: float | None = None
+    """Layer-wise lr decay in (0, 1] (timm's ``param_groups_layer_decay`` over the backbone's ``group_matcher``): the
+    top block and the head train at ``lr``, each block below at ``layer_decay`` times the one above; biases and norm
+    parameters get no weight decay (timm's rule). Every group's lr is in ``history.csv`` (``lr_group<i>``)."""
+    l2_sp: L2SpConfig | None = None
+    """L2-SP toward the starting (pretrained) weights: ``{alpha: 0.01, beta: 0.01}``; ``null`` = off. Needs
+    pretrained (or ``run:``) weights: a scratch start has nothing to stay close to."""
+    swa: SwaConfig | None = None
+    """Stochastic weight averaging: ``{start: 0.75, lr: 0.001}``; the averaged weights (BatchNorm statistics recomputed
+    on the training images) are the run's tested weights; ``null`` = off."""
+    distill: DistillConfig | None = None
+    """Knowledge distillation: ``{teacher: run:<experiment>, alpha: 0.5, temperature: 4}``; ``null`` = off."""
 
 
 @dataclass
@@ -395,6 +451,33 @@ class EnsembleSpec:
 
 
 @dataclass
+class InterpolateConfig:
+    """``soup.interpolate``: WiSE-FT (Wortsman et al. 2022), weights ``(1 - a) * base + a * soup`` for each alpha."""
+
+    base: str = ""
+    """``run:<experiment or run directory>``: the weights at alpha 0 (a linear probe, or any run of the same
+    architecture and classes). (``from`` in the paper; a Python keyword, hence ``base``.)"""
+    alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    """Mixing coefficients in [0, 1] tried; the one with the best validation accuracy is kept (never the test split)."""
+
+
+@dataclass
+class SoupSpec:
+    """``kind: soup``: the weights of finished runs of one architecture averaged into one model (``transferlab.kinds.soup``)."""
+
+    members: list[str] = field(default_factory=list)
+    """Experiments of the study (resolved to their runs) or run directories, of the same architecture and classes."""
+    method: Literal["uniform", "greedy"] = "uniform"
+    """``uniform``: the mean of all members; ``greedy``: members in order of validation accuracy, each kept only if the
+    soup's validation accuracy improves (Wortsman et al. 2022)."""
+    interpolate: InterpolateConfig | None = None
+    """WiSE-FT between ``base`` and the soup (one member: the fine-tuned run itself); ``null`` = off."""
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """Recorded by the run (not written by hand): member run directory -> hash of the checkpoint it averaged, so a
+    member deleted or changed later is reported on ``--resume``."""
+
+
+@dataclass
 class PredictConfig:
     """``predict:``: after training, the top-k classes of image files from outside the dataset (``transferlab.tools.inspect``)."""
 
@@ -444,6 +527,8 @@ class ExperimentConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     ensemble: EnsembleSpec = field(default_factory=EnsembleSpec)
+    soup: SoupSpec = field(default_factory=SoupSpec)
+    """``kind: soup``: members, ``uniform`` / ``greedy``, WiSE-FT interpolation."""
     sweep: SweepPoint | None = None
     """Set by a study's ``sweep:``: which sweep this experiment is a point of, and its values (not written by hand)."""
     tracking: list[str] | dict[str, dict[str, Any] | None] = field(default_factory=list)
@@ -496,7 +581,7 @@ CHOICES: dict[tuple[type, str], Callable[[], list[str]]] = {}
 """(section class, field) -> the names it may take: fields whose choices are a registry of a higher layer."""
 
 _SECTIONS = {"ExperimentConfig": "", "DataConfig": "data", "ModelConfig": "model", "HeadConfig": "head",
-             "StrategyConfig": "strategy", "TrainConfig": "train", "EnsembleSpec": "ensemble"}
+             "StrategyConfig": "strategy", "TrainConfig": "train", "EnsembleSpec": "ensemble", "SoupSpec": "soup"}
 
 
 def register_choices(cls: type, name: str, names: Callable[[], list[str]]) -> None:
@@ -583,6 +668,7 @@ def _range_checks(cfg: ExperimentConfig) -> Iterable[Check]:
     yield from _recipe_checks(cfg)
     yield from _lr_find_checks(cfg)
     yield from _inspect_checks(cfg)
+    yield from _finetuning_checks(cfg)
 
 
 def _kind_checks(cfg: ExperimentConfig) -> Iterable[Check]:
@@ -677,6 +763,39 @@ def _lr_find_checks(cfg: ExperimentConfig) -> Iterable[Check]:
         why = f"applies to kind: train only (this experiment is kind: {cfg.kind}); give a number"
         yield (t.lr != "find", "train.lr", t.lr, why)
         yield (t.calibrate == "none", "train.calibrate", t.calibrate, f"applies to kind: train only (this experiment is kind: {cfg.kind})")
+
+
+def _finetuning_checks(cfg: ExperimentConfig) -> Iterable[Check]:
+    """Layer decay, L2-SP, SWA, distillation, LP-FT and soups (their run references are checked by ``transferlab.kinds``)."""
+    t, s = cfg.train, cfg.strategy
+    yield (t.layer_decay is None or 0 < t.layer_decay <= 1, "train.layer_decay", t.layer_decay, "must be in (0, 1]")
+    if t.l2_sp is not None:
+        yield (t.l2_sp.alpha >= 0, "train.l2_sp.alpha", t.l2_sp.alpha, "must be >= 0")
+        yield (t.l2_sp.beta >= 0, "train.l2_sp.beta", t.l2_sp.beta, "must be >= 0")
+        yield (cfg.model.weights != "scratch", "model.weights", cfg.model.weights,
+               "leaves train.l2_sp nothing to stay close to (a scratch start); use pretrained or run: weights, or drop l2_sp")
+    if t.swa is not None:
+        yield (0 < t.swa.start < 1, "train.swa.start", t.swa.start, "must be in (0, 1) (a fraction of train.epochs)")
+        yield (t.swa.lr is None or t.swa.lr > 0, "train.swa.lr", t.swa.lr, "must be > 0 (or null: half of train.lr)")
+        yield (t.swa.anneal_epochs >= 0, "train.swa.anneal_epochs", t.swa.anneal_epochs, "must be >= 0")
+    if t.distill is not None:
+        yield (t.distill.teacher.startswith("run:"), "train.distill.teacher", t.distill.teacher, "must be run:<experiment or run directory>")
+        yield (0 <= t.distill.alpha <= 1, "train.distill.alpha", t.distill.alpha, "must be in [0, 1]")
+        yield (t.distill.temperature > 0, "train.distill.temperature", t.distill.temperature, "must be > 0")
+    if s.probe_epochs is not None or s.name == "lp_ft":
+        yield (s.name == "lp_ft", "strategy.probe_epochs", s.probe_epochs, f"applies to strategy lp_ft only (strategy is {s.name!r})")
+        yield (s.probe_epochs is not None and s.probe_epochs >= 1, "strategy.probe_epochs", s.probe_epochs, "must be >= 1 (lp_ft needs it)")
+        yield (s.probe_epochs is None or s.probe_epochs < t.epochs, "strategy.probe_epochs", s.probe_epochs,
+               f"must be < train.epochs ({t.epochs}): the fine-tuning phase gets the epochs after the probe")
+    if not cfg.uses.training:
+        used = {"train.layer_decay": t.layer_decay, "train.l2_sp": t.l2_sp, "train.swa": t.swa, "train.distill": t.distill}
+        for key, value in used.items():
+            yield (value is None, key, value, f"applies to kind: train only (this experiment is kind: {cfg.kind})")
+    sp = cfg.soup
+    if sp.interpolate is not None:
+        a = sp.interpolate.alphas
+        yield (sp.interpolate.base.startswith("run:"), "soup.interpolate.base", sp.interpolate.base, "must be run:<experiment or run directory>")
+        yield (bool(a) and all(0 <= v <= 1 for v in a), "soup.interpolate.alphas", a, "must be a non-empty list of numbers in [0, 1]")
 
 
 def resolve_as_recorded(recorded: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ evaluated weights (the EMA unless ``evaluate: raw``) and the other set is the te
 ``ema`` beside it, so ``best`` holds the weights that were selected and a resume restores both.
 ``last`` is written at every epoch end and inside epochs; ``best`` when the monitored metric
 improved. Resuming takes the newest loadable one and says which; a corrupt one is reported and skipped.
+Further state the loop carries (``extras``: e.g. ``train.swa``'s average) is saved as tensor groups of its name.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class LoopCheckpoints:
         self.directory, self.meta, self.fabric = directory, meta, fabric
 
     def save(self, kind: str, state: LoopState, history: list[dict[str, float]], model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer, scheduler: Any, mix: Mixup | None = None, ema: WeightEma | None = None) -> None:
+             optimizer: torch.optim.Optimizer, scheduler: Any, mix: Mixup | None = None, ema: WeightEma | None = None,
+             extras: dict[str, Any] | None = None) -> None:
         if not self.fabric.is_global_zero:
             return
         rng = {"torch": torch.get_rng_state()}
@@ -72,6 +74,7 @@ class LoopCheckpoints:
         weights, groups = model.state_dict(), {}
         if ema is not None:  # the checkpoint's model is the evaluated set; the other one rides along
             weights, groups = (ema.state_dict(), {"raw": weights}) if ema.main else (weights, {"ema": ema.state_dict()})
+        groups.update({name: obj.state_dict() for name, obj in (extras or {}).items()})  # e.g. the SWA average
         full = {
             **self.meta,
             "kind": kind,
@@ -82,6 +85,8 @@ class LoopCheckpoints:
         }
         if ema is not None:
             full["ema"] = {"updates": ema.updates, "model": "ema" if ema.main else "raw"}
+        if extras:
+            full["extras"] = sorted(extras)
         json.dumps(full)  # fail here, loudly, if anything is not JSON
         save_checkpoint(self.directory / f"{kind}.safetensors", weights, full, optimizer.state_dict(), rng, groups)
 
@@ -107,7 +112,7 @@ class LoopCheckpoints:
         return path, loaded
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, console: Console,
-                mix: Mixup | None = None, ema: WeightEma | None = None) -> Restored | None:
+                mix: Mixup | None = None, ema: WeightEma | None = None, extras: dict[str, Any] | None = None) -> Restored | None:
         """Load the newest checkpoint into model, optimizer, scheduler, the RNG (and mixup, EMA); ``None`` when there is none."""
         found = self.newest(console)
         if found is None:
@@ -121,6 +126,10 @@ class LoopCheckpoints:
             ema.load_state_dict(averaged, meta["ema"]["updates"])
             state = raw
         model.load_state_dict(state, strict=True)
+        for name, obj in (extras or {}).items():
+            if name not in meta.get("extras", []):
+                raise CheckpointError(f"{path}: written without {name} (train.{name}), cannot resume a run with it")
+            obj.load_state_dict(load_checkpoint_group(path, name))
         if mix is not None:
             if "mixup" not in rng:
                 raise CheckpointError(f"{path}: written without train.mixup, cannot resume a run with it")

@@ -7,8 +7,10 @@ the device, so the hot loop never waits for the host (one sync per epoch, in ``r
 
 What varies between runs is not a branch in the step loop but a callback (Lightning's hooks):
 gradual unfreezing (``UnfreezeSchedule``), the weight average (``EmaUpdate``, ``train.ema``),
-mid-epoch checkpoints (``MidEpochCheckpoint``), the progress bar and the epoch log. Each sees the
-whole ``Loop``. The step itself takes a batch transform (``Loop.mix``: mixup / CutMix, with its own
+mid-epoch checkpoints (``MidEpochCheckpoint``), stochastic weight averaging (``SwaUpdate``, ``train.swa``),
+the per-group lrs of ``train.layer_decay`` (``GroupLrLog``), the progress bar and the epoch log. Each sees the
+whole ``Loop``; a criterion that is also a ``Callback`` (distillation: it needs each batch) is one of
+them. The step itself takes a batch transform (``Loop.mix``: mixup / CutMix, with its own
 generator state) and a criterion (``Loop.criterion``: ``train.loss`` with ``train.class_weights``).
 """
 
@@ -34,9 +36,10 @@ from transferlab.engine.ema import WeightEma, make_ema
 from transferlab.engine.evaluation import evaluate, with_tta
 from transferlab.engine.losses import make_loss
 from transferlab.engine.mixup import Mixup, make_mixup
-from transferlab.engine.optim import make_optimizer, make_scheduler
+from transferlab.engine.optim import group_lrs, make_optimizer, make_scheduler, param_groups
+from transferlab.engine.swa import make_swa
 from transferlab.models.model import TransferModel
-from transferlab.strategies import optimizer_param_groups, trainability_for_epoch
+from transferlab.strategies import trainability_for_epoch
 
 __all__ = ["Callback", "FitResult", "Loop", "TrainingDiverged", "fit", "train_one_epoch", "validate"]
 
@@ -57,11 +60,15 @@ class FitResult:
 
 
 class Callback:
-    """Hooks the loop calls (all optional), in the order of Lightning's: fit start, epoch start, batch end, epoch end, fit end."""
+    """Hooks the loop calls (all optional), in the order of Lightning's: fit start, epoch start, batch start (the
+    batch, mixed, is ``loop.batch_x``), batch end, the epoch's row (before its checkpoints: add columns, update state
+    the checkpoints keep), epoch end, fit end."""
 
     def on_fit_start(self, loop: Loop) -> None: ...
     def on_train_epoch_start(self, loop: Loop) -> None: ...
+    def on_train_batch_start(self, loop: Loop) -> None: ...
     def on_train_batch_end(self, loop: Loop) -> None: ...
+    def on_epoch_row(self, loop: Loop, row: dict[str, float]) -> None: ...
     def on_train_epoch_end(self, loop: Loop, row: dict[str, float]) -> None: ...
     def on_fit_end(self, loop: Loop) -> None: ...
 
@@ -86,6 +93,8 @@ class Loop:
     criterion: torch.nn.Module | None = None  # train.loss (class weights included), on the device
     mix: Mixup | None = None  # train.mixup: (x, y) -> (mixed x, soft targets, dominant labels)
     ema: WeightEma | None = None  # train.ema: the weight average the EmaUpdate hook moves
+    extras: dict[str, Any] = field(default_factory=dict)  # further state the checkpoints keep, by name (train.swa: "swa")
+    batch_x: torch.Tensor | None = None  # the training batch of the step in progress (after mixup), for hooks
     # the epoch in progress: running sums on the device, the lr of the last step, clocks
     loss_sum: torch.Tensor | None = None
     correct: torch.Tensor | None = None
@@ -101,7 +110,7 @@ class Loop:
             getattr(cb, hook)(self, *args)
 
     def save(self, kind: str) -> None:
-        self.checkpoints.save(kind, self.state, self.history, self.model, self.optimizer, self.scheduler, self.mix, self.ema)
+        self.checkpoints.save(kind, self.state, self.history, self.model, self.optimizer, self.scheduler, self.mix, self.ema, self.extras)
 
     def evaluated(self) -> torch.nn.Module:
         """The weights that are validated and kept as ``best``: the EMA (``train.ema``, unless ``evaluate: raw``) or the model."""
@@ -161,19 +170,22 @@ def setup(
 ) -> tuple[Loop, str | None]:
     """Optimizer, scheduler, loss, mixup, EMA and Fabric setup; with ``resume``, the newest checkpoint restored."""
     tc = cfg.train
-    optimizer = make_optimizer(optimizer_param_groups(model, cfg), tc)  # per-stage groups with a schedule / lr_ratio
+    optimizer = make_optimizer(param_groups(model, cfg), tc)  # per-stage groups (schedule / lr_ratio) or layer decay
     # A compiled module handed to Fabric is unwrapped, set up (DDP, precision) and compiled again on top.
     fmodel, optimizer = fabric.setup(torch.compile(model) if tc.compile else model, optimizer)
     scheduler = make_scheduler(optimizer, tc, len(train))
     checkpoints = LoopCheckpoints(ckpt_dir, meta, fabric)
     hooks = [*default_callbacks(cfg, fabric), *(callbacks or [])]  # yours run after the built-in ones
+    if isinstance(criterion, Callback):  # a loss that needs the batch (distillation)
+        hooks.append(criterion)
     loop = Loop(cfg, fabric, model, fmodel, optimizer, scheduler, train, val, checkpoints, console, hooks)
     classes = [str(c) for c in range(model.num_classes)]
     loop.criterion = (criterion if criterion is not None else make_loss(cfg, classes)).to(fabric.device)
     # after fabric.setup: the average copies the module where it now lives; one mixup stream for all ranks
     loop.mix, loop.ema = make_mixup(tc.mixup, model.num_classes, cfg.seed), make_ema(model, tc.ema)
+    loop.extras = {name: obj for name, obj in (("swa", make_swa(model, cfg)),) if obj is not None}
     resumed_from = None
-    if resume and (restored := checkpoints.restore(model, optimizer, scheduler, console, loop.mix, loop.ema)):
+    if resume and (restored := checkpoints.restore(model, optimizer, scheduler, console, loop.mix, loop.ema, loop.extras)):
         loop.state, loop.history, resumed_from = restored.state, restored.history, str(restored.path)
         console.print(f"resumed from {restored.path} (epoch {loop.state.epoch + 1}, step {loop.state.step})")
     if fabric.world_size > 1 and not fabric.is_global_zero:  # rank 0 alone carries the restored partial sums
@@ -238,6 +250,8 @@ def train_one_epoch(loop: Loop) -> tuple[float, float]:
             continue
         # mixup / CutMix: soft targets; accuracy counts the dominant label of each mixed image
         x, target, label = loop.mix(x, y) if loop.mix is not None else (x, y, y)
+        loop.batch_x = x
+        loop.call("on_train_batch_start")
         logits = loop.fmodel(x)
         loss = loop.criterion(logits, target)
         loop.optimizer.zero_grad(set_to_none=True)
@@ -295,6 +309,7 @@ def end_epoch(loop: Loop, train_loss: float, train_acc: float, val_metrics: dict
         "lr": loop.step_lr,
         "seconds": time.perf_counter() - loop.epoch_start,
     }
+    loop.call("on_epoch_row", row)
     loop.history.append(row)
     epoch = st.epoch
     st.epoch, st.step, st.loss_sum, st.correct, st.seen = epoch + 1, 0, 0.0, 0, 0
@@ -322,7 +337,7 @@ def _improved(value: float, best: float | None, mode_max: bool, min_delta: float
 
 def default_callbacks(cfg: ExperimentConfig, fabric: Fabric) -> list[Callback]:
     # EmaUpdate before MidEpochCheckpoint: a mid-epoch checkpoint holds the average of the step it follows
-    return [UnfreezeSchedule(), EmaUpdate(), MidEpochCheckpoint(cfg, fabric), ProgressBar(), EpochLog()]
+    return [UnfreezeSchedule(), EmaUpdate(), MidEpochCheckpoint(cfg, fabric), SwaUpdate(), GroupLrLog(), ProgressBar(), EpochLog()]
 
 
 class UnfreezeSchedule(Callback):
@@ -340,6 +355,24 @@ class EmaUpdate(Callback):
     def on_train_batch_end(self, loop: Loop) -> None:
         if loop.ema is not None:
             loop.ema.update(loop.model)
+
+
+class SwaUpdate(Callback):
+    """``train.swa``: the epoch's weights join the average (from its first averaged epoch), before the checkpoints."""
+
+    def on_epoch_row(self, loop: Loop, row: dict[str, float]) -> None:
+        swa = loop.extras.get("swa")
+        if swa is not None:
+            swa.update(loop.model, loop.state.epoch)
+            row["swa_models"] = swa.count
+
+
+class GroupLrLog(Callback):
+    """``train.layer_decay``: the lr of every parameter group in the epoch's row (``lr_group<i>``, group 0 = ``lr``)."""
+
+    def on_epoch_row(self, loop: Loop, row: dict[str, float]) -> None:
+        if loop.cfg.train.layer_decay is not None:
+            row.update(group_lrs(loop.optimizer, loop.step_lr))
 
 
 class MidEpochCheckpoint(Callback):

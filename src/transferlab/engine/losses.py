@@ -21,7 +21,7 @@ from torch import nn
 from transferlab.config import ExperimentConfig, TrainConfig, register_choices
 from transferlab.registry import Registry
 
-__all__ = ["LOSSES", "FocalLoss", "class_weights", "make_loss"]
+__all__ = ["LOSSES", "FocalLoss", "L2SpLoss", "class_weights", "make_loss", "with_l2_sp"]
 
 LOSSES: Registry[Callable[[TrainConfig, torch.Tensor | None], nn.Module]] = Registry("loss", "train.loss: the training loss")
 
@@ -89,3 +89,49 @@ def make_loss(cfg: ExperimentConfig, class_names: Sequence[str], train_labels: t
 
 
 register_choices(TrainConfig, "loss", LOSSES.names)
+
+
+class L2SpLoss(nn.Module):
+    """``train.l2_sp`` (Li et al. 2018): ``base(logits, target) + alpha/2 · Σ|w − w0|²`` over the backbone's trainable
+    parameters, with ``w0`` the weights the run started from (pretrained, or ``weights: run:``), ``+ beta/2 · Σ|w|²``
+    over the new head's. Built before training starts (before a resume restores anything), so ``w0`` is always the
+    start; the parameters are read at every step (the same tensors the optimizer updates)."""
+
+    def __init__(self, base: nn.Module, model: nn.Module, alpha: float, beta: float) -> None:
+        super().__init__()
+        self.base, self.alpha, self.beta = base, alpha, beta
+        backbone = model.backbone
+        head = model.head
+        # every backbone parameter that trains at some point (lp_ft's second phase, unfreezing) has its start kept
+        self.backbone_params = list(backbone.parameters())
+        self.head_params = list(head.parameters())
+        for i, p in enumerate(self.backbone_params):
+            self.register_buffer(f"start{i}", p.detach().clone(), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The base loss's class weights (``train.class_weights``)."""
+        return getattr(self.base, "weight", None)
+
+    def penalty(self) -> torch.Tensor:
+        """``alpha/2 · Σ|w − w0|² + beta/2 · Σ|w_head|²`` over the parameters that train now."""
+        dev = self.backbone_params[0].device if self.backbone_params else self.head_params[0].device
+        total = torch.zeros((), device=dev)
+        if self.alpha:
+            for i, p in enumerate(self.backbone_params):
+                if p.requires_grad:
+                    total = total + (self.alpha / 2) * (p.float() - getattr(self, f"start{i}").float()).pow(2).sum()
+        if self.beta:
+            for p in self.head_params:
+                if p.requires_grad:
+                    total = total + (self.beta / 2) * p.float().pow(2).sum()
+        return total
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.base(logits, target) + self.penalty()
+
+
+def with_l2_sp(criterion: nn.Module, model: nn.Module, cfg: ExperimentConfig) -> nn.Module:
+    """``criterion`` with the L2-SP penalty of ``train.l2_sp`` toward ``model``'s current weights (unchanged when off)."""
+    l2 = cfg.train.l2_sp
+    return criterion if l2 is None else L2SpLoss(criterion, model, l2.alpha, l2.beta)

@@ -21,19 +21,19 @@ from transferlab.data.prepare import ImageSplits
 from transferlab.engine.calibration import collect_logits, fit_temperature
 from transferlab.engine.distributed import RoundRobin, SliceOfGlobalBatch
 from transferlab.engine.evaluation import Evaluation, evaluate, with_tta
-from transferlab.engine.features import cached_training, default_cache_dir
-from transferlab.engine.loop import fit
 from transferlab.engine.losses import make_loss
 from transferlab.engine.lr_find import LrFindResult, lr_find, resolved, save_lr_find
+from transferlab.engine.optim import layer_decay_groups
 from transferlab.engine.precision import guard_bf16_convs
 from transferlab.engine.predictions import PredictionRecorder, save_test_predictions
 from transferlab.files import load_checkpoint_group, read_json
 from transferlab.kinds.base import KINDS, Kind, RunContext, Tested, check_sections, run_sections
 from transferlab.kinds.common import Prepared, base_metrics, batch_kwargs, fit_part, prepare, test_part
+from transferlab.kinds.phases import check_finetuning, finetuning_extra, finish_swa, fit_phases, training_criterion
 from transferlab.models.model import TransferModel, count_params
 from transferlab.models.weights import load_model_weights
 from transferlab.rundir import Opening, RunMetrics, code_version
-from transferlab.rundir.layout import HISTORY_FILE, LR_FIND_JSON, LR_FIND_PNG
+from transferlab.rundir.layout import LR_FIND_JSON, LR_FIND_PNG
 from transferlab.strategies import apply_strategy
 
 __all__ = ["TrainKind", "find_lr"]
@@ -60,6 +60,10 @@ class TrainKind(Kind):
     keeps_partial = True  # an interrupted run continues from its newest checkpoint
     uses_tta = True
 
+    def check(self, cfg: ExperimentConfig) -> None:
+        """Distillation, SWA, layer decay and LP-FT settings that cannot work (``kinds.phases.check_finetuning``)."""
+        check_finetuning(cfg)
+
     def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:
         recorded = _recorded_lr(cfg, ctx)  # read before begin() rewrites config.yaml
         p = prepare(cfg, ctx, apply_strategy)  # fabric, config.yaml, seed, splits, model, normalisation, strategy
@@ -71,16 +75,13 @@ class TrainKind(Kind):
         _announce(cfg, p, trainable_params, total_params, ctx)
         fp32_convs = _guard_bf16(p.model, train, cfg, p.fabric, ctx)
         cfg, lr_record = _resolve_lr(cfg, ctx, p.model, train, criterion, p.fabric, recorded)  # train.lr: find -> a number
+        criterion = training_criterion(criterion, p, cfg, ctx)  # train.l2_sp, train.distill around the loss
 
-        # a frozen prefix runs once: the loop then trains the rest on cached features (train.cache)
-        cached = cached_training(p.model, p.splits, cfg, p.fabric, kwargs, default_cache_dir(ctx.rundir.path), ctx.console)
-        fit_model, fit_train, fit_val = cached.apply(p.model, train, val)
+        # a frozen prefix runs once: the loop then trains the rest on cached features (train.cache); lp_ft: probe, then all
         meta = {"config": cfg.to_dict(), "class_names": p.splits.class_names, "code_version": code_version()}
-        result = fit(fit_model, fit_train, fit_val, cfg, p.fabric, ctx.rundir.checkpoints, meta, resume=ctx.resume, console=ctx.console,
-                     callbacks=ctx.callbacks, criterion=criterion)
-        if p.writer:
-            ctx.rundir.write_rows(HISTORY_FILE, result.history)
+        result, cached, probe = fit_phases(p, cfg, ctx, train, val, kwargs, criterion, meta)  # history.csv written
         p.fabric.barrier()  # rank 0 has written the checkpoints every rank now reads
+        swa = finish_swa(p, cfg, ctx, kwargs, val, len(result.history) - (len(probe.history) if probe else 0))  # -> best
 
         raw_test, temperature = _load_tested_weights(p, test, val, cfg, ctx)  # best (EMA) weights; raw test; T on val
         ev, recorder = _test(p.model, test, cfg, p.splits, p.fabric, temperature)
@@ -88,7 +89,8 @@ class TrainKind(Kind):
             "strategy": cfg.strategy.name, "data_seconds": p.data_seconds, "total_params": total_params,
             "trainable_params": trainable_params, "feature_cache": cached.summary(result.train_seconds),
             "tested_weights": "ema" if cfg.train.ema is not None and cfg.train.ema.evaluate != "raw" else "raw",
-            "extra": _extra_sections(cfg, lr_record, raw_test, fp32_convs, criterion), "wall_seconds": time.perf_counter() - p.wall0,
+            "extra": {**_extra_sections(cfg, lr_record, raw_test, fp32_convs, criterion), **finetuning_extra(cfg, probe, swa, _groups(p.model, cfg))},
+            "wall_seconds": time.perf_counter() - p.wall0,
         })
         if p.writer and recorder is not None:
             save_test_predictions(ctx.rundir.path, recorder, p.splits, cfg.seed)  # predictions.json, test_samples.safetensors
@@ -97,6 +99,14 @@ class TrainKind(Kind):
         ctx.console.print(f"  [green]{cfg.name}[/]: test acc {m.test_acc:.4f}, trained {m.train_seconds:.1f}s, "
                           f"inference {m.inference_images_per_s:.0f} img/s -> {ctx.rundir.path}")
         return m
+
+
+def _groups(model: TransferModel, cfg: ExperimentConfig) -> list[dict[str, Any]] | None:
+    """``train.layer_decay``: name, lr and size of every parameter group (``history.csv``'s ``lr_group<i>`` in order)."""
+    if cfg.train.layer_decay is None:
+        return None
+    return [{"group": i, "name": g["name"], "lr": g["lr"], "lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"],
+             "params": sum(q.numel() for q in g["params"])} for i, g in enumerate(layer_decay_groups(model, cfg.train))]
 
 
 def _announce(cfg: ExperimentConfig, p: Prepared, trainable: int, total: int, ctx: RunContext) -> None:

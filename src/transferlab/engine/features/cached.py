@@ -353,6 +353,8 @@ def _setting_rules_out(cfg: Any, fabric: Any) -> str | None:
         return f"train.tta: {tc.tta} evaluates on transformed images, which a feature cache does not hold"
     if tc.mixup is not None:
         return "train.mixup mixes (and CutMix pastes) images, which a feature cache does not hold"
+    if getattr(tc, "distill", None) is not None:
+        return "train.distill: the teacher sees the training images, which a feature cache does not hold"
     if fabric.world_size > 1:
         return f"distributed run (world size {fabric.world_size}): every rank would repeat the pass; caching is single-process only"
     for key in ("unfreeze", "freeze_epochs"):  # a schedule that unfreezes mid-run would make any cache stale
