@@ -127,7 +127,8 @@ def lora_targets(backbone: nn.Module, targets: str | list[str], rank: int) -> li
         found = _select(pattern, names, all_modules)
         if not found:
             short = _short(names)
-            close = difflib.get_close_matches(pattern, short + names, n=3, cutoff=0.5)
+            leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+            close = difflib.get_close_matches(pattern, leaves + short, n=3, cutoff=0.5)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             grouped = [n for n, m in backbone.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1 and _selects(pattern, n)]
             why = f"selects only grouped (depthwise) convolutions, which take no LoRA ({', '.join(grouped[:3])})" if grouped else \
