@@ -387,6 +387,8 @@ def test_report_shows_intervals_marks_and_hints(seeds_study, single_study):
     assert 'class="mark same"' in _row(page, "null") and 'id="seeds-needed"' in page
     md = rep.md_path.read_text()
     assert "| vs base |" in md and "▼ worse" in md
+    assert main(["report", str(seeds_study), "--against", "null", "--metric", "test_macro_f1", "--grid", "2"]) == 0
+    assert "vs null" in (seeds_study / "report.md").read_text()
     page = build_report(single_study).html_path.read_text()
     assert "one run: no interval" in _row(page, "base") and "McNemar mid-p" in page
 
