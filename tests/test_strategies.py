@@ -63,6 +63,10 @@ CASES = {
     "freeze_first_children": ({"name": "freeze_first", "children": 6}, "resnet18"),
     "freeze_first_params": ({"name": "freeze_first", "params": 3}, "transferlab_cnn"),
     "bn_only": ({"name": "bn_only"}, "transferlab_cnn"),
+    "norm_only": ({"name": "norm_only"}, "transferlab_cnn"),
+    "bitfit": ({"name": "bitfit"}, "transferlab_cnn"),
+    "lora": ({"name": "lora", "rank": 2}, "transferlab_cnn"),
+    "vpt": ({"name": "vpt", "prompts": 2, "deep": True}, "test_vit"),  # the family matrix: tests/test_families.py
 }
 
 
@@ -75,7 +79,8 @@ def test_every_registered_strategy_is_covered_and_documented():
 @pytest.mark.parametrize("case", list(CASES))
 def test_strategy_freezes_exactly_what_it_says(case, make_cfg, tmp_path):
     strategy, backbone = CASES[case]
-    cfg = make_cfg(strategy=strategy, model={"backbone": backbone}, train={"epochs": 1, "optimizer": "adamw", "lr": 0.01})
+    data = {"image_size": 32} if backbone == "test_vit" else {}  # a ViT is built at the data's size
+    cfg = make_cfg(strategy=strategy, model={"backbone": backbone}, data=data, train={"epochs": 1, "optimizer": "adamw", "lr": 0.01})
     model, before = _train(cfg, tmp_path)
     _check_frozen_vs_trained(model, before)
 
