@@ -139,7 +139,8 @@ def test_a_lock_whose_holder_died_is_stale_and_a_live_holders_is_refused(tmp_pat
     orphaning = _holder("""
         import os, sys, time
         from transferlab.rundir import run_lock
-        run_lock(sys.argv[1]).__enter__()
+        held = run_lock(sys.argv[1])  # kept referenced: a collected context manager would release the lock
+        held.__enter__()
         child = os.fork()
         if child == 0:
             time.sleep(120)
