@@ -94,7 +94,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(sys.platform != "linux", reason="kill -9 of a process group member and /proc are Linux's")
 def test_a_killed_driver_takes_its_local_workers_with_it(tmp_path):
     raw = _study("orphans", [{"name": "a"}, {"name": "b"}])
-    raw["defaults"]["train"].update(epochs=40, batch_size=8, checkpoint_every_steps=2)  # long enough to be killed mid-run
+    raw["defaults"]["train"].update(epochs=1000, batch_size=8, checkpoint_every_steps=2)  # still training long after the kill
     study_file = tmp_path / "orphans.yaml"
     study_file.write_text(json.dumps(raw))
     study_dir = tmp_path / "runs" / "orphans"
