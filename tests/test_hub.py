@@ -177,7 +177,7 @@ def test_cli_export_format_hf_writes_the_checked_folder(study, tmp_path, capsys)
     assert main(["export", str(study / "cnn"), "--format", "hf", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "parity hf" in printed and "— ok" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "modeling_transferlab_cnn.py"]
     assert json.loads(parity_path(out).read_text())["ok"] is True
 
 
@@ -186,7 +186,7 @@ def test_cli_export_hf_into_an_existing_folder_writes_into_it_not_below_it(study
     out.mkdir()  # an empty folder, then the same folder again (a re-export replaces its files)
     for _ in range(2):
         assert main(["export", str(study / "cnn"), "--format", "hf", "--out", str(out)]) == 0
-        assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+        assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "modeling_transferlab_cnn.py"]
         assert json.loads(parity_path(out).read_text())["ok"] is True
     assert EXPORT_FORMATS.get("hf").folder and not EXPORT_FORMATS.get("onnx").folder
     capsys.readouterr()
@@ -213,7 +213,7 @@ print("OK", sorted(p.name for p in result.files))
 """
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "OK ['README.md', 'config.json', 'model.safetensors']" in proc.stdout
+    assert "OK ['README.md', 'config.json', 'model.safetensors', 'modeling_transferlab_cnn.py']" in proc.stdout
 
 
 def test_export_refuses_a_foreign_non_empty_folder_and_a_run_without_a_model(study, tmp_path):

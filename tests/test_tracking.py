@@ -28,7 +28,7 @@ from transferlab.engine import Callback
 from transferlab.engine.tracking import RunInfo, RunTracking, flat_config
 from transferlab.files import read_json
 from transferlab.kinds import run_experiment
-from transferlab.results.trackers import MlflowOptions, MlflowTracker, TensorBoardTracker, log_study_artifacts
+from transferlab.results.trackers import HPARAMS, MlflowOptions, MlflowTracker, TensorBoardTracker, log_study_artifacts
 from transferlab.rundir import Opening, RunDir, RunError, code_version
 from transferlab.rundir.layout import TRACKING_FILE
 
@@ -106,6 +106,10 @@ def test_study_logs_to_tensorboard_and_mlflow(tmp_path, mlflow_db, capsys):
     hp = plugin_data_pb2.HParamsPluginData.FromString(tb.PluginTagToContent("hparams")["_hparams_/session_start_info"])
     assert hp.session_start_info.hparams["train.lr"].number_value == pytest.approx(0.01)
     assert hp.session_start_info.hparams["strategy.name"].string_value == "scratch"
+    # only the settings that tell runs apart are hparams (the HPARAMS table's columns); the whole config is text
+    assert set(hp.session_start_info.hparams) == set(HPARAMS)
+    text = tb.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| `data.dataset` | `digits` |" in text and "| `train.optimizer` | `adamw` |" in text
     knn_tb = events(runs / "tracked" / "tb" / "knn")  # a kind that does not train: hparams and test metrics
     assert [e.value for e in knn_tb.Scalars("test/acc")] == pytest.approx([read_json(runs / "tracked" / "knn" / "metrics.json")["test_acc"]])
 
@@ -124,6 +128,8 @@ def test_study_logs_to_tensorboard_and_mlflow(tmp_path, mlflow_db, capsys):
     tags = run.data.tags
     assert [tags[k] for k in ("kind", "strategy", "backbone", "weights", "seed")] == ["train", "scratch", "transferlab_cnn", "scratch", "0"]
     assert tags["git_commit"] == code_version().get("git_commit", "unknown")
+    # a source, as MLflow's runs table shows it: the study file that was run, locally
+    assert tags["mlflow.source.name"] == str(path.resolve()) and tags["mlflow.source.type"] == "LOCAL"
     assert run.data.params == {k: str(v) for k, v in flat_config(cfg).items()}
     val = client.get_metric_history(run.info.run_id, "val_acc")
     assert [m.step for m in val] == [1, 2]

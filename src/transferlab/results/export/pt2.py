@@ -21,10 +21,22 @@ def _save_exported_program(model: nn.Module, example: torch.Tensor, spec: Export
     return [path]
 
 
+class _Program(nn.Module):
+    """An ExportedProgram's module behind a plain module: ``eval()`` / ``train()`` are no-ops here, where torch's raise
+    ("not supported yet") — the graph was captured from a model in eval mode, so it already is in eval form."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "program", module)  # not a submodule: Module.train() would recurse into it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
 def _load_exported_program(path: Path) -> Runner:
     with open(path, "rb") as f:
         program = torch.export.load(f)
-    return program.module()  # already in eval form: the graph was captured from a model in eval mode
+    return _Program(program.module())
 
 
 def _read_spec(path: Path) -> ExportSpec:

@@ -5,7 +5,7 @@ database in the study folder, ``sqlite:///runs/<study>/mlflow.db`` (artifacts be
 ``runs/<study>/mlartifacts``; ``mlflow ui --backend-store-uri sqlite:///runs/<study>/mlflow.db`` shows it).
 
 A run logs: params = the flattened resolved config; tags kind, strategy, backbone, weights, seed,
-git commit, and its source (``mlflow.source.name``: the study file, ``runs/<study>/study.yaml``;
+git commit, and its source (``mlflow.source.name``: the study file that was run;
 ``mlflow.source.type``: ``JOB`` under Slurm, else ``LOCAL``), which the runs table shows; per-epoch
 ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``lr``, ``seconds`` with step = epoch; the test
 metrics; artifacts ``config.yaml``, ``metrics.json``, ``history.csv`` and
@@ -221,7 +221,13 @@ class MlflowTracker(Tracker):
         }
 
     def _source(self) -> Path:
-        """The study file the run came from (its copy in the study folder), else the run folder."""
+        """The study file the run came from (``study.json``'s ``source``), else its copy in the study folder, else the run folder."""
+        try:
+            source = read_json(self.run.study_dir / "study.json").get("source")
+        except (OSError, ValueError):
+            source = None
+        if source and Path(source).is_file():
+            return Path(source).resolve()
         study_file = self.run.study_dir / "study.yaml"
         return (study_file if study_file.is_file() else self.run.run_dir).resolve()
 
