@@ -148,8 +148,8 @@ def lora_targets(backbone: nn.Module, targets: str | list[str], rank: int) -> li
 
 def lora_layers(module: nn.Module) -> dict[str, nn.Module]:
     """The peft LoRA layers injected into ``module``, by qualified name."""
-    if importlib.util.find_spec("peft") is None:
-        return {}
+    if importlib.util.find_spec("peft") is None or not any(name.endswith(".lora_A") for name, _ in module.named_modules()):
+        return {}  # no adapters: peft (slow to import) is not needed
     from peft.tuners.lora import LoraLayer
 
     return {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
