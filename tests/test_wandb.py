@@ -138,7 +138,7 @@ class StopAt(Callback):
 
 def test_without_a_key_the_run_is_logged_offline_like_mlflow(make_cfg, tmp_path):
     assert not api_key_configured() and wandb_mode(WandbOptions()) == "offline"
-    cfg = make_cfg(name="a", data=DATA, train=TRAIN, tracking=["wandb"])
+    cfg = make_cfg(name="a", data=DATA, train=TRAIN, tracking={"wandb": {"log_model": "safetensors"}})
     study_dir = tmp_path / "runs" / "wb"
     console = quiet()
     metrics = run_experiment(cfg, study_dir / "a", console=console)
@@ -163,6 +163,9 @@ def test_without_a_key_the_run_is_logged_offline_like_mlflow(make_cfg, tmp_path)
     assert any(f.startswith("media/images/test/confusion_matrix") and f.endswith(".png") for f in run["files"])
     assert (folder / "files" / images[0]["test/confusion_matrix/path"]).is_file()
     assert ("run-files", ["config.yaml", "history.csv", "metrics.json"]) in run["artifacts"]
+    # log_model: the parity-checked export and its report, as MLflow's log_model uploads them
+    assert ("model", ["model.json", "model.safetensors", "model.safetensors.parity.json"]) in run["artifacts"]
+    assert run["summary"]["model_parity"] == "ok"
     assert run["exit"] == 0
 
 
