@@ -12,15 +12,18 @@ import warnings
 import pytest
 import timm
 import torch
+from rich.console import Console
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from transferlab.config import ConfigError, ExperimentConfig, from_dict
+from transferlab.kinds import run_experiment
 from transferlab.models import adapters
 from transferlab.models.adapters import add_strategy_modules, lora_targets, merge_adapters, trainable_state_dict
-from transferlab.models.backbones import backbone_skeleton, input_size_problem
+from transferlab.models.backbones import backbone_skeleton, input_size_problem, merged_lora_state
 from transferlab.models.model import build_model, count_params
 from transferlab.models.prompts import has_prompts
+from transferlab.models.weights import load_model_weights
 from transferlab.strategies import STRATEGIES, apply_strategy
 
 VIT = "test_vit"  # timm's own tiny VisionTransformer (0.3 M parameters): the ViT family in milliseconds
@@ -243,3 +246,37 @@ def test_target_patterns_select_layers_inside_a_container_and_by_suffix():
         resnet = backbone_skeleton("resnet10t")
     auto = lora_targets(resnet, "auto", 8)
     assert auto and all(n.startswith("layer") and ".conv" in n for n in auto)
+
+
+def test_lora_state_merges_like_peft_for_linear_and_conv_layers():
+    for backbone, strategy in ((VIT, {"name": "lora", "rank": 4, "alpha": 8}), ("resnet10t", {"name": "lora", "rank": 2, "alpha": 3})):
+        model = _model(backbone, strategy)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".lora_B." in n:
+                    p.normal_(0, 0.05)
+        state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+        merged = merge_adapters(model).backbone.state_dict()
+        mine = merged_lora_state(state, strategy["alpha"])
+        assert mine.keys() == merged.keys()
+        for k in mine:
+            assert torch.allclose(mine[k], merged[k], atol=1e-6), k
+
+
+def test_a_lora_run_is_a_weights_source_with_its_adapters_merged(tmp_path):
+    cfg = from_dict(ExperimentConfig, {
+        "name": "src", "data": {"dataset": "synthetic", "synthetic_classes": 3, "synthetic_size": 16, "val_fraction": 0.25, "image_size": 32},
+        "model": {"backbone": VIT}, "strategy": {"name": "lora", "rank": 2, "alpha": 4},
+        "train": {"epochs": 1, "batch_size": 8, "progress": False, "accelerator": "cpu", "precision": "32-true"},
+    })
+    cfg.validate()
+    run_experiment(cfg, tmp_path / "src", console=Console(quiet=True))
+    model, _ = build_model(cfg.model, cfg.head, 3)
+    add_strategy_modules(model, cfg.strategy)
+    load_model_weights(model, tmp_path / "src" / "checkpoints" / "best.safetensors")
+    merge_adapters(model)
+    second = _cfg(VIT, {"name": "finetune"}, weights=f"run:{tmp_path / 'src'}")
+    started, report = build_model(second.model, second.head, 3)
+    assert report is not None and "head of the source run" in report.describe()
+    for k, v in model.backbone.state_dict().items():
+        assert torch.allclose(started.backbone.state_dict()[k], v, atol=1e-6), k

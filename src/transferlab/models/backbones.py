@@ -46,6 +46,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from transferlab.config import ConfigError, ExperimentConfig, TruncateConfig, register_check
+from transferlab.files import read_checkpoint_metadata
 from transferlab.models import small_cnn  # noqa: F401 - registers transferlab_cnn* with timm
 from transferlab.models.archs import arch_meta
 from transferlab.models.embedded import EMBEDDED_ARCHS, embedded_state_dict, embedded_weights
@@ -55,7 +56,8 @@ from transferlab.models.weights import LoadReport, WeightsError, classifier_pref
 from transferlab.registry import Registry, UnknownNameError
 
 __all__ = ["OFFLINE_ALTERNATIVES", "WEIGHT_SOURCES", "BackboneRequest", "UnknownBackboneError", "backbone_skeleton",
-           "check_input_size", "create_backbone", "fit_to_input_size", "input_size_problem", "sizes_that_work", "split_weights",
+           "check_input_size", "create_backbone", "fit_to_input_size", "input_size_problem", "merged_lora_state", "sizes_that_work",
+           "split_weights",
            "takes_image_size", "weights_status"]
 
 OFFLINE_ALTERNATIVES = (
@@ -163,15 +165,49 @@ def run(req: BackboneRequest) -> tuple[nn.Module, LoadReport | None]:
     """The backbone of an earlier, finished transferlab run (its best checkpoint, else last)."""
     src = read_run_weights(req.argument, expected_backbone=req.name)
     model, trunc = req.create()
+    state, prompts = _plain_state(src.backbone, req.argument)
     try:
-        report = load_strict(model, fit_to_input_size(model, src.backbone), src.source, drop_prefixes=[], truncated=_removed(trunc))
+        report = load_strict(model, fit_to_input_size(model, state), src.source, drop_prefixes=[], truncated=_removed(trunc))
     except WeightsError as e:
         hint = ""
         if src.truncate is not None:
             hint = f" (the source run's backbone was truncated: {src.truncate}; truncate this model at least as much)"
         raise WeightsError(f"{e}{hint}") from None
-    report.dropped, report.dropped_what = sorted(src.head), "head of the source run"
+    report.dropped, report.dropped_what = sorted(src.head) + prompts, "head of the source run" + (" and its VPT prompts" if prompts else "")
     return model, report
+
+
+def _plain_state(state: dict[str, torch.Tensor], run_dir: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A source run's backbone as the plain architecture: LoRA adapters merged (its ``strategy.alpha``), VPT prompts left out."""
+    prompts = [k for k in state if k == "prompt_tokens"]
+    state = {k: v for k, v in state.items() if k not in prompts}
+    if not any(".lora_A." in k for k in state):
+        return state, [f"backbone.{k}" for k in prompts]
+    alpha = None
+    for name in ("best", "last"):
+        path = Path(run_dir).expanduser() / "checkpoints" / f"{name}.safetensors"
+        if path.is_file():
+            alpha = ((read_checkpoint_metadata(path).get("config") or {}).get("strategy") or {}).get("alpha")
+            break
+    if alpha is None:
+        raise WeightsError(f"weights run:{run_dir}: the run has LoRA adapters but its checkpoint records no strategy.alpha")
+    return merged_lora_state(state, float(alpha)), [f"backbone.{k}" for k in prompts]
+
+
+def merged_lora_state(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """A state dict with peft LoRA layers (``x.base_layer.weight``, ``x.lora_A.default.weight``, ``x.lora_B…``) as the
+    plain layers' (``x.weight`` = W + alpha / rank · B A, what peft's ``merge`` computes), for a backbone without adapters."""
+    out = {k: v for k, v in state.items() if ".lora_" not in k and ".base_layer." not in k}
+    for key, a in state.items():
+        if not key.endswith(".lora_A.default.weight"):
+            continue
+        layer = key[: -len(".lora_A.default.weight")]
+        b, w = state[f"{layer}.lora_B.default.weight"], state[f"{layer}.base_layer.weight"]
+        delta = (b.flatten(1).double() @ a.flatten(1).double()).view(w.shape)  # Linear: B A; Conv2d (B is 1×1): the same, reshaped
+        out[f"{layer}.weight"] = (w.double() + alpha / a.shape[0] * delta).to(w.dtype)
+        if f"{layer}.base_layer.bias" in state:
+            out[f"{layer}.bias"] = state[f"{layer}.base_layer.bias"]
+    return out
 
 
 @WEIGHT_SOURCES.register("hf")
