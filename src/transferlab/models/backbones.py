@@ -42,7 +42,7 @@ from pathlib import Path
 import timm
 import torch
 from huggingface_hub import try_to_load_from_cache
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 from torch import nn
 
 from transferlab.config import ConfigError, ExperimentConfig, TruncateConfig, register_check
@@ -329,12 +329,17 @@ def fit_to_input_size(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
     """``state`` with absolute position embeddings made for another input size resampled to ``model``'s grid.
 
     What timm's ``checkpoint_filter_fn`` does when it loads pretrained weights at another ``img_size``
-    (``resample_abs_pos_embed``: bicubic over the patch grid, prefix tokens kept). Everything else is
+    (``resample_abs_pos_embed``: bicubic over the patch grid, prefix tokens kept; Swin's relative position
+    tables with ``resize_rel_pos_bias_table`` where a window shrank to a small grid). Everything else is
     left as it is, so a mismatch of any other tensor is still reported by the strict load.
     """
     target = model.state_dict()
     out = dict(state)
     for key, value in state.items():
+        if key.endswith("relative_position_bias_table") and key in target and target[key].shape != value.shape:
+            owner = model.get_submodule(key.rsplit(".", 1)[0])  # a Swin window shrunk to a small grid: timm's resize
+            out[key] = resize_rel_pos_bias_table(value, new_window_size=owner.window_size, new_bias_shape=target[key].shape)
+            continue
         if not key.endswith("pos_embed") or key not in target or value.ndim != 3 or target[key].shape == value.shape:
             continue
         owner = model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else model
