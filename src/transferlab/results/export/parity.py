@@ -11,7 +11,9 @@ Those samples are already square and at the model's size, so they cannot catch a
 paths: the run's own preprocessing (``data.images.load_image`` with the run's ``data.resize`` and
 ``crop_pct``, then the model's normalisation) into the model, and the preprocessing that the written
 file's metadata alone describes (``spec.preprocess_file``: PIL and numpy) into the exported file; top-1
-and the probabilities must agree (``ParityReport.raw_files``). The result is logged, returned and written beside the file
+must agree and the logits stay within the same tolerance (both paths decode and resize the same pixels
+with PIL: a wrong resize, crop or colour mode moves them by far more); max |Δprob| is reported too
+(``ParityReport.raw_files``). The result is logged, returned and written beside the file
 (``<file>.parity.json``); a failed check raises ``ExportParityError``.
 """
 
@@ -39,7 +41,6 @@ from transferlab.results.export.spec import Runner, preprocess_file
 __all__ = [
     "PARITY_FALLBACK_IMAGES",
     "RAW_FILES",
-    "RAW_PROB_ATOL",
     "ParityReport",
     "Tolerance",
     "check_parity",
@@ -51,9 +52,6 @@ __all__ = [
 
 RAW_FILES = 4
 """Non-square image files the parity check writes from its samples and runs through both preprocessing paths."""
-RAW_PROB_ATOL = 1e-4
-"""Allowed max |Δprobability| between the two preprocessing paths: both decode and resize the same pixels
-with PIL, so only float rounding of the normalisation and the runtimes' kernels remain."""
 
 PARITY_FALLBACK_IMAGES = 16
 """Test images of the run's dataset used for the parity check when the run recorded no test samples."""
@@ -236,9 +234,9 @@ def check_raw_files(
     if ((ref_top != got_top) & (margin > allowed)).any():
         out["problem"] = (f"raw non-square files preprocessed from the file's metadata get another top-1 than the run's own "
                           f"preprocessing on {int(((ref_top != got_top) & (margin > allowed)).sum())} of {len(files)}")
-    elif not prob_diff <= RAW_PROB_ATOL:
-        out["problem"] = (f"raw non-square files: probabilities from the file's metadata differ from the run's own preprocessing "
-                          f"by up to {prob_diff:.3g} (allowed {RAW_PROB_ATOL:g})")
+    elif not logit_diff <= allowed:
+        out["problem"] = (f"raw non-square files: logits from the file's metadata differ from the run's own preprocessing "
+                          f"by up to {logit_diff:.3g} (allowed {allowed:.3g}; max |Δprob| {prob_diff:.3g})")
     return out
 
 
