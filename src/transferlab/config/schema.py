@@ -51,7 +51,9 @@ __all__ = [
     "register_choices",
     "resolve_as_recorded",
     "resolve_paths",
+    "run_references",
     "unfreeze_milestones",
+    "with_run_references",
 ]
 
 
@@ -826,6 +828,41 @@ def _inspect_checks(cfg: ExperimentConfig) -> Iterable[Check]:
     if not cfg.uses.training:
         for key, values in (("predict.images", p.images), ("activations.images", a.images)):
             yield (not values, key, values, f"applies to kind: train only (this experiment is kind: {cfg.kind})")
+
+
+def _run_name(value: str) -> str:
+    return value[len("run:"):] if value.startswith("run:") else value
+
+
+def run_references(cfg: ExperimentConfig) -> dict[str, str]:
+    """Every key of ``cfg`` that names another run, dotted (``soup.members[1]``) -> the run it names (``run:`` removed):
+    ``model.weights: run:…``, ``train.distill.teacher``, ``soup.members``, ``soup.interpolate.base``. A study runs
+    those first (``transferlab.study.plan_study``) and replaces each name by its run directory (``with_run_references``)."""
+    refs = {"model.weights": _run_name(cfg.model.weights)} if cfg.model.weights.startswith("run:") else {}
+    if cfg.train.distill is not None:
+        refs["train.distill.teacher"] = _run_name(cfg.train.distill.teacher)
+    refs.update({f"soup.members[{i}]": _run_name(m) for i, m in enumerate(cfg.soup.members)})
+    if cfg.soup.interpolate is not None:
+        refs["soup.interpolate.base"] = _run_name(cfg.soup.interpolate.base)
+    return refs
+
+
+def with_run_references(cfg: ExperimentConfig, resolved: dict[str, str]) -> ExperimentConfig:
+    """``cfg`` with the run references named in ``resolved`` (keys of ``run_references``) replaced by those runs
+    (``run:<dir>``; soup members as plain directories, like ensemble members)."""
+    if not resolved:
+        return cfg
+    model, train, soup = cfg.model, cfg.train, cfg.soup
+    if "model.weights" in resolved:
+        model = dataclasses.replace(model, weights=f"run:{resolved['model.weights']}")
+    if "train.distill.teacher" in resolved and train.distill is not None:
+        train = dataclasses.replace(train, distill=dataclasses.replace(train.distill, teacher=f"run:{resolved['train.distill.teacher']}"))
+    members = [resolved.get(f"soup.members[{i}]", m) for i, m in enumerate(soup.members)]
+    interpolate = soup.interpolate
+    if "soup.interpolate.base" in resolved and interpolate is not None:
+        interpolate = dataclasses.replace(interpolate, base=f"run:{resolved['soup.interpolate.base']}")
+    soup = dataclasses.replace(soup, members=members, interpolate=interpolate)
+    return dataclasses.replace(cfg, model=model, train=train, soup=soup)
 
 
 def resolve_paths(cfg: ExperimentConfig, base: str | Path) -> ExperimentConfig:

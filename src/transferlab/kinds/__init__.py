@@ -1,6 +1,6 @@
-"""Experiment kinds as peers: ``train``, ``logistic``, ``knn``, ``fewshot``, ``ensemble`` (each registers itself)."""
+"""Experiment kinds as peers: ``train``, ``logistic``, ``knn``, ``fewshot``, ``ensemble``, ``soup`` (each registers itself)."""
 
-from transferlab.kinds import ensemble, fewshot, knn, logistic, train  # noqa: F401 - each registers its kind
+from transferlab.kinds import ensemble, fewshot, knn, logistic, soup, train  # noqa: F401 - each registers its kind
 from transferlab.kinds.base import KINDS, Kind, RunContext, run_experiment
 from transferlab.kinds.ensemble import EnsembleError, combine_votes, evaluate_ensemble, run_ensemble
 

@@ -153,6 +153,7 @@ def _probe_phase(p: Prepared, cfg: ExperimentConfig, ctx: RunContext, train: Any
     directory = ctx.rundir.checkpoints / "probe"
     result = fit(fit_model, fit_train, fit_val, probe_cfg, p.fabric, directory, meta, resume=ctx.resume, console=ctx.console,
                  callbacks=ctx.callbacks, criterion=criterion)
+    result.log.append(f"feature cache: {cached.reason}")  # what the probe phase trained on (metrics.json's lp_ft section)
     p.fabric.barrier()
     best = directory / "best.safetensors"
     load_model_weights(p.model, best if best.exists() else directory / "last.safetensors")
@@ -220,7 +221,8 @@ def finetuning_extra(cfg: ExperimentConfig, probe: FitResult | None, swa: dict[s
         out["l2_sp"] = {"alpha": t.l2_sp.alpha, "beta": t.l2_sp.beta, "start": cfg.model.weights}
     if probe is not None:
         out["lp_ft"] = {"probe_epochs": cfg.strategy.probe_epochs, "probe_best_epoch": probe.best_epoch, "probe_best_val": probe.best_metric,
-                        "probe_train_seconds": probe.train_seconds, "finetune_epochs": t.epochs - int(cfg.strategy.probe_epochs or 0)}
+                        "probe_train_seconds": probe.train_seconds, "finetune_epochs": t.epochs - int(cfg.strategy.probe_epochs or 0),
+                        "probe_log": probe.log}
     if swa is not None:
         out["swa"] = swa
     if t.distill is not None:

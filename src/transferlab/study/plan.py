@@ -2,18 +2,19 @@
 
 ``plan_study`` turns a parsed study into ``PlannedRun`` s — one per run folder — with the run folders
 each needs to have finished ``ok`` first: ``weights: run:<experiment>`` (the run of the same seed) and
-ensemble members. A dependency on an experiment that does not exist, or a cycle, is a ``ConfigError``
+ensemble members, and every other run reference of a config (a distillation teacher, soup members: ``config.schema.
+run_references``). A dependency on an experiment that does not exist, or a cycle, is a ``ConfigError``
 before anything runs. A searched experiment (``search:``) is planned as its trials,
 ``<experiment>@trial=<k>``, whose settings Optuna proposes when each starts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transferlab.config import ConfigError, EnsembleConfig, EnsembleSpec, ExperimentConfig, Resources, Study, run_name, suggest
+from transferlab.config.schema import run_references, with_run_references
 
 __all__ = ["PlannedRun", "dependency_levels", "plan_study", "trial_name"]
 
@@ -58,35 +59,33 @@ def plan_study(study: Study, out: Path) -> list[PlannedRun]:
 
 
 def _resolve_run_weights(cfg: ExperimentConfig, study: Study, out: Path, n_seeds: dict[str, int]) -> tuple[ExperimentConfig, list[str]]:
-    """``weights: run:<experiment>`` naming an experiment of ``study`` -> ``run:<its run directory>``.
+    """Every run reference of ``cfg`` (``config.schema.run_references``: ``weights: run:<experiment>``, a distillation
+    teacher, soup members, a WiSE-FT base) naming an experiment of ``study`` -> its run directory, and those runs
+    as what ``cfg`` needs first.
 
     The run of the same seed is used when the source experiment has that seed (else its first).
     ``run:<study>/<run>`` is looked up under the runs directory; an existing path is left as it is.
     """
-    weights = cfg.model.weights
-    if not weights.startswith("run:"):
-        return cfg, []
-    ref = weights[len("run:") :]
-    if ref in study.searches:
-        raise ConfigError(f"{study.source}: experiment '{cfg.name}': model.weights={weights!r} names a searched experiment; "
-                          "run the search first, then name its best trial's run directory")
-    sources = [c for c in study.experiments if c.name == ref]
-    needs = []
-    if sources:
-        src = next((c for c in sources if c.seed == cfg.seed), sources[0])
-        needs = [run_name(src, n_seeds[src.name])]
-        path = out / needs[0]
-    elif not Path(ref).expanduser().exists() and (out.parent / ref).is_dir():
-        path = out.parent / ref
-    elif Path(ref).expanduser().exists():
-        return cfg, []
-    else:
-        names = sorted({c.name for c in study.experiments})
-        raise ConfigError(
-            f"{study.source}: experiment '{cfg.name}': model.weights={weights!r}: {ref!r} is no experiment of this study"
-            f"{suggest(ref, names)}, no run directory under {out.parent} and no path"
-        )
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=f"run:{path}")), needs
+    resolved, needs = {}, []
+    for key, ref in run_references(cfg).items():
+        shown = ref if key.startswith("soup.members") else f"run:{ref}"
+        if ref in study.searches:
+            raise ConfigError(f"{study.source}: experiment '{cfg.name}': {key}={shown!r} names a searched experiment; "
+                              "run the search first, then name its best trial's run directory")
+        sources = [c for c in study.experiments if c.name == ref]
+        if sources:
+            src = next((c for c in sources if c.seed == cfg.seed), sources[0])
+            needs.append(run_name(src, n_seeds[src.name]))
+            resolved[key] = str(out / needs[-1])
+        elif not Path(ref).expanduser().exists() and (out.parent / ref).is_dir():
+            resolved[key] = str(out.parent / ref)
+        elif not Path(ref).expanduser().exists():
+            names = sorted({c.name for c in study.experiments})
+            raise ConfigError(
+                f"{study.source}: experiment '{cfg.name}': {key}={shown!r}: {ref!r} is no experiment of this study"
+                f"{suggest(ref, names)}, no run directory under {out.parent} and no path"
+            )
+    return with_run_references(cfg, resolved), needs
 
 
 def _plan_ensemble(ens: EnsembleConfig, study: Study, out: Path, n_seeds: dict[str, int]) -> list[PlannedRun]:
@@ -132,7 +131,7 @@ def _dependency_order(plan: list[PlannedRun], study: Study) -> list[PlannedRun]:
         if state.get(run.name) == 1:
             cycle = path[path.index(run.name):] + [run.name]
             raise ConfigError(f"{study.source}: the experiments depend on each other in a cycle: {' -> '.join(cycle)} "
-                              "(through weights: run:<experiment>)")
+                              "(through weights: run:<experiment>, a teacher or soup members)")
         state[run.name] = 1
         for need in run.needs:
             if need in by_name:
