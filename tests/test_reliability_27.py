@@ -62,6 +62,19 @@ def _holder(code: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], stdout=subprocess.PIPE, text=True)
 
 
+def _holding(lock: str, path: Path) -> subprocess.Popen:
+    """Another process that holds ``lock`` (``run_lock`` or ``study_lock``) of ``path`` until killed; returns once it does."""
+    proc = _holder(f"""
+        import sys, time
+        from transferlab.rundir.rundir import {lock}
+        with {lock}(sys.argv[1]):
+            print("ready", flush=True)
+            time.sleep(120)
+        """, str(path))
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
 def _files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))} if root.exists() else {}
 
@@ -157,15 +170,8 @@ def test_a_lock_whose_holder_died_is_stale_and_a_live_holders_is_refused(tmp_pat
             assert (run_dir.parent / ".exp.lock").read_text() == f"pid {os.getpid()} on {HOST}"
     finally:
         os.kill(orphan, signal.SIGKILL)
-    live = _holder("""
-        import sys, time
-        from transferlab.rundir import run_lock
-        with run_lock(sys.argv[1]):
-            print("ready", flush=True)
-            time.sleep(120)
-        """, str(run_dir))
+    live = _holding("run_lock", run_dir)
     try:
-        assert live.stdout.readline().strip() == "ready"
         with pytest.raises(RunLocked, match=rf"{run_dir} is being written by another process \(pid {live.pid} on {HOST}\)"):
             with run_lock(run_dir):
                 pass
@@ -181,15 +187,8 @@ def test_a_lock_whose_holder_died_is_stale_and_a_live_holders_is_refused(tmp_pat
 def test_a_second_invocation_of_a_study_is_refused_at_once_and_writes_nothing(tmp_path):
     raw = _study("twice", [{"name": "a"}])
     runs = tmp_path / "runs"
-    first = _holder("""
-        import sys, time
-        from transferlab.rundir.rundir import study_lock
-        with study_lock(sys.argv[1]):
-            print("ready", flush=True)
-            time.sleep(120)
-        """, str(runs / "twice"))
+    first = _holding("study_lock", runs / "twice")
     try:
-        assert first.stdout.readline().strip() == "ready"
         before = _files(runs)
         with pytest.raises(RunLocked, match=rf"study folder {runs / 'twice'} is being run by another process \(pid {first.pid} on {HOST}\)"):
             run_study(parse_study(raw), runs, console=QUIET, executor="local", workers=2)
@@ -203,15 +202,8 @@ def test_a_second_invocation_of_a_study_is_refused_at_once_and_writes_nothing(tm
 def test_a_run_refused_by_its_lock_gets_no_failure_record_in_the_folder_it_does_not_hold(tmp_path):
     raw = _study("held", [{"name": "a"}, {"name": "b"}])
     run_dir = tmp_path / "runs" / "held" / "a"
-    other = _holder("""
-        import sys, time
-        from transferlab.rundir import run_lock
-        with run_lock(sys.argv[1]):
-            print("ready", flush=True)
-            time.sleep(120)
-        """, str(run_dir))
+    other = _holding("run_lock", run_dir)
     try:
-        assert other.stdout.readline().strip() == "ready"
         res = run_study(parse_study(raw), tmp_path / "runs", console=QUIET)
     finally:
         other.kill()
