@@ -109,8 +109,10 @@ def timm_preprocessing(spec: ExportSpec) -> tuple[dict[str, Any], str | None]:
     out = {"crop_pct": crop_pct, "crop_mode": mode, "interpolation": spec.interpolation}
     if spec.resize == "pad":
         fill = [round(255 * m) for m in spec.mean]
-        return out, (f"timm's `border` mode pads with the mean colour {fill}, where the run padded with black (0): "
-                     "pad with `fill=0` as in the code below to get the run's input exactly")
+        s = spec.image_size
+        return out, (f"timm's `border` mode pads with the mean colour {fill}, where the run padded with black (0); "
+                     f"`ResizeKeepRatio({s}, longest=1.0)` + `CenterCropOrPad({s}, fill=0)` (timm.data.transforms) instead of "
+                     "`create_transform` give the run's input exactly")
     return out, None
 
 
