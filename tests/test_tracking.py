@@ -229,7 +229,7 @@ def _study(default, **experiment):
             "experiments": [{"name": "a", **experiment}, {"name": "b"}]}
 
 
-@pytest.mark.parametrize("name", ["mlflow", "tensorboard"])
+@pytest.mark.parametrize("name", ["mlflow", "tensorboard", "wandb"])
 def test_missing_package_is_an_error_before_any_work(name, make_cfg, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     with pytest.raises(ConfigError, match=rf"s.yaml: experiment 'a': tracking: {name} needs {name}.*pip install 'transferlab\[{name}\]'"):
