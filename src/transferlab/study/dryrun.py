@@ -28,6 +28,7 @@ from rich.table import Table
 
 from transferlab.config import ConfigError, ExecutorConfig, ExperimentConfig, Study, load_study
 from transferlab.data.archives import DownloadRefused, no_downloads
+from transferlab.data.folds import pool_train_test
 from transferlab.data.prepare import select_parts
 from transferlab.data.selection import select_classes
 from transferlab.data.sources import DatasetError, load_dataset
@@ -121,12 +122,13 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
     levels = dependency_levels(plan)
     facts: dict[str, DataFacts] = {}
     probes: dict[str, tuple[float | None, float | None]] = {}
+    data_problems: dict[str, list[str]] = {}  # one line per problem, not one per run (a 1000-fold sweep)
     t0 = time.perf_counter()
     for run in plan:
         row = PlanRow(run.name, run.cfg.kind, run.needs, levels[run.name], _data(run.cfg, facts),
                       ("local", "members' runs") if run.cfg.kind == "ensemble" else _weights(run))
         if row.data.state == "missing" or not row.data.known:
-            report.problems.append(f"{run.name}: data: {row.data.detail}")
+            data_problems.setdefault(row.data.detail, []).append(run.name)
         if row.weights[0] == "missing":
             report.problems.append(f"{run.name}: weights: {row.weights[1]}")
         if run.search:
@@ -140,6 +142,9 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
             row.estimate_s = 0.0 if probe else None
         report.rows.append(row)
     report.probe_seconds = time.perf_counter() - t0
+    for detail, names in data_problems.items():
+        who = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more run(s)"
+        report.problems.insert(0, f"{who}: data: {detail}")
     try:
         check_folds_fit(study, plan)
     except ConfigError as e:
@@ -169,8 +174,9 @@ def _data(cfg: ExperimentConfig, cache: dict[str, DataFacts]) -> DataFacts:
         channels = shape[1] if shape else getattr(raw.train_x, "channels", 3) or 3
         side = cfg.data.image_size or (shape[2] if shape else 224)
         try:
+            pooled = pool_train_test(raw) if cfg.data.folds is not None else raw  # as prepare_splits does
             relabel, _, names = select_classes(cfg.data.classes, raw.class_names)
-            parts, _ = select_parts(cfg.data, raw, cfg.seed, relabel, names)
+            parts, _ = select_parts(cfg.data, pooled, cfg.seed, relabel, names)
             facts = DataFacts("local", raw.source, len(parts["train"][0]), len(parts["val"][0]), len(parts["test"][0]), channels, side, len(names))
         except DatasetError as e:  # here, but its selection cannot be made: the run would fail; no size to estimate from
             facts = DataFacts("local", f"{raw.source}: {str(e).splitlines()[0][:300]}", None, None, None, channels, side, len(raw.class_names))
@@ -320,6 +326,9 @@ def print_plan(report: PlanReport, console: Console) -> None:
     console.print(f"{len(report.rows)} runs; estimated compute {_fmt_s(report.total_s)}, wall {_fmt_s(report.wall_s)} on "
                   f"{report.executor.name} (upper bound: all epochs, no early stopping; probes took {report.probe_seconds:.0f}s)",
                   markup=False, highlight=False)
+    unknown = sum(not r.data.known for r in report.rows)
+    if unknown:
+        console.print(f"{unknown} run(s) not estimated: their data's size is unknown (see the problems below)", markup=False, highlight=False)
     downloads = sorted({r.data.detail for r in report.rows if r.data.state == "download"})
     for d in downloads:
         console.print(f"download: {d}", markup=False, highlight=False)
