@@ -422,7 +422,7 @@ def check_strategy_name(cfg: ExperimentConfig) -> None:
 def check_strategy_options(cfg: ExperimentConfig) -> None:
     """``lora`` / ``vpt`` / ``norm_only`` / ``bitfit`` fit the backbone, checked on its structure (no weights) before any data loads."""
     s = cfg.strategy
-    if cfg.kind == "ensemble" or s.name not in ("lora", "vpt", "norm_only", "bitfit"):
+    if not cfg.uses.model or s.name not in ("lora", "vpt", "norm_only", "bitfit"):
         return
     if s.name == "lora":
         try:

@@ -355,7 +355,7 @@ def fit_to_input_size(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
 def check_input_size(cfg: ExperimentConfig) -> None:
     """A fixed-input-size backbone (ViT, Swin, …) gets a ``data.image_size`` it can be built at."""
     name = cfg.model.backbone
-    if cfg.kind == "ensemble" or not timm.is_model(name) or not takes_image_size(name):
+    if not cfg.uses.model or not timm.is_model(name) or not takes_image_size(name):
         return
     size, built = cfg.data.image_size, cfg.model.image_size
     if built is not None and size is not None and built != size:
