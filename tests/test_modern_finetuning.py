@@ -381,6 +381,9 @@ def test_soups_in_a_study_run_after_their_members_and_are_runs_like_any_other(tm
     import shutil
 
     shutil.rmtree(runs / "ft_b")
-    with pytest.raises(SoupError, match=r"ft_b"):
+    with pytest.raises(RunRefused, match=r"soup.fingerprints.*ft_b: '[0-9a-f]{64}' → 'missing'"):
         run_experiment(greedy.config, runs / "greedy", resume=True, console=QUIET)
+    with pytest.raises(SoupError, match=r"soup member .*ft_b.*: no run directory"):
+        run_experiment(greedy.config, tmp_path / "again", console=QUIET)
+    assert run_study(parsed, tmp_path, resume=True, only=["wise"], console=QUIET).ok  # the others' resume check is lenient
     assert transferlab.load_run(runs / "wise").ok

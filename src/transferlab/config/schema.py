@@ -525,7 +525,7 @@ class ExperimentConfig:
     kind: str = "train"
     """Registered experiment kind (``transferlab.kinds``): ``train`` (the training loop); ``logistic`` / ``knn``
     (a probe on cached frozen features, ``probe``); ``fewshot`` (ProtoNet episodes, ``fewshot``); ``ensemble``
-    (a vote over finished runs, ``ensemble``)."""
+    (a vote over finished runs, ``ensemble``); ``soup`` (the weights of finished runs averaged, WiSE-FT, ``soup``)."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     ensemble: EnsembleSpec = field(default_factory=EnsembleSpec)

@@ -180,13 +180,23 @@ class SoupKind(Kind):
 
     def snapshot(self, cfg: ExperimentConfig) -> dict[str, Any]:
         """The config with the members' model, head and strategy (what the soup's weights are) and the fingerprint of
-        every member's checkpoint: a changed or deleted member makes ``--resume`` refuse the recorded soup."""
-        runs = _members(cfg, strict=True)
-        first = runs[0].config
-        assert first is not None
+        every member's checkpoint (``missing`` for a member not there): a changed or deleted member makes ``--resume``
+        refuse the recorded soup. Lenient, because a study computes it before its members have run; ``run`` is strict."""
+        try:
+            runs = _members(cfg, strict=False)
+        except SoupError:
+            runs = []  # a member not finished yet: run() says so when the soup runs
         refs = list(cfg.soup.members) + ([cfg.soup.interpolate.base] if cfg.soup.interpolate else [])
-        prints = {str(_path(ref)): fingerprint(_path(ref)) for ref in refs}
+        prints = {}
+        for ref in refs:
+            try:
+                prints[str(_path(ref))] = fingerprint(_path(ref))
+            except SoupError:
+                prints[str(_path(ref))] = "missing"
         soup = dataclasses.replace(cfg.soup, fingerprints=prints)
+        first = runs[0].config if runs else None
+        if first is None:
+            return dataclasses.replace(cfg, soup=soup).to_dict()
         return dataclasses.replace(cfg, model=first.model, head=first.head, strategy=first.strategy, soup=soup).to_dict()
 
     def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:
