@@ -215,3 +215,10 @@ def test_run_resume(family, strategy, tmp_path, monkeypatch):
         result = export_run_model(model, cfg, run.class_names, run.metrics, samples, run.path, export_format("onnx"),
                                   tmp_path / "model.onnx", "best", None, 32)
         assert result.path.is_file() and result.parity.max_abs_logit_diff < 1e-3  # a failed check raises ExportParityError
+    if strategy in ("lora", "vpt", "vpt_deep"):  # the run's own readers: load_run merges LoRA and keeps the prompts ...
+        loaded = load_run(tmp_path / "full").load_model()
+        assert not any("lora_" in k for k in loaded.state_dict())
+        with torch.no_grad():
+            assert (loaded(x) - got).abs().max() <= 1e-4 + 1e-4 * got.abs().max()
+        for fmt in ("safetensors", "hf"):  # ... and the formats that rebuild the model rebuild the prompts (parity raises otherwise)
+            load_run(tmp_path / "full").export(fmt, tmp_path / f"export-{fmt}")

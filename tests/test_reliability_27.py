@@ -34,6 +34,7 @@ from transferlab.config.study import sweep_keys
 from transferlab.data.check import check_path
 from transferlab.data.folder import scan_folder
 from transferlab.data.sources import DatasetError, load_dataset
+from transferlab.engine.costs import Cost
 from transferlab.kinds import run_experiment
 from transferlab.models.weights import WeightsError, read_state_file
 from transferlab.rundir import RunError, run_lock
@@ -350,7 +351,7 @@ def test_run_refuses_a_folder_that_check_data_rejects_with_the_same_message(tmp_
 
 def test_plan_of_a_dropout_sweep_probes_the_model_once(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(dryrun, "_probe", lambda cfg, data: calls.append(cfg.name) or (0.01, 0.001))
+    monkeypatch.setattr(dryrun, "_probe", lambda cfg, data: calls.append(cfg.name) or Cost(0.01, 0.001))
     raw = _study("sweep", [{"name": "drop", "head": {"type": "mlp"}, "sweep": {"head.dropout": [round(0.02 * k, 2) for k in range(20)]}}])
     report = dry_run(parse_study(raw), tmp_path / "runs")
     assert len(report.rows) == 20 and all(r.estimate_s for r in report.rows)
@@ -363,7 +364,7 @@ def test_plan_of_a_dropout_sweep_probes_the_model_once(tmp_path, monkeypatch):
 
 def test_plan_on_missing_data_says_the_size_is_unknown_and_times_nothing(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(dryrun, "_probe", lambda cfg, data: calls.append(cfg.name) or (0.01, 0.001))
+    monkeypatch.setattr(dryrun, "_probe", lambda cfg, data: calls.append(cfg.name) or Cost(0.01, 0.001))
     raw = _study("gone", [{"name": "missing", "data": {"dataset": "folder", "root": str(tmp_path / "nowhere")}}])
     report = dry_run(parse_study(raw), tmp_path / "runs")
     row = report.rows[0]

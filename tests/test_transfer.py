@@ -13,11 +13,12 @@ import torch
 import yaml
 from rich.console import Console
 
+import transferlab
 from transferlab.config import HeadConfig, ModelConfig, TruncateConfig, load_study, parse_study
 from transferlab.data import TensorBatches, prepare_splits
 from transferlab.kinds import run_experiment
 from transferlab.models import WeightsError, build_model
-from transferlab.rundir import load_run
+from transferlab.rundir import RunError, load_run
 from transferlab.study import run_study
 
 QUIET = Console(quiet=True)
@@ -161,6 +162,9 @@ def test_a_failed_source_skips_its_dependents_with_the_reason(tmp_path):
     assert "the source run did not finish: source failed" in result.failed["target"] and "resnet81" in result.failed["target"]
     recorded = json.loads((tmp_path / "runs" / STUDY["study"] / "target" / "metrics.json").read_text())
     assert recorded["status"] == "skipped" and "source failed" in recorded["error"]
+    # exporting (or loading) the skipped run says it was skipped and why, not "not a transferlab run directory"
+    with pytest.raises(RunError, match=r"the run was skipped, so it has no model: .*source failed"):
+        transferlab.export_run(tmp_path / "runs" / STUDY["study"] / "target", "safetensors")
 
 
 @pytest.mark.parametrize("path", sorted(STUDIES.glob("*.yaml")), ids=lambda p: p.name)

@@ -109,7 +109,7 @@ def check_folds(cfg: ExperimentConfig) -> None:
         raise cfg.error(f"data.folds={d.folds!r} must be >= 2 (or null: no cross-validation)")
     if d.fold is not None and not 0 <= d.fold < d.folds:
         raise cfg.error(f"data.fold={d.fold} must be in 0..{d.folds - 1} (data.folds={d.folds})")
-    if cfg.kind in ("ensemble", "fewshot"):
+    if not cfg.uses.folds:
         raise cfg.error(f"data.folds applies to kinds that test on a test split (train, logistic, knn), not kind: {cfg.kind}")
     if d.test_subset is not None:
         raise cfg.error(f"data.test_subset={d.test_subset!r} cannot be combined with data.folds (the folds are the test splits)")

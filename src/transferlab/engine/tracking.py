@@ -43,7 +43,8 @@ from transferlab.files import read_json, write_json
 from transferlab.registry import Registry
 from transferlab.rundir.layout import TRACKING_FILE
 
-__all__ = ["TRACKERS", "TRACKING_FILE", "RunInfo", "RunTracking", "Tracker", "check_tracking", "confusion_image", "flat_config", "missing_modules"]
+__all__ = ["TRACKERS", "TRACKING_FILE", "RunInfo", "RunTracking", "Tracker", "check_tracking", "confusion_image", "flat_config",
+    "strategy_label", "missing_modules"]
 
 
 
@@ -163,6 +164,12 @@ def _parse(cfg: ExperimentConfig) -> list[tuple[type[Tracker], Any]]:
 def check_tracking(cfg: ExperimentConfig) -> None:
     """Tracker names are registered (did-you-mean), their options valid, their packages installed."""
     _parse(cfg)
+
+
+def strategy_label(cfg: ExperimentConfig) -> str:
+    """What a tracker shows as the run's strategy: the strategy of a kind that trains; the kind itself otherwise (a probe,
+    few-shot, an ensemble have no ``strategy:`` of their own)."""
+    return cfg.strategy.name if cfg.uses.training else cfg.kind
 
 
 def flat_config(cfg: ExperimentConfig) -> dict[str, str | int | float | bool]:

@@ -29,6 +29,7 @@ from rich.markup import escape
 from transferlab.config import ConfigError, ExperimentConfig, load_yaml, register_check, register_choices
 from transferlab.config.kinds import KindUses, declare_kinds
 from transferlab.data.prepare import ImageSplits
+from transferlab.engine.costs import Cost
 from transferlab.engine.distributed import world
 from transferlab.engine.loop import Callback
 from transferlab.engine.precision import AUTO, auto_precision, device_type
@@ -70,6 +71,8 @@ class RunContext:
     """Extra training-loop hooks (e.g. a search's pruning), after the built-in ones; kinds that train pass them to ``fit``."""
     tracking: RunTracking = field(default_factory=RunTracking)
     """The run's trackers (``tracking:``); started by ``begin``, finished by ``run_experiment``; also in ``callbacks``."""
+    shared_features: bool = False
+    """Other processes of the study compute frozen features at the same time: share them through the disk store."""
 
     def begin(self, writer: bool = True) -> None:
         """Create (or replace) the directory and write ``config.yaml``; call once the kind is ready to write."""
@@ -98,6 +101,16 @@ class Kind:
 
     def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def estimate(self, cfg: ExperimentConfig, n_train: int, n_val: int, n_test: int, cost: Cost | None) -> float:
+        """Seconds one run takes (``transferlab plan``), from its split sizes and the measured ``cost`` of its model
+        (``None`` for a kind that builds none). The default is one pass of the frozen backbone over every image — what a
+        kind on frozen features does; the classifier on top costs seconds."""
+        return (n_train + n_val + n_test) * cost.forward if cost is not None else 0.0
+
+    def shares_backbone_pass(self, cfg: ExperimentConfig) -> bool:
+        """Its frozen backbone's features can come from another run's pass over the same data (the plan groups them)."""
+        return cfg.uses.features
 
 
 KINDS: Registry[Kind] = Registry("kind", "kind: what an experiment does")
@@ -219,6 +232,7 @@ def run_experiment(
     splits: ImageSplits | None = None,
     model: TransferModel | None = None,
     callbacks: list[Callback] | None = None,
+    shared_features: bool = False,
 ) -> dict[str, Any]:
     """Run one experiment of any kind into ``run_dir``; returns the metrics dict also written to ``metrics.json``.
 
@@ -227,7 +241,8 @@ def run_experiment(
     ``overwrite=True``. A failure inside the run is recorded in ``metrics.json`` (status ``failed``)
     and raised; a refusal to open the directory (in use, exists, config changed) records nothing.
     An exception with a ``status`` attribute (``rundir.RunStopped``, e.g. a pruned search trial) is
-    recorded with that status. ``callbacks`` are extra training-loop hooks.
+    recorded with that status. ``callbacks`` are extra training-loop hooks. ``shared_features``: parallel workers
+    of one study run at the same time (the study engine says so): frozen-feature sets go through the shared disk store.
     """
     console = console or Console()
     kind = KINDS.get(cfg.kind)
@@ -246,7 +261,8 @@ def run_experiment(
             return opening.finished.to_dict()
         if resolved and cfg.kind != "ensemble":
             console.print(f"[dim]{escape(cfg.name)}: {escape(resolved)}[/]")
-        ctx = RunContext(rundir, opening, snapshot, resume, console, splits, model, [*tracking.hooks(), *(callbacks or [])], tracking)
+        ctx = RunContext(rundir, opening, snapshot, resume, console, splits, model, [*tracking.hooks(), *(callbacks or [])], tracking,
+                         shared_features)
         try:
             metrics = kind.run(cfg, ctx)
         except BaseException as e:  # Ctrl-C too: the tracker runs are closed (KILLED), --resume continues them

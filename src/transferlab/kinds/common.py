@@ -228,7 +228,8 @@ def split_features(
     sets, seconds = {}, 0.0
     for split in names:
         fs, s = frozen_features(
-            model, splits, split, cfg, fabric.device, kwargs, default_cache_dir(ctx.rundir.path), fabric.autocast, weights=weights
+            model, splits, split, cfg, fabric.device, kwargs, default_cache_dir(ctx.rundir.path), fabric.autocast, weights=weights,
+            shared=ctx.shared_features,
         )
         if fs.features.is_floating_point() and fs.features.dtype != torch.float32:
             fs = dataclasses.replace(fs, features=fs.features.float())

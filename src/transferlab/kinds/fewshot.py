@@ -16,6 +16,7 @@ from transferlab.config import ConfigError, ExperimentConfig
 from transferlab.config.kinds import KindUses
 from transferlab.data.prepare import ImageSplits
 from transferlab.engine.episodes import FewShotResult, episodic_finetune, per_class_accuracy, protonet_accuracy, resolve_classes, sample_episodes
+from transferlab.engine.precision import guard_bf16_convs
 from transferlab.files import save_checkpoint
 from transferlab.kinds.base import KINDS, Kind, RunContext
 from transferlab.kinds.common import base_metrics, prepare, split_features
@@ -111,6 +112,8 @@ def _finetune(
     if not isinstance(splits.train_x, torch.Tensor):
         raise ConfigError(f"experiment '{cfg.name}': fewshot.finetune_episodes needs the images in memory (data.in_memory: true)")
     apply_strategy(model, cfg.strategy)
+    # fine-tuning trains: the bf16 guard of the train kind applies (a strided conv on a 1x1 input gets NaN gradients)
+    guard_bf16_convs(model, model.preprocess()(splits.train_x[:2].to(fabric.device)), cfg.train.precision, fabric.device)
     t0 = time.perf_counter()
     rows = episodic_finetune(model, splits.train_x, splits.train_y, ft_classes, cfg, fabric.device, fabric.autocast, names)
     return ft_classes, rows, time.perf_counter() - t0

@@ -126,7 +126,8 @@ def fit_phases(p: Prepared, cfg: ExperimentConfig, ctx: RunContext, train: Any, 
     main_cfg = cfg
     if probe is not None:  # the fine-tuning phase: the epochs after the probe
         main_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfg.train.epochs - int(cfg.strategy.probe_epochs or 0)))
-    cached = cached_training(p.model, p.splits, main_cfg, p.fabric, kwargs, default_cache_dir(ctx.rundir.path), ctx.console)
+    cached = cached_training(p.model, p.splits, main_cfg, p.fabric, kwargs, default_cache_dir(ctx.rundir.path), ctx.console,
+                             shared=ctx.shared_features)
     fit_model, fit_train, fit_val = cached.apply(p.model, train, val)
     result = fit(fit_model, fit_train, fit_val, main_cfg, p.fabric, ctx.rundir.checkpoints, meta, resume=ctx.resume, console=ctx.console,
                  callbacks=ctx.callbacks, criterion=criterion)
@@ -148,7 +149,8 @@ def _probe_phase(p: Prepared, cfg: ExperimentConfig, ctx: RunContext, train: Any
                                     train=dataclasses.replace(cfg.train, epochs=int(s.probe_epochs or 0), swa=None))
     ctx.console.print(f"  lp_ft: probe phase, {s.probe_epochs} epoch(s) with the backbone frozen")
     linear_probe(p.model, s)
-    cached = cached_training(p.model, p.splits, probe_cfg, p.fabric, kwargs, default_cache_dir(ctx.rundir.path), ctx.console)
+    cached = cached_training(p.model, p.splits, probe_cfg, p.fabric, kwargs, default_cache_dir(ctx.rundir.path), ctx.console,
+                             shared=ctx.shared_features)
     fit_model, fit_train, fit_val = cached.apply(p.model, train, val)
     directory = ctx.rundir.checkpoints / "probe"
     result = fit(fit_model, fit_train, fit_val, probe_cfg, p.fabric, directory, meta, resume=ctx.resume, console=ctx.console,

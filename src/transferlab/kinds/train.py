@@ -8,6 +8,7 @@ exactly (``train.cache``); the loop then trains the rest on cached features.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from transferlab.config.kinds import KindUses
 from transferlab.data.batches import make_batches
 from transferlab.data.prepare import ImageSplits
 from transferlab.engine.calibration import collect_logits, fit_temperature
+from transferlab.engine.costs import Cost
 from transferlab.engine.distributed import RoundRobin, SliceOfGlobalBatch
 from transferlab.engine.evaluation import Evaluation, evaluate, with_tta
 from transferlab.engine.losses import make_loss
@@ -64,6 +66,19 @@ class TrainKind(Kind):
         """Distillation, SWA, layer decay and LP-FT settings that cannot work (``kinds.phases.check_finetuning``)."""
         check_finetuning(cfg)
 
+    def estimate(self, cfg: ExperimentConfig, n_train: int, n_val: int, n_test: int, cost: Cost | None) -> float:
+        """Epochs of training steps and validation passes, then the test pass; a cached frozen prefix (a linear probe)
+        costs one backbone pass, its head's epochs on features seconds."""
+        if cost is None:
+            return 0.0
+        if cost.step is None or self.shares_backbone_pass(cfg):
+            return (n_train + n_val + n_test) * cost.forward
+        steps = math.ceil(max(1, n_train) / cfg.train.batch_size)
+        return cfg.train.epochs * (steps * cost.step + n_val * cost.forward) + n_test * cost.forward
+
+    def shares_backbone_pass(self, cfg: ExperimentConfig) -> bool:
+        return cfg.strategy.name == "linear_probe" and cfg.train.cache != "off" and not cfg.data.augment
+
     def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:
         recorded = _recorded_lr(cfg, ctx)  # read before begin() rewrites config.yaml
         p = prepare(cfg, ctx, apply_strategy)  # fabric, config.yaml, seed, splits, model, normalisation, strategy
@@ -89,7 +104,8 @@ class TrainKind(Kind):
             "strategy": cfg.strategy.name, "data_seconds": p.data_seconds, "total_params": total_params,
             "trainable_params": trainable_params, "feature_cache": cached.summary(result.train_seconds),
             "tested_weights": "ema" if cfg.train.ema is not None and cfg.train.ema.evaluate != "raw" else "raw",
-            "extra": {**_extra_sections(cfg, lr_record, raw_test, fp32_convs, criterion), **finetuning_extra(cfg, probe, swa, _groups(p.model, cfg))},
+            "extra": {**_extra_sections(cfg, lr_record, raw_test, fp32_convs, criterion), **finetuning_extra(cfg, probe, swa, _groups(p.model, cfg)),
+                      "checkpoint_bytes": _checkpoint_bytes(ctx)},
             "wall_seconds": time.perf_counter() - p.wall0,
         })
         if p.writer and recorder is not None:
@@ -130,6 +146,15 @@ def _load_tested_weights(p: Prepared, test: Any, val: Any, cfg: ExperimentConfig
     raw_test = _test_raw(p.model, test, cfg, p.splits, p.fabric, chosen)
     load_model_weights(p.model, chosen)
     return raw_test, _temperature(p.model, val, cfg, p.fabric)
+
+
+def _checkpoint_bytes(ctx: RunContext) -> int | None:
+    """Size on disk of the run's tested checkpoint (``best``, else ``last``: weights, optimizer state, RNG)."""
+    for name in ("best", "last"):
+        path = ctx.rundir.checkpoints / f"{name}.safetensors"
+        if path.is_file():
+            return path.stat().st_size
+    return None
 
 
 def _extra_sections(cfg: ExperimentConfig, lr_record: dict[str, Any] | None, raw_test: dict[str, Any] | None,
@@ -222,7 +247,8 @@ def _resolve_lr(
     """``train.lr: find``: the config with the lr the finder chose (or ``recorded``, when continuing), and its record.
 
     The sweep runs on a copy of the model before anything trains; ``config.yaml`` is rewritten with the
-    resolved lr (and ``train.lr_find.found``), which ``--resume`` matches against a new ``lr: find``.
+    resolved lr (and ``train.lr_find.found``), which ``--resume`` matches against a new ``lr: find``; the trackers
+    log the lr the run trains with, not ``find``.
     """
     if cfg.train.lr != "find":
         return cfg, None
@@ -230,7 +256,9 @@ def _resolve_lr(
     if recorded is not None:  # a continued run keeps the lr it trained with so far
         record = read_json(record_path) if record_path.is_file() else {"suggestion": recorded}
         ctx.console.print(f"  lr: find -> {recorded:.3g} (found before the interruption)")
-        return resolved(cfg, recorded), record
+        cfg = resolved(cfg, recorded)
+        ctx.tracking.resolved(cfg)
+        return cfg, record
     if fabric.world_size > 1:
         raise cfg.error("train.lr: find runs in a single process; run `transferlab lr-find` and set train.lr to its suggestion")
     result = lr_find(model, train, cfg, criterion.to(fabric.device), fabric.device, fabric.autocast)
@@ -240,6 +268,7 @@ def _resolve_lr(
     ctx.rundir.begin(Opening(), ctx.snapshot)  # config.yaml again, now with the resolved lr
     ctx.console.print(f"  lr: find -> {result.suggestion:.3g} ({result.rule}, {len(result.lrs)} steps, {result.stopped}); "
                       f"curve in {ctx.rundir.path / LR_FIND_PNG}")
+    ctx.tracking.resolved(cfg)
     return cfg, result.record()
 
 

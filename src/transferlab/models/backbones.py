@@ -255,7 +255,7 @@ def check_backbone_name(name: str) -> None:
 @register_check
 def check_weights_source(cfg: ExperimentConfig) -> None:
     """``model.weights`` names a registered source (the backbone name is checked when it is built)."""
-    if cfg.kind == "ensemble":
+    if not cfg.uses.model:
         return
     try:
         WEIGHT_SOURCES.get(split_weights(cfg.model.weights)[0], "weights source")

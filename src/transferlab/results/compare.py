@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 import textwrap
 from collections.abc import Sequence
@@ -112,8 +113,13 @@ def training_cost_seconds(metrics: dict[str, Any]) -> float:
     return RunMetrics.from_dict(metrics).training_cost_seconds()
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def _mean_std(values: list[float | None]) -> tuple[float, float]:
+    """Mean and standard deviation of the values a run recorded (a kind may leave a figure unset: ``None``, skipped;
+    none at all gives NaN)."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return math.nan, math.nan
+    return statistics.fmean(known), (statistics.stdev(known) if len(known) > 1 else 0.0)
 
 
 def collect(study_dir: str | Path, metric: str = "test_acc", against: str | None = None) -> list[dict[str, Any]]:
@@ -132,7 +138,7 @@ def study_rows(experiments: Sequence[ExperimentRuns], metric: str = "test_acc", 
 def run_precision(exp: ExperimentRuns) -> str | None:
     """The precision the experiment's runs recorded (``train.precision`` in ``config.yaml``, resolved from ``auto``);
     several values (seeds run on different machines) are listed; ``None`` for an ensemble (its members' own)."""
-    values = sorted({r.config.train.precision for r in (exp.ok_runs or exp.runs) if r.config is not None and r.config.kind != "ensemble"})
+    values = sorted({r.config.train.precision for r in (exp.ok_runs or exp.runs) if r.config is not None and r.config.uses.model})
     return ", ".join(values) if values else None
 
 

@@ -156,6 +156,10 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     config = _read_config(path)
     if config is None:
+        if (path / METRICS_FILE).is_file():  # a run that never started (skipped: a dependency failed) has only its record
+            record = _read_metrics(path / METRICS_FILE)
+            if not record.ok:
+                raise RunError(f"{path}: the run was {record.status}, so it has no model: {record.error or 'no reason recorded'}")
         raise RunError(f"{path} is not a transferlab run directory (no config.yaml)")
     if not (path / METRICS_FILE).is_file():
         raise RunError(f"{path}: run not finished (no {METRICS_FILE}); continue it with --resume")

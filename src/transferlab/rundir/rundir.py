@@ -323,7 +323,7 @@ class RunDir:
             notes=cfg.notes, error=str(error) if isinstance(error, RunStopped) else f"{type(error).__name__}: {error}",
             code_version=code_version(),
         )
-        if cfg.kind == "ensemble":
+        if cfg.uses.members and not cfg.uses.model:  # made of other runs: no backbone of its own
             failed.backbone, failed.weights, failed.strategy = "ensemble", "ensemble of runs", f"{cfg.ensemble.vote} vote"
         return self.write_metrics(failed)
 

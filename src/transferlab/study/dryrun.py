@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,9 @@ from transferlab.data.archives import DownloadRefused, no_downloads
 from transferlab.data.folds import pool_train_test
 from transferlab.data.prepare import select_parts
 from transferlab.data.selection import select_classes
-from transferlab.data.sources import DatasetError, load_dataset
+from transferlab.data.sources import DatasetError, dataset_size, load_dataset
+from transferlab.engine.costs import Cost, measure_cost
+from transferlab.kinds import KINDS
 from transferlab.models.backbones import weights_status
 from transferlab.models.model import build_model
 from transferlab.strategies import apply_strategy
@@ -40,17 +41,6 @@ from transferlab.study.plan import PlannedRun, dependency_levels, plan_study
 from transferlab.study.runner import check_folds_fit, resolve_executor
 
 __all__ = ["PlanReport", "PlanRow", "dry_run", "print_plan", "probe_key"]
-
-KNOWN_SIZES = {  # (train, test, channels, side) from the datasets' documentation, for data that is not here yet
-    "cifar10": (50_000, 10_000, 3, 32), "cifar100": (50_000, 10_000, 3, 32), "cifar100_coarse": (50_000, 10_000, 3, 32),
-    "tiny_imagenet": (100_000, 10_000, 3, 64), "fashion_mnist": (60_000, 10_000, 1, 28), "mnist": (60_000, 10_000, 1, 28),
-}
-PROBE_WARMUP = 2
-PROBE_STEPS = 3
-"""Timed training steps per probe (after ``PROBE_WARMUP`` untimed ones); the fastest counts."""
-PROBE_MAX_BATCH = 32
-"""Probes run at min(batch, this) and scale linearly: a 256-image batch of ResNet-152 at 224 px would take a minute here."""
-
 
 @dataclass
 class DataFacts:
@@ -121,25 +111,25 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
     report = PlanReport(study.name, exec_cfg)
     levels = dependency_levels(plan)
     facts: dict[str, DataFacts] = {}
-    probes: dict[str, tuple[float | None, float | None]] = {}
+    probes: dict[str, Cost] = {}
     data_problems: dict[str, list[str]] = {}  # one line per problem, not one per run (a 1000-fold sweep)
     t0 = time.perf_counter()
     for run in plan:
         row = PlanRow(run.name, run.cfg.kind, run.needs, levels[run.name], _data(run.cfg, facts),
-                      ("local", "members' runs") if run.cfg.kind == "ensemble" else _weights(run))
+                      _weights(run) if run.cfg.uses.model else ("local", "members' runs"))
         if row.data.state == "missing" or not row.data.known:
             data_problems.setdefault(row.data.detail, []).append(run.name)
         if row.weights[0] == "missing":
             report.problems.append(f"{run.name}: weights: {row.weights[1]}")
         if run.search:
             row.note = "search trial (settings chosen when it starts)"
-        if probe and run.cfg.kind != "ensemble" and row.data.known:  # no model is timed for data that is not there
+        if probe and run.cfg.uses.model and row.data.known:  # no model is timed for data that is not there
             try:
                 row.estimate_s = _estimate(run.cfg, row.data, probes)
             except Exception as e:  # noqa: BLE001 - a model the probe cannot build is a problem to report, not a crash
                 report.problems.append(f"{run.name}: probe failed: {type(e).__name__}: {e}")
-        elif run.cfg.kind == "ensemble":
-            row.estimate_s = 0.0 if probe else None
+        elif not run.cfg.uses.model:  # made of other runs: what it costs is the kind's to say
+            row.estimate_s = KINDS.get(run.cfg.kind).estimate(run.cfg, 0, 0, 0, None) if probe else None
         report.rows.append(row)
     report.probe_seconds = time.perf_counter() - t0
     for detail, names in data_problems.items():
@@ -156,8 +146,8 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
 
 def _data(cfg: ExperimentConfig, cache: dict[str, DataFacts]) -> DataFacts:
     """Is the dataset here, and how many images each split gets (from the real selection when it is)."""
-    if cfg.kind == "ensemble":
-        return DataFacts("local", "members' test splits")
+    if not cfg.uses.data:
+        return DataFacts("local", "the member runs' own data")
     key = json.dumps([dataclasses.asdict(cfg.data), cfg.seed], sort_keys=True, default=str)
     if key in cache:
         return cache[key]
@@ -185,13 +175,14 @@ def _data(cfg: ExperimentConfig, cache: dict[str, DataFacts]) -> DataFacts:
 
 
 def _known(cfg: ExperimentConfig, state: str, detail: str) -> DataFacts:
-    """Split sizes of a dataset that is not here, from its documented size and the selection settings (``None``: not
-    documented, the size is unknown; nothing is invented)."""
+    """Split sizes of a dataset that is not here, from the size its loader documents (``documented_size``) and the
+    selection settings (``None``: not documented, the size is unknown; nothing is invented)."""
     d = cfg.data
-    classes = len(d.classes) if d.classes else {"cifar100": 100, "cifar100_coarse": 20, "tiny_imagenet": 200}.get(d.dataset, 10)
-    if d.dataset not in KNOWN_SIZES:
+    size = dataset_size(d.dataset)
+    classes = len(d.classes) if d.classes else (size.classes if size is not None else 10)
+    if size is None:
         return DataFacts(state, detail + " (size unknown)", None, None, None, 3, d.image_size or 224, classes)
-    n_train, n_test, ch, side = KNOWN_SIZES[d.dataset]
+    n_train, n_test = size.train, size.test
     if d.train_subset is not None:
         n_train = int(d.train_subset if d.train_subset > 1 else n_train * d.train_subset)
     if d.test_subset is not None:
@@ -200,7 +191,7 @@ def _known(cfg: ExperimentConfig, state: str, detail: str) -> DataFacts:
     if d.k_per_class is not None:
         n_train = d.k_per_class * classes
     return DataFacts(state, detail + " (split sizes from the dataset's documented size)", max(0, n_train - n_val), n_val, n_test,
-                     ch, d.image_size or side, classes)
+                     size.channels, d.image_size or size.side, classes)
 
 
 def _weights(run: PlannedRun) -> tuple[str, str]:
@@ -222,59 +213,25 @@ def probe_key(cfg: ExperimentConfig, data: DataFacts) -> str:
         for section in ("model", "head", "strategy")
     }
     parts.update(side=data.side, channels=data.channels, classes=data.n_classes, batch=cfg.train.batch_size,
-                 eval_batch=cfg.train.eval_batch_size, precision=cfg.train.precision, steps=cfg.kind == "train")
+                 eval_batch=cfg.train.eval_batch_size, precision=cfg.train.precision, steps=cfg.uses.training)
     return json.dumps(parts, sort_keys=True, default=str)
 
 
-def _estimate(cfg: ExperimentConfig, data: DataFacts, probes: dict[str, tuple[float | None, float | None]]) -> float:
-    """Seconds for one run: probe (step, forward per image) of its model, times its steps and images."""
+def _estimate(cfg: ExperimentConfig, data: DataFacts, probes: dict[str, Cost]) -> float:
+    """Seconds for one run: the kind's own estimate (``Kind.estimate``) from its split sizes and the measured cost of its
+    model (one probe per distinct cost: ``probe_key``)."""
     key = probe_key(cfg, data)
     if key not in probes:
         probes[key] = _probe(cfg, data)
-    step, fwd = probes[key]
-    fwd = fwd or 0.0
-    n_eval = data.n_val + data.n_test
-    if cfg.kind in ("logistic", "knn", "fewshot") or step is None:
-        return (data.n_train + n_eval) * fwd
-    if cfg.strategy.name == "linear_probe" and cfg.train.cache != "off" and not cfg.data.augment:
-        return (data.n_train + n_eval) * fwd  # one cached backbone pass; the head's epochs on features take seconds
-    steps = math.ceil(max(1, data.n_train) / cfg.train.batch_size)
-    return cfg.train.epochs * (steps * step + data.n_val * fwd) + data.n_test * fwd
+    return KINDS.get(cfg.kind).estimate(cfg, data.n_train, data.n_val, data.n_test, probes[key])
 
 
-def _probe(cfg: ExperimentConfig, data: DataFacts) -> tuple[float | None, float | None]:
-    """(seconds per training step at the run's batch, seconds per image of inference), measured here."""
+def _probe(cfg: ExperimentConfig, data: DataFacts) -> Cost:
+    """The run's model (random weights, its strategy applied) timed by the engine's probe (``engine.costs``)."""
     model_cfg = dataclasses.replace(cfg.model, weights="scratch", keep_head=False)
     model, _ = build_model(model_cfg, cfg.head, data.n_classes)
     apply_strategy(model, cfg.strategy)
-    chans = model.preprocess().in_chans
-    batch = min(cfg.train.batch_size, PROBE_MAX_BATCH)
-    x = torch.randn(batch, chans, data.side, data.side)
-    if cfg.model.channels_last:  # as the real batches come (data.batches): a layout conversion per layer would be timed otherwise
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, data.n_classes, (batch,))
-    params = [p for p in model.parameters() if p.requires_grad]
-    step = None
-    if params and cfg.kind == "train":
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        model.train()
-        times = []
-        for _ in range(PROBE_WARMUP + PROBE_STEPS):  # the first steps pay one-off costs (allocation, kernel choice): untimed
-            t = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            times.append(time.perf_counter() - t)
-        step = min(times[PROBE_WARMUP:]) * cfg.train.batch_size / batch  # the fastest step: other processes' bursts only ever add time
-    model.eval()
-    with torch.inference_mode():
-        model(x)
-        fwd = float("inf")
-        for _ in range(2):
-            t = time.perf_counter()
-            model(x)
-            fwd = min(fwd, (time.perf_counter() - t) / batch)
-    return step, fwd
+    return measure_cost(model, cfg, data.side, data.n_classes, train=cfg.uses.training)
 
 
 def _cache_groups(rows: list[PlanRow], plan: list[PlannedRun]) -> None:
@@ -282,8 +239,7 @@ def _cache_groups(rows: list[PlanRow], plan: list[PlannedRun]) -> None:
     groups: dict[str, list[PlanRow]] = {}
     for row, run in zip(rows, plan, strict=True):
         c = run.cfg
-        frozen = c.kind in ("logistic", "knn") or (c.kind == "train" and c.strategy.name == "linear_probe" and c.train.cache != "off")
-        if not frozen or c.data.augment:
+        if not KINDS.get(c.kind).shares_backbone_pass(c):
             continue
         key = json.dumps([c.model.backbone, c.model.weights, dataclasses.asdict(c.model), dataclasses.asdict(c.data), c.seed],
                          sort_keys=True, default=str)

@@ -23,7 +23,6 @@ from rich.markup import escape
 from transferlab.config import ConfigError, ExecutorConfig, ExperimentConfig, Study, load_study, parse_executor
 from transferlab.data.folds import FoldsLimit, folds_limit
 from transferlab.engine.distributed import world
-from transferlab.engine.features.cached import SHARED_ENV
 from transferlab.files import atomic_write, write_json, write_text
 from transferlab.kinds import KINDS
 from transferlab.kinds.base import resolve_run_config
@@ -158,7 +157,7 @@ class Scheduler:
 
     def run(self) -> None:
         if self.ex.parallel:
-            epochs = {r.name: r.cfg.train.epochs for r in self.plan if r.cfg.kind == "train"}
+            epochs = {r.name: r.cfg.train.epochs for r in self.plan if r.cfg.uses.training}
             with StudyProgress(self.console, [r.name for r in self.plan], self.ex.study_dir, epochs, self.ex.capacity()) as p:
                 self.progress = p
                 self._loop()
@@ -224,7 +223,7 @@ class Scheduler:
             self.trials[run.name] = (driver.name, slot.number)
         job = RunJob(run.name, cfg, str(self.ex.study_dir), self.token, resume=resume, overwrite=self.overwrite,
                      threads=self.ex.threads_for(run.resources), log=self.ex.parallel, trial=trial,
-                     env={SHARED_ENV: "1"} if self.ex.parallel else {})
+                     shared_features=self.ex.parallel)
         self.status[run.name] = "running"
         self.running[run.name] = run
         if self.progress is not None:
@@ -264,7 +263,7 @@ class Scheduler:
 
     def _skip(self, run: PlannedRun, blocked: list[str]) -> None:
         reasons = "; ".join(f"{n} {self.status[n]}" + (f" ({self.result.failed[n]})" if n in self.result.failed else "") for n in blocked)
-        what = "member run(s)" if run.cfg.kind == "ensemble" else f"{run.cfg.model.weights}: the source run"
+        what = "member run(s)" if run.cfg.uses.members else f"{run.cfg.model.weights}: the source run"
         error = RunStopped(f"{what} did not finish: {reasons}", status="skipped")
         if world()[0] == 0:
             self._write_failure(run, error)
@@ -312,7 +311,7 @@ def check_folds_fit(study: Study, plan: list[PlannedRun]) -> None:
     problems: list[str] = []
     for run in plan:
         d = run.cfg.data
-        if d.folds is None or run.cfg.kind == "ensemble":
+        if d.folds is None or not run.cfg.uses.folds:
             continue
         key = json.dumps(dataclasses.asdict(dataclasses.replace(d, fold=None, folds=None)), sort_keys=True, default=str)
         if key not in seen:

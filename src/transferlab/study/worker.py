@@ -53,6 +53,10 @@ class RunJob:
     trial: dict[str, Any] | None = None
     """For a search trial: ``{storage, study, trial_id, metric, direction}`` so the loop can report and be pruned."""
     env: dict[str, str] = field(default_factory=dict)
+    """Environment of the worker's slot (``CUDA_VISIBLE_DEVICES``), set before the run."""
+    shared_features: bool = False
+    """Other workers of the study run at the same time: frozen-feature sets are computed under a lock and written to
+    the study's disk store, so runs on the same backbone share one pass (``engine.features``)."""
 
     @property
     def run_dir(self) -> Path:
@@ -98,7 +102,7 @@ def execute_run(job: RunJob, console: Console | None = None) -> Outcome:
         callbacks = [PruningCallback(**job.trial)] if job.trial is not None else []
         with _console(job, console) as out:
             run_experiment(job.cfg, job.run_dir, resume=job.resume or attempt > 1, overwrite=job.overwrite and attempt == 1,
-                           console=out, callbacks=callbacks)
+                           console=out, callbacks=callbacks, shared_features=job.shared_features)
         status, error = "ok", None
     except Exception as e:  # noqa: BLE001 - recorded in the run's metrics.json by run_experiment; reported in the outcome
         status, error = getattr(e, "status", "failed"), f"{type(e).__name__}: {e}"

@@ -98,10 +98,14 @@ def _feature_set(
     directory: Path | None,
     device: torch.device,
     labels: torch.Tensor,
+    shared: bool = False,
 ) -> tuple[FeatureSet, float]:
-    """Get a feature set from the store, or compute it; returns (set, seconds spent computing)."""
+    """Get a feature set from the store, or compute it; returns (set, seconds spent computing).
+
+    ``shared``: other processes of the study use ``directory`` too (parallel workers): the set is computed under a
+    file lock and written to disk, so the others memory-map it instead of computing it again."""
     key = cache_key(parts)
-    shared = directory is not None and os.environ.get(SHARED_ENV) == "1"
+    shared = shared and directory is not None
     # Workers of one study (local processes, Ray, Slurm) share the disk store: one computes a set under its lock and
     # writes it to disk; the others wait for the lock and memory-map the file instead of computing it again.
     with file_lock(directory / f".{key}.lock") if shared else contextlib.nullcontext():
@@ -300,12 +304,14 @@ def cached_training(
     cache_dir: Path | None,
     console: Console | None = None,
     store: FeatureCache | None = None,
+    shared: bool = False,
 ) -> CachedTraining:
     """Decide whether this run trains on cached features (module docstring); compute or reuse them.
 
     ``batch_kwargs`` are the run's ``make_batches`` arguments (preprocess, device, channels_last,
     num_workers). Returns ``CachedTraining`` with ``used=False`` and the reason when caching is off;
-    with ``train.cache: on`` that is an error instead.
+    with ``train.cache: on`` that is an error instead. ``shared``: ``cache_dir`` is shared with other workers
+    of the study (``_feature_set``).
     """
     console = console or Console(quiet=True)
     tried: list[tuple[str, str]] = []
@@ -324,7 +330,8 @@ def cached_training(
         return _cache_off(cfg, model, reason, tried, console)
 
     t0 = time.perf_counter()
-    train_sets, val_set, pass_seconds = _train_val_sets(model, check, splits, cfg, fabric, batch_kwargs, cache_dir, store or STORE, n_views)
+    train_sets, val_set, pass_seconds = _train_val_sets(model, check, splits, cfg, fabric, batch_kwargs, cache_dir, store or STORE, n_views,
+                                                         shared)
     wall = time.perf_counter() - t0
     channels_last, tc, device = bool(batch_kwargs.get("channels_last", False)), cfg.train, fabric.device
     train = FeatureBatches(
@@ -387,7 +394,7 @@ def _cache_off(cfg: Any, model: TransferModel, reason: str, tried: list[tuple[st
 
 def _train_val_sets(
     model: TransferModel, check: CutCheck, splits: Any, cfg: Any, fabric: Any, batch_kwargs: dict[str, Any],
-    cache_dir: Path | None, store: FeatureCache, n_views: int,
+    cache_dir: Path | None, store: FeatureCache, n_views: int, shared: bool = False,
 ) -> tuple[list[FeatureSet], FeatureSet, float]:
     """The cached training views and validation set (computed or reused), and the seconds the passes took."""
     device, augment = fabric.device, list(cfg.data.augment or [])
@@ -400,12 +407,14 @@ def _train_val_sets(
         src = make_batches(splits, "train", ebs, shuffle=False, augment=augment or None, seed=cfg.seed, **batch_kwargs)
         src.set_epoch(v)
         parts = split_parts(model, check, splits, "train", cfg, device, weights, train_mode, augment, v)
-        fs, s = _feature_set(store, parts, model, check, src, len(splits.train_y), train_mode, fabric.autocast, cache_dir, device, splits.train_y)
+        fs, s = _feature_set(store, parts, model, check, src, len(splits.train_y), train_mode, fabric.autocast, cache_dir, device,
+                             splits.train_y, shared)
         train_sets.append(fs)
         seconds += s
     val_src = make_batches(splits, "val", ebs, **batch_kwargs)
     val_parts = split_parts(model, check, splits, "val", cfg, device, weights, "eval")
-    val_set, s = _feature_set(store, val_parts, model, check, val_src, len(splits.val_y), "eval", fabric.autocast, cache_dir, device, splits.val_y)
+    val_set, s = _feature_set(store, val_parts, model, check, val_src, len(splits.val_y), "eval", fabric.autocast, cache_dir, device,
+                              splits.val_y, shared)
     return train_sets, val_set, seconds + s
 
 
@@ -440,10 +449,6 @@ def extraction_batch_size(cfg: Any, device: torch.device) -> int:
     return min(bs, 128 if bf16 else 64)
 
 
-SHARED_ENV = "TRANSFERLAB_SHARED_FEATURES"
-"""Set to ``1`` by the study engine's parallel workers: feature sets go to the shared disk store, written under a lock."""
-
-
 def default_cache_dir(run_dir: Path) -> Path:
     """Where a run's feature sets spill: ``$TRANSFERLAB_FEATURE_CACHE_DIR`` or ``<study dir>/.feature_cache``."""
     env = os.environ.get("TRANSFERLAB_FEATURE_CACHE_DIR")
@@ -461,6 +466,7 @@ def frozen_features(
     autocast: Any = contextlib.nullcontext,
     store: FeatureCache | None = None,
     weights: str | None = None,
+    shared: bool = False,
 ) -> tuple[FeatureSet, float]:
     """The backbone's pooled eval-mode features of one split (probes, k-NN, few-shot, ranking), cached.
 
@@ -482,4 +488,5 @@ def frozen_features(
     check = CutCheck(cut, True, shape=tuple(out.shape[1:]), dtype=out.dtype)
     weights = weights or state_hash(model.backbone)
     parts = split_parts(model, check, splits, split, cfg, device, weights, "eval")
-    return _feature_set(store or STORE, parts, model, check, src, n, "eval", autocast, cache_dir, device, getattr(splits, f"{split}_y"))
+    return _feature_set(store or STORE, parts, model, check, src, n, "eval", autocast, cache_dir, device, getattr(splits, f"{split}_y"),
+                        shared)

@@ -50,9 +50,10 @@ from huggingface_hub import HfApi
 from safetensors.torch import save_file
 from torch import nn
 
-from transferlab.config import ConfigError, HeadConfig, ModelConfig, from_dict
+from transferlab.config import ConfigError, HeadConfig, ModelConfig, StrategyConfig, from_dict
 from transferlab.files import atomic_write, read_json, write_json, write_text
 from transferlab.models import TransferModel, build_model, load_strict, read_state_file
+from transferlab.models.adapters import add_strategy_modules
 from transferlab.models.hub import (
     HF_CONFIG,
     HF_FORMAT,
@@ -205,7 +206,8 @@ def load_hf_model(source: str | Path) -> HubModel:
     where = str(folder / HF_CONFIG)
     state = read_state_file(hf_weights_file(folder))
     if ours.get("layout") == "transferlab":
-        spec = {"backbone": ours["backbone"], "weights": "scratch", "truncate": ours.get("truncate")}
+        spec = {"backbone": ours["backbone"], "weights": "scratch", "truncate": ours.get("truncate"),
+                "image_size": ours.get("image_size")}  # a fixed-input-size backbone (ViT, Swin) is built at the run's size
         model_cfg = from_dict(ModelConfig, spec, f"{where}: transferlab")
         head_cfg = from_dict(HeadConfig, dict(ours.get("head") or {}), f"{where}: transferlab.head")
     else:
@@ -213,6 +215,8 @@ def load_hf_model(source: str | Path) -> HubModel:
         prefix = f"{pre.get('classifier', 'fc')}."
         state = {(f"head.1.{k[len(prefix):]}" if k.startswith(prefix) else f"backbone.{k}"): v for k, v in state.items()}
     model, _ = build_model(model_cfg, head_cfg, num_classes)
+    if ours.get("strategy"):  # VPT prompts: part of the model, their weights are in the folder
+        add_strategy_modules(model, from_dict(StrategyConfig, dict(ours["strategy"]), f"{where}: transferlab.strategy"))
     load_strict(model, state, f"{described} ({hf_weights_file(folder).name})", drop_prefixes=[])
     # the folder's normalisation governs (it is the one the weights were trained with)
     model.backbone.pretrained_cfg = {**model.pretrained_cfg, **{k: pre[k] for k in ("input_size", "mean", "std") if k in pre}}
@@ -258,6 +262,7 @@ def _hf_config(
             "backbone": spec.model.get("backbone"),
             "truncate": spec.model.get("truncate"),
             "head": spec.head,
+            "strategy": spec.strategy or None,
             "image_size": spec.image_size,
             "channels": spec.channels,
             "resize": spec.resize,

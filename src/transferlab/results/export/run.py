@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -16,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from transferlab.config import ExperimentConfig
-from transferlab.files import write_json
-from transferlab.models.model import TransferModel, build_model
-from transferlab.models.weights import load_model_weights
+from transferlab.data.normalize import Normalization
+from transferlab.files import read_json, write_json
+from transferlab.models.model import TransferModel
+from transferlab.models.runs import rebuild_model
 from transferlab.results.export.parity import ParityReport, Tolerance, check_parity, check_raw_files, parity_inputs, parity_path
 from transferlab.results.export.spec import (
     EXPORT_FORMATS,
@@ -31,7 +31,7 @@ from transferlab.results.export.spec import (
     export_spec,
 )
 from transferlab.rundir import RUN_ACTIONS, Run, RunError, load_run, load_test_predictions
-from transferlab.rundir.layout import EXPORT_DIR, SAMPLES_FILE, checkpoint_path
+from transferlab.rundir.layout import EXPORT_DIR, SAMPLES_FILE, SELECTION_FILE, checkpoint_path
 
 __all__ = ["ExportResult", "export_checkpoint", "export_format_of", "export_model", "export_run", "export_run_model", "load_export"]
 
@@ -136,9 +136,11 @@ def export_checkpoint(
     fmt = export_format(fmt)
     run_dir = Path(run_dir)
     class_names = [str(c) for c in metrics.get("class_names") or []]
-    model, _ = build_model(dataclasses.replace(cfg.model, weights="scratch"), cfg.head, len(class_names))
-    load_model_weights(model, checkpoint_path(run_dir, checkpoint))
-    model.eval()
+    model = rebuild_model(cfg, len(class_names), checkpoint_path(run_dir, checkpoint))
+    selection = run_dir / SELECTION_FILE
+    norm = Normalization.from_dict(read_json(selection).get("normalize") if selection.is_file() else None)
+    if norm.mean is not None and norm.std is not None:  # data.normalize: dataset / none, as the run trained (as load_run_model)
+        model.set_normalization(norm.mean, norm.std)
     samples_file = run_dir / SAMPLES_FILE
     samples = load_file(str(samples_file))["images"] if samples_file.is_file() else None
     size = metrics.get("image_size") or cfg.data.image_size
@@ -177,10 +179,11 @@ def export_run(
     run = run if isinstance(run, Run) else load_run(run)
     if run.config is None:
         raise RunError(f"{run.path}: no readable config.yaml; nothing to export")
-    if run.config.kind == "ensemble":
-        raise RunError(f"{run.path}: an ensemble has no single model; nothing to export")
+    if not run.config.uses.model:
+        raise RunError(f"{run.path}: a {run.config.kind} run has no single model (it combines other runs); nothing to export")
     if not run.ok:
-        raise RunError(f"{run.path}: the run did not finish (status {run.record.status!r}); nothing to export")
+        why = f": {run.record.error}" if run.record.error else ""
+        raise RunError(f"{run.path}: the run did not finish (status {run.record.status!r}{why}); nothing to export")
     model = run.load_model(checkpoint)
     recorded = load_test_predictions(run.path)
     samples = recorded.images if recorded is not None else None

@@ -10,8 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from transferlab.config import HeadConfig, ModelConfig, from_dict
+from transferlab.config import HeadConfig, ModelConfig, StrategyConfig, from_dict
 from transferlab.files import atomic_write, write_json
+from transferlab.models.adapters import add_strategy_modules
 from transferlab.models.model import build_model
 from transferlab.results.export.spec import EXPORT_FORMATS, SPEC_FORMAT, SPEC_KEY, ExportError, ExportFormat, ExportSpec, Runner
 
@@ -50,6 +51,8 @@ def _read_spec(path: Path) -> ExportSpec:
 def _load_safetensors(path: Path) -> Runner:
     spec = _read_spec(path)
     model, _ = build_model(from_dict(ModelConfig, spec.model, "model"), from_dict(HeadConfig, spec.head, "head"), spec.num_classes)
+    if spec.strategy:  # VPT prompts: part of the model, their weights are in the file
+        add_strategy_modules(model, from_dict(StrategyConfig, spec.strategy, "strategy"))
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()
 

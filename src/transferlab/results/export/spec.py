@@ -31,6 +31,7 @@ from torch import nn
 from transferlab.config import ExperimentConfig
 from transferlab.data.batches import Preprocess
 from transferlab.models.model import TransferModel
+from transferlab.models.prompts import has_prompts
 from transferlab.registry import Registry
 
 if TYPE_CHECKING:
@@ -107,6 +108,9 @@ class ExportSpec:
     """``ModelConfig`` as a dict (weights ``scratch``: the weights are in the file)."""
     head: dict[str, Any] = field(default_factory=dict)
     """``HeadConfig`` as a dict."""
+    strategy: dict[str, Any] = field(default_factory=dict)
+    """``StrategyConfig`` as a dict when the strategy added modules the model keeps at inference (VPT prompts; LoRA is
+    merged before export), so a reader rebuilds them before loading the weights; empty otherwise."""
     tta: str = "none"
     """The run's test-time augmentation; the file holds the bare model, ``predict`` applies it."""
     experiment: str = ""
@@ -208,6 +212,7 @@ def export_spec(
         class_names=tuple(str(c) for c in class_names), image_size=int(image_size), channels=int(channels),
         in_chans=int(pre.in_chans), mean=tuple(float(v) for v in pre.mean), std=tuple(float(v) for v in pre.std),
         model=dataclasses.asdict(model_cfg), head=dataclasses.asdict(model.head_cfg), tta=cfg.train.tta,
+        strategy=dataclasses.asdict(cfg.strategy) if has_prompts(model.backbone) else {},
         experiment=cfg.name, source=source, checkpoint=checkpoint,
         resize=cfg.data.resize, crop_pct=float(cfg.data.crop_pct), interpolation="bilinear",  # data.images resizes with PIL's bilinear
     )

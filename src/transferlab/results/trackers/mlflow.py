@@ -39,9 +39,10 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from transferlab.engine.tracking import TRACKERS, RunInfo, Tracker, confusion_image, flat_config, missing_modules
+from transferlab.engine.tracking import TRACKERS, RunInfo, Tracker, confusion_image, flat_config, missing_modules, strategy_label
 from transferlab.files import read_json, write_json
 from transferlab.results.export import EXPORT_FORMATS, ExportParityError, export_checkpoint, parity_path
+from transferlab.rundir.layout import checkpoint_path
 
 try:
     import fcntl
@@ -209,7 +210,7 @@ class MlflowTracker(Tracker):
             MLFLOW_GIT_COMMIT: commit.removesuffix("+dirty"),
             "git_commit": commit,
             "kind": cfg.kind,
-            "strategy": cfg.strategy.name if cfg.kind == "train" else cfg.kind,
+            "strategy": strategy_label(cfg),
             "backbone": cfg.model.backbone,
             "weights": cfg.model.weights,
             "seed": str(cfg.seed),
@@ -314,7 +315,7 @@ class MlflowTracker(Tracker):
         """Export the run's model as ``log_model`` and upload it with its parity report; a problem is said, not raised."""
         fmt, cfg = EXPORT_FORMATS.get(self.options.log_model), self.run.cfg
         say = self.run.console.print
-        if cfg.kind == "ensemble" or not (self.run.run_dir / "checkpoints" / "best.safetensors").is_file():
+        if not cfg.uses.model or not checkpoint_path(self.run.run_dir).is_file():
             say(f"[yellow]tracking: mlflow logs no model for {escape(self.run.name)} (a {escape(cfg.kind)} run keeps no single model)[/]")
             return
         out = self.run.run_dir / "export" / fmt.filename

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferlab.engine.tracking import TRACKERS, RunInfo, Tracker, confusion_image, flat_config
+from transferlab.engine.tracking import TRACKERS, RunInfo, Tracker, confusion_image, flat_config, strategy_label
 
 __all__ = ["HPARAMS", "TensorBoardOptions", "TensorBoardTracker"]
 
@@ -79,8 +79,7 @@ class TensorBoardTracker(Tracker):
         from torch.utils.tensorboard.summary import hparams
 
         flat = flat_config(self.run.cfg)
-        if self.run.cfg.kind != "train":  # no strategy: the kind says what ran
-            flat["strategy.name"] = self.run.cfg.kind
+        flat["strategy.name"] = strategy_label(self.run.cfg)  # a kind that does not train has no strategy: the kind says what ran
         chosen = {k: ("none" if flat[k] is None else flat[k]) for k in HPARAMS if k in flat}
         # the metric values here only declare the HPARAMS table's columns; the scalars of the same tags fill them
         for summary in hparams(chosen, dict.fromkeys(HPARAM_METRICS, 0.0)):

@@ -35,8 +35,9 @@ from typing import Any
 
 from rich.markup import escape
 
-from transferlab.engine.tracking import TRACKERS, RunInfo, Tracker, confusion_image, flat_config, missing_modules
+from transferlab.engine.tracking import TRACKERS, RunInfo, Tracker, confusion_image, flat_config, missing_modules, strategy_label
 from transferlab.results.export import EXPORT_FORMATS, ExportParityError, export_checkpoint, parity_path
+from transferlab.rundir.layout import checkpoint_path
 
 __all__ = ["WANDB_MODES", "WandbOptions", "WandbTracker", "api_key_configured", "new_run_id", "wandb_mode"]
 
@@ -164,7 +165,7 @@ class WandbTracker(Tracker):
         same = bool(resuming and previous and previous.get("run_id") and previous.get("project") == self._project())
         self.run_id = previous["run_id"] if same and previous else new_run_id()
         self.root.mkdir(parents=True, exist_ok=True)
-        strategy = cfg.strategy.name if cfg.kind == "train" else cfg.kind
+        strategy = strategy_label(cfg)
         self.wb = wandb.init(
             project=self._project(), entity=self.options.entity, name=self.run.name, group=self.run.study, job_type=cfg.kind,
             id=self.run_id, resume="allow" if same else None, dir=str(self.root), mode=self.mode, reinit="create_new",
@@ -248,7 +249,7 @@ class WandbTracker(Tracker):
         import wandb
 
         fmt, cfg, say = EXPORT_FORMATS.get(self.options.log_model), self.run.cfg, self.run.console.print
-        if cfg.kind == "ensemble" or not (self.run.run_dir / "checkpoints" / "best.safetensors").is_file():
+        if not cfg.uses.model or not checkpoint_path(self.run.run_dir).is_file():
             say(f"[yellow]tracking: wandb logs no model for {escape(self.run.name)} (a {escape(cfg.kind)} run keeps no single model)[/]")
             return
         out = self.run.run_dir / "export" / fmt.filename
