@@ -33,7 +33,8 @@ from transferlab.registry import Registry
 from transferlab.rundir import RunError
 from transferlab.study.worker import Outcome, RunJob, attempts_of, execute_run
 
-__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "die_with_parent", "RayExecutor", "SequentialExecutor", "SlurmExecutor", "slurm_parameters"]
+__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "die_with_parent", "RayExecutor", "SequentialExecutor", "SlurmExecutor", "slurm_parameters",
+           "visible_devices"]
 
 
 class Executor:
@@ -149,6 +150,18 @@ def _local_main(job: RunJob, result_path: str, parent: int | None = None) -> Non
     write_json(Path(result_path), asdict(outcome))
 
 
+def visible_devices() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries for the worker slots (empty: no GPU).
+
+    The parent's own ``CUDA_VISIBLE_DEVICES`` (ids, UUIDs or MIG names) is kept: a driver started with ``3`` deals card 3
+    to its workers, not card 0. Without it, torch's device indices ``0 … n-1``."""
+    count = torch.cuda.device_count()
+    if not count:
+        return []
+    parent = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return parent[:count] if parent else [str(i) for i in range(count)]
+
+
 @dataclass
 class _Slot:
     index: int
@@ -167,11 +180,11 @@ class LocalExecutor(Executor):
 
     def __init__(self, cfg: ExecutorConfig, study_dir: Path) -> None:
         super().__init__(cfg, study_dir)
-        gpus = torch.cuda.device_count()
-        n = cfg.workers or max(1, gpus)
+        devices = visible_devices()
+        n = cfg.workers or max(1, len(devices))
         cores = os.cpu_count() or 1
         threads = cfg.threads or max(1, cores // n)
-        self.slots = [_Slot(i, {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}, threads) for i in range(n)]
+        self.slots = [_Slot(i, {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]} if devices else {}, threads) for i in range(n)]
         self._ctx = mp.get_context("spawn")  # fork would copy this process's threads and CUDA state
 
     def capacity(self) -> int:
