@@ -356,6 +356,7 @@ def test_soups_in_a_study_run_after_their_members_and_are_runs_like_any_other(tm
     runs = tmp_path / "soups"
     greedy, wise = load_run(runs / "greedy"), load_run(runs / "wise")
     assert greedy.config.model.backbone == "transferlab_cnn" and set(greedy.config.soup.fingerprints) == {str(runs / "ft_a"), str(runs / "ft_b")}
+    assert greedy.metrics["checkpoint_bytes"] > 0 and load_run(runs / "ft_a").metrics["checkpoint_bytes"] > 0  # compare's size
     assert greedy.metrics["soup"]["chosen"][0] in (str(runs / "ft_a"), str(runs / "ft_b"))
     wf = wise.metrics["wise_ft"]
     assert wf["chosen_on"] == "val" and [r["alpha"] for r in wf["curve"]] == [0.0, 0.5, 1.0]

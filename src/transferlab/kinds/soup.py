@@ -238,8 +238,8 @@ class SoupKind(Kind):
             "total_params": sum(q.numel() for q in model.parameters()), "trainable_params": 0,
             "wall_seconds": time.perf_counter() - wall0,
             "extra": {"soup": {"method": cfg.soup.method, "members": member_rows, "chosen": [str(r.path) for r in chosen],
-                               "batchnorm_recomputed": score.bn_layers, "val_acc": ev_val.acc,
-                               "checkpoint_bytes": (ctx.rundir.checkpoints / "best.safetensors").stat().st_size},
+                               "batchnorm_recomputed": score.bn_layers, "val_acc": ev_val.acc},
+                      "checkpoint_bytes": (ctx.rundir.checkpoints / "best.safetensors").stat().st_size,
                       **({"wise_ft": {"base": str(base.path), "alphas": cfg.soup.interpolate.alphas if cfg.soup.interpolate else [],
                                       "chosen_alpha": curve_choice(curve)["alpha"], "chosen_on": "val", "curve": curve}} if base else {})},
         })
