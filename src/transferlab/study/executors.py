@@ -1,9 +1,10 @@
 """Executors: where the runs of a study execute. Peers behind one small interface, found by name.
 
 * ``sequential`` — one after another in this process (the default; a run prints its own progress).
-* ``local`` — N worker slots on this machine, one fresh process per run (``spawn``), GPUs dealt
-  round-robin through ``CUDA_VISIBLE_DEVICES``, CPU cores split over the slots (``torch.set_num_threads``).
-  A run whose process dies (SIGKILL, out of memory) is retried from its newest checkpoint.
+* ``local`` — a pool of N warm worker processes on this machine (``spawn``, started once per slot, each runs many
+  runs: the imports are paid once), GPUs dealt round-robin through ``CUDA_VISIBLE_DEVICES`` (fixed per slot), CPU
+  cores split over the slots (``torch.set_num_threads``). A run whose worker dies (SIGKILL, out of memory) is retried
+  from its newest checkpoint on a fresh worker for its slot.
 * ``ray`` — one Ray task per run with the experiment's ``resources``; Ray retries a task whose worker died.
 * ``slurm`` — one Slurm job per run through submitit, with ``afterok`` dependencies.
 
@@ -13,14 +14,18 @@ is ready, the executor only starts it and reports what finished (``Outcome``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+import weakref
+from dataclasses import dataclass
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +33,12 @@ import torch
 from rich.console import Console
 
 from transferlab.config import ExecutorConfig, Resources
-from transferlab.files import read_json, write_json
 from transferlab.registry import Registry
 from transferlab.rundir import RunError
-from transferlab.study.worker import Outcome, RunJob, attempts_of, execute_run
+from transferlab.study.worker import Outcome, RunJob, WarmWorker, attempts_of, execute_run
 
-__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "die_with_parent", "RayExecutor", "SequentialExecutor", "SlurmExecutor", "slurm_parameters",
-           "visible_devices"]
+__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "RayExecutor", "SequentialExecutor", "SlurmExecutor", "close_pool", "die_with_parent",
+           "slurm_parameters", "visible_devices"]
 
 
 class Executor:
@@ -141,13 +145,22 @@ def _watch_parent(parent: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)  # like the kernel's PDEATHSIG: the checkpoints on disk are whole (atomic writes)
 
 
-def _local_main(job: RunJob, result_path: str, parent: int | None = None) -> None:
-    """A local worker process: run the job, leave the outcome in ``result_path`` (no file: the process died)."""
+def _pool_main(conn: Any, env: dict[str, str], parent: int | None = None) -> None:
+    """A worker of the ``local`` pool: runs the jobs that arrive on ``conn`` one after another and sends each one's
+    ``Outcome`` back; ends on ``None`` or when the driver's end of the pipe closes (the driver itself: ``die_with_parent``)."""
     if parent is not None:
         die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the workers itself
-    outcome = execute_run(job)
-    write_json(Path(result_path), asdict(outcome))
+    os.environ.update(env)  # the slot's CUDA_VISIBLE_DEVICES, before anything initialises CUDA
+    worker = WarmWorker()
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):  # the driver closed the pool
+            return
+        if job is None:
+            return
+        conn.send(worker.run(job))
 
 
 def visible_devices() -> list[str]:
@@ -168,7 +181,11 @@ class _Slot:
     env: dict[str, str]
     threads: int
     proc: Any = None
+    """The slot's worker process, alive between runs (None: not started yet, or it died and was reaped)."""
+    conn: Any = None
+    """The driver's end of the pipe to the worker: jobs go out, outcomes come back."""
     job: RunJob | None = None
+    """The run on this slot (None: the slot is free)."""
     resources: Resources | None = None
     tries: int = 0
     started: float = 0.0
@@ -176,7 +193,14 @@ class _Slot:
 
 @EXECUTORS.register("local")
 class LocalExecutor(Executor):
-    """``workers`` slots on this machine; each run is a fresh process (a crash or leak cannot touch the others)."""
+    """``workers`` slots on this machine, each a warm worker process that runs one run at a time, many in a row.
+
+    A worker is started (``spawn``) at its slot's first run and kept for the next ones, so the imports and the
+    process's one-off costs are paid once per slot, not once per run; ``WarmWorker`` resets what a run leaves in the
+    process. A worker that dies mid-run (SIGKILL, segfault, out of memory) is seen through its pipe and its process
+    sentinel; the slot gets a fresh worker and the run is retried from its newest checkpoint (``retries`` times). The
+    workers end with the executor (``shutdown``, or when it is garbage-collected after the study) and with the driver
+    (``die_with_parent``)."""
 
     def __init__(self, cfg: ExecutorConfig, study_dir: Path) -> None:
         super().__init__(cfg, study_dir)
@@ -186,6 +210,8 @@ class LocalExecutor(Executor):
         threads = cfg.threads or max(1, cores // n)
         self.slots = [_Slot(i, {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]} if devices else {}, threads) for i in range(n)]
         self._ctx = mp.get_context("spawn")  # fork would copy this process's threads and CUDA state
+        # The scheduler has no "study finished" call: the pool closes when this executor is collected (or at exit).
+        self._close = weakref.finalize(self, close_pool, self.slots)
 
     def capacity(self) -> int:
         return len(self.slots)
@@ -193,50 +219,68 @@ class LocalExecutor(Executor):
     def threads_for(self, resources: Resources) -> int | None:
         return self.slots[0].threads
 
-    def _result_path(self, job: RunJob) -> Path:
-        return self.study_dir / ".attempts" / f"{job.name}.outcome.json"
-
     def submit(self, job: RunJob, resources: Resources, after: list[str] | None = None) -> None:
-        slot = next(s for s in self.slots if s.proc is None)
+        slot = next(s for s in self.slots if s.job is None)
         job.env = {**job.env, **slot.env}
         job.threads = slot.threads
         slot.job, slot.resources, slot.tries = job, resources, 0
-        self._start(slot)
+        try:
+            self._start(slot)
+        except BaseException:
+            slot.job = None  # the scheduler records the run failed; the slot stays usable
+            raise
 
     def _start(self, slot: _Slot) -> None:
+        """Send the slot's run to its worker (a fresh one if it has none or it died)."""
         assert slot.job is not None
-        self._result_path(slot.job).unlink(missing_ok=True)
-        slot.proc = self._ctx.Process(target=_local_main, args=(slot.job, str(self._result_path(slot.job)), os.getpid()),
-                                      name=f"transferlab-{slot.job.name}", daemon=False)
+        if slot.proc is None or not slot.proc.is_alive():
+            self._spawn(slot)
         slot.tries += 1
         slot.started = time.time()
+        try:
+            slot.conn.send(slot.job)
+        except OSError:  # the worker died this instant: wait() sees it and retries like any death
+            pass
+
+    def _spawn(self, slot: _Slot) -> None:
+        _reap(slot)
+        ours, theirs = self._ctx.Pipe()
+        slot.proc = self._ctx.Process(target=_pool_main, args=(theirs, slot.env, os.getpid()),
+                                      name=f"transferlab-worker-{slot.index}", daemon=False)  # a daemon may not start DataLoader workers
         slot.proc.start()
+        theirs.close()  # the worker holds the only other end: its death is an EOF here
+        slot.conn = ours
 
     def wait(self, timeout: float) -> list[Outcome]:
         deadline = time.time() + timeout
         while True:
-            done = [o for s in self.slots if s.proc is not None and not s.proc.is_alive() and (o := self._collect(s)) is not None]
-            if done or time.time() >= deadline or all(s.proc is None for s in self.slots):
+            busy = [s for s in self.slots if s.job is not None]
+            if not busy:
+                return []
+            mp_connection.wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], max(0.0, deadline - time.time()))
+            done = [o for s in busy if (o := self._collect(s)) is not None]
+            if done or time.time() >= deadline:
                 return done
-            time.sleep(0.1)
 
     def _collect(self, slot: _Slot) -> Outcome | None:
-        """The finished slot's outcome; a dead worker is restarted (bounded) and gives None meanwhile."""
+        """The slot's outcome if its run finished; a dead worker is replaced and the run retried (bounded), giving None."""
         assert slot.job is not None
-        slot.proc.join()
-        code, job = slot.proc.exitcode, slot.job
-        path = self._result_path(job)
-        if path.is_file():
-            outcome = Outcome(**read_json(path))
-            path.unlink(missing_ok=True)
-        elif slot.tries <= self.cfg.retries:
-            self._start(slot)  # continues from the newest checkpoint (the attempt file says it is a retry)
+        outcome: Outcome | None = None
+        if slot.conn.poll():  # an outcome, or the EOF of a dead worker
+            with contextlib.suppress(EOFError, OSError, pickle.UnpicklingError):
+                outcome = slot.conn.recv()
+        elif slot.proc.is_alive():
             return None
-        else:
+        job = slot.job
+        if outcome is None:
+            code = _reap(slot)
+            if slot.tries <= self.cfg.retries:
+                self._start(slot)  # a fresh worker; the run continues from its newest checkpoint (the attempt file says it is a retry)
+                return None
             why = f"killed by signal {-code} ({signal.Signals(-code).name})" if code is not None and code < 0 else f"exit code {code}"
             outcome = _outcome_from_error(job, f"WorkerDied: the worker process died ({why}) on all {slot.tries} attempts", slot.tries)
         outcome.attempts = slot.tries
-        slot.proc, slot.job = None, None
+        slot.job = None
         return outcome
 
     def where(self) -> dict[str, str]:
@@ -247,10 +291,38 @@ class LocalExecutor(Executor):
             if s.proc is not None and s.proc.is_alive():
                 s.proc.terminate()
         for s in self.slots:
-            if s.proc is not None:
-                s.proc.join(timeout=30)
-                if s.proc.is_alive():
-                    s.proc.kill()
+            _reap(s, timeout=30)
+            s.job = None
+
+
+def _reap(slot: _Slot, timeout: float = 5.0) -> int | None:
+    """End the slot's worker (killed if it does not end within ``timeout`` s) and close its pipe; its exit code."""
+    code = None
+    if slot.proc is not None:
+        slot.proc.join(timeout)
+        if slot.proc.is_alive():
+            slot.proc.kill()
+            slot.proc.join()
+        code = slot.proc.exitcode
+        slot.proc.close()
+    if slot.conn is not None:
+        slot.conn.close()
+    slot.proc = slot.conn = None
+    return code
+
+
+def close_pool(slots: list[_Slot]) -> None:
+    """Stop a pool's workers: idle ones are asked to end, busy ones (a driver that gives up mid-run) terminated."""
+    for s in slots:
+        if s.proc is None:
+            continue
+        if s.job is None and s.proc.is_alive():
+            with contextlib.suppress(OSError):
+                s.conn.send(None)
+        elif s.proc.is_alive():
+            s.proc.terminate()
+    for s in slots:
+        _reap(s)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,15 +6,23 @@ sees the study folder, and calls ``run_experiment`` (the run directory's lock st
 guarantee). A retry after a dead worker is recognised by the attempt file the first attempt left
 (``<study>/.attempts/<run>.json``, holding this study invocation's token): it continues the run from
 its newest checkpoint (``resume``) instead of refusing the half-written directory.
+
+``WarmWorker`` is the same function in a long-lived process that runs many runs (the ``local`` executor's pool):
+after each run it undoes what a run may leave behind in the process (file logging handlers, matplotlib figures,
+warning filters, garbage), and forgets the in-memory feature store when the next run belongs to another study.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import gc
+import logging
 import os
 import socket
+import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +32,14 @@ import torch
 from rich.console import Console
 
 from transferlab.config import ExperimentConfig
+from transferlab.engine.features import STORE
 from transferlab.files import read_json, write_json
 from transferlab.kinds import run_experiment
 from transferlab.rundir import RunError
 from transferlab.rundir.rundir import RunRefused
 from transferlab.study.search import PruningCallback
 
-__all__ = ["Outcome", "RunJob", "execute_run"]
+__all__ = ["Outcome", "RunJob", "WarmWorker", "execute_run"]
 
 TOKEN_FILE = ".study_token"
 
@@ -110,6 +119,48 @@ def execute_run(job: RunJob, console: Console | None = None) -> Outcome:
     finally:
         torch.set_num_threads(threads_before)  # in-process (sequential) runs leave the driver as it was
     return Outcome(job.name, status, error, worker, time.perf_counter() - t0, attempt, _objective(job), started, time.time(), refused)
+
+
+class WarmWorker:
+    """``execute_run`` for a process that runs many runs one after another (a ``local`` pool worker).
+
+    A run starts as it would in a fresh process as far as the run can tell: torch's thread count is restored by
+    ``execute_run``; after each run the logging file handlers it added are closed and removed, matplotlib figures
+    closed, warning filters restored, the garbage collected (models, memory-mapped feature files, optimiser state)
+    and CUDA's cached blocks released. The process-wide feature store (``engine.features.STORE``) is kept between
+    runs of one study — runs on one backbone share its sets, within its memory budget — and cleared when a run of
+    another study arrives.
+    """
+
+    def __init__(self) -> None:
+        self.study_dir: str | None = None
+        self.runs = 0
+
+    def run(self, job: RunJob) -> Outcome:
+        if job.study_dir != self.study_dir:  # another study's feature sets are of no use to this one: free them
+            STORE.clear()
+            self.study_dir = job.study_dir
+        handlers = file_handlers()
+        try:
+            with warnings.catch_warnings():  # filters a run installs end with it
+                return execute_run(job)
+        finally:
+            self.runs += 1
+            for handler, logger in file_handlers().items():
+                if handler not in handlers:  # a file a run's logging opened: closed with the run
+                    logger.removeHandler(handler)
+                    handler.close()
+            if (plt := sys.modules.get("matplotlib.pyplot")) is not None:
+                plt.close("all")
+            gc.collect()
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+
+
+def file_handlers() -> dict[logging.Handler, logging.Logger]:
+    """Every ``logging.FileHandler`` attached to a logger of this process, with its logger."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    return {h: lg for lg in loggers for h in lg.handlers if isinstance(h, logging.FileHandler)}
 
 
 def check_shared_folder(job: RunJob) -> None:
