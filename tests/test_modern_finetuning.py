@@ -21,6 +21,7 @@ from transferlab.kinds import run_experiment
 from transferlab.kinds.phases import check_teacher
 from transferlab.kinds.soup import SoupError, average_states, curve_choice, greedy_soup, interpolate_states
 from transferlab.models.model import build_model
+from transferlab.results.report import build_report
 from transferlab.rundir import load_run
 from transferlab.rundir.rundir import RunRefused
 from transferlab.study import plan_study, run_study
@@ -161,13 +162,13 @@ def test_l2_sp_penalty_is_the_closed_form_and_keeps_the_backbone_near_its_start(
     cfg = make_cfg(model={"weights": f"run:{base_runs / 'a'}"})
     model, _ = build_model(cfg.model, cfg.head, 4)
     loss = L2SpLoss(torch.nn.CrossEntropyLoss(), model, alpha=0.3, beta=0.2)
-    assert float(loss.penalty()) == pytest.approx(0.2 / 2 * sum(float(p.pow(2).sum()) for p in model.head.parameters()), rel=1e-5)
+    assert float(loss.penalty().detach()) == pytest.approx(0.2 / 2 * sum(float(p.detach().pow(2).sum()) for p in model.head.parameters()), rel=1e-5)
     with torch.no_grad():
         for p in model.backbone.parameters():
             p.add_(0.1)
     n = sum(p.numel() for p in model.backbone.parameters())
-    head = 0.2 / 2 * sum(float(p.pow(2).sum()) for p in model.head.parameters())
-    assert float(loss.penalty()) == pytest.approx(0.3 / 2 * n * 0.01 + head, rel=1e-4)
+    head = 0.2 / 2 * sum(float(p.detach().pow(2).sum()) for p in model.head.parameters())
+    assert float(loss.penalty().detach()) == pytest.approx(0.3 / 2 * n * 0.01 + head, rel=1e-4)
 
     start = {k: v for k, v in build_model(cfg.model, cfg.head, 4)[0].backbone.state_dict().items() if v.is_floating_point()}
     drift = {}
@@ -345,6 +346,7 @@ def test_soups_in_a_study_run_after_their_members_and_are_runs_like_any_other(tm
             {"name": "ft_a"},
             {"name": "ft_b", "train": {"lr": 0.02}},
             {"name": "probe", "strategy": {"name": "linear_probe"}},
+            {"name": "lpft", "strategy": {"name": "lp_ft", "probe_epochs": 1}, "train": {"epochs": 2}},
         ],
     }
     parsed = parse_study(study)
@@ -368,6 +370,9 @@ def test_soups_in_a_study_run_after_their_members_and_are_runs_like_any_other(tm
     assert type(model).__name__ == "TransferModel"
     assert greedy.export("torchscript", tmp_path / "soup.pt").parity.ok
     assert load_run(runs / "student").metrics["distill"]["teacher"] == f"run:{runs / 'ft_a'}"
+    report = build_report(runs)  # the WiSE-FT curve over alpha, LP-FT's phases marked in its learning curves
+    html = report.html_path.read_text()
+    assert "learning curves of wise" in html and "learning curves of lpft" in html
 
     # a member changed after the soup ran is reported on --resume, a deleted one too; never silently reused
     ckpt = runs / "ft_b" / "checkpoints" / "best.safetensors"

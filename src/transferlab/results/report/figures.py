@@ -171,6 +171,9 @@ def curves_figure(e: ExperimentRecord) -> bytes | None:
     runs = [r for r in e.ok_runs if r.history]
     if not runs:
         return None
+    if any("wise_ft" in r.metrics for r in runs):  # kind: soup with interpolate: a curve over alpha, not epochs
+        return wise_ft_figure(e.name, runs)
+    probe_epochs = {r.metrics["lp_ft"]["probe_epochs"] for r in runs if "lp_ft" in r.metrics}
     fig = _figure(6.2, 3.0)
     axes = fig.subplots(1, 2)
     for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
@@ -187,6 +190,10 @@ def curves_figure(e: ExperimentRecord) -> bytes | None:
                 ax.annotate(f"{split} {mean[0]:.3g}", (ep[0], mean[0]), textcoords="offset points",
                             xytext=(8, 4 if split == "train" else -10), fontsize=7, color=color)
                 ax.margins(y=0.2)  # room for the labels
+        for probe in probe_epochs:  # strategy lp_ft: where the probe phase ends and everything trains
+            ax.axvline(probe + 0.5, color="0.5", ls=":", lw=1)
+            ax.annotate("probe | fine-tune", (probe + 0.5, 1), xycoords=("data", "axes fraction"), xytext=(0, -10),
+                        textcoords="offset points", ha="center", fontsize=6, color="0.4")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         _integer_epochs(ax, epochs)
@@ -198,6 +205,26 @@ def curves_figure(e: ExperimentRecord) -> bytes | None:
         fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=7, frameon=False)
     seeds = f" — mean ± std over {len(runs)} seeds" if len(runs) > 1 else ""
     fig.suptitle(mpl_label(e.name) + seeds, fontsize=10)
+    return _png(fig)
+
+
+def wise_ft_figure(name: str, runs: list[Any]) -> bytes:
+    """WiSE-FT (``kind: soup`` with ``interpolate``): validation and test accuracy against alpha per run, the alpha
+    chosen on validation marked."""
+    fig = _figure(4.6, 3.0)
+    ax = fig.subplots()
+    for i, r in enumerate(runs):
+        w = r.metrics["wise_ft"]
+        alphas = [row["alpha"] for row in w["curve"]]
+        suffix = f" (seed {r.seed})" if len(runs) > 1 else ""
+        ax.plot(alphas, [row["val_acc"] for row in w["curve"]], "--", marker="o", ms=4, color=f"C{2 * i + 1}", label=f"val{suffix}")
+        ax.plot(alphas, [row["test_acc"] for row in w["curve"]], "-", marker="o", ms=4, color=f"C{2 * i}", label=f"test{suffix}")
+        ax.axvline(w["chosen_alpha"], color="0.5", ls=":", lw=1)
+    ax.set_xlabel("alpha (0: base run, 1: fine-tuned soup)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    _outside_legend(fig, ax)
+    fig.suptitle(f"{mpl_label(name)}: WiSE-FT (dotted: alpha chosen on val)", fontsize=10)
     return _png(fig)
 
 
