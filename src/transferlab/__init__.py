@@ -8,6 +8,7 @@ Python API::
     run = transferlab.load_run("runs/fashion_mnist_demo/cnn_scratch")
     model = run.load_model()
     result = transferlab.export_run("runs/fashion_mnist_demo/cnn_scratch", "onnx")  # + parity check
+    doc = transferlab.auto("my_images/", budget="15m")  # choose a model within a time budget
 """
 
 from importlib import metadata
@@ -20,6 +21,7 @@ from transferlab.results.compare import compare
 from transferlab.results.export import export_run
 from transferlab.rundir import Run, load_run
 from transferlab.study import StudyResult, run_study
+from transferlab.tools.auto import auto
 
 try:
     __version__ = metadata.version("transferlab")
@@ -33,6 +35,7 @@ __all__ = [
     "Study",
     "StudyResult",
     "__version__",
+    "auto",
     "compare",
     "export_run",
     "load_run",

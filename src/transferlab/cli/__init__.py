@@ -2,6 +2,7 @@
 
 from transferlab.cli import (  # noqa: F401 - each registers its command, in the order ``--help`` lists them
     activations,
+    auto,
     check_data,
     compare,
     ensemble,
