@@ -19,6 +19,7 @@ from data_fixtures import write_folder
 from transferlab.cli import main
 from transferlab.config import ConfigError, load_study, parse_study
 from transferlab.engine.features import STORE
+from transferlab.results.report import build_report
 from transferlab.study.dryrun import dry_run
 from transferlab.tools import auto as auto_mod
 from transferlab.tools.auto import AUTO_JSON, AUTO_STUDY, STATE_FILE, auto, parse_budget
@@ -176,3 +177,14 @@ def test_cli(images, tmp_path):
     assert main(["auto", str(images), "--budget", "1s", "--candidates", "test_resnet:scratch", "--option", "image_size=16",
                  "--runs-dir", str(tmp_path), "--accelerator", "cpu"]) == 2
     assert main(["auto", str(images), "--option", "nonsense", "--runs-dir", str(tmp_path)]) == 2
+
+
+def test_the_report_gets_an_auto_section(done):
+    folder, doc, _ = done
+    report = build_report(folder / "final")
+    assert report.sections[0] == "auto"
+    page = report.html_path.read_text()
+    assert "Auto: how this model was chosen" in page and "test_resnet:scratch" in page
+    md = report.md_path.read_text()
+    assert "## Auto: how this model was chosen" in md and "| stage | planned (s) | spent (s) |" in md
+    assert md.index("## Auto") < md.index("## Comparison")

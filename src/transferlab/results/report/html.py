@@ -17,6 +17,7 @@ from typing import Any
 
 from transferlab.results.compare import seeds_hint, versus_text
 from transferlab.results.report import figures
+from transferlab.results.report.auto import auto_candidates, auto_stages, auto_summary, read_auto
 from transferlab.results.report.outside import activation_images, outside_predictions, outside_table
 from transferlab.results.report.records import ExperimentRecord, StudyRecord
 from transferlab.results.report.stats import (
@@ -142,6 +143,8 @@ class Section:
 def sections(study: StudyRecord, grid_images: int, grid_wrong: int) -> list[Section]:
     """The page's sections, in order; those with nothing to show are left out."""
     out = [Section("comparison", "Comparison", comparison(study))]
+    if (doc := read_auto(study.path)) is not None:
+        out.insert(0, Section("auto", "Auto", auto_section(doc)))
     ok = study.ok_experiments
     groups = sweep_groups(study.experiments)
     if ok:
@@ -160,6 +163,15 @@ def sections(study: StudyRecord, grid_images: int, grid_wrong: int) -> list[Sect
     if study.failed_runs:
         out.append(Section("failed", "Failed runs", failures(study)))
     return out
+
+
+def auto_section(doc: dict[str, Any]) -> list[str]:
+    """``transferlab auto``: the chosen model, the candidates (scores, where each was dropped and why), time per stage."""
+    lines = ['<h2 id="auto">Auto: how this model was chosen</h2><ul>' + "".join(f"<li>{esc(t)}</li>" for t in auto_summary(doc)) + "</ul>"]
+    for head, rows in (auto_candidates(doc), auto_stages(doc)):
+        lines.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>"
+                     + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>")
+    return lines
 
 
 def search_section(found: list[SearchRecord]) -> list[str]:

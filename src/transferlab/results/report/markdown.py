@@ -13,6 +13,7 @@ from typing import Any
 
 from transferlab.files import read_json
 from transferlab.results.compare import ci_text, seeds_hint, versus_text
+from transferlab.results.report.auto import auto_candidates, auto_stages, auto_summary, read_auto
 from transferlab.results.report.outside import outside_table
 from transferlab.results.report.records import ExperimentRecord, StudyRecord
 from transferlab.results.report.stats import (
@@ -63,7 +64,7 @@ def summary(study: StudyRecord, html_name: str) -> str:
     """The whole Markdown file; ``html_name`` is the HTML report it points to."""
     ok = study.ok_experiments
     groups = sweep_groups(study.experiments)
-    lines = header(study, html_name) + comparison(study)
+    lines = header(study, html_name) + auto_section(study.path) + comparison(study)
     if ok:
         lines += pareto(ok)
     if groups:
@@ -77,6 +78,18 @@ def summary(study: StudyRecord, html_name: str) -> str:
     if study.failed_runs:
         lines += failures(study)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def auto_section(study_dir: Path) -> list[str]:
+    """``transferlab auto`` (``auto.json`` in the study folder): the choice, the candidates, time per stage."""
+    doc = read_auto(study_dir)
+    if doc is None:
+        return []
+    lines = ["## Auto: how this model was chosen", ""] + [f"- {md_esc(t)}" for t in auto_summary(doc)] + [""]
+    for head, rows in (auto_candidates(doc), auto_stages(doc)):
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(md_esc(c) for c in r) + " |" for r in rows] + [""]
+    return lines
 
 
 def header(study: StudyRecord, html_name: str) -> list[str]:
