@@ -73,6 +73,7 @@ COLUMNS = [
     ("train_seconds", "train time (s)"),
     ("inference_images_per_s", "inference img/s"),
     ("trainable_params", "trainable params"),
+    ("checkpoint_mb", "checkpoint (MB)"),
     ("data", "data"),
     ("status", "status"),
 ]
@@ -179,6 +180,8 @@ def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
         row["train_seconds"], row["train_seconds_std"] = _mean_std([r.training_cost_seconds() for r in ok])
         row["trainable_params"] = first.trainable_params
         row["total_params"] = first.total_params
+        size = first.extra.get("checkpoint_bytes")  # the tested checkpoint on disk (train runs, soups)
+        row["checkpoint_mb"] = size / 1e6 if isinstance(size, (int, float)) else None
         row["data"] = f"{first.dataset} {first.n_train} train, {first.image_size}px"
         if first.notes:
             row["data"] += f"; {first.notes}"
@@ -384,6 +387,8 @@ def _fmt(row: dict[str, Any], key: str) -> str:
         return f"{v:,.0f}"
     if key == "trainable_params":
         return f"{v:,}"
+    if key == "checkpoint_mb":
+        return f"{v:.2f}"
     if key == "image_size":
         return f"{v}px"
     return str(v)
@@ -394,7 +399,7 @@ def _clip(text: str, n: int | None) -> str:
 
 
 RIGHT = ("test_acc", "test_acc_ci", "test_balanced_acc", "test_macro_f1", "test_ece", "n_seeds", "train_seconds",
-         "inference_images_per_s", "trainable_params", "image_size")
+         "inference_images_per_s", "trainable_params", "checkpoint_mb", "image_size")
 
 
 def _narrow(row: dict[str, Any], key: str) -> str:
