@@ -190,7 +190,7 @@ def test_lp_ft_probes_on_cached_features_then_finetunes_and_both_phases_are_in_t
     run_experiment(make_cfg(name="start", model={"backbone": TINY}, train={"epochs": 1}), tmp_path / "start", console=QUIET)
     start = load_run(tmp_path / "start").load_model().backbone.state_dict()
     cfg = make_cfg(model={"backbone": TINY, "weights": f"run:{tmp_path / 'start'}"}, strategy={"name": "lp_ft", "probe_epochs": 2},
-                   train={"epochs": 3})
+                   train={"epochs": 3, "cache": "on"})  # on: the probe phase must cache; the fine-tuning phase has nothing to
     m = run_experiment(cfg, tmp_path / "run", console=QUIET)
     rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
     assert rows[0].startswith("phase,epoch,") and [r.split(",")[:2] for r in rows[1:]] == [["probe", "1"], ["probe", "2"], ["finetune", "3"]]

@@ -125,7 +125,9 @@ def fit_phases(p: Prepared, cfg: ExperimentConfig, ctx: RunContext, train: Any, 
     probe = _probe_phase(p, cfg, ctx, train, val, kwargs, criterion, meta) if cfg.strategy.name == "lp_ft" else None
     main_cfg = cfg
     if probe is not None:  # the fine-tuning phase: the epochs after the probe
-        main_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfg.train.epochs - int(cfg.strategy.probe_epochs or 0)))
+        # nothing is frozen now: train.cache (on for the probe) has nothing to cache
+        main_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfg.train.epochs - int(cfg.strategy.probe_epochs or 0),
+                                                                      cache="off"))
     cached = cached_training(p.model, p.splits, main_cfg, p.fabric, kwargs, default_cache_dir(ctx.rundir.path), ctx.console,
                              shared=ctx.shared_features)
     fit_model, fit_train, fit_val = cached.apply(p.model, train, val)
