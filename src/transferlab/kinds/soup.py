@@ -33,6 +33,7 @@ import torch
 from transferlab.config import ExperimentConfig
 from transferlab.config.kinds import KindUses
 from transferlab.data.batches import make_batches
+from transferlab.engine.costs import Cost
 from transferlab.engine.evaluation import Evaluation, evaluate
 from transferlab.engine.predictions import PredictionRecorder, save_test_predictions
 from transferlab.engine.swa import recompute_batchnorm
@@ -177,6 +178,17 @@ class SoupKind(Kind):
             _members(cfg, strict=False)
         except SoupError as e:
             raise cfg.error(str(e).split(": ", 1)[1]) from None
+
+    def estimate(self, cfg: ExperimentConfig, n_train: int, n_val: int, n_test: int, cost: Cost | None) -> float:
+        """Forward passes only: every member on val; each candidate soup (greedy: one per further member; uniform: one)
+        and each WiSE-FT alpha with a BatchNorm pass over the training images and a val pass (alphas: test too)."""
+        if cost is None:
+            return 0.0
+        sp, members = cfg.soup, len(cfg.soup.members)
+        candidates = members - 1 if sp.method == "greedy" else 1
+        alphas = len(sp.interpolate.alphas) if sp.interpolate is not None else 0
+        images = members * n_val + (candidates + 1) * (n_train + n_val) + alphas * (n_train + n_val + n_test) + n_test
+        return images * cost.forward
 
     def snapshot(self, cfg: ExperimentConfig) -> dict[str, Any]:
         """The config with the members' model, head and strategy (what the soup's weights are) and the fingerprint of
