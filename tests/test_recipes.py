@@ -450,7 +450,7 @@ def test_imbalanced_folder_from_the_cli_records_balanced_metrics_and_weights(tmp
         mm = json.loads((study_dir / name / "metrics.json").read_text())
         assert (mm["test_balanced_acc"], mm["test_macro_f1"]) == balanced_scores(mm["confusion_matrix"]) != (None, None)
     capsys.readouterr()
-    assert main(["compare", str(study_dir)]) == 0
+    assert main(["compare", str(study_dir), "--wide"]) == 0  # the default table is 120 columns; --wide has every column
     assert "balanced acc" in capsys.readouterr().out
     with open(study_dir / "compare.csv", newline="") as f:
         assert {"test_balanced_acc", "test_macro_f1"} <= set(next(csv.reader(f)))

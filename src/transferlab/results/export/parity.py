@@ -211,7 +211,10 @@ def check_raw_files(
     tolerance = tolerance or Tolerance()
     with tempfile.TemporaryDirectory(prefix="transferlab-parity-") as tmp:
         files = raw_image_files(images, Path(tmp))
-        sizes = [Image.open(f).size for f in files]
+        sizes = []
+        for f in files:
+            with Image.open(f) as im:  # closed here: only the size is read
+                sizes.append(im.size)
         ours = torch.from_numpy(np.stack([load_image(f, channels, size, resize, crop_pct).transpose(2, 0, 1) for f in files]))
         theirs = torch.from_numpy(np.stack([preprocess_file(f, metadata) for f in files]))
     ref = reference(pre(ours)).float()
