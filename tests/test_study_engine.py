@@ -89,7 +89,7 @@ def test_two_local_workers_give_the_sequential_results_in_dependency_order(tmp_p
     for seed in (0, 1):  # a run starts only after what it needs has finished
         assert o[f"target.seed{seed}"].started >= o[f"source.seed{seed}"].ended
         assert o[f"vote.seed{seed}"].started >= o[f"target.seed{seed}"].ended
-    assert len({o[n].worker for n in o}) > 1  # each run is its own worker process
+    assert len({o[n].worker for n in o}) > 1  # the runs are spread over the workers
     assert (tmp_path / "par" / "graph" / "logs" / "source.seed0.log").is_file()
 
 

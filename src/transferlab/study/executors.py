@@ -312,17 +312,19 @@ def _reap(slot: _Slot, timeout: float = 5.0) -> int | None:
 
 
 def close_pool(slots: list[_Slot]) -> None:
-    """Stop a pool's workers: idle ones are asked to end, busy ones (a driver that gives up mid-run) terminated."""
+    """Stop a pool's workers: idle ones are told to end (not waited for: they exit on their own and multiprocessing
+    reaps them), busy ones (a driver that gives up mid-run) are terminated and waited for."""
     for s in slots:
         if s.proc is None:
             continue
         if s.job is None and s.proc.is_alive():
             with contextlib.suppress(OSError):
                 s.conn.send(None)
-        elif s.proc.is_alive():
+            s.conn.close()
+            s.proc = s.conn = None
+        else:
             s.proc.terminate()
-    for s in slots:
-        _reap(s)
+            _reap(s)
 
 
 # --------------------------------------------------------------------------------------------
