@@ -118,19 +118,22 @@ def test_resume_does_not_redo_finished_stages(images, tmp_path, monkeypatch):
     monkeypatch.setattr(auto_mod, "KFOLD_BELOW", 10)  # one holdout (not 5 folds): fewer runs, and the ensemble stage runs
     kw = dict(runs_dir=tmp_path, options=OPTIONS, accelerator="cpu", name="a")
     with pytest.raises(KeyboardInterrupt):
-        auto(images, "2m", CANDIDATES, **kw)
+        auto(images, "10m", CANDIDATES, **kw)
     state = json.loads((tmp_path / "a" / STATE_FILE).read_text())
-    assert "probes" in state["stages"] and "final" not in state["stages"]
+    assert {"rank", "probes", "finetune", "ensemble"} <= set(state["stages"]) and "final" not in state["stages"]
+    assert "finetune_r0" in calls and "ensemble" in calls
     with pytest.raises(ConfigError, match="--resume"):  # the same command without --resume is refused
-        auto(images, "2m", CANDIDATES, **kw)
+        auto(images, "10m", CANDIDATES, **kw)
     with pytest.raises(ConfigError, match="other settings"):
         auto(images, "3m", CANDIDATES, resume=True, **kw)
     before = list(calls)
     console = Console(record=True, width=200)
-    doc = auto(images, "2m", CANDIDATES, resume=True, console=console, **kw)
-    assert calls[len(before):] == ["final"]  # rank, probes, fine-tunes: read back, not rerun
+    doc = auto(images, "10m", CANDIDATES, resume=True, console=console, **kw)
+    assert calls[len(before):] == ["final"]  # rank, probes, fine-tunes, ensemble: read back, not rerun
     assert "stage probes: done before (resumed)" in console.export_text()
     assert doc["chosen"]["test_acc"] is not None
+    assert doc["stages"].keys() == {"rank", "probes", "finetune", "ensemble", "final"}
+    assert any(m["kind"] == "lp_ft" for m in doc["models"].values())
 
 
 @pytest.mark.parametrize("case", ["empty", "one_class", "broken"])

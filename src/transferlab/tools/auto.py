@@ -80,9 +80,13 @@ at k times the cost (which the plan counts)."""
 KFOLDS = 5
 RANK_SUBSET = 2000
 """Training-pool images whose frozen features ``rank`` scores (as ``transferlab rank --train-subset``)."""
-RUN_OVERHEAD_S = 5.0
-"""Seconds first added to every run's estimate for what the cost probe does not time (start-up, data loading, the
-probe's solver, writing); after each stage that ran runs, the overhead observed on this machine replaces it."""
+RUN_OVERHEAD_S: dict[str, float] = {"logistic": 10.0, "train": 5.0, "ensemble": 3.0}
+"""Seconds first added to a run's estimate, per kind, for what the cost probe does not time (start-up, data loading,
+writing; for ``logistic`` the L-BFGS sweep, which ``Kind.estimate`` does not count); after each run the overhead
+observed on this machine replaces it for that kind."""
+PROBE = {"l2": [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0], "max_iter": 200}
+"""The logistic probes' L2 grid and iterations: coarser than ``kind: logistic``'s default (15 strengths, 1 000
+iterations), whose solver time dominates small datasets; the ranking between candidates is what counts here."""
 MAX_PROBES = 3
 MAX_FINETUNES = 3
 FT_EPOCHS = (8, 6, 4, 3, 2)
@@ -294,7 +298,7 @@ def final_data(splits: Splits, side: int | None) -> dict[str, Any]:
 
 def probe_exp(c: Candidate, data: dict[str, Any], accel: str, seed: int) -> dict[str, Any]:
     return {"name": f"{slug(c)}.logistic", "kind": "logistic", "seed": seed, "data": data,
-            "model": {"backbone": c.backbone, "weights": c.weights}, "train": {**TRAIN, "accelerator": accel}}
+            "model": {"backbone": c.backbone, "weights": c.weights}, "probe": dict(PROBE), "train": {**TRAIN, "accelerator": accel}}
 
 
 def finetune_exp(c: Candidate, epochs: int, data: dict[str, Any], accel: str, seed: int) -> dict[str, Any]:
@@ -325,10 +329,11 @@ def measure(c: Candidate, side: int, splits: Splits) -> CandidateCost:
     return CandidateCost(side, cost.forward, cost.step or cost.forward * 3)
 
 
-def estimate(exp: dict[str, Any], cc: CandidateCost, sizes: tuple[int, int, int], runs: int = 1, overhead: float = RUN_OVERHEAD_S) -> float:
+def estimate(exp: dict[str, Any], cc: CandidateCost, sizes: tuple[int, int, int], runs: int = 1, overhead: float | None = None) -> float:
     """Seconds of an experiment: its kind's own estimate (``Kind.estimate``) × runs, plus ``overhead`` per run."""
     cfg = from_dict(ExperimentConfig, {k: v for k, v in exp.items() if k != "data"} | {"data": {"dataset": "synthetic"}})
-    return runs * (KINDS.get(cfg.kind).estimate(cfg, *sizes, Cost(cc.step, cc.forward)) + overhead)
+    oh = RUN_OVERHEAD_S.get(cfg.kind, 5.0) if overhead is None else overhead
+    return runs * (KINDS.get(cfg.kind).estimate(cfg, *sizes, Cost(cc.step, cc.forward)) + oh)
 
 
 def rungs(n: int, e0: int) -> list[tuple[int, int]]:
@@ -357,16 +362,17 @@ class AutoPlan:
 
 
 def make_plan(cands: list[Candidate], costs: dict[Candidate, CandidateCost], splits: Splits, left: float, accel: str,
-              oh: float = RUN_OVERHEAD_S) -> AutoPlan:
+              overhead: dict[str, float] | None = None) -> AutoPlan:
     """Size the stages to fit ``left`` seconds, conservatively (every per-candidate estimate is the most expensive
     candidate's): rank all; probe as many of the best as fit (up to ``MAX_PROBES``); LP-FT the best with the most
     first-rung epochs that fit with successive halving; keep the final run's time in reserve."""
     tr, va, sc, runs = splits.dev_sizes()
     worst = max(costs.values(), key=lambda cc: cc.step)
+    ohs = {**RUN_OVERHEAD_S, **(overhead or {})}
     n_rank = min(RANK_SUBSET, splits.n_pool)
-    rank_s = sum(n_rank * costs[c].forward + oh for c in cands)
-    probe_s = max(estimate(probe_exp(c, {}, accel, 0), costs[c], (tr, va, sc), runs, oh) for c in cands)
-    final_probe_s = max(estimate(probe_exp(c, {}, accel, 0), costs[c], splits.final_sizes(), 1, oh) for c in cands)
+    rank_s = sum(n_rank * costs[c].forward + ohs["ensemble"] for c in cands)
+    probe_s = max(estimate(probe_exp(c, {}, accel, 0), costs[c], (tr, va, sc), runs, ohs["logistic"]) for c in cands)
+    final_probe_s = max(estimate(probe_exp(c, {}, accel, 0), costs[c], splits.final_sizes(), 1, ohs["logistic"]) for c in cands)
     minimum = rank_s + probe_s + final_probe_s
     plan = AutoPlan({"rank": rank_s}, 0, 0, 0, [], minimum)
     if left < minimum:
@@ -378,8 +384,8 @@ def make_plan(cands: list[Candidate], costs: dict[Candidate, CandidateCost], spl
     for n in range(min(MAX_FINETUNES, plan.probes if len(cands) > 1 else 1), 0, -1):
         for e0 in FT_EPOCHS:
             rr = rungs(n, e0)
-            ft = sum(k * estimate(finetune_exp(cands[0], e, {}, accel, 0), worst, (tr, va, sc), runs, oh) for k, e in rr)
-            final_ft = estimate(finetune_exp(cands[0], rr[-1][1], {}, accel, 0), worst, splits.final_sizes(), 1, oh)
+            ft = sum(k * estimate(finetune_exp(cands[0], e, {}, accel, 0), worst, (tr, va, sc), runs, ohs["train"]) for k, e in rr)
+            final_ft = estimate(finetune_exp(cands[0], rr[-1][1], {}, accel, 0), worst, splits.final_sizes(), 1, ohs["train"])
             if ft + max(0.0, final_ft - final_probe_s) <= room:
                 plan.finetunes, plan.epochs, plan.rungs = n, e0, rr
                 plan.stages["finetune"] = ft
@@ -390,12 +396,12 @@ def make_plan(cands: list[Candidate], costs: dict[Candidate, CandidateCost], spl
     if not plan.finetunes:
         plan.notes.append("no fine-tuning: the budget does not fit even one 2-epoch LP-FT run (probes only)")
     if not splits.folds and (plan.finetunes >= 2 or plan.probes >= 2):
-        plan.stages["ensemble"] = 2 * (sc + va) * worst.forward + oh
+        plan.stages["ensemble"] = 2 * (sc + va) * worst.forward + ohs["ensemble"]
     elif splits.folds:
         plan.notes.append("no ensemble stage: k-fold scoring (small data) keeps one model per fold")
     final_s = final_probe_s
     if plan.finetunes:
-        final_s = estimate(finetune_exp(cands[0], plan.rungs[-1][1], {}, accel, 0), worst, splits.final_sizes(), 1, oh)
+        final_s = estimate(finetune_exp(cands[0], plan.rungs[-1][1], {}, accel, 0), worst, splits.final_sizes(), 1, ohs["train"])
     plan.stages["final"] = final_s
     return plan
 
@@ -455,15 +461,17 @@ class Auto:
         """Run a stage once: a finished stage is read back from the state file; spent time is recorded."""
         if name in self.state.stages:
             self.console.print(f"stage {name}: done before (resumed), {self.state.stages[name]['spent_s']:.0f}s")
+            self.dropped += self.state.stages[name].get("dropped", [])
             return self.state.stages[name]["result"]
         self.console.print(f"[bold]stage {name}[/]: planned {planned:.0f}s, {max(0.0, self.left()):.0f}s of the budget left")
         self.tick()
-        t = time.monotonic()
+        t, before = time.monotonic(), len(self.dropped)
         try:
             result = work()
         finally:  # an interrupted stage's time counts against the budget too
             self.tick()
-        self.state.stages[name] = {"planned_s": round(planned, 2), "spent_s": round(time.monotonic() - t, 2), "result": result}
+        self.state.stages[name] = {"planned_s": round(planned, 2), "spent_s": round(time.monotonic() - t, 2), "result": result,
+                                   "dropped": self.dropped[before:]}
         self.state.save()
         return result
 
@@ -474,23 +482,41 @@ class Auto:
         self.t0 = now
         self.state.save()
 
-    @property
-    def overhead(self) -> float:
-        """Seconds per run that the cost probe does not see (``RUN_OVERHEAD_S`` until a stage has measured it)."""
-        return float(self.state.doc.get("overhead_s", RUN_OVERHEAD_S))
+    def overhead(self, kind: str) -> float:
+        """Seconds per run of ``kind`` that the cost probe does not see (``RUN_OVERHEAD_S`` until a run has measured it)."""
+        return float(self.state.doc.get("overhead_s", {}).get(kind, RUN_OVERHEAD_S.get(kind, 5.0)))
 
-    def run(self, name: str, experiments: list[dict[str, Any]]) -> dict[str, float]:
-        """Run ``experiments`` as study ``name`` (dev data) in the auto folder; mean ``test_acc`` per experiment (of its
-        folds). The time the runs took beyond their compute estimate calibrates the per-run overhead of later stages."""
+    def est(self, e: dict[str, Any], final: bool = False) -> float:
+        """Estimated seconds of experiment ``e`` on the dev data (all its folds), or as the final run."""
+        if "model" not in e:  # an ensemble: forward passes of its members, already made
+            return self.overhead(e.get("kind", "ensemble"))
+        cc = self.costs[Candidate(e["model"]["backbone"], e["model"]["weights"])]
+        tr, va, sc, runs = self.splits.dev_sizes()
+        if final:
+            return estimate(e, cc, self.splits.final_sizes(), 1, self.overhead(e["kind"]))
+        return estimate(e, cc, (tr, va, sc), runs, self.overhead(e["kind"]))
+
+    def run(self, name: str, experiments: list[dict[str, Any]], required: int = 0) -> tuple[dict[str, float], dict[str, str]]:
+        """Run ``experiments`` of study ``name`` (dev data) one at a time, each only if it fits the time left with the
+        final run's time kept in reserve (the first ``required`` always run). Returns (mean ``test_acc`` per experiment
+        over its folds, why each skipped one was skipped). Each run's time beyond its compute estimate calibrates its
+        kind's overhead."""
         study = parse_study({"study": name, "experiments": experiments})
-        sizes = self.splits.dev_sizes()
-        compute = sum(estimate(e, self.costs[Candidate(e["model"]["backbone"], e["model"]["weights"])], sizes[:3], sizes[3], 0.0)
-                      for e in experiments if "model" in e)
-        t = time.monotonic()
-        result = run_study(study, self.folder, resume=True, console=self.console, **self.run_kw)
-        if result.finished and compute:  # (runs reused on --resume count too: the overhead then reads low, floored at 1 s)
-            self.state.doc["overhead_s"] = round(max(1.0, (time.monotonic() - t - compute) / len(result.finished)), 2)
-        return {e["name"]: acc for e in experiments if (acc := mean_acc(self.folder / name, e["name"])[0]) is not None}
+        accs, skipped = {}, {}
+        for i, e in enumerate(experiments):
+            need, left = self.est(e), self.left() - self.est(e, final=True)
+            if i >= required and need > left:
+                skipped[e["name"]] = f"needs ~{need:.0f}s, {max(0.0, left):.0f}s left before the final run's reserve"
+                continue
+            compute = need - self.overhead(e.get("kind", "train")) * self.splits.dev_sizes()[3] if "model" in e else 0.0
+            t = time.monotonic()
+            result = run_study(study, self.folder, resume=True, only=[e["name"]], console=self.console, **self.run_kw)
+            if result.finished and "model" in e:  # (runs reused on --resume count too: the overhead reads low, floored at 1 s)
+                seen = (time.monotonic() - t - compute) / len(result.finished)
+                self.state.doc.setdefault("overhead_s", {})[e["kind"]] = round(max(1.0, seen), 2)
+            if (acc := mean_acc(self.folder / name, e["name"])[0]) is not None:
+                accs[e["name"]] = acc
+        return accs, skipped
 
 
 def run_accs(study_dir: Path, name: str) -> list[float]:
@@ -555,7 +581,7 @@ def auto(
     a.costs = {c: measure(c, a.side(c) or splits.native or 224, splits) for c in cands}
     state.doc.setdefault("setup_s", 0.0)
     state.doc["setup_s"] += time.monotonic() - t_start
-    plan = make_plan(cands, a.costs, splits, a.left(), accelerator, a.overhead)
+    plan = make_plan(cands, a.costs, splits, a.left(), accelerator, a.state.doc.get("overhead_s"))
     print_plan(a, plan)
     if a.left() < plan.minimum_s:
         need = plan.minimum_s + state.doc["spent_s"] + (time.monotonic() - a.t0)
@@ -589,18 +615,16 @@ def execute(a: Auto, plan: AutoPlan) -> dict[str, Any]:
         a.dropped.append({"candidate": str(c), "stage": "rank", "why": f"LogME below the {plan.probes} best probed (budget)"})
 
     def probes() -> dict[str, Any]:
-        chosen, left = [], a.left() - plan.stages["final"]
-        for c in order[:plan.probes]:
-            est = estimate(probe_exp(c, {}, accel, seed), a.costs[c], (tr, va, sc), runs, a.overhead)
-            if chosen and est > left:
-                break  # no new work that the remaining budget cannot fit
-            chosen.append(c)
-            left -= est
+        chosen = order[:plan.probes]
         exps = [probe_exp(c, dev_data(splits, a.side(c)), accel, seed) for c in chosen]
-        accs = a.run("probes", exps)
-        return {"val_acc": {str(c): accs.get(e["name"]) for c, e in zip(chosen, exps, strict=True)}}
+        accs, skipped = a.run("probes", exps, required=1)  # the best ranked is always probed
+        return {"val_acc": {str(c): accs.get(e["name"]) for c, e in zip(chosen, exps, strict=True) if e["name"] not in skipped},
+                "skipped": {str(c): skipped[e["name"]] for c, e in zip(chosen, exps, strict=True) if e["name"] in skipped}}
 
-    probe_acc = a.stage("probes", plan.stages.get("probes", 0.0), probes)["val_acc"]
+    probed = a.stage("probes", plan.stages.get("probes", 0.0), probes)
+    probe_acc = probed["val_acc"]
+    for c, why in probed.get("skipped", {}).items():
+        a.dropped.append({"candidate": c, "stage": "probes", "why": f"not probed: {why}"})
     for c, acc in probe_acc.items():
         if acc is None:
             a.dropped.append({"candidate": c, "stage": "probes", "why": "the probe failed or did not run"})
@@ -616,21 +640,20 @@ def execute(a: Auto, plan: AutoPlan) -> dict[str, Any]:
             a.dropped.append({"candidate": c, "stage": "probes", "why": f"probe accuracy below the {plan.finetunes} fine-tuned"})
         for i, (_, epochs) in enumerate(plan.rungs):
             exps = [finetune_exp(by_name[c], epochs, dev_data(splits, a.side(by_name[c])), accel, seed) for c in alive]
-            est = sum(estimate(e, a.costs[by_name[c]], (tr, va, sc), runs, a.overhead) for e, c in zip(exps, alive, strict=True))
-            final_ft = estimate(finetune_exp(by_name[alive[0]], epochs, {}, accel, seed), a.costs[by_name[alive[0]]], splits.final_sizes(), 1,
-                                a.overhead)
-            if est + final_ft > a.left():
-                rung_log.append({"rung": i, "epochs": epochs, "skipped": f"needs ~{est + final_ft:.0f}s, {a.left():.0f}s left"})
-                break
-            accs = a.run(f"finetune_r{i}", exps)
+            accs, skipped = a.run(f"finetune_r{i}", exps)  # each run only if it fits, the final run kept in reserve
             res = {c: accs.get(e["name"]) for c, e in zip(alive, exps, strict=True)}
-            rung_log.append({"rung": i, "epochs": epochs, "val_acc": res, "study": f"finetune_r{i}"})
+            rung_log.append({"rung": i, "epochs": epochs, "val_acc": {c: v for c, v in res.items() if v is not None},
+                             "skipped": {c: skipped[e["name"]] for c, e in zip(alive, exps, strict=True) if e["name"] in skipped},
+                             "study": f"finetune_r{i}"})
             ranked = sorted((c for c in alive if res[c] is not None), key=lambda c: -res[c])
             keep = ranked[:math.ceil(len(alive) / 2)] if i + 1 < len(plan.rungs) else ranked
-            for c in alive:
+            for c, e in zip(alive, exps, strict=True):
                 if c not in keep:
-                    why = "failed" if res[c] is None else f"validation accuracy {res[c]:.4f} in the lower half"
+                    why = (f"not run: {skipped[e['name']]}" if e["name"] in skipped else "failed" if res[c] is None
+                           else f"validation accuracy {res[c]:.4f} in the lower half")
                     a.dropped.append({"candidate": c, "stage": f"finetune rung {i} ({epochs} epochs)", "why": why})
+            if not keep:
+                break
             alive = keep
             if len(alive) < 2 and i + 1 < len(plan.rungs):
                 break
@@ -658,8 +681,8 @@ def execute(a: Auto, plan: AutoPlan) -> dict[str, Any]:
             return {"skipped": "fewer than two models" if len(pair) < 2 else "budget"}
         dirs = [str((a.folder / models[k]["study"] / models[k]["exp"]["name"]).resolve()) for k in pair]  # the finished runs
         ens = {"name": "soft_vote", "kind": "ensemble", "ensemble": {"members": dirs, "vote": "soft"}}
-        acc = a.run("ensemble", [ens]).get("soft_vote")
-        return {"members": pair, "val_acc": acc}
+        accs, skipped = a.run("ensemble", [ens])
+        return {"members": pair, "val_acc": accs.get("soft_vote")} if not skipped else {"skipped": skipped["soft_vote"]}
 
     ens: dict[str, Any] = {}
     if "ensemble" in plan.stages:
@@ -706,7 +729,7 @@ def final_seeds(a: Auto, exps: list[dict[str, Any]], only: list[str]) -> int:
     for e in exps:
         if e["name"] in only and e.get("kind") != "ensemble":
             c = parse_candidates([f"{e['model']['backbone']}:{e['model']['weights']}"])[0]
-            per += estimate(e, a.costs[c], a.splits.final_sizes(), 1, a.overhead)
+            per += estimate(e, a.costs[c], a.splits.final_sizes(), 1, a.overhead(e["kind"]))
     seeds = max(1, min(MAX_FINAL_SEEDS, int(a.left() // per) if per else 1))
     a.state.doc["final_seeds"] = seeds
     a.state.save()
