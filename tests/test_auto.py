@@ -191,3 +191,23 @@ def test_the_report_gets_an_auto_section(done):
     md = report.md_path.read_text()
     assert "## Auto: how this model was chosen" in md and "| stage | planned (s) | spent (s) |" in md
     assert md.index("## Auto") < md.index("## Comparison")
+
+
+def test_a_registered_dataset_from_the_command_line(tmp_path):
+    """DATA as a dataset name with --option data keys: its image arrays become PNG files listed in dev.csv / final.csv."""
+    code = main(["auto", "digits", "--budget", "3m", "--candidates", "test_resnet:scratch", "--option", "image_size=16",
+                 "--option", "train_subset=300", "--option", "data.test_subset=100", "--runs-dir", str(tmp_path), "--accelerator", "cpu"])
+    assert code == 0
+    doc = json.loads((tmp_path / "auto_digits" / AUTO_JSON).read_text())
+    assert doc["sizes"] == {"pool": 300, "test": 100, "classes": 10} and "5-fold" in doc["validation"]
+    final = (tmp_path / "auto_digits" / "data" / "final.csv").read_text().splitlines()
+    assert len(final) == 401 and all(Path(line.split(",")[0]).is_file() for line in final[1:])
+
+
+def test_a_csv_list(images, tmp_path):
+    csv = tmp_path / "labels.csv"
+    files = sorted(images.rglob("*.png"))
+    csv.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in files))
+    doc = auto(csv, "2m", "test_resnet:scratch", runs_dir=tmp_path / "runs", options=OPTIONS, accelerator="cpu")
+    assert doc["sizes"]["pool"] + doc["sizes"]["test"] == len(files) and doc["chosen"]["test_acc"] is not None
+    assert (tmp_path / "runs" / "auto_labels" / AUTO_STUDY).is_file()
