@@ -211,3 +211,22 @@ def test_a_csv_list(images, tmp_path):
     doc = auto(csv, "2m", "test_resnet:scratch", runs_dir=tmp_path / "runs", options=OPTIONS, accelerator="cpu")
     assert doc["sizes"]["pool"] + doc["sizes"]["test"] == len(files) and doc["chosen"]["test_acc"] is not None
     assert (tmp_path / "runs" / "auto_labels" / AUTO_STUDY).is_file()
+
+
+def test_an_ensemble_that_wins_on_validation_is_the_final_model(images, tmp_path, monkeypatch):
+    real = auto_mod.Auto.run
+
+    def ensemble_wins(self, name, experiments, required=0):
+        accs, skipped = real(self, name, experiments, required)
+        return ({"soft_vote": 1.0} if name == "ensemble" else accs), skipped
+
+    monkeypatch.setattr(auto_mod.Auto, "run", ensemble_wins)
+    monkeypatch.setattr(auto_mod, "KFOLD_BELOW", 10)
+    doc = auto(images, "10m", CANDIDATES, runs_dir=tmp_path, options=OPTIONS, accelerator="cpu")
+    ch = doc["chosen"]
+    assert ch["model"] == "soft_vote" and len(ch["members"]) == 2 and ch["experiments"][-1] == "soft_vote"
+    assert ch["test_acc"] is not None
+    study = load_study(tmp_path / "auto_shapes" / AUTO_STUDY)
+    assert [(e.name, e.vote, e.members) for e in study.ensembles] == [("soft_vote", "soft", ch["experiments"][:2])]
+    ran = {p.parent.name.split(".seed")[0] for p in (tmp_path / "auto_shapes" / "final").glob("*/metrics.json")}
+    assert ran == set(ch["experiments"])

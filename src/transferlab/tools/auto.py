@@ -89,7 +89,7 @@ PROBE = {"l2": [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0], "max_iter": 200}
 iterations), whose solver time dominates small datasets; the ranking between candidates is what counts here."""
 MAX_PROBES = 3
 MAX_FINETUNES = 3
-FT_EPOCHS = (8, 6, 4, 3, 2)
+FT_EPOCHS = (20, 12, 8, 6, 4, 3, 2)
 """First-rung LP-FT epochs tried, largest first (one of them the linear-probe phase, ``strategy.probe_epochs: 1``)."""
 MAX_FINAL_SEEDS = 3
 TRAIN = {"progress": False, "batch_size": 32}
@@ -667,14 +667,15 @@ def execute(a: Auto, plan: AutoPlan) -> dict[str, Any]:
                     models[f"{c}.lp_ft.e{r['epochs']}"] = {"candidate": c, "kind": "lp_ft", "epochs": r["epochs"], "val_acc": acc,
                                                            "study": r["study"],
                                                            "exp": finetune_exp(by_name[c], r["epochs"], {}, accel, seed)}
-    best = max(models, key=lambda k: models[k]["val_acc"])
-    chosen: dict[str, Any] = {"model": best, **{k: v for k, v in models[best].items() if k != "exp"}}
-
-    # each candidate's best model on validation; the two best of them make the ensemble
+    # each candidate's best model on validation (a tie goes to the cheaper: probes come first); the best of them is
+    # chosen, the two best make the ensemble
     latest: dict[str, str] = {}
-    for k, m in sorted(models.items(), key=lambda kv: kv[1]["val_acc"]):
-        latest[m["candidate"]] = k
+    for k, m in models.items():
+        if m["candidate"] not in latest or m["val_acc"] > models[latest[m["candidate"]]]["val_acc"]:
+            latest[m["candidate"]] = k
     pair = sorted(latest.values(), key=lambda k: -models[k]["val_acc"])[:2]
+    best = pair[0]
+    chosen: dict[str, Any] = {"model": best, **{k: v for k, v in models[best].items() if k != "exp"}}
 
     def ensemble() -> dict[str, Any]:
         if len(pair) < 2 or plan.stages["ensemble"] + plan.stages["final"] > a.left():
@@ -697,12 +698,12 @@ def execute(a: Auto, plan: AutoPlan) -> dict[str, Any]:
     finalists = sorted(latest.values(), key=lambda k: -models[k]["val_acc"])
     exps = [dict(models[k]["exp"], data=final_data(splits, a.side(by_name[models[k]["candidate"]]))) for k in finalists]
     only = [models[best]["exp"]["name"]] if chosen["kind"] != "ensemble" else [models[k]["exp"]["name"] for k in pair] + ["soft_vote"]
-    if chosen["kind"] == "ensemble":
-        exps.append({"name": "soft_vote", "kind": "ensemble", "ensemble": {"members": only[:2], "vote": "soft"}})
     seeds = final_seeds(a, exps, only)
     study_doc: dict[str, Any] = {"study": "final", "experiments": exps}
     if seeds > 1:
         study_doc = {"study": "final", "seeds": list(range(seed, seed + seeds)), "experiments": exps}
+    if chosen["kind"] == "ensemble":  # a study's ensembles: one vote per seed over the members' runs of that seed
+        study_doc["ensembles"] = [{"name": "soft_vote", "members": only[:2], "vote": "soft"}]
     write_text(a.folder / AUTO_STUDY, "# written by transferlab auto: the finalists on the full training pool, tested once.\n"
                f"# auto ran only {', '.join(only)}; `transferlab run {AUTO_STUDY}` runs them all.\n"
                + yaml.safe_dump(study_doc, sort_keys=False))
