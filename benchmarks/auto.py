@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 import transferlab
+from transferlab.models.embedded import embedded_state_dict
 from transferlab.results.compare import compare
 
 SMOKE_CANDIDATES = "test_resnet:scratch,test_efficientnet:scratch"
@@ -72,9 +73,7 @@ def fastai_row(folder: Path, seconds: float) -> dict[str, Any]:
     if importlib.util.find_spec("fastai") is None:
         return {"skipped": "fastai is not installed (pip install fastai to compare)"}
     import timm
-    from fastai.vision.all import ImageDataLoaders, Resize, accuracy, vision_learner  # noqa: PLC0415 - optional
-
-    from transferlab.models.embedded import embedded_state_dict
+    from fastai.vision.all import ImageDataLoaders, Resize, accuracy, vision_learner  # optional: only this comparison needs it
 
     dls = ImageDataLoaders.from_folder(folder, valid_pct=0.2, seed=0, item_tfms=Resize(224), bs=32)
     body = timm.create_model("tf_efficientnet_lite0", num_classes=0)

@@ -158,6 +158,8 @@ def test_a_budget_too_small_names_the_smallest_that_works(images, tmp_path):
     with pytest.raises(ConfigError, match=r"too small for even one probe: the smallest budget that works here is about \d+"):
         auto(images, "3s", CANDIDATES, runs_dir=tmp_path, options=OPTIONS, accelerator="cpu")
     assert not (tmp_path / "auto_shapes" / "probes").exists()
+    doc = auto(images, "2m", CANDIDATES, runs_dir=tmp_path, options=OPTIONS, accelerator="cpu")  # a larger budget: no --resume needed
+    assert doc["chosen"]["test_acc"] is not None
 
 
 def test_unknown_candidates_and_missing_weights_fail_first(images, tmp_path, monkeypatch):

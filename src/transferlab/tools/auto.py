@@ -583,8 +583,10 @@ def auto(
     state.doc["setup_s"] += time.monotonic() - t_start
     plan = make_plan(cands, a.costs, splits, a.left(), accelerator, a.state.doc.get("overhead_s"))
     print_plan(a, plan)
-    if a.left() < plan.minimum_s:
+    if a.left() < plan.minimum_s and "probes" not in state.stages:  # resumed after the probes: only the final is left
         need = plan.minimum_s + state.doc["spent_s"] + (time.monotonic() - a.t0)
+        if not state.stages:  # nothing ran: the same command with a larger budget starts afresh (no --resume needed)
+            state.path.unlink(missing_ok=True)
         raise ConfigError(f"--budget {fmt_s(budget_s)} is too small for even one probe: the smallest budget that works here is "
                           f"about {fmt_s(math.ceil(need))} (rank {plan.stages['rank']:.0f}s + one probe + the final run)")
     state.doc["plan"] = {"stages": plan.stages, "probes": plan.probes, "finetunes": plan.finetunes, "rungs": plan.rungs,
@@ -785,7 +787,8 @@ def print_plan(a: Auto, plan: AutoPlan) -> None:
             "ensemble": "soft vote of the two best, kept only if it beats the best single model on validation",
             "final": "the chosen model on the full training pool, tested once"}
     for stage, s in plan.stages.items():
-        a.console.print(f"  {stage:9} ~{fmt_s(s):>6}  {what[stage]}")
+        done = " (done: resumed)" if stage in a.state.stages else ""
+        a.console.print(f"  {stage:9} ~{fmt_s(s):>6}  {what[stage]}{done}")
     for note in plan.notes:
         a.console.print(f"  note: {note}")
     a.console.print(f"  total ~{fmt_s(plan.total_s)} (estimates: ±50%)")
