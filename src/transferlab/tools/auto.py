@@ -312,21 +312,42 @@ def finetune_exp(c: Candidate, epochs: int, data: dict[str, Any], accel: str, se
 
 @dataclass
 class CandidateCost:
-    """Measured costs of one candidate at its input size: an inference image and a full fine-tuning step."""
+    """Costs of one candidate at its input size: an inference image (measured) and a full fine-tuning step at
+    ``TRAIN``'s batch size (measured, or scaled from the measured candidate: ``measure_all``)."""
 
     side: int
     forward: float
     step: float
+    step_from: str = "measured"
 
 
-def measure(c: Candidate, side: int, splits: Splits) -> CandidateCost:
-    """The engine's probe (random weights: the cost does not depend on them) for inference and a fine-tuning step."""
+MEASURE_BATCH = 8
+"""Batch of the throughput probe; a step at ``TRAIN``'s batch is scaled linearly (as ``engine.costs`` scales large
+batches): a CPU training step of EfficientNet-Lite2 at 260 px and batch 32 takes seconds, and the probe repeats it."""
+
+
+def measure(c: Candidate, side: int, splits: Splits, train: bool) -> Cost:
+    """The engine's probe (random weights: the cost does not depend on them): inference, and a fine-tuning step."""
     cfg = from_dict(ExperimentConfig, {"name": "cost", "model": {"backbone": c.backbone, "weights": "scratch"},
-                                       "strategy": {"name": "finetune"}, "train": TRAIN})
+                                       "strategy": {"name": "finetune"}, "train": {**TRAIN, "batch_size": MEASURE_BATCH}})
     model, _ = build_model(cfg.model, cfg.head, splits.n_classes)
     apply_strategy(model, cfg.strategy)
-    cost = measure_cost(model, cfg, side, splits.n_classes, train=True)
-    return CandidateCost(side, cost.forward, cost.step or cost.forward * 3)
+    cost = measure_cost(model, cfg, side, splits.n_classes, train=train)
+    return Cost(cost.step * TRAIN["batch_size"] / MEASURE_BATCH if cost.step is not None else None, cost.forward)
+
+
+def measure_all(cands: list[Candidate], sides: dict[Candidate, int], splits: Splits, console: Console) -> dict[Candidate, CandidateCost]:
+    """Inference of every candidate measured; the training step measured for the fastest one only and scaled to the
+    others by their inference time (a step is a forward and a backward pass: its cost follows the forward's)."""
+    fwd = {}
+    for c in cands:
+        console.print(f"measuring {c} at {sides[c]} px ...", markup=False, highlight=False)
+        fwd[c] = measure(c, sides[c], splits, train=False).forward
+    ref = min(cands, key=lambda c: fwd[c])
+    ref_cost = measure(ref, sides[ref], splits, train=True)
+    ref_step = ref_cost.step if ref_cost.step is not None else 3 * TRAIN["batch_size"] * fwd[ref]
+    return {c: CandidateCost(sides[c], fwd[c], ref_step * fwd[c] / fwd[ref], "measured" if c == ref else f"scaled from {ref}")
+            for c in cands}
 
 
 def estimate(exp: dict[str, Any], cc: CandidateCost, sizes: tuple[int, int, int], runs: int = 1, overhead: float | None = None) -> float:
@@ -454,7 +475,7 @@ class Auto:
     def left(self) -> float:
         return self.budget - self.state.doc["spent_s"] - (time.monotonic() - self.t0)
 
-    def side(self, c: Candidate) -> int | None:
+    def side(self, c: Candidate) -> int:
         return self.image_size or input_side(c.backbone)
 
     def stage(self, name: str, planned: float, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -578,7 +599,7 @@ def auto(
     splits = write_splits(data_cfg, folder, seed)
     run_kw = {"executor": executor, "workers": workers}
     a = Auto(folder, budget_s, cands, splits, state, console, accelerator, seed, data_cfg.image_size, run_kw, t0=t_start)
-    a.costs = {c: measure(c, a.side(c) or splits.native or 224, splits) for c in cands}
+    a.costs = measure_all(cands, {c: a.side(c) for c in cands}, splits, console)  # the throughput probe, as `plan` does it
     state.doc.setdefault("setup_s", 0.0)
     state.doc["setup_s"] += time.monotonic() - t_start
     plan = make_plan(cands, a.costs, splits, a.left(), accelerator, a.state.doc.get("overhead_s"))
@@ -749,7 +770,8 @@ def summary(a: Auto, plan: AutoPlan, ranking: list[dict[str, Any]], models: dict
         "validation": f"{a.splits.folds}-fold cross-validation over the training pool" if a.splits.folds
         else f"a stratified {int(VAL_FRACTION * 100)}% holdout of the training pool",
         "sizes": {"pool": a.splits.n_pool, "test": a.splits.n_test, "classes": a.splits.n_classes},
-        "candidates": [{"candidate": str(c), "image_size": a.costs[c].side, "forward_s": a.costs[c].forward, "step_s": a.costs[c].step}
+        "candidates": [{"candidate": str(c), "image_size": a.costs[c].side, "forward_s": a.costs[c].forward, "step_s": a.costs[c].step,
+                        "step_from": a.costs[c].step_from}
                        for c in a.cands],
         "ranking": ranking,
         "models": {k: {kk: vv for kk, vv in m.items() if kk != "exp"} for k, m in models.items()},
@@ -774,10 +796,11 @@ def fmt_s(s: float) -> str:
 def print_plan(a: Auto, plan: AutoPlan) -> None:
     """The budget plan: measured costs per candidate, then the stages; printed before anything trains."""
     t = Table(title=f"budget plan: {fmt_s(a.budget)} ({fmt_s(max(0.0, a.left()))} left after checking and measuring)")
-    for col in ("candidate", "image size", "inference / image", "fine-tune step"):
+    for col in ("candidate", "image size", "inference / image", f"fine-tune step (batch {TRAIN['batch_size']})"):
         t.add_column(col)
     for c, cc in a.costs.items():
-        t.add_row(str(c), str(cc.side), f"{1000 * cc.forward:.2f} ms", f"{1000 * cc.step:.1f} ms")
+        t.add_row(str(c), str(cc.side), f"{1000 * cc.forward:.2f} ms",
+                  f"{1000 * cc.step:.1f} ms" + ("" if cc.step_from == "measured" else f" ({cc.step_from})"))
     a.console.print(t)
     v = f"{a.splits.folds}-fold CV (pool < {KFOLD_BELOW})" if a.splits.folds else f"{int(VAL_FRACTION * 100)}% holdout"
     a.console.print(f"data: {a.splits.n_pool} training images ({v}), {a.splits.n_test} test images, {a.splits.n_classes} classes")
