@@ -99,7 +99,8 @@ def test_predict_cli_table_json_and_bad_files(run_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "class_1" in text and "broken.jpg" in text and "error" in text
     doc = json.loads(out_json.read_text())
-    assert doc["input"] == {"channels": 3, "image_size": 16} and doc["class_names"] == [f"class_{i}" for i in range(4)]
+    assert doc["input"] == {"channels": 3, "image_size": 16, "resize": "crop", "crop_pct": 1.0}
+    assert doc["class_names"] == [f"class_{i}" for i in range(4)]
     first, second = doc["images"]
     assert first["file"] == str(good) and len(first["predictions"]) == 3
     assert first["predictions"][0]["class"] == "class_1" and first["predictions"][0]["index"] == 1
