@@ -33,6 +33,9 @@ class KindUses:
     """``data.folds`` splits it into one run per fold (a kind that samples its own episodes does not)."""
     features: bool = False
     """It works on the frozen backbone's pooled features (one backbone pass, shareable with other runs)."""
+    multilabel: bool = False
+    """It handles ``data.task: multilabel`` (several labels per image); a kind that does not is refused by the config
+    checks, naming the kind."""
 
 
 _DECLARED: list[Callable[[str], KindUses | None]] = []

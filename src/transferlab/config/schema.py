@@ -115,6 +115,11 @@ class DataConfig:
     normalize: Literal["backbone", "dataset", "none"] = "backbone"
     """Input normalisation: ``backbone`` (its pretrained config's mean/std), ``dataset`` (per-channel mean/std
     of the training split, recorded in ``selection.json``), ``none`` (pixels / 255)."""
+    task: Literal["multiclass", "multilabel"] = "multiclass"
+    """``multiclass``: one label per image; ``multilabel``: any number of labels per image (a multi-hot target; sigmoid
+    outputs, ``train.loss: bce`` / ``asymmetric``, mAP, thresholds chosen on validation — ``docs/multilabel.md``)."""
+    label_sep: str = ";"
+    """``task: multilabel``, a CSV/JSON-lines list with one ``labels`` column: the character between an image's labels."""
     synthetic_classes: int = 4
     """Number of classes of the ``synthetic`` dataset (tests only)."""
     synthetic_size: int = 256
@@ -219,8 +224,9 @@ class StrategyConfig:
 
 @dataclass
 class EarlyStoppingConfig:
-    monitor: Literal["val_acc", "val_loss"] = "val_acc"
-    """Metric used for early stopping and for choosing the best checkpoint."""
+    monitor: Literal["val_acc", "val_loss", "val_map"] = "val_acc"
+    """Metric used for early stopping and for choosing the best checkpoint (``val_map``: macro mAP, multi-label only;
+    with ``data.task: multilabel`` the default ``val_acc`` means ``val_map``)."""
     patience: int | None = None
     """Stop after this many epochs without improvement. ``None`` never stops early."""
     min_delta: float = 0.0
@@ -374,7 +380,14 @@ class TrainConfig:
     ema: EmaConfig | None = None
     """EMA of the weights (``{decay: 0.999, evaluate: both}``); ``null`` = off."""
     loss: str = "cross_entropy"
-    """Registered training loss (``transferlab.engine.losses``): ``cross_entropy`` or ``focal`` (``focal_gamma``)."""
+    """Registered training loss (``transferlab.engine.losses``): ``cross_entropy`` or ``focal`` (``focal_gamma``); multi-label:
+    ``bce`` (BCE with logits) or ``asymmetric`` (Ridnik et al. 2021). With ``data.task: multilabel`` the default
+    ``cross_entropy`` means ``bce``."""
+    threshold: Literal["global", "per_class"] | float = "global"
+    """``data.task: multilabel``: the probability above which a label is predicted — ``global`` (one threshold, the best
+    micro F1 on the validation split), ``per_class`` (each class its best F1 on validation; a class with no validation
+    positive gets the global one) or a fixed number in (0, 1). Recorded in ``metrics.json``; used for test and ``predict``,
+    never chosen on test."""
     focal_gamma: float = 2.0
     """``loss: focal``: the focusing exponent gamma (0 = cross-entropy)."""
     class_weights: Literal["balanced"] | list[float] | None = None
@@ -542,6 +555,14 @@ class ExperimentConfig:
     """Feature maps of outside image files after training (``kind: train``)."""
 
     def __post_init__(self) -> None:
+        # multi-label: the multiclass defaults mean their multi-label counterparts, so the resolved config.yaml says what
+        # really ran (softmax cross-entropy and accuracy have no multi-label meaning here)
+        if self.data.task == "multilabel":
+            if self.train.loss == "cross_entropy":
+                self.train = dataclasses.replace(self.train, loss="bce")
+            if self.train.early_stopping.monitor == "val_acc":
+                self.train = dataclasses.replace(
+                    self.train, early_stopping=dataclasses.replace(self.train.early_stopping, monitor="val_map"))
         # the model section records the size a fixed-input-size backbone is built at, so every rebuild of the model
         # (load_run, export, the HF folder) has it without the data section
         if self.model.image_size is None and self.data.image_size is not None:
@@ -549,6 +570,11 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def multilabel(self) -> bool:
+        """``data.task: multilabel``: any number of labels per image."""
+        return self.data.task == "multilabel"
 
     @property
     def uses(self) -> KindUses:
@@ -639,6 +665,28 @@ def unfreeze_milestones(cfg: StrategyConfig) -> tuple[list[int], int | None]:
 Check = tuple[bool, str, Any, str]  # (ok, dotted key, value, why it is wrong)
 
 
+MULTILABEL_LOSSES = ("bce", "asymmetric")
+"""The registered losses of ``data.task: multilabel`` (sigmoid per class); every other loss is multiclass (softmax)."""
+
+
+def _task_checks(cfg: ExperimentConfig) -> Iterable[Check]:
+    """``data.task`` against what depends on it: the loss, the monitor, the kind, the selections without a meaning."""
+    t, d, ml = cfg.train, cfg.data, cfg.multilabel
+    if ml:
+        yield (t.loss in MULTILABEL_LOSSES, "train.loss", t.loss,
+               f"is a multiclass (softmax) loss; data.task: multilabel trains with {' or '.join(MULTILABEL_LOSSES)}")
+        yield (cfg.uses.multilabel, "kind", cfg.kind, "does not support data.task: multilabel (one label per image only)")
+        yield (d.k_per_class is None, "data.k_per_class", d.k_per_class,
+               "has no meaning with data.task: multilabel (an image has several classes); use data.train_subset")
+        yield (d.sampler != "balanced", "data.sampler", d.sampler, "balanced draws by one class per image: not with data.task: multilabel")
+        yield (t.label_smoothing == 0, "train.label_smoothing", t.label_smoothing, "is not defined for data.task: multilabel")
+        yield (isinstance(t.threshold, str) or 0 < t.threshold < 1, "train.threshold", t.threshold, "must be in (0, 1), global or per_class")
+    else:
+        yield (t.loss not in MULTILABEL_LOSSES, "train.loss", t.loss, "is a multi-label loss: set data.task: multilabel, or use cross_entropy / focal")
+        yield (t.early_stopping.monitor != "val_map", "train.early_stopping.monitor", "val_map", "is multi-label only (data.task: multilabel)")
+        yield (t.threshold == "global", "train.threshold", t.threshold, "is for data.task: multilabel only")
+
+
 def _range_checks(cfg: ExperimentConfig) -> Iterable[Check]:
     t, d, h = cfg.train, cfg.data, cfg.head
     yield from [
@@ -665,6 +713,7 @@ def _range_checks(cfg: ExperimentConfig) -> Iterable[Check]:
         (d.classes is None or len(set(map(str, d.classes))) == len(d.classes), "data.classes", d.classes, "lists a class twice"),
         (d.classes is None or all(isinstance(c, str) or c >= 0 for c in d.classes), "data.classes", d.classes, "has a negative index"),
     ]
+    yield from _task_checks(cfg)
     yield from _kind_checks(cfg)
     yield from _surgery_checks(cfg)
     yield from _recipe_checks(cfg)

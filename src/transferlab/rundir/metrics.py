@@ -20,7 +20,10 @@ import torch
 
 from transferlab.rundir.layout import METRICS_FILE
 
-__all__ = ["METRICS_FILE", "SCHEMA_VERSION", "RunMetrics", "balanced_scores", "code_version"]
+__all__ = ["HEADLINE", "METRICS_FILE", "SCHEMA_VERSION", "RunMetrics", "balanced_scores", "code_version"]
+
+HEADLINE = {"multiclass": "test_acc", "multilabel": "test_map"}
+"""Per task, the ``metrics.json`` field that ranks runs (compare, report, search, auto); higher is better for both."""
 
 SCHEMA_VERSION = 2
 """2: ``kind`` and ``schema_version`` always present, every field always written. 1: before (no version)."""
@@ -49,6 +52,9 @@ class RunMetrics:
     n_test: int | None = None
     skipped_bad_images: int | None = None
     class_names: list[str] = field(default_factory=list)
+    task: str = "multiclass"
+    """``multiclass`` (one label per image: the accuracy fields) or ``multilabel`` (``data.task``: the ``test_map`` …
+    fields; ``test_acc`` / ``test_top5`` / ``per_class_acc`` / ``confusion_matrix`` are ``None``)."""
     test_acc: float | None = None
     test_top5: float | None = None
     test_loss: float | None = None
@@ -70,6 +76,28 @@ class RunMetrics:
     """With ``train.calibrate: temperature``: the T > 0 fitted on the validation logits (NLL, L-BFGS)."""
     tested_weights: str | None = None
     """``kind: train``: which weights the test metrics are of — ``raw`` (as trained) or ``ema`` (``train.ema``)."""
+    test_map: float | None = None
+    """Multi-label: macro mean average precision over the classes with a test positive (torchmetrics
+    ``MultilabelAveragePrecision(average="macro")``, threshold-free) — the task's headline metric."""
+    test_map_micro: float | None = None
+    """Multi-label: micro mAP (every image-label pair pooled)."""
+    test_f1: float | None = None
+    """Multi-label: macro F1 at ``thresholds`` (chosen on validation)."""
+    test_f1_micro: float | None = None
+    test_precision: float | None = None
+    """Multi-label: macro precision at ``thresholds``."""
+    test_recall: float | None = None
+    """Multi-label: macro recall at ``thresholds``."""
+    test_exact_match: float | None = None
+    """Multi-label: share of test images whose predicted label set equals the true set (subset accuracy)."""
+    test_hamming: float | None = None
+    """Multi-label: Hamming loss, the share of wrong image-label decisions (0 is perfect)."""
+    per_class_ap: list[float | None] | None = None
+    """Multi-label: average precision of each class on test (``None`` for a class with no test positive)."""
+    thresholds: list[float] | None = None
+    """Multi-label: the probability threshold of each class (``train.threshold``), chosen on validation."""
+    threshold_mode: str | None = None
+    """Multi-label: how ``thresholds`` were set: ``global`` / ``per_class`` (best F1 on validation) or ``fixed``."""
     per_class_acc: list[float | None] | None = None
     confusion_matrix: list[list[int]] | None = None
     best_epoch: int | None = None
@@ -98,6 +126,11 @@ class RunMetrics:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def headline(self) -> str:
+        """The field that ranks runs of this task: ``test_map`` (multi-label) or ``test_acc``."""
+        return HEADLINE[self.task]
 
     def training_cost_seconds(self) -> float:
         """What training cost: the loop's time plus, when features were cached, the one backbone pass."""
