@@ -351,7 +351,7 @@ def test_run_refuses_a_folder_that_check_data_rejects_with_the_same_message(tmp_
 
 def test_plan_of_a_dropout_sweep_probes_the_model_once(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(dryrun, "_probe", lambda cfg, data: calls.append(cfg.name) or Cost(0.01, 0.001))
+    monkeypatch.setattr(dryrun, "_probe", lambda cfg, data: calls.append(cfg.name) or (Cost(0.01, 0.001), 0.0))
     raw = _study("sweep", [{"name": "drop", "head": {"type": "mlp"}, "sweep": {"head.dropout": [round(0.02 * k, 2) for k in range(20)]}}])
     report = dry_run(parse_study(raw), tmp_path / "runs")
     assert len(report.rows) == 20 and all(r.estimate_s for r in report.rows)
@@ -364,7 +364,7 @@ def test_plan_of_a_dropout_sweep_probes_the_model_once(tmp_path, monkeypatch):
 
 def test_plan_on_missing_data_says_the_size_is_unknown_and_times_nothing(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(dryrun, "_probe", lambda cfg, data: calls.append(cfg.name) or Cost(0.01, 0.001))
+    monkeypatch.setattr(dryrun, "_probe", lambda cfg, data: calls.append(cfg.name) or (Cost(0.01, 0.001), 0.0))
     raw = _study("gone", [{"name": "missing", "data": {"dataset": "folder", "root": str(tmp_path / "nowhere")}}])
     report = dry_run(parse_study(raw), tmp_path / "runs")
     row = report.rows[0]

@@ -53,6 +53,8 @@ class DataFacts:
     channels: int = 3
     side: int = 32
     n_classes: int = 10
+    load_seconds: float = 0.0
+    """Seconds the plan took to read the dataset and make the selection: every run pays it again (0 when not here)."""
 
     @property
     def known(self) -> bool:
@@ -111,7 +113,7 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
     report = PlanReport(study.name, exec_cfg)
     levels = dependency_levels(plan)
     facts: dict[str, DataFacts] = {}
-    probes: dict[str, Cost] = {}
+    probes: dict[str, tuple[Cost, float]] = {}
     data_problems: dict[str, list[str]] = {}  # one line per problem, not one per run (a 1000-fold sweep)
     t0 = time.perf_counter()
     for run in plan:
@@ -151,6 +153,7 @@ def _data(cfg: ExperimentConfig, cache: dict[str, DataFacts]) -> DataFacts:
     key = json.dumps([dataclasses.asdict(cfg.data), cfg.seed], sort_keys=True, default=str)
     if key in cache:
         return cache[key]
+    t0 = time.perf_counter()
     try:
         with no_downloads():
             raw = load_dataset(cfg.data)
@@ -167,7 +170,8 @@ def _data(cfg: ExperimentConfig, cache: dict[str, DataFacts]) -> DataFacts:
             pooled = pool_train_test(raw) if cfg.data.folds is not None else raw  # as prepare_splits does
             relabel, _, names = select_classes(cfg.data.classes, raw.class_names)
             parts, _ = select_parts(cfg.data, pooled, cfg.seed, relabel, names)
-            facts = DataFacts("local", raw.source, len(parts["train"][0]), len(parts["val"][0]), len(parts["test"][0]), channels, side, len(names))
+            facts = DataFacts("local", raw.source, len(parts["train"][0]), len(parts["val"][0]), len(parts["test"][0]), channels, side, len(names),
+                              time.perf_counter() - t0)
         except DatasetError as e:  # here, but its selection cannot be made: the run would fail; no size to estimate from
             facts = DataFacts("local", f"{raw.source}: {str(e).splitlines()[0][:300]}", None, None, None, channels, side, len(raw.class_names))
     cache[key] = facts
@@ -217,21 +221,26 @@ def probe_key(cfg: ExperimentConfig, data: DataFacts) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
 
-def _estimate(cfg: ExperimentConfig, data: DataFacts, probes: dict[str, Cost]) -> float:
+def _estimate(cfg: ExperimentConfig, data: DataFacts, probes: dict[str, tuple[Cost, float]]) -> float:
     """Seconds for one run: the kind's own estimate (``Kind.estimate``) from its split sizes and the measured cost of its
-    model (one probe per distinct cost: ``probe_key``)."""
+    model (one probe per distinct cost: ``probe_key``), plus what every run pays before its first step: reading its
+    data and building its model (both measured here)."""
     key = probe_key(cfg, data)
     if key not in probes:
         probes[key] = _probe(cfg, data)
-    return KINDS.get(cfg.kind).estimate(cfg, data.n_train, data.n_val, data.n_test, probes[key])
+    cost, build_seconds = probes[key]
+    return KINDS.get(cfg.kind).estimate(cfg, data.n_train, data.n_val, data.n_test, cost) + data.load_seconds + build_seconds
 
 
-def _probe(cfg: ExperimentConfig, data: DataFacts) -> Cost:
-    """The run's model (random weights, its strategy applied) timed by the engine's probe (``engine.costs``)."""
+def _probe(cfg: ExperimentConfig, data: DataFacts) -> tuple[Cost, float]:
+    """The run's model (random weights, its strategy applied) timed by the engine's probe (``engine.costs``), and the
+    seconds building it took."""
     model_cfg = dataclasses.replace(cfg.model, weights="scratch", keep_head=False)
+    t0 = time.perf_counter()
     model, _ = build_model(model_cfg, cfg.head, data.n_classes)
     apply_strategy(model, cfg.strategy)
-    return measure_cost(model, cfg, data.side, data.n_classes, train=cfg.uses.training)
+    build_seconds = time.perf_counter() - t0
+    return measure_cost(model, cfg, data.side, data.n_classes, train=cfg.uses.training, cached=True), build_seconds
 
 
 def _cache_groups(rows: list[PlanRow], plan: list[PlannedRun]) -> None:
