@@ -390,6 +390,13 @@ class TrainConfig:
     never chosen on test."""
     focal_gamma: float = 2.0
     """``loss: focal``: the focusing exponent gamma (0 = cross-entropy)."""
+    asl_gamma_neg: float = 4.0
+    """``loss: asymmetric``: the focusing exponent of the negative labels, gamma- (Ridnik et al. 2021: 4)."""
+    asl_gamma_pos: float = 0.0
+    """``loss: asymmetric``: the focusing exponent of the positive labels, gamma+ (Ridnik et al. 2021: 0)."""
+    asl_clip: float = 0.05
+    """``loss: asymmetric``: the probability margin m of the negatives, p_m = max(p - m, 0) (0 = none; paper: 0.05).
+    With both gammas and the margin 0 the loss is ``bce``."""
     class_weights: Literal["balanced"] | list[float] | None = None
     """Per-class loss weights: ``balanced`` (n / (classes * n_c) on the training split) or one weight per class."""
     calibrate: Literal["none", "temperature"] = "none"
@@ -796,7 +803,7 @@ def _recipe_checks(cfg: ExperimentConfig) -> Iterable[Check]:
         yield (n is None or len(w) == n, "train.class_weights", w, f"has {len(w)} weights, data.classes lists {n} classes")
     if not cfg.uses.training:
         used = {"train.mixup": mx, "train.ema": ema, "train.class_weights": w}
-        used |= {"train.loss": t.loss} if t.loss != "cross_entropy" else {}
+        used |= {"train.loss": t.loss} if t.loss != ("bce" if cfg.multilabel else "cross_entropy") else {}  # the task's default
         used |= {"data.sampler": d.sampler} if d.sampler != "random" else {}
         for key, value in used.items():
             yield (value is None, key, value, f"applies to kind: train only (this experiment is kind: {cfg.kind})")

@@ -12,6 +12,13 @@
 
 ``CalibrationSums`` accumulates all of it on the device during ``evaluate`` (no logits are kept); its
 reliability bins (count, summed confidence, correct per bin) are what the report's diagram draws.
+
+Multi-label (``data.task: multilabel``, ``multilabel_calibration``): every class is a binary problem — its sigmoid
+probability p against its 0/1 label. ECE is the mean over classes of each class's binary ECE (torchmetrics'
+``BinaryCalibrationError``, same bins and norm; the confidence is p itself), NLL the mean BCE, Brier the mean of
+(p − y)² over images and classes (0 … 1), and the reliability bins pool every image-class pair. Temperature
+scaling is multiclass only (the config check says so): the thresholds are chosen on the validation probabilities,
+and rescaling them afterwards would move every threshold.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassCalibrationError
+from torchmetrics.functional.classification import binary_calibration_error
 
-__all__ = ["ECE_BINS", "CalibrationSums", "collect_logits", "ece_from_bins", "fit_temperature"]
+__all__ = ["ECE_BINS", "CalibrationSums", "collect_logits", "ece_from_bins", "fit_temperature", "multilabel_calibration"]
 
 ECE_BINS = 15
 """Equal-width confidence bins of the ECE and the reliability diagram (torchmetrics' and Guo et al.'s 15)."""
@@ -73,6 +81,26 @@ class CalibrationSums:
         if self.temperature is not None:
             out["temperature"] = float(self.temperature)
         return out
+
+
+def multilabel_calibration(probs: torch.Tensor, targets: torch.Tensor, nll: float) -> dict[str, Any]:
+    """The calibration of N×K multi-label sigmoid probabilities, each class a binary problem (its probability against
+    its 0/1 label): ``ece`` the mean over classes of torchmetrics' ``BinaryCalibrationError`` (``ECE_BINS`` bins, L1;
+    ``per_class_ece`` each), ``brier`` the mean over images and classes of (p − y)², ``nll`` the mean BCE the caller
+    measured from the logits, ``reliability`` the bins of every image-class pair pooled (count, summed p, summed y).
+    Keys as ``CalibrationSums.compute``'s, so ``Calibration.from_sums`` reads it."""
+    p, y = probs.detach().float().cpu(), (targets.detach().cpu() >= 0.5).long()
+    per_class = [float(binary_calibration_error(p[:, k].contiguous(), y[:, k].contiguous(), n_bins=ECE_BINS, norm="l1")) for k in range(p.shape[1])]
+    flat_p, flat_y = p.flatten().double(), y.flatten().double()
+    b = (flat_p * ECE_BINS).floor().long().clamp(0, ECE_BINS - 1)  # as torchmetrics bins (p = 1 in the last bin)
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)
+    for row, values in enumerate((torch.ones_like(flat_p), flat_p, flat_y)):
+        bins[row].index_add_(0, b, values)
+    return {
+        "ece": sum(per_class) / max(len(per_class), 1), "per_class_ece": per_class, "nll": nll,
+        "brier": float(((flat_p - flat_y) ** 2).mean()) if len(flat_p) else float("nan"),
+        "reliability": {"count": bins[0].long().tolist(), "confidence": bins[1].tolist(), "correct": bins[2].tolist()},
+    }
 
 
 def ece_from_bins(reliability: dict[str, list[float]]) -> float | None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferlab.config import ExperimentConfig
-from transferlab.engine.features.cached import CachedSuffix, _setting_rules_out, plan_cut
+from transferlab.engine.features.cached import CachedSuffix, plan_cut, setting_rules_out
 from transferlab.engine.optim import make_optimizer, param_groups
 from transferlab.engine.precision import AUTO, auto_precision, autocast_for
 from transferlab.models.model import TransferModel
@@ -109,10 +109,10 @@ def _forward_seconds(net: Callable[[torch.Tensor], torch.Tensor] | nn.Module, x:
 def _cached_cost(model: TransferModel, cfg: ExperimentConfig, x: torch.Tensor, y: torch.Tensor, precision: str) -> CachedCost | None:
     """The feature-cache path's costs, when the run's settings and its model let the cache take it (else ``None``).
 
-    The decision is the engine's (``_setting_rules_out`` on the settings, ``plan_cut`` on the model: dropout in the
+    The decision is the engine's (``setting_rules_out`` on the settings, ``plan_cut`` on the model: dropout in the
     prefix, BatchNorm that would update, a prefix too cheap to be worth it, ...); only the memory limit, which depends
     on the split sizes, is left to the run."""
-    if _setting_rules_out(cfg, ONE_PROCESS) is not None:  # the plan runs in one process; DDP runs cache nothing
+    if setting_rules_out(cfg, ONE_PROCESS) is not None:  # the plan runs in one process; DDP runs cache nothing
         return None
     check = plan_cut(model, x[:4], lambda: autocast_for(precision, "cpu"), cfg.train.cache == "on", [])
     if check is None:

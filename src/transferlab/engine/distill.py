@@ -5,6 +5,9 @@ The teacher sees the very batch the student trains on (augmented, mixed): the lo
 
     (1 − alpha) · hard(student, target) + alpha · T² · KL(softmax(teacher / T) ‖ softmax(student / T)).
 
+Multi-label (``data.task: multilabel``: K independent sigmoids) the soft term is per class instead, the binary
+cross-entropy of sigmoid(student / T) against the teacher's sigmoid(teacher / T), averaged over images and classes.
+
 Teacher and student may differ in backbone, input size, channels and normalisation: the student's normalised batch
 is turned back into pixels, resized to the teacher's input size (bilinear, antialiased) and normalised the
 teacher's way (its own ``Preprocess``). The teacher is in eval mode without gradients and uses no randomness, so a
@@ -37,11 +40,11 @@ class DistillLoss(nn.Module, Callback):
     """The distillation loss around the run's ``base`` loss; also the hook that hands it each training batch."""
 
     def __init__(self, base: nn.Module, teacher: nn.Module, student_pre: Preprocess, teacher_pre: Preprocess,
-                 teacher_size: int | None, alpha: float, temperature: float) -> None:
+                 teacher_size: int | None, alpha: float, temperature: float, multilabel: bool = False) -> None:
         super().__init__()
         self.base, self.teacher = base, teacher.eval().requires_grad_(False)
         self.student_pre, self.teacher_pre, self.teacher_size = student_pre, teacher_pre, teacher_size
-        self.alpha, self.temperature = alpha, temperature
+        self.alpha, self.temperature, self.multilabel = alpha, temperature, multilabel
         self.inputs: torch.Tensor | None = None
 
     @property
@@ -65,5 +68,8 @@ class DistillLoss(nn.Module, Callback):
         with torch.no_grad():
             t = self.teacher(teacher_inputs(x, self.student_pre, self.teacher_pre, self.teacher_size)).float()
         temp = self.temperature
-        kl = F.kl_div(F.log_softmax(logits.float() / temp, 1), F.log_softmax(t / temp, 1), log_target=True, reduction="batchmean")
-        return (1 - self.alpha) * hard + self.alpha * temp * temp * kl
+        if self.multilabel:  # each class its own binary distribution
+            soft = F.binary_cross_entropy_with_logits(logits.float() / temp, (t / temp).sigmoid())
+        else:
+            soft = F.kl_div(F.log_softmax(logits.float() / temp, 1), F.log_softmax(t / temp, 1), log_target=True, reduction="batchmean")
+        return (1 - self.alpha) * hard + self.alpha * temp * temp * soft

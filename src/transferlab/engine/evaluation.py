@@ -19,48 +19,55 @@ from transferlab.rundir.metrics import balanced_scores
 
 __all__ = ["TTA", "Calibration", "Evaluation", "TestTimeAugmentation", "evaluate", "with_tta"]
 
-TTA: Registry[Callable[[torch.nn.Module], torch.nn.Module]] = Registry(
+TTA: Registry[Callable[..., torch.nn.Module]] = Registry(
     "test-time augmentation", "train.tta: the views averaged at evaluation"
 )
 
 
 class TestTimeAugmentation(torch.nn.Module):
-    """A classifier whose prediction is the mean softmax over views of each image (``flip``: the image
+    """A classifier whose prediction is the mean probability over views of each image (``flip``: the image
     and its horizontal mirror).
 
-    It returns the *log* of that mean probability, so everything downstream — cross-entropy (the
-    NLL of the averaged prediction), argmax, top-k, softmax — sees the averaged prediction.
+    Multiclass: the mean softmax, returned as its *log*, so everything downstream — cross-entropy (the NLL of the
+    averaged prediction), argmax, top-k, softmax — sees the averaged prediction. Multi-label (``multilabel``): the
+    mean *sigmoid* of each class, returned as its logit, log(p / (1 − p)), so that a sigmoid downstream gives the
+    averaged probability back and BCE with logits is the BCE of it (p clamped to [1e-7, 1 − 1e-7]).
     """
 
-    def __init__(self, model: torch.nn.Module, views: str = "flip") -> None:
+    def __init__(self, model: torch.nn.Module, views: str = "flip", multilabel: bool = False) -> None:
         super().__init__()
         if views != "flip":
             raise ValueError(f"unknown test-time augmentation {views!r}; use one of {', '.join(TTA.names())}")
-        self.model, self.views = model, views
+        self.model, self.views, self.multilabel = model, views, multilabel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.multilabel:
+            probs = self.model(x).float().sigmoid() + self.model(x.flip(-1)).float().sigmoid()
+            return torch.logit(probs / 2, eps=1e-7)
         probs = self.model(x).float().softmax(-1) + self.model(x.flip(-1)).float().softmax(-1)
         return (probs / 2).clamp_min(1e-12).log()
 
 
 @TTA.register("none")
-def no_tta(model: torch.nn.Module) -> torch.nn.Module:
+def no_tta(model: torch.nn.Module, multilabel: bool = False) -> torch.nn.Module:
     """The model itself: one view per image."""
     return model
 
 
 @TTA.register("flip")
-def flip_tta(model: torch.nn.Module) -> torch.nn.Module:
-    """Mean softmax of each image and its horizontal mirror (2x inference)."""
-    return TestTimeAugmentation(model, "flip")
+def flip_tta(model: torch.nn.Module, multilabel: bool = False) -> torch.nn.Module:
+    """Mean probability (softmax; per class sigmoid for multi-label) of each image and its horizontal mirror (2x inference)."""
+    return TestTimeAugmentation(model, "flip", multilabel)
 
 
-def with_tta(model: torch.nn.Module, tta: str) -> torch.nn.Module:
-    """``model`` wrapped by the registered test-time augmentation ``tta`` (``none``: itself)."""
+def with_tta(model: torch.nn.Module, tta: str, multilabel: bool = False) -> torch.nn.Module:
+    """``model`` wrapped by the registered test-time augmentation ``tta`` (``none``: itself); ``multilabel``: the views'
+    sigmoid probabilities are averaged (an entry is called ``entry(model)``, or ``entry(model, multilabel=True)``)."""
     try:
-        return TTA.get(tta)(model)
+        entry = TTA.get(tta)
     except UnknownNameError as e:
         raise ValueError(str(e)) from None
+    return entry(model, multilabel=True) if multilabel else entry(model)
 
 
 register_choices(TrainConfig, "tta", TTA.names)

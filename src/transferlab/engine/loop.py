@@ -12,6 +12,10 @@ the per-group lrs of ``train.layer_decay`` (``GroupLrLog``), the progress bar an
 whole ``Loop``; a criterion that is also a ``Callback`` (distillation: it needs each batch) is one of
 them. The step itself takes a batch transform (``Loop.mix``: mixup / CutMix, with its own
 generator state) and a criterion (``Loop.criterion``: ``train.loss`` with ``train.class_weights``).
+
+Multi-label (``data.task: multilabel``, N×K targets): the same loop; ``train_acc`` is the share of right image-label
+decisions at probability 0.5 (``right_decisions``), validation reports ``val_loss`` (mean BCE) and ``val_map`` (macro
+mAP, ``engine.multilabel``) instead of ``val_acc``, and ``val_map`` is maximised like ``val_acc``.
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ from transferlab.engine.ema import WeightEma, make_ema
 from transferlab.engine.evaluation import evaluate, with_tta
 from transferlab.engine.losses import make_loss
 from transferlab.engine.mixup import Mixup, make_mixup
+from transferlab.engine.multilabel import evaluate_multilabel
 from transferlab.engine.optim import group_lrs, make_optimizer, make_scheduler, param_groups
 from transferlab.engine.swa import make_swa
 from transferlab.models.model import TransferModel
 from transferlab.strategies import trainability_for_epoch
 
-__all__ = ["Callback", "FitResult", "Loop", "TrainingDiverged", "fit", "train_one_epoch", "validate"]
+__all__ = ["Callback", "FitResult", "Loop", "TrainingDiverged", "fit", "right_decisions", "train_one_epoch", "validate", "validation_scores"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -224,7 +229,7 @@ def warm_up(loop: Loop) -> None:
                 logits = model(x.to(next(model.parameters()).dtype) if x.is_floating_point() else x)
         else:  # Fabric's module: the run's precision (autocast, input conversion), without DDP
             logits = loop.fmodel(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        loss = warm_up_loss(logits.float(), y)
         if loss.requires_grad:
             loop.fabric.backward(loss)
     with torch.no_grad():
@@ -236,7 +241,8 @@ def warm_up(loop: Loop) -> None:
 
 
 def train_one_epoch(loop: Loop) -> tuple[float, float]:
-    """One pass over the training batches: forward, loss, backward, step, schedule. Returns (loss, accuracy)."""
+    """One pass over the training batches: forward, loss, backward, step, schedule. Returns (loss, accuracy) — multi-label:
+    the accuracy of the image-label decisions at 0.5 (``right_decisions``)."""
     st, tc, dev = loop.state, loop.cfg.train, loop.fabric.device
     loop.fmodel.train()
     loop.train.set_epoch(st.epoch)
@@ -264,7 +270,7 @@ def train_one_epoch(loop: Loop) -> tuple[float, float]:
         d = loop.step_loss = loss.detach()
         loop.first_bad = torch.where((loop.first_bad < 0) & ~torch.isfinite(d), step, loop.first_bad)
         loop.loss_sum += d.double() * len(y)
-        loop.correct += (logits.detach().argmax(1) == label).sum()
+        loop.correct += right_decisions(logits.detach(), label)
         st.seen += len(y)
         st.step = step + 1
         loop.call("on_train_batch_end")
@@ -278,22 +284,55 @@ def train_one_epoch(loop: Loop) -> tuple[float, float]:
             f"(lr {tc.lr:g}); the last good checkpoint is kept in {loop.checkpoints.directory}"
         )
     st.seconds += time.perf_counter() - loop.clock
-    return epoch_loss / seen, epoch_correct / seen
+    decisions = loop.model.num_classes if loop.cfg.multilabel else 1  # multi-label: every image-label decision counts
+    return epoch_loss / seen, epoch_correct / (seen * decisions)
+
+
+def right_decisions(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The training accuracy's count of a batch (on the device): multiclass, the images whose argmax is ``label``;
+    multi-label (N×K ``label``), the image-label decisions right at probability 0.5 (logit >= 0 against label >= 0.5),
+    so ``train_acc`` is the share of right label decisions (1 − the Hamming loss at 0.5)."""
+    if label.dim() == 2:
+        return ((logits >= 0) == (label >= 0.5)).sum()
+    return (logits.argmax(1) == label).sum()
+
+
+def warm_up_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A loss of the right kind for the untimed warm-up step (its value is thrown away): cross-entropy of class labels,
+    BCE of N×K multi-label targets."""
+    if y.dim() == 2:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+    return torch.nn.functional.cross_entropy(logits, y)
 
 
 def validate(loop: Loop) -> dict[str, Any]:
-    """Loss and accuracy of the evaluated weights on the validation batches (with the run's test-time augmentation).
+    """Loss and accuracy (multi-label: loss and macro mAP, ``map``) of the evaluated weights on the validation batches,
+    with the run's test-time augmentation.
 
     With ``train.ema: {evaluate: both}`` the raw weights are validated too (``extra``: history columns).
     """
-    tta, n, dev = loop.cfg.train.tta, loop.model.num_classes, loop.fabric.device
     with loop.fabric.autocast():  # the bare module: DDP's forward would sync buffers per call
-        ev = evaluate(with_tta(loop.evaluated(), tta), loop.val, n, dev)
-        out: dict[str, Any] = {"loss": ev.loss, "acc": ev.acc}
+        out: dict[str, Any] = validation_metrics(loop, loop.evaluated())
         if loop.ema is not None and loop.ema.cfg.evaluate == "both":
-            raw = evaluate(with_tta(loop.model, tta), loop.val, n, dev)
-            out["extra"] = {"val_loss_raw": raw.loss, "val_acc_raw": raw.acc}
+            out["extra"] = {f"val_{k}_raw": v for k, v in validation_metrics(loop, loop.model).items()}
     return out
+
+
+def validation_metrics(loop: Loop, model: torch.nn.Module) -> dict[str, float]:
+    """``validation_scores`` of ``model`` with the run's test-time augmentation on the validation batches."""
+    multilabel = loop.cfg.multilabel
+    tested = with_tta(model, loop.cfg.train.tta, multilabel=multilabel)
+    return validation_scores(tested, loop.val, loop.model.num_classes, loop.fabric.device, multilabel)
+
+
+def validation_scores(model: torch.nn.Module, batches: Any, num_classes: int, device: torch.device | str,
+                      multilabel: bool = False) -> dict[str, float]:
+    """``{"loss", "acc"}`` of ``model`` on ``batches``; multi-label ``{"loss", "map"}`` (mean BCE, macro mAP: threshold-free)."""
+    if multilabel:
+        ml = evaluate_multilabel(model, batches, num_classes, device)
+        return {"loss": ml.loss, "map": ml.map}
+    ev = evaluate(model, batches, num_classes, device)
+    return {"loss": ev.loss, "acc": ev.acc}
 
 
 def end_epoch(loop: Loop, train_loss: float, train_acc: float, val_metrics: dict[str, Any]) -> dict[str, float]:
@@ -303,8 +342,7 @@ def end_epoch(loop: Loop, train_loss: float, train_acc: float, val_metrics: dict
         "epoch": st.epoch + 1,
         "train_loss": train_loss,
         "train_acc": train_acc,
-        "val_loss": val_metrics["loss"],
-        "val_acc": val_metrics["acc"],
+        **{f"val_{k}": v for k, v in val_metrics.items() if k != "extra"},  # val_loss, then val_acc (multi-label: val_map)
         **val_metrics.get("extra", {}),
         "lr": loop.step_lr,
         "seconds": time.perf_counter() - loop.epoch_start,
@@ -313,7 +351,7 @@ def end_epoch(loop: Loop, train_loss: float, train_acc: float, val_metrics: dict
     loop.history.append(row)
     epoch = st.epoch
     st.epoch, st.step, st.loss_sum, st.correct, st.seen = epoch + 1, 0, 0.0, 0, 0
-    if _improved(row[es.monitor], st.best, es.monitor == "val_acc", es.min_delta):
+    if _improved(row[es.monitor], st.best, es.monitor in ("val_acc", "val_map"), es.min_delta):
         st.best, st.best_epoch, st.bad_epochs = row[es.monitor], epoch, 0
         loop.save("best")
     else:
@@ -445,9 +483,10 @@ class EpochLog(Callback):
     def on_train_epoch_end(self, loop: Loop, row: dict[str, float]) -> None:
         st, tc = loop.state, loop.cfg.train
         if tc.progress and loop.fabric.is_global_zero:
+            score = "map" if loop.cfg.multilabel else "acc"
             loop.console.print(
                 f"  {loop.cfg.name} epoch {row['epoch']:>3}/{tc.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  {row['seconds']:.1f}s"
+                f"val loss {row['val_loss']:.4f} {score} {row[f'val_{score}']:.4f}  {row['seconds']:.1f}s"
                 + ("  *" if st.best_epoch == row["epoch"] - 1 else "")
             )
         if st.stopped_early:

@@ -18,6 +18,10 @@ device); the mixing runs on the batch's device.
 
 Training accuracy under mixup counts a prediction as right when it is the batch's *dominant* label:
 the image's own label when lam >= 0.5, else its partner's.
+
+Multi-label targets (N×K multi-hot, ``data.task: multilabel``) are mixed the same way, as vectors:
+``lam · y + (1 − lam) · y.flip(0)`` (``mixed_multi_hot``; ``label_smoothing`` maps each entry to timm's on / off
+values first); the dominant labels are the dominant image's label vector. Class labels take exactly the path above.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from timm.data.mixup import mixup_target
 
 from transferlab.config.schema import MixupConfig
 
-__all__ = ["Mixup", "make_mixup"]
+__all__ = ["Mixup", "make_mixup", "mixed_multi_hot"]
 
 
 class Mixup:
@@ -72,7 +76,10 @@ class Mixup:
             x[:, :, top:bottom, left:right] = x.flip(0)[:, :, top:bottom, left:right]
         elif lam != 1.0:
             x = x * lam + x.flip(0) * (1.0 - lam)
-        target = mixup_target(y, self.num_classes, lam, self.cfg.label_smoothing)
+        if y.dim() == 1:  # class labels
+            target = mixup_target(y, self.num_classes, lam, self.cfg.label_smoothing)
+        else:  # multi-label: N×K multi-hot targets
+            target = mixed_multi_hot(y, lam, self.cfg.label_smoothing)
         return x, target, (y if lam >= 0.5 else y.flip(0))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -86,6 +93,15 @@ class Mixup:
         words = state["mixup"].tolist()
         keys = np.array(words[2:], dtype=np.uint32)
         self.rng.set_state(("MT19937", keys, int(words[0]), int(words[1]), float(state["mixup_gauss"][0])))
+
+
+def mixed_multi_hot(y: torch.Tensor, lam: float, smoothing: float = 0.0) -> torch.Tensor:
+    """Multi-label mixup targets: ``lam · s(y) + (1 − lam) · s(y.flip(0))`` of N×K multi-hot ``y``, with timm's smoothing
+    of each entry, s(y) = y · (1 − smoothing) + smoothing / K (its on / off values; none with ``smoothing`` 0)."""
+    y = y.float()
+    if smoothing:
+        y = y * (1 - smoothing) + smoothing / y.shape[-1]
+    return y * lam + y.flip(0) * (1.0 - lam)
 
 
 def make_mixup(cfg: MixupConfig | None, num_classes: int, seed: int) -> Mixup | None:

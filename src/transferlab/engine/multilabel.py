@@ -44,10 +44,12 @@ __all__ = [
     "SCORE_KEYS",
     "MultilabelEvaluation",
     "choose_thresholds",
+    "evaluate_at_val_thresholds",
     "evaluate_multilabel",
     "multilabel_part",
     "multilabel_predictions",
     "multilabel_scores",
+    "predicted",
 ]
 
 SCORE_KEYS = ("map", "map_micro", "per_class_ap", "f1", "f1_micro", "precision", "recall", "exact_match", "hamming")
@@ -218,6 +220,22 @@ def evaluate_multilabel(
         probs=p, targets=y, n=n, seconds=seconds, images_per_s=n / seconds if seconds > 0 else float("nan"),
         scores=scores, thresholds=list(thresholds) if thresholds is not None else None,
     )
+
+
+def evaluate_at_val_thresholds(
+    model: torch.nn.Module,
+    val: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    test: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    device: torch.device | str,
+    mode: str | float,
+) -> tuple[MultilabelEvaluation, str]:
+    """A multi-label model's test evaluation at thresholds chosen on its validation pass (``train.threshold`` = ``mode``):
+    (the test ``MultilabelEvaluation`` with its scores and thresholds, ``global`` / ``per_class`` / ``fixed``). The
+    test probabilities are never looked at before the thresholds are fixed."""
+    on_val = evaluate_multilabel(model, val, num_classes, device)
+    thresholds, chosen = choose_thresholds(on_val.probs, on_val.targets, mode)
+    return evaluate_multilabel(model, test, num_classes, device, thresholds), chosen
 
 
 # --------------------------------------------------------------------------------------------

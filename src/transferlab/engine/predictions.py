@@ -3,7 +3,8 @@
 While a run is tested, ``PredictionRecorder`` keeps the predicted class and its probability for every
 test image (on the device, cheap) and ``save_test_predictions`` writes them to ``predictions.json`` with
 a small seeded sample of the test images as ``test_samples.safetensors`` — what the report's
-prediction grid shows, without needing the dataset again.
+prediction grid shows, without needing the dataset again. Multi-label runs (``data.task: multilabel``) write
+N×K ``true`` / ``pred`` / ``prob`` and their ``thresholds`` (``engine.multilabel.multilabel_predictions``).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _sample_positions(true: np.ndarray, pred: np.ndarray, seed: int) -> list[int
     order = np.random.default_rng(seed).permutation(len(true))
     sample = [int(i) for i in order[:SAMPLE_RANDOM]]
     taken = set(sample)
-    wrong = [int(i) for i in order if true[i] != pred[i] and int(i) not in taken][:SAMPLE_WRONG]
+    wrong = [int(i) for i in order if np.any(true[i] != pred[i]) and int(i) not in taken][:SAMPLE_WRONG]  # multi-label: any label
     return sample + wrong
 
 
@@ -107,14 +108,16 @@ def _images_at(x: Any, positions: list[int]) -> torch.Tensor:
     return out.contiguous()
 
 
-def save_test_predictions(run_dir: str | Path, recorder: PredictionRecorder, splits: ImageSplits, seed: int) -> dict[str, Any]:
+def save_test_predictions(run_dir: str | Path, recorder: PredictionRecorder | dict[str, Any], splits: ImageSplits, seed: int) -> dict[str, Any]:
     """Write ``predictions.json`` (every test image: true, pred, prob) and ``test_samples.safetensors``.
 
-    The sample images (a seeded random sample plus misclassified ones) are stored so the report can
-    show them without the dataset. Returns the JSON record.
+    ``recorder`` is the ``PredictionRecorder`` the test pass went through, or the per-image record itself (multi-label:
+    ``transferlab.engine.multilabel.multilabel_predictions``, which adds ``task`` and ``thresholds``; ``true`` / ``pred``
+    / ``prob`` are then N×K). The sample images (a seeded random sample plus misclassified ones — for multi-label, any
+    label wrong) are stored so the report can show them without the dataset. Returns the JSON record.
     """
     run_dir = Path(run_dir)
-    rec = recorder.result()
+    rec = recorder if isinstance(recorder, dict) else recorder.result()
     true, pred = np.asarray(rec["true"]), np.asarray(rec["pred"])
     if len(true) != len(splits.test_y):
         raise RuntimeError(f"{run_dir}: recorded {len(true)} test predictions for {len(splits.test_y)} test images")

@@ -14,12 +14,13 @@ from lightning.fabric import Fabric
 
 from transferlab.config import ExperimentConfig
 from transferlab.data.prepare import ImageSplits, prepare_splits
-from transferlab.engine.calibration import ECE_BINS
+from transferlab.engine.calibration import ECE_BINS, multilabel_calibration
 from transferlab.engine.distributed import make_fabric
 from transferlab.engine.evaluation import Calibration, Evaluation
 from transferlab.engine.features import default_cache_dir, frozen_features
 from transferlab.engine.features.store import FeatureSet, state_hash
 from transferlab.engine.loop import FitResult
+from transferlab.engine.multilabel import MultilabelEvaluation, multilabel_part
 from transferlab.kinds.base import RunContext
 from transferlab.models.model import TransferModel, build_model
 from transferlab.models.weights import LoadReport
@@ -28,6 +29,7 @@ from transferlab.rundir.layout import SELECTION_FILE
 from transferlab.strategies import linear_probe
 
 __all__ = [
+    "MULTILABEL_ECE",
     "Prepared",
     "ProbeInputs",
     "base_metrics",
@@ -37,6 +39,7 @@ __all__ = [
     "batch_kwargs",
     "default_image_size",
     "load_splits",
+    "multilabel_test_part",
     "probe_inputs",
     "probe_metrics",
     "calibration_part",
@@ -141,12 +144,28 @@ def test_part(ev: Evaluation, fitted_on: str = "val") -> dict[str, Any]:
     return {**part, **calibration_part(ev.calibration, ev.calibrated, ev.temperature, fitted_on)}
 
 
+MULTILABEL_ECE = "torchmetrics BinaryCalibrationError of each class, averaged over classes"
+
+
+def multilabel_test_part(ev: MultilabelEvaluation, mode: str) -> dict[str, Any]:
+    """The test metrics of ``metrics.json`` from a multi-label ``evaluate_multilabel`` of the test split at the thresholds
+    chosen on validation (``mode``: ``global`` / ``per_class`` / ``fixed``, from ``choose_thresholds``): ``task``, mAP,
+    F1 / precision / recall, exact match, Hamming loss, the thresholds, speed and the per-class calibration."""
+    if ev.scores is None or ev.thresholds is None:
+        raise ValueError("multilabel_test_part needs an evaluation at thresholds (evaluate_multilabel(..., thresholds))")
+    cal = multilabel_calibration(ev.probs, ev.targets, ev.loss)
+    part = {**multilabel_part(ev.scores, ev.thresholds, mode, ev.loss, ev.images_per_s),
+            **calibration_part(Calibration.from_sums(cal), source=MULTILABEL_ECE)}
+    part["extra"]["calibration"]["per_class_ece"] = cal["per_class_ece"]
+    return part
+
+
 def calibration_part(cal: Calibration, calibrated: Calibration | None = None, temperature: float | None = None,
-                     fitted_on: str = "val") -> dict[str, Any]:
+                     fitted_on: str = "val", source: str = "torchmetrics MulticlassCalibrationError") -> dict[str, Any]:
     """ECE / NLL / Brier of the test predictions and the ``calibration`` section of ``metrics.json`` (binning, reliability
-    bins; after temperature scaling too when it was applied)."""
+    bins; after temperature scaling too when it was applied). ``source``: how the ECE was measured."""
     part: dict[str, Any] = {"test_ece": cal.ece, "test_nll": cal.nll, "test_brier": cal.brier}
-    section: dict[str, Any] = {"ece": {"bins": ECE_BINS, "norm": "l1", "source": "torchmetrics MulticlassCalibrationError"},
+    section: dict[str, Any] = {"ece": {"bins": ECE_BINS, "norm": "l1", "source": source},
                                "reliability": cal.reliability}
     if calibrated is not None:
         part.update(test_ece_calibrated=calibrated.ece, temperature=temperature)
@@ -183,6 +202,7 @@ def base_metrics(cfg: ExperimentConfig, splits: ImageSplits, weights: LoadReport
         n_test=len(splits.test_y),
         skipped_bad_images=len(splits.skipped),
         class_names=list(splits.class_names),
+        task=cfg.data.task,
         weights_source=weights.describe() if weights else "random init",
         device=str(device),
         world_size=world_size,
@@ -269,13 +289,20 @@ def probe_inputs(cfg: ExperimentConfig, ctx: RunContext) -> ProbeInputs:
 
 
 def probe_metrics(
-    cfg: ExperimentConfig, inp: ProbeInputs, test: Evaluation, chosen: dict[str, Any], sweep: list[dict[str, float]],
-    fit_seconds: float, trainable: int,
+    cfg: ExperimentConfig, inp: ProbeInputs, test: Evaluation | MultilabelEvaluation, chosen: dict[str, Any],
+    sweep: list[dict[str, float]], fit_seconds: float, trainable: int,
 ) -> RunMetrics:
-    """The ``metrics.json`` of a probe: test metrics of the classifier chosen on val, the sweep, the feature pass."""
-    m = base_metrics(cfg, inp.splits, inp.weights, inp.fabric.device).add(test_part(test))
+    """The ``metrics.json`` of a probe: test metrics of the classifier chosen on val, the sweep, the feature pass.
+
+    Multi-label: ``test`` is scored at the thresholds chosen on val and ``chosen["threshold_mode"]`` says how they were
+    chosen; the probe was chosen by ``chosen["val_map"]``."""
+    if isinstance(test, MultilabelEvaluation):
+        part, monitor = multilabel_test_part(test, chosen["threshold_mode"]), "val_map"
+    else:
+        part, monitor = test_part(test), "val_acc"
+    m = base_metrics(cfg, inp.splits, inp.weights, inp.fabric.device).add(part)
     m.strategy = cfg.kind
-    m.best_epoch, m.best_val, m.monitor, m.epochs_run, m.stopped_early = 1, chosen["val_acc"], "val_acc", 1, False
+    m.best_epoch, m.best_val, m.monitor, m.epochs_run, m.stopped_early = 1, chosen[monitor], monitor, 1, False
     m.train_seconds, m.data_seconds, m.wall_seconds = fit_seconds, inp.data_seconds, time.perf_counter() - inp.wall0
     test_ips = inp.features["test"].meta.get("images_per_s")
     # the backbone's forward pass over the test images (when this run computed it) plus the classifier

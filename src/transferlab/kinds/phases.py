@@ -20,9 +20,8 @@ import torch
 from transferlab.config import ExperimentConfig
 from transferlab.data.batches import make_batches
 from transferlab.engine.distill import DistillLoss
-from transferlab.engine.evaluation import evaluate
 from transferlab.engine.features import CachedTraining, cached_training, default_cache_dir
-from transferlab.engine.loop import FitResult, fit
+from transferlab.engine.loop import FitResult, fit, validation_scores
 from transferlab.engine.losses import with_l2_sp
 from transferlab.engine.optim import swa_first_epoch
 from transferlab.engine.swa import averaged_weights, recompute_batchnorm
@@ -83,6 +82,8 @@ def check_teacher(cfg: ExperimentConfig, own_dir: Path | None) -> Run | None:
     if not teacher.ok or teacher.config is None or not teacher.config.uses.model:
         raise cfg.error(f"{key}: not a finished single-model run (status {teacher.record.status!r}, kind {teacher.record.kind!r})")
     d, td = cfg.data, teacher.config.data
+    if d.task != td.task:
+        raise cfg.error(f"{key}: the teacher was trained for data.task: {td.task}, this run is data.task: {d.task}")
     if (d.dataset, d.classes) != (td.dataset, td.classes):
         raise cfg.error(f"{key}: the teacher learned other classes (data.dataset {td.dataset!r}, data.classes {td.classes!r}; "
                         f"this run: {d.dataset!r}, {d.classes!r})")
@@ -109,7 +110,7 @@ def training_criterion(criterion: torch.nn.Module, p: Prepared, cfg: ExperimentC
     d = cfg.train.distill
     ctx.console.print(f"  distillation from {teacher.path.name} ({teacher.config.model.backbone}, "
                       f"{size or 'native'} px): alpha {d.alpha}, temperature {d.temperature}")
-    return DistillLoss(criterion, model, p.model.preprocess(), model.preprocess(), size, d.alpha, d.temperature)
+    return DistillLoss(criterion, model, p.model.preprocess(), model.preprocess(), size, d.alpha, d.temperature, cfg.multilabel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,17 +203,17 @@ def finish_swa(p: Prepared, cfg: ExperimentConfig, ctx: RunContext, kwargs: dict
     plain = make_batches(p.splits, "train", cfg.train.eval_batch_size, **kwargs)
     recomputed = recompute_batchnorm(model, plain, p.fabric.device, p.fabric.autocast)
     with p.fabric.autocast():
-        ev = evaluate(model, val, p.splits.num_classes, p.fabric.device)
+        scores = validation_scores(model, val, p.splits.num_classes, p.fabric.device, cfg.multilabel)  # loss, acc / map
     if p.writer:
         _, meta, _, _ = load_checkpoint(last)
         meta = {k: v for k, v in meta.items() if k not in ("optimizer",)}
         save_checkpoint(ctx.rundir.checkpoints / "best.safetensors", model.state_dict(), {**meta, "kind": "best", "swa": {"models": n_averaged}})
     p.fabric.barrier()
     first = swa_first_epoch(dataclasses.replace(cfg.train, epochs=last_epochs))
-    swa = cfg.train.swa
+    swa, score = cfg.train.swa, "val_map" if cfg.multilabel else "val_acc"
     return {"start": swa.start, "first_epoch": first + 1 + (cfg.train.epochs - last_epochs), "models": n_averaged,
             "lr": swa.lr if swa.lr is not None else float(cfg.train.lr) / 2, "batchnorm_recomputed": len(recomputed),
-            "val_acc": ev.acc, "val_loss": ev.loss, "val_acc_last_epoch": read_checkpoint_metadata(last)["history"][-1]["val_acc"]}
+            **{f"val_{k}": v for k, v in scores.items()}, f"{score}_last_epoch": read_checkpoint_metadata(last)["history"][-1][score]}
 
 
 def finetuning_extra(cfg: ExperimentConfig, probe: FitResult | None, swa: dict[str, Any] | None,

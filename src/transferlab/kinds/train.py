@@ -4,6 +4,11 @@ Runs in one process or as one rank of a ``torchrun`` DDP world (``transferlab.en
 every rank trains on its slice of every global batch; rank 0 alone writes the run directory.
 A frozen prefix of the network (``linear_probe``, ``freeze_first``) runs once when it can be cut off
 exactly (``train.cache``); the loop then trains the rest on cached features.
+
+Multi-label (``data.task: multilabel``): the loop trains with ``bce`` / ``asymmetric`` and keeps the best ``val_map``; after
+training, the thresholds (``train.threshold``) are chosen on the validation split with the tested weights and only
+then is the test split scored at them (``metrics.json``: ``test_map`` …, ``thresholds``; ``predictions.json``: N×K).
+``train.calibrate: temperature`` is refused; the per-class calibration is reported instead.
 """
 
 from __future__ import annotations
@@ -22,15 +27,16 @@ from transferlab.data.prepare import ImageSplits
 from transferlab.engine.calibration import collect_logits, fit_temperature
 from transferlab.engine.costs import Cost
 from transferlab.engine.distributed import RoundRobin, SliceOfGlobalBatch
-from transferlab.engine.evaluation import Evaluation, evaluate, with_tta
+from transferlab.engine.evaluation import evaluate, with_tta
 from transferlab.engine.losses import make_loss
 from transferlab.engine.lr_find import LrFindResult, lr_find, resolved, save_lr_find
+from transferlab.engine.multilabel import evaluate_at_val_thresholds, evaluate_multilabel, multilabel_predictions
 from transferlab.engine.optim import layer_decay_groups
 from transferlab.engine.precision import guard_bf16_convs
 from transferlab.engine.predictions import PredictionRecorder, save_test_predictions
 from transferlab.files import load_checkpoint_group, read_json
 from transferlab.kinds.base import KINDS, Kind, RunContext, Tested, check_sections, run_sections
-from transferlab.kinds.common import Prepared, base_metrics, batch_kwargs, fit_part, prepare, test_part
+from transferlab.kinds.common import Prepared, base_metrics, batch_kwargs, fit_part, multilabel_test_part, prepare, test_part
 from transferlab.kinds.phases import check_finetuning, finetuning_extra, finish_swa, fit_phases, training_criterion
 from transferlab.models.model import TransferModel, count_params
 from transferlab.models.weights import load_model_weights
@@ -58,13 +64,18 @@ class TrainKind(Kind):
     """The training loop: data, model, strategy, (cached) fit, test."""
 
     name = "train"
-    uses = KindUses(training=True)
+    uses = KindUses(training=True, multilabel=True)
     keeps_partial = True  # an interrupted run continues from its newest checkpoint
     uses_tta = True
 
     def check(self, cfg: ExperimentConfig) -> None:
-        """Distillation, SWA, layer decay and LP-FT settings that cannot work (``kinds.phases.check_finetuning``)."""
+        """Distillation, SWA, layer decay and LP-FT settings that cannot work (``kinds.phases.check_finetuning``); temperature
+        scaling of a multi-label run."""
         check_finetuning(cfg)
+        if cfg.multilabel and cfg.train.calibrate == "temperature":
+            # the thresholds are chosen on the validation probabilities: a temperature fitted afterwards would move them all
+            raise cfg.error("train.calibrate: temperature is multiclass only (one softmax); a multi-label run reports the calibration "
+                            "of each class's sigmoid (test_ece: the mean binary ECE) without rescaling")
 
     def estimate(self, cfg: ExperimentConfig, n_train: int, n_val: int, n_test: int, cost: Cost | None) -> float:
         """Epochs of training steps and validation passes, then the test pass; a cached frozen prefix (a linear probe)
@@ -99,8 +110,8 @@ class TrainKind(Kind):
         swa = finish_swa(p, cfg, ctx, kwargs, val, len(result.history) - (len(probe.history) if probe else 0))  # -> best
 
         raw_test, temperature = _load_tested_weights(p, test, val, cfg, ctx)  # best (EMA) weights; raw test; T on val
-        ev, recorder = _test(p.model, test, cfg, p.splits, p.fabric, temperature)
-        m = base_metrics(cfg, p.splits, p.weights, p.fabric.device, p.fabric.world_size).add(test_part(ev), fit_part(result, cfg), {
+        test_metrics, record = _test(p.model, test, val, cfg, p.splits, p.fabric, temperature)  # multi-label: thresholds from val first
+        m = base_metrics(cfg, p.splits, p.weights, p.fabric.device, p.fabric.world_size).add(test_metrics, fit_part(result, cfg), {
             "strategy": cfg.strategy.name, "data_seconds": p.data_seconds, "total_params": total_params,
             "trainable_params": trainable_params, "feature_cache": cached.summary(result.train_seconds),
             "tested_weights": "ema" if cfg.train.ema is not None and cfg.train.ema.evaluate != "raw" else "raw",
@@ -108,11 +119,12 @@ class TrainKind(Kind):
                       "checkpoint_bytes": _checkpoint_bytes(ctx)},
             "wall_seconds": time.perf_counter() - p.wall0,
         })
-        if p.writer and recorder is not None:
-            save_test_predictions(ctx.rundir.path, recorder, p.splits, cfg.seed)  # predictions.json, test_samples.safetensors
+        if p.writer and record is not None:
+            save_test_predictions(ctx.rundir.path, record, p.splits, cfg.seed)  # predictions.json, test_samples.safetensors
         if p.writer:
             m.add({"extra": run_sections(_tested(p, cfg, ctx), ctx.console)})  # the predict: / activations: sections
-        ctx.console.print(f"  [green]{cfg.name}[/]: test acc {m.test_acc:.4f}, trained {m.train_seconds:.1f}s, "
+        score = "mAP" if cfg.multilabel else "acc"
+        ctx.console.print(f"  [green]{cfg.name}[/]: test {score} {getattr(m, m.headline):.4f}, trained {m.train_seconds:.1f}s, "
                           f"inference {m.inference_images_per_s:.0f} img/s -> {ctx.rundir.path}")
         return m
 
@@ -169,16 +181,17 @@ def _extra_sections(cfg: ExperimentConfig, lr_record: dict[str, Any] | None, raw
                         "main": main, **({"test_raw": raw_test} if raw_test else {})}
     if fp32_convs:
         extra["bf16_fp32_convs"] = fp32_convs
-    if getattr(criterion, "weight", None) is not None:
-        extra["class_weights"] = [round(float(w), 6) for w in criterion.weight]
+    if getattr(criterion, "weight", None) is not None:  # multi-label: the pos_weight of each class
+        extra["pos_weight" if cfg.multilabel else "class_weights"] = [round(float(w), 6) for w in criterion.weight]
     return extra
 
 
 def _tested(p: Prepared, cfg: ExperimentConfig, ctx: RunContext) -> Tested:
     """The tested model as the run sections get it: outside images take the training images' channels and size."""
     x = p.splits.train_x
-    return Tested(cfg, p.model, with_tta(p.model, cfg.train.tta), p.splits.class_names, int(x.shape[1]), int(x.shape[-1]),
-                  p.fabric.device, p.fabric.autocast, ctx.rundir.path)
+    predictor = with_tta(p.model, cfg.train.tta, multilabel=cfg.multilabel)
+    return Tested(cfg, p.model, predictor, p.splits.class_names, int(x.shape[1]), int(x.shape[-1]), p.fabric.device, p.fabric.autocast,
+                  ctx.rundir.path)
 
 
 def _batches(cfg: ExperimentConfig, splits: ImageSplits, kwargs: dict[str, Any], fabric: Fabric) -> tuple[Any, Any, Any]:
@@ -194,27 +207,40 @@ def _batches(cfg: ExperimentConfig, splits: ImageSplits, kwargs: dict[str, Any],
 
 
 def _test_raw(model: TransferModel, test: Any, cfg: ExperimentConfig, splits: ImageSplits, fabric: Fabric, checkpoint: Any) -> dict[str, Any] | None:
-    """``train.ema: {evaluate: both}``: the test metrics of the chosen checkpoint's raw weights (else ``None``)."""
+    """``train.ema: {evaluate: both}``: the test metrics of the chosen checkpoint's raw weights (else ``None``); multi-label:
+    the threshold-free ones (mAP, loss), since the thresholds are chosen for the tested weights."""
     if cfg.train.ema is None or cfg.train.ema.evaluate != "both":
         return None
     model.load_state_dict(load_checkpoint_group(checkpoint, "raw"), strict=True)
     with fabric.autocast():
+        if cfg.multilabel:
+            ml = evaluate_multilabel(with_tta(model, cfg.train.tta, multilabel=True), test, splits.num_classes, fabric.device)
+            return {"map": ml.map, "loss": ml.loss}
         r = evaluate(with_tta(model, cfg.train.tta), test, splits.num_classes, fabric.device)
     return {"acc": r.acc, "top5": r.top5, "loss": r.loss, "balanced_acc": r.balanced_acc, "macro_f1": r.macro_f1}
 
 
 def _test(
-    model: TransferModel, test: Any, cfg: ExperimentConfig, splits: ImageSplits, fabric: Fabric, temperature: float | None = None
-) -> tuple[Evaluation, PredictionRecorder | None]:
-    """Test metrics of the chosen checkpoint (with the run's TTA); one process also records per-image predictions.
+    model: TransferModel, test: Any, val: Any, cfg: ExperimentConfig, splits: ImageSplits, fabric: Fabric, temperature: float | None = None
+) -> tuple[dict[str, Any], PredictionRecorder | dict[str, Any] | None]:
+    """The test metrics of the chosen checkpoint (with the run's TTA), as ``metrics.json`` fields, and — in one process —
+    the per-image predictions (``save_test_predictions``' input).
 
-    With ``temperature`` the calibration is measured before and after dividing the logits by it, in the same pass."""
-    tested = with_tta(model, cfg.train.tta)
+    With ``temperature`` the calibration is measured before and after dividing the logits by it, in the same pass.
+    Multi-label: the thresholds (``train.threshold``) are chosen on the validation split with these same weights, then
+    fixed for the test split (``engine.multilabel.evaluate_at_val_thresholds``)."""
+    tested = with_tta(model, cfg.train.tta, multilabel=cfg.multilabel)
+    if cfg.multilabel:
+        with fabric.autocast():
+            ev, mode = evaluate_at_val_thresholds(tested, val, test, splits.num_classes, fabric.device, cfg.train.threshold)
+        assert ev.thresholds is not None
+        record = multilabel_predictions(ev.probs, ev.targets, ev.thresholds) if fabric.world_size == 1 else None
+        return multilabel_test_part(ev, mode), record
     recorder = PredictionRecorder(tested) if fabric.world_size == 1 else None  # per-image test predictions (report)
     with fabric.autocast():
         if recorder is None:
-            return evaluate(tested, test, splits.num_classes, fabric.device, temperature), None
-        return evaluate(recorder, recorder.batches(test), splits.num_classes, fabric.device, temperature), recorder
+            return test_part(evaluate(tested, test, splits.num_classes, fabric.device, temperature)), None
+        return test_part(evaluate(recorder, recorder.batches(test), splits.num_classes, fabric.device, temperature)), recorder
 
 
 def _temperature(model: TransferModel, val: Any, cfg: ExperimentConfig, fabric: Fabric) -> float | None:

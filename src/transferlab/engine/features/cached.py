@@ -52,6 +52,7 @@ __all__ = [
     "extract_features",
     "extraction_batch_size",
     "frozen_features",
+    "setting_rules_out",
 ]
 
 MAX_BYTES = int(float(os.environ.get("TRANSFERLAB_FEATURE_CACHE_MAX_GB", "32")) * 1024**3)
@@ -116,7 +117,7 @@ def _feature_set(
             return found, 0.0
         t0 = time.perf_counter()
         fs = store.compute(key, {"parts": parts}, n, check.shape, check.dtype, extract_features(model, check.cut, batches, mode, autocast),
-                           directory, to_disk=True if shared else None)
+                           directory, to_disk=True if shared else None, labels=(tuple(labels.shape[1:]), labels.dtype))  # multi-label: N×K
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -315,7 +316,7 @@ def cached_training(
     """
     console = console or Console(quiet=True)
     tried: list[tuple[str, str]] = []
-    reason = _setting_rules_out(cfg, fabric)
+    reason = setting_rules_out(cfg, fabric)
     if reason:
         return _cache_off(cfg, model, reason, tried, console)
     sample = next(iter(make_batches(splits, "train", 4, shuffle=False, **{**batch_kwargs, "num_workers": 0})))[0][:4]
@@ -351,7 +352,7 @@ def cached_training(
     return CachedTraining(True, f"cached at {check.cut.name}", check.cut.name, suffix, train, val, record)
 
 
-def _setting_rules_out(cfg: Any, fabric: Any) -> str | None:
+def setting_rules_out(cfg: Any, fabric: Any) -> str | None:
     """Why the run's settings alone rule caching out (before any cut is looked at), or None."""
     tc = cfg.train
     if tc.cache == "off":

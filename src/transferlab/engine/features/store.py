@@ -34,11 +34,13 @@ from transferlab.files import atomic_write, read_json, safetensors_header, write
 
 __all__ = [
     "CACHE_FORMAT",
+    "CLASS_LABELS",
     "MEMORY_BYTES",
     "STORE",
     "FeatureCache",
     "FeatureCacheError",
     "FeatureSet",
+    "LabelSpec",
     "cache_key",
     "images_hash",
     "state_hash",
@@ -51,6 +53,9 @@ MEMORY_BYTES = int(float(os.environ.get("TRANSFERLAB_FEATURE_CACHE_GB", "2")) * 
 larger sets go to disk, memory-mapped, and least recently used ones are spilled there."""
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+LabelSpec = tuple[tuple[int, ...], torch.dtype]
+"""A set's labels per item: the shape after N and the dtype — ``((), int64)`` class indices, ``((K,), float32)`` multi-label."""
+CLASS_LABELS: LabelSpec = ((), torch.int64)
 _NP = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
 
 
@@ -122,7 +127,7 @@ class FeatureSet:
 
     @property
     def nbytes(self) -> int:
-        return self.features.numel() * self.features.element_size() + self.labels.numel() * 8
+        return self.features.numel() * self.features.element_size() + self.labels.numel() * self.labels.element_size()
 
 
 def _metadata(meta: dict[str, Any]) -> dict[str, str]:
@@ -210,41 +215,45 @@ class FeatureCache:
         batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
         directory: Path | None,
         to_disk: bool | None = None,
+        labels: LabelSpec = CLASS_LABELS,
     ) -> FeatureSet:
         """Fill a new set from ``batches`` of (features, labels), in memory or streamed into a file on disk.
 
         ``to_disk``: ``None`` decides by size (sets above ``memory_bytes`` go to disk); ``True`` always writes the file
-        (shared by other processes)."""
-        nbytes = n * int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size() + 8 * n
+        (shared by other processes). ``labels``: the shape and dtype of one item's labels (``CLASS_LABELS``: a class
+        index; multi-label: ``((K,), torch.float32)``, the multi-hot vector)."""
+        label_bytes = _item_bytes(*labels)
+        nbytes = n * _item_bytes(shape, dtype) + label_bytes * n
         meta = {**meta, "format": CACHE_FORMAT, "key": key, "n": n, "shape": list(shape), "dtype": str(dtype)}
         to_disk = (bool(to_disk) or nbytes > self.memory_bytes) and directory is not None
         if to_disk:
             assert directory is not None
-            fs = self._write_streaming(key, meta, n, shape, dtype, batches, directory)
+            fs = self._write_streaming(key, meta, n, shape, dtype, batches, directory, labels)
         else:
             feats = torch.empty((n, *shape), dtype=dtype)
-            labels = torch.empty(n, dtype=torch.int64)
-            _fill(feats, labels, batches)
-            fs = FeatureSet(key, feats, labels, meta)
+            label_t = torch.empty((n, *labels[0]), dtype=labels[1])
+            _fill(feats, label_t, batches)
+            fs = FeatureSet(key, feats, label_t, meta)
             self._remember(fs, directory)
         return fs
 
-    def _write_streaming(self, key, meta, n, shape, dtype, batches, directory: Path) -> FeatureSet:  # noqa: ANN001
+    def _write_streaming(self, key, meta, n, shape, dtype, batches, directory: Path, labels: LabelSpec = CLASS_LABELS) -> FeatureSet:  # noqa: ANN001
         directory.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(directory).free
-        item = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        item, label_item = _item_bytes(shape, dtype), _item_bytes(*labels)
         if n * item > free:
             raise FeatureCacheError(f"feature cache needs {n * item / 1e9:.1f} GB in {directory}, only {free / 1e9:.1f} GB free")
-        code = _DTYPES[dtype]
-        header = safetensors_header({"features": (code, (n, *shape), n * item), "labels": ("I64", (n,), 8 * n)}, _metadata(meta))
+        code, label_code = _DTYPES[dtype], _DTYPES[labels[1]]
+        header = safetensors_header({"features": (code, (n, *shape), n * item), "labels": (label_code, (n, *labels[0]), label_item * n)},
+                                    _metadata(meta))
 
         def write(tmp: Path) -> None:  # streamed: the features never sit in memory whole
             with open(tmp, "wb") as f:
                 f.write(header)
-                f.truncate(len(header) + n * item + 8 * n)
+                f.truncate(len(header) + n * item + label_item * n)
             np_dtype = np.int16 if code == "BF16" else _NP[code]
             feats_np = np.memmap(tmp, dtype=np_dtype, mode="r+", offset=len(header), shape=(n, *shape))
-            labels_np = np.memmap(tmp, dtype=np.int64, mode="r+", offset=len(header) + n * item, shape=(n,))
+            labels_np = np.memmap(tmp, dtype=_NP[label_code], mode="r+", offset=len(header) + n * item, shape=(n, *labels[0]))
             feats = torch.from_numpy(feats_np)
             _fill(feats.view(torch.bfloat16) if code == "BF16" else feats, torch.from_numpy(labels_np), batches)
             feats_np.flush()
@@ -264,6 +273,11 @@ class FeatureCache:
             _, (old, old_dir) = self._mem.popitem(last=False)
             if old_dir is not None:
                 _spill(old, old_dir)
+
+
+def _item_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of one item of ``shape`` and ``dtype``."""
+    return int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
 
 
 def _fill(feats: torch.Tensor, labels: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
