@@ -15,8 +15,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study_dir", type=Path, help="runs/<study>")
     p.add_argument("--against", metavar="EXPERIMENT",
                    help="test every experiment against this one (default: the best on --metric)")
-    p.add_argument("--metric", choices=TESTED_METRICS, default="test_acc",
-                   help="what the tests compare (default test_acc; test_ece: lower is better)")
+    p.add_argument("--metric", choices=TESTED_METRICS,
+                   help="what the tests compare (default: test_acc, for multi-label experiments test_map; test_ece and test_hamming: "
+                        "lower is better)")
     p.add_argument("--wide", action="store_true", help="every column in full (default: a table that fits 120 columns)")
 
 

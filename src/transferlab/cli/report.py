@@ -19,7 +19,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="HTML file to write (default: runs/<study>/report.html; report.md beside it)")
     p.add_argument("--grid", type=int, default=16, help="test images in each experiment's prediction grid (default 16)")
     p.add_argument("--against", metavar="EXPERIMENT", help="test every experiment against this one (default: the best on --metric)")
-    p.add_argument("--metric", choices=TESTED_METRICS, default="test_acc", help="what the tests compare (default test_acc)")
+    p.add_argument("--metric", choices=TESTED_METRICS,
+                   help="what the tests compare (default: test_acc, for multi-label experiments test_map)")
     p.add_argument("--screenshot", type=Path, metavar="PNG",
                    help="open the report in headless Chromium, fail on console errors or broken images, save a 1400x2000 screenshot")
 

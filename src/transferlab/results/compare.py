@@ -12,6 +12,12 @@ Which test a pair of experiments gets (``docs/comparisons.md`` says what each as
 The p-values of one table are one family: Holm's correction, then each row is ``better`` / ``worse``
 than the reference or ``not distinguishable`` from it, with a "seeds needed" hint for the latter. The
 numbers come from ``transferlab.results.stats``.
+
+Multi-label experiments (``data.task: multilabel``) are ranked by their headline, the test mAP
+(``rundir.metrics.HEADLINE``), and shown with their own columns (mAP, micro mAP, F1, exact match, Hamming
+loss). A study that mixes the tasks gets one table per task, each its own family of tests with its own
+reference: an mAP is never compared with an accuracy. For single multi-label runs, exact match (a per-image
+right / wrong) gets McNemar's test and the other metrics the paired bootstrap over the test images.
 """
 
 from __future__ import annotations
@@ -34,24 +40,32 @@ from transferlab.files import write_text
 from transferlab.results import stats
 from transferlab.results.search import read_searches, search_lines
 from transferlab.rundir import ExperimentRuns, Run, RunError, RunMetrics, load_test_predictions, read_study
+from transferlab.rundir.metrics import HEADLINE
 
 __all__ = [
     "COLUMNS",
     "CONSOLE_WIDTH",
     "HIGHER_IS_BETTER",
+    "MULTILABEL_COLUMNS",
+    "TASK_COLUMNS",
+    "TASK_METRICS",
+    "TASK_TITLES",
     "TESTED_METRICS",
     "CompareError",
+    "cell_text",
     "ci_text",
     "collect",
     "compare",
     "compare_rows",
     "console_table",
     "experiment_row",
+    "headline",
     "markdown_table",
     "pair_test",
     "run_precision",
     "seeds_hint",
     "study_rows",
+    "task_groups",
     "training_cost_seconds",
     "versus_text",
 ]
@@ -77,12 +91,30 @@ COLUMNS = [
     ("data", "data"),
     ("status", "status"),
 ]
-"""Every column of the Markdown table and of ``compare --wide``, in order (key, title)."""
+"""Every column of the Markdown table and of ``compare --wide``, in order (key, title): multiclass experiments."""
+
+MULTILABEL_COLUMNS = [
+    *COLUMNS[:6],
+    ("test_map", "test mAP"),
+    ("test_map_ci", "95 % CI"),
+    ("versus", "vs reference"),
+    ("test_map_micro", "micro mAP"),
+    ("test_f1", "F1"),
+    ("test_exact_match", "exact match"),
+    ("test_hamming", "Hamming loss"),
+    ("threshold_mode", "thresholds"),
+    *COLUMNS[12:],
+]
+"""The columns of a table of multi-label experiments: the scores of ``data.task: multilabel`` instead of accuracies
+(F1, exact match and Hamming loss at the thresholds chosen on validation; ``thresholds`` says how they were chosen)."""
+TASK_COLUMNS = {"multiclass": COLUMNS, "multilabel": MULTILABEL_COLUMNS}
+TASK_TITLES = {"multiclass": "multiclass (one label per image)", "multilabel": "multi-label (any labels per image), ranked by test mAP"}
 
 NARROW = ["experiment", "backbone", "strategy", "test_acc", "test_acc_ci", "versus", "n_seeds", "train_seconds"]
 """The console table's columns without ``--wide``: it fits ``CONSOLE_WIDTH`` (the rest is in compare.md / .csv;
-experiments with runs that did not finish are listed below it)."""
-NARROW_TITLES = {"test_acc": "test acc %", "n_seeds": "n", "train_seconds": "train (s)"}
+experiments with runs that did not finish are listed below it). Multi-label tables show mAP in place of accuracy."""
+TASK_NARROW = {"multiclass": NARROW, "multilabel": [k.replace("test_acc", "test_map") for k in NARROW]}
+NARROW_TITLES = {"test_acc": "test acc %", "test_map": "test mAP %", "n_seeds": "n", "train_seconds": "train (s)"}
 NARROW_MAX = {"experiment": 26, "backbone": 16, "strategy": 12}
 """Longest text of a narrow console column (longer values end in …; compare.md has them whole)."""
 CONSOLE_WIDTH = 120
@@ -92,6 +124,14 @@ HIGHER_IS_BETTER = {
     "test_balanced_acc": True,
     "test_macro_f1": True,
     "test_ece": False,
+    "test_map": True,
+    "test_map_micro": True,
+    "test_f1": True,
+    "test_f1_micro": True,
+    "test_precision": True,
+    "test_recall": True,
+    "test_exact_match": True,
+    "test_hamming": False,
     "test_nll": False,
     "test_brier": False,
     "test_loss": False,
@@ -100,9 +140,19 @@ HIGHER_IS_BETTER = {
     "trainable_params": False,
 }
 """Which direction is better, per metric (the ★ of the report and the marks of the tests)."""
-TESTED_METRICS = ("test_acc", "test_balanced_acc", "test_macro_f1", "test_ece")
+TASK_METRICS = {
+    "multiclass": ("test_acc", "test_balanced_acc", "test_macro_f1", "test_ece"),
+    "multilabel": ("test_map", "test_map_micro", "test_f1", "test_exact_match", "test_hamming"),
+}
+"""Per task, the metrics its experiments can be compared on, the headline (``HEADLINE``) first."""
+TESTED_METRICS = tuple(m for metrics in TASK_METRICS.values() for m in metrics)
 """The metrics a comparison can be made on (``compare --metric``); each also gets a 95 % interval."""
 INTERVAL_METRICS = (*TESTED_METRICS, "train_seconds")
+MULTILABEL_SCORES = ("test_map", "test_map_micro", "test_f1", "test_f1_micro", "test_precision", "test_recall", "test_exact_match",
+                     "test_hamming")
+"""The test scores of a multi-label run (``metrics.json``) that its row averages over seeds."""
+PER_IMAGE_METRICS = ("test_acc", "test_exact_match")
+"""Means of a per-image right / wrong: two single runs are compared on them with McNemar's test."""
 
 
 class CompareError(ValueError):
@@ -123,16 +173,48 @@ def _mean_std(values: list[float | None]) -> tuple[float, float]:
     return statistics.fmean(known), (statistics.stdev(known) if len(known) > 1 else 0.0)
 
 
-def collect(study_dir: str | Path, metric: str = "test_acc", against: str | None = None) -> list[dict[str, Any]]:
+def headline(row: dict[str, Any]) -> str:
+    """The metric that ranks a row's experiment: ``test_map`` for a multi-label one, else ``test_acc``."""
+    return HEADLINE.get(row.get("task") or "multiclass", "test_acc")
+
+
+def task_groups(rows: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
+    """The indices of the rows of each task, tasks in order of first appearance (one table, one family of tests each)."""
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.get("task") or "multiclass", []).append(i)
+    return groups
+
+
+def collect(study_dir: str | Path, metric: str | None = None, against: str | None = None) -> list[dict[str, Any]]:
     """Read every run of ``study_dir``: one row per experiment (``experiment_row``) with its comparison against
     the reference (``compare_rows``)."""
     return study_rows(read_study(study_dir).experiments, metric, against)
 
 
-def study_rows(experiments: Sequence[ExperimentRuns], metric: str = "test_acc", against: str | None = None) -> list[dict[str, Any]]:
-    """The rows of ``experiments`` (in order), each compared on ``metric`` against the reference."""
+def study_rows(experiments: Sequence[ExperimentRuns], metric: str | None = None, against: str | None = None) -> list[dict[str, Any]]:
+    """The rows of ``experiments`` (in order), each compared against the reference of its task.
+
+    The experiments of each task (``task_groups``) are compared among themselves: on ``metric`` where it is a metric of
+    that task (``TASK_METRICS``), else on the task's headline; against ``against`` where it is of that task, else
+    against the task's best experiment.
+    """
+    experiments = list(experiments)
     rows = [experiment_row(e) for e in experiments]
-    compare_rows(list(experiments), rows, metric, against)
+    names = [e.name for e in experiments]
+    if metric is not None and metric not in TESTED_METRICS:
+        raise CompareError(f"compare --metric {metric!r}: one of {', '.join(TESTED_METRICS)}")
+    if against is not None and against not in names:
+        raise CompareError(f"compare --against {against!r}: no such experiment in the study (experiments: {', '.join(names)})")
+    groups = task_groups(rows)
+    if metric is not None and not any(metric in TASK_METRICS[t] for t in groups):
+        owner = next(t for t, ms in TASK_METRICS.items() if metric in ms)
+        raise CompareError(f"compare --metric {metric!r} is a {owner} metric; this study's experiments are {', '.join(groups)} "
+                           f"(metrics: {', '.join(m for t in groups for m in TASK_METRICS[t])})")
+    for task, idx in groups.items():
+        task_metric = metric if metric in TASK_METRICS[task] else HEADLINE[task]
+        task_against = against if against in [names[i] for i in idx] else None
+        compare_rows([experiments[i] for i in idx], [rows[i] for i in idx], task_metric, task_against)
     return rows
 
 
@@ -150,13 +232,27 @@ def _values(exp: ExperimentRuns, key: str) -> list[float]:
     return [v for v in (getattr(r.record, key) for r in exp.ok_runs) if v is not None]
 
 
+def _task(exp: ExperimentRuns) -> str:
+    """The experiment's task: what its finished runs recorded, else what its config asked for (a run that failed
+    early recorded the default)."""
+    if exp.ok_runs:
+        return exp.ok_runs[0].record.task
+    return next((r.config.data.task for r in exp.runs if r.config is not None), "multiclass")
+
+
 def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
-    """One experiment's row: what ran, mean ± std and the 95 % interval over its finished seeds, and its status."""
+    """One experiment's row: what ran, mean ± std and the 95 % interval over its finished seeds, and its status.
+
+    A multiclass row has the accuracy scores (``test_acc`` …), a multi-label one the mAP scores (``test_map`` …,
+    ``MULTILABEL_SCORES``) and how its thresholds were chosen; ``task`` says which.
+    """
     ok = [r.record for r in exp.ok_runs]
     first = ok[0] if ok else exp.runs[0].record
     failed = [r.record for r in exp.failed_runs]
+    task = _task(exp)
     row: dict[str, Any] = {
         "experiment": exp.name,
+        "task": task,
         "kind": first.kind,
         "strategy": first.strategy,
         "backbone": first.backbone,
@@ -166,7 +262,9 @@ def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
         "n_seeds": len(ok),
         "status": _status(failed),
     }
-    if ok:
+    if ok and task == "multilabel":
+        _multilabel_scores(row, ok)
+    elif ok:
         row["test_acc"], row["test_acc_std"] = _mean_std([r.test_acc for r in ok])
         for key in ("test_balanced_acc", "test_macro_f1"):  # from the confusion matrix: none for few-shot episodes
             values = [getattr(r, key) for r in ok if getattr(r, key) is not None]
@@ -176,6 +274,7 @@ def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
             values = [getattr(r, key) for r in ok if getattr(r, key) is not None]
             if values and len(values) == len(ok):
                 row[key], row[f"{key}_std"] = _mean_std(values)
+    if ok:
         row["inference_images_per_s"], row["inference_images_per_s_std"] = _mean_std([r.inference_images_per_s for r in ok])
         row["train_seconds"], row["train_seconds_std"] = _mean_std([r.training_cost_seconds() for r in ok])
         row["trainable_params"] = first.trainable_params
@@ -192,6 +291,17 @@ def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
                 row[f"{key}_ci_low"], row[f"{key}_ci_high"] = ci.low, ci.high
                 row["ci_method"] = ci.method
     return row
+
+
+def _multilabel_scores(row: dict[str, Any], ok: list[RunMetrics]) -> None:
+    """A multi-label row's scores, mean ± std over the finished seeds (a score some seed did not record is left out),
+    and how its thresholds were chosen."""
+    for key in MULTILABEL_SCORES:
+        values = [getattr(r, key) for r in ok]
+        if all(v is not None for v in values):
+            row[key], row[f"{key}_std"] = _mean_std(values)
+    modes = sorted({r.threshold_mode for r in ok if r.threshold_mode})
+    row["threshold_mode"] = ", ".join(modes) if modes else None
 
 
 def _status(not_ok: list[Any]) -> str:
@@ -249,8 +359,8 @@ def pair_test(exp: ExperimentRuns, ref: ExperimentRuns, metric: str = "test_acc"
     if found is None:
         return None
     pa, pb = found
-    if metric == "test_acc":
-        return stats.mcnemar(pa.true == pa.pred, pb.true == pb.pred)
+    if metric in PER_IMAGE_METRICS:
+        return stats.mcnemar(stats.per_image_correct(pa.true, pa.pred), stats.per_image_correct(pb.true, pb.pred))
     return stats.paired_bootstrap(pa.true, pa.pred, pb.pred, stats.METRIC_FUNCTIONS[metric], pa.prob, pb.prob)
 
 
@@ -270,16 +380,19 @@ def _reference(experiments: list[ExperimentRuns], rows: list[dict[str, Any]], me
     return pick(candidates, key=lambda i: rows[i][metric])  # ties: the first in study order
 
 
-def compare_rows(experiments: list[ExperimentRuns], rows: list[dict[str, Any]], metric: str = "test_acc",
+def compare_rows(experiments: list[ExperimentRuns], rows: list[dict[str, Any]], metric: str | None = None,
                  against: str | None = None, alpha: float = stats.ALPHA) -> None:
     """Test every experiment against the reference on ``metric`` and write the result into its row.
 
-    The reference is ``against``, else the best row on ``metric``. Each row gets ``reference``, ``metric``,
+    The experiments are of one task (``study_rows`` groups a study by task); ``metric`` defaults to that task's
+    headline (``test_acc``, or ``test_map`` for multi-label). The reference is ``against``, else the best row on
+    ``metric``. Each row gets ``reference``, ``metric``,
     ``test``, ``diff`` (row - reference) with ``diff_ci_low`` / ``diff_ci_high``, ``p_value``, ``p_adjusted``
     (Holm over the table's comparisons), ``mark`` (``reference``, ``better``, ``worse``,
     ``not distinguishable``, or ``no test``) and, where not distinguishable, ``seeds_needed`` (runs per
     experiment for 80 % power at the strictest Holm level; ``None`` beyond ``stats.MAX_RUNS_NEEDED``).
     """
+    metric = metric or (headline(rows[0]) if rows else "test_acc")
     if metric not in TESTED_METRICS:
         raise CompareError(f"compare --metric {metric!r}: one of {', '.join(TESTED_METRICS)}")
     ref = _reference(experiments, rows, metric, against)
@@ -308,9 +421,16 @@ def compare_rows(experiments: list[ExperimentRuns], rows: list[dict[str, Any]], 
 # text: the cells of the console table and of compare.md (the report reuses ``ci_text`` / ``versus_text``)
 
 
+PERCENT_METRICS = ("test_acc", "test_balanced_acc", "test_map", "test_map_micro", "test_exact_match")
+"""Written as percentages (2 decimals); the other scores as fractions."""
+
+
 def _scale(key: str) -> tuple[float, int]:
-    """How a metric is written: accuracies as percentages with 2 decimals, F1 / ECE as fractions with 3."""
-    return (100.0, 2) if key in ("test_acc", "test_balanced_acc") else (1.0, 3)
+    """How a metric is written: accuracies and mAPs as percentages with 2 decimals, F1 / ECE as fractions with 3, the
+    Hamming loss (small: a share of all image-label decisions) with 4."""
+    if key in PERCENT_METRICS:
+        return 100.0, 2
+    return (1.0, 4) if key == "test_hamming" else (1.0, 3)
 
 
 def ci_text(row: dict[str, Any], key: str = "test_acc") -> str:
@@ -365,19 +485,25 @@ def seeds_hint(row: dict[str, Any]) -> str | None:
     return head + f"; more than {stats.MAX_RUNS_NEEDED} seeds: the difference is small next to the seed spread"
 
 
-def _fmt(row: dict[str, Any], key: str) -> str:
-    if key == "test_acc_ci":
-        return ci_text(row, "test_acc") if row.get("test_acc") is not None else "—"
+SCORES = (*PERCENT_METRICS, "test_macro_f1", "test_f1", "test_f1_micro", "test_precision", "test_recall", "test_hamming")
+"""The test scores a table shows as mean ± std over seeds (``_scale`` says how)."""
+
+
+def cell_text(row: dict[str, Any], key: str) -> str:
+    """A cell of the comparison table as text: ``key``'s value of ``row``, with ± std over seeds where it has one."""
+    if key.endswith("_ci"):
+        base = key.removesuffix("_ci")
+        return ci_text(row, base) if row.get(base) is not None else "—"
     if key == "versus":
         return versus_text(row)
     if key not in row or row[key] is None:
         return "—"
     v = row[key]
     multi = row.get("n_seeds", 0) > 1
-    if key in ("test_acc", "test_balanced_acc"):
-        return f"{100 * v:.2f}%" + (f" ± {100 * row[key + '_std']:.2f}" if multi else "")
-    if key == "test_macro_f1":
-        return f"{v:.3f}" + (f" ± {row[key + '_std']:.3f}" if multi else "")
+    if key in SCORES:
+        scale, digits = _scale(key)
+        unit = "%" if scale == 100 else ""
+        return f"{scale * v:.{digits}f}{unit}" + (f" ± {scale * row[key + '_std']:.{digits}f}" if multi else "")
     if key == "test_ece":  # with train.calibrate: temperature, before → after scaling
         after = f" → {row['test_ece_calibrated']:.3f}" if row.get("test_ece_calibrated") is not None else ""
         return f"{v:.3f}" + (f" ± {row[key + '_std']:.3f}" if multi else "") + after
@@ -398,28 +524,28 @@ def _clip(text: str, n: int | None) -> str:
     return text if n is None or len(text) <= n else text[: n - 1] + "…"
 
 
-RIGHT = ("test_acc", "test_acc_ci", "test_balanced_acc", "test_macro_f1", "test_ece", "n_seeds", "train_seconds",
-         "inference_images_per_s", "trainable_params", "checkpoint_mb", "image_size")
+RIGHT = (*SCORES, "test_acc_ci", "test_map_ci", "test_ece", "n_seeds", "train_seconds", "inference_images_per_s", "trainable_params",
+         "checkpoint_mb", "image_size")
 
 
 def _narrow(row: dict[str, Any], key: str) -> str:
-    """A cell of the narrow console table: accuracies without the % sign, time without ± std, status in short."""
-    if key == "test_acc" and row.get(key) is not None:
-        return f"{100 * row[key]:.2f}" + (f" ± {100 * row['test_acc_std']:.2f}" if row.get("n_seeds", 0) > 1 else "")
-    if key == "test_acc_ci" and row.get("test_acc") is not None and row.get("test_acc_ci_low") is not None:
-        return f"{100 * row['test_acc_ci_low']:.2f}–{100 * row['test_acc_ci_high']:.2f}"
+    """A cell of the narrow console table: accuracies (mAP) without the % sign, time without ± std, status in short."""
+    if key in HEADLINE.values() and row.get(key) is not None:
+        return f"{100 * row[key]:.2f}" + (f" ± {100 * row[key + '_std']:.2f}" if row.get("n_seeds", 0) > 1 else "")
     if key == "train_seconds" and row.get(key) is not None:
         return f"{row[key]:.1f}"
     if key == "versus":
         return versus_text(row, short=True)
-    return _clip(_fmt(row, key), NARROW_MAX.get(key))
+    return _clip(cell_text(row, key), NARROW_MAX.get(key))
 
 
-def console_table(rows: list[dict[str, Any]], title: str, wide: bool = False) -> Table:
-    """The comparison as a rich table: without ``wide`` the ``NARROW`` columns, one line per row (print it at
-    most ``CONSOLE_WIDTH`` wide: long texts end in …); with ``wide`` every column of ``COLUMNS`` in full."""
-    keys = [k for k, _ in COLUMNS] if wide else NARROW
-    titles = dict(COLUMNS) if wide else {**dict(COLUMNS), **NARROW_TITLES}
+def console_table(rows: list[dict[str, Any]], title: str, wide: bool = False, task: str = "multiclass") -> Table:
+    """The comparison of experiments of ``task`` as a rich table: without ``wide`` the ``NARROW`` columns, one line
+    per row (print it at most ``CONSOLE_WIDTH`` wide: long texts end in …); with ``wide`` every column of ``COLUMNS``
+    (multi-label: ``MULTILABEL_COLUMNS``) in full."""
+    columns = TASK_COLUMNS[task]
+    keys = [k for k, _ in columns] if wide else TASK_NARROW[task]
+    titles = dict(columns) if wide else {**dict(columns), **NARROW_TITLES}
     ref = next((r["reference"] for r in rows if r.get("reference")), None)
     if ref is not None:
         titles["versus"] = "vs " + (ref if wide else _clip(ref, 12))
@@ -427,7 +553,7 @@ def console_table(rows: list[dict[str, Any]], title: str, wide: bool = False) ->
     for k in keys:
         table.add_column(titles[k], justify="right" if k in RIGHT else "left", no_wrap=not wide, overflow="fold" if wide else "ellipsis")
     for row in rows:
-        table.add_row(*[_fmt(row, k) if wide else _narrow(row, k) for k in keys])
+        table.add_row(*[cell_text(row, k) if wide else _narrow(row, k) for k in keys])
     return table
 
 
@@ -441,26 +567,45 @@ def _csv_keys(rows: list[dict[str, Any]]) -> list[str]:
     after ``test_acc``; anything else after them, by name."""
     present = {k for r in rows for k in r}
     order: list[str] = []
-    for key, _ in COLUMNS:
+    for key, _ in [*COLUMNS, *MULTILABEL_COLUMNS]:
         group = [key, f"{key}_std", f"{key}_ci_low", f"{key}_ci_high"]
-        if key == "test_acc":
+        if key in HEADLINE.values():
             group += ["ci_method", *COMPARISON_KEYS]
         order += [k for k in group if k in present and k not in order]
     return order + sorted(present - set(order))
 
 
-def compare(study_dir: str | Path, console: Console | None = None, write: bool = True, metric: str = "test_acc",
+def compare(study_dir: str | Path, console: Console | None = None, write: bool = True, metric: str | None = None,
             against: str | None = None, wide: bool = False) -> list[dict[str, Any]]:
     """Print the comparison table of ``study_dir`` and write ``compare.csv`` and ``compare.md`` there.
 
-    Every experiment is tested on ``metric`` against ``against`` (default: the best row); the rows are returned
-    (``experiment_row`` plus ``compare_rows``' keys). The console table fits 120 columns; ``wide`` shows all.
+    Every experiment is tested on ``metric`` (default: its task's headline, test accuracy or test mAP) against
+    ``against`` (default: the best row of its task); the rows are returned (``experiment_row`` plus ``compare_rows``'
+    keys). A study with both tasks gets a table per task. The console table fits 120 columns; ``wide`` shows all.
     """
     console = console or Console()
     study_dir = Path(study_dir)
     rows = collect(study_dir, metric, against)
-    table = console_table(rows, f"study {study_dir.name}", wide)
-    # narrow: at most 120 columns (cut with … if still too wide); wide: as wide as the table needs, never folded
+    groups = task_groups(rows)
+    for task, idx in groups.items():
+        title = f"study {study_dir.name}" + (f" — {TASK_TITLES[task]}" if set(groups) != {"multiclass"} else "")
+        _print_table(console, [rows[i] for i in idx], title, wide, task)
+    for rec in read_searches(study_dir):  # a search's result is its best trial on validation, marked as such
+        console.print(f"search {rec.experiment}: " + "; ".join(search_lines(rec)[1:]), markup=False, highlight=False)
+    if write:
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=_csv_keys(rows))
+        w.writeheader()
+        w.writerows(rows)
+        write_text(study_dir / "compare.csv", buf.getvalue())
+        write_text(study_dir / "compare.md", markdown_table(rows))
+        console.print(f"written: {study_dir / 'compare.csv'}, {study_dir / 'compare.md'}")
+    return rows
+
+
+def _print_table(console: Console, rows: list[dict[str, Any]], title: str, wide: bool, task: str) -> None:
+    """One task's table, its legend, the experiments that did not finish and the seeds-needed hints."""
+    table = console_table(rows, title, wide, task)
     if wide:  # as wide as the table needs, never folded (rich caps a print at the console's width: lift it meanwhile)
         width = console.width
         console.width = max(width, console.measure(table, options=console.options.update_width(10_000)).maximum)
@@ -478,17 +623,6 @@ def compare(study_dir: str | Path, console: Console | None = None, write: bool =
         hint = seeds_hint(row)
         if hint:
             console.print(textwrap.fill(hint, CONSOLE_WIDTH, initial_indent="  ", subsequent_indent="    "), markup=False, highlight=False)
-    for rec in read_searches(study_dir):  # a search's result is its best trial on validation, marked as such
-        console.print(f"search {rec.experiment}: " + "; ".join(search_lines(rec)[1:]), markup=False, highlight=False)
-    if write:
-        buf = io.StringIO(newline="")
-        w = csv.DictWriter(buf, fieldnames=_csv_keys(rows))
-        w.writeheader()
-        w.writerows(rows)
-        write_text(study_dir / "compare.csv", buf.getvalue())
-        write_text(study_dir / "compare.md", markdown_table(rows))
-        console.print(f"written: {study_dir / 'compare.csv'}, {study_dir / 'compare.md'}")
-    return rows
 
 
 def _legend(rows: list[dict[str, Any]]) -> str:
@@ -501,13 +635,22 @@ def _legend(rows: list[dict[str, Any]]) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """``compare.md``: every column, the tests' p-values and the seeds-needed hints below the table."""
-    md = ["| " + " | ".join(t for _, t in COLUMNS) + " | p | p (Holm) |", "|" + "---|" * (len(COLUMNS) + 2)]
+    """``compare.md``: every column, the tests' p-values and the seeds-needed hints below the table; a study with
+    both tasks gets a table per task, each under a heading."""
+    groups = task_groups(rows)
+    parts = []
+    for task, idx in groups.items():
+        head = [f"## {TASK_TITLES[task]}", ""] if set(groups) != {"multiclass"} else []
+        parts.append("\n".join(head + _markdown_task([rows[i] for i in idx], TASK_COLUMNS[task])))
+    return "\n\n".join(parts) + "\n"
+
+
+def _markdown_task(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> list[str]:
+    md = ["| " + " | ".join(t for _, t in columns) + " | p | p (Holm) |", "|" + "---|" * (len(columns) + 2)]
     for r in rows:
-        cells = [_fmt(r, k) for k, _ in COLUMNS]
+        cells = [cell_text(r, k) for k, _ in columns]
         cells += [f"{r[k]:.3g}" if r.get(k) is not None else "—" for k in ("p_value", "p_adjusted")]
         md.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     legend = _legend(rows)
     hints = [h for h in (seeds_hint(r) for r in rows) if h]
-    extra = ([""] + [legend] if legend else []) + ([""] + [f"- {h}" for h in hints] if hints else [])
-    return "\n".join(md + extra) + "\n"
+    return md + ([""] + [legend] if legend else []) + ([""] + [f"- {h}" for h in hints] if hints else [])

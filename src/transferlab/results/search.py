@@ -63,8 +63,10 @@ def search_lines(rec: SearchRecord) -> list[str]:
     lines = [f"{len(info.get('trials', []))} trials ({counts}); sampler {info.get('sampler')}, pruner {info.get('pruner')}, "
              f"metric {info.get('metric')} ({info.get('direction')})"]
     if best:
+        multi = rec.best_test.get("task") == "multilabel"  # its test score is the mAP (rundir.metrics.HEADLINE)
+        score = f"test mAP {_pct(rec.best_test.get('test_map'))}" if multi else f"test accuracy {_pct(rec.best_test.get('test_acc'))}"
         lines.append(f"best trial: {best['run']} — {info.get('metric')} {best['value']:.4f} on validation (the choice); "
-                     f"test accuracy {_pct(rec.best_test.get('test_acc'))} (reported, never used to choose)")
+                     f"{score} (reported, never used to choose)")
         lines.append("settings: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()))
     else:
         lines.append("no trial completed")

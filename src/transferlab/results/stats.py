@@ -1,7 +1,9 @@
 """The statistics behind every comparison: intervals, paired tests, Holm's correction, a power estimate.
 
 Numbers in, numbers out (numpy and scipy only), so each function is checked against scipy and
-statsmodels on fixed numbers (``tests/test_stats.py``). ``transferlab.results.compare`` decides which
+statsmodels on fixed numbers (``tests/test_stats.py``; the multi-label metrics against scikit-learn in
+``tests/test_multilabel_results.py``). The per-image metrics are numpy, not scikit-learn calls, because a
+paired bootstrap recomputes them thousands of times. ``transferlab.results.compare`` decides which
 test applies to which pair of experiments; ``docs/comparisons.md`` says what each one assumes.
 
 * ``mean_interval`` — 95 % confidence interval of a mean over seeds / folds: Student's t below
@@ -11,7 +13,8 @@ test applies to which pair of experiments; ``docs/comparisons.md`` says what eac
 * ``mcnemar`` — McNemar's test (exact binomial, mid-p) on the per-image correctness of two runs
   scored on the same test images: the test for two single runs.
 * ``paired_bootstrap`` — the same situation for a metric that is not a per-image mean (balanced
-  accuracy, macro F1, ECE): test images resampled together, difference interval and p-value.
+  accuracy, macro F1, ECE; multi-label mAP, F1, Hamming loss): test images resampled together,
+  difference interval and p-value.
 * ``holm`` — Holm's step-down adjustment of the p-values of one family of comparisons.
 * ``power`` / ``runs_needed`` — power of the t-test at a given n (noncentral t), and the smallest n
   that reaches 80 % power for the observed difference and spread: the "seeds needed" hint.
@@ -37,13 +40,20 @@ __all__ = [
     "accuracy",
     "balanced_accuracy",
     "expected_calibration_error",
+    "exact_match",
+    "hamming_loss",
     "holm",
     "macro_f1",
+    "mean_average_precision",
+    "micro_average_precision",
+    "multilabel_f1",
     "mark",
     "mcnemar",
     "mean_interval",
     "paired_bootstrap",
     "paired_t",
+    "per_class_average_precision",
+    "per_image_correct",
     "power",
     "runs_needed",
     "t_interval",
@@ -249,13 +259,83 @@ def expected_calibration_error(true: np.ndarray, pred: np.ndarray, prob: np.ndar
     return float(np.abs(gap).sum() / len(true))
 
 
+# multi-label: ``true`` and ``pred`` are N×K 0/1 arrays (the label sets), ``prob`` the N×K sigmoid probabilities
+
+
+def per_image_correct(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Whether each test image was predicted right: its class (1-D labels), or its whole label set (N×K multi-hot)."""
+    same = np.asarray(true) == np.asarray(pred)
+    return same.all(axis=1) if same.ndim == 2 else same
+
+
+def per_class_average_precision(true: np.ndarray, score: np.ndarray) -> list[float | None]:
+    """Average precision of each column of ``score`` against the 0/1 column of ``true`` (``None`` without a positive).
+
+    scikit-learn's ``average_precision_score`` (and torchmetrics' ``MultilabelAveragePrecision``): over the distinct
+    scores, highest first, the sum of (recall gained) × (precision there); tied scores form one step.
+    """
+    t, s = np.asarray(true, dtype=bool), np.asarray(score, dtype=float)
+    out: list[float | None] = []
+    for col_t, col_s in zip(t.T, s.T, strict=True):
+        positives = int(col_t.sum())
+        if positives == 0:
+            out.append(None)
+            continue
+        order = np.argsort(-col_s, kind="stable")
+        hits, ranked = np.cumsum(col_t[order]), col_s[order]
+        last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the last image of each distinct score
+        precision, recall = hits[last] / (last + 1), hits[last] / positives
+        out.append(float(np.sum(np.diff(recall, prepend=0.0) * precision)))
+    return out
+
+
+def mean_average_precision(true: np.ndarray, pred: np.ndarray | None = None, prob: np.ndarray | None = None) -> float:
+    """Macro mAP: the mean per-class average precision over the classes with a positive (``test_map``)."""
+    if prob is None:
+        raise ValueError("mAP needs the predicted probabilities")
+    known = [v for v in per_class_average_precision(true, prob) if v is not None]
+    return float(np.mean(known)) if known else math.nan
+
+
+def micro_average_precision(true: np.ndarray, pred: np.ndarray | None = None, prob: np.ndarray | None = None) -> float:
+    """Micro mAP: the average precision of every (image, label) pair pooled (``test_map_micro``)."""
+    if prob is None:
+        raise ValueError("mAP needs the predicted probabilities")
+    value = per_class_average_precision(np.ravel(true)[:, None], np.ravel(prob)[:, None])[0]
+    return math.nan if value is None else value
+
+
+def multilabel_f1(true: np.ndarray, pred: np.ndarray, prob: np.ndarray | None = None) -> float:
+    """Macro F1 of multi-hot predictions over all K classes, 0 for a class never true nor predicted (torchmetrics'
+    ``MultilabelF1Score``, scikit-learn's ``f1_score(average="macro", zero_division=0)``; ``test_f1``)."""
+    t, p = np.asarray(true, dtype=bool), np.asarray(pred, dtype=bool)
+    tp, wrong = (t & p).sum(0), (t ^ p).sum(0)
+    return float(np.mean(np.divide(2 * tp, 2 * tp + wrong, out=np.zeros(t.shape[1]), where=(2 * tp + wrong) > 0)))
+
+
+def exact_match(true: np.ndarray, pred: np.ndarray, prob: np.ndarray | None = None) -> float:
+    """Share of images whose predicted label set is exactly the true one (subset accuracy; ``test_exact_match``)."""
+    return float(np.mean(per_image_correct(true, pred)))
+
+
+def hamming_loss(true: np.ndarray, pred: np.ndarray, prob: np.ndarray | None = None) -> float:
+    """Share of wrong (image, label) decisions (``test_hamming``; lower is better)."""
+    return float(np.mean(np.asarray(true) != np.asarray(pred)))
+
+
 METRIC_FUNCTIONS: dict[str, Callable[..., float]] = {
     "test_acc": accuracy,
     "test_balanced_acc": balanced_accuracy,
     "test_macro_f1": macro_f1,
     "test_ece": expected_calibration_error,
+    "test_map": mean_average_precision,
+    "test_map_micro": micro_average_precision,
+    "test_f1": multilabel_f1,
+    "test_exact_match": exact_match,
+    "test_hamming": hamming_loss,
 }
-"""The metrics ``paired_bootstrap`` can recompute from a run's test predictions (true, pred, top probability)."""
+"""The metrics ``paired_bootstrap`` can recompute from a run's test predictions: (true, pred, top probability) of a
+multiclass run, (N×K true, N×K predicted label sets, N×K probabilities) of a multi-label one."""
 
 
 def paired_bootstrap(

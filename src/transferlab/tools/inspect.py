@@ -1,5 +1,9 @@
 """What a trained model makes of images from outside its dataset: top-k classes, feature maps, Grad-CAM.
 
+A multi-label model (``data.task: multilabel``) reads its logits as independent probabilities (sigmoid per class):
+an image gets every label whose probability is at least that label's threshold (chosen on validation, recorded in
+``metrics.json``), most probable first, besides its top-k; a multiclass model's probabilities are the softmax.
+
 The model-level core of ``transferlab predict`` / ``transferlab activations`` (``tools.predict`` and
 ``tools.activations``, which load a finished run and call these) and of an experiment's ``predict:`` /
 ``activations:`` sections: registered here as ``RUN_SECTIONS`` (``kinds.base``), which a kind that trains
@@ -41,6 +45,7 @@ from torch import nn
 from transferlab.config import ActivationsConfig, ExperimentConfig, PredictConfig, register_check
 from transferlab.data.batches import Preprocess
 from transferlab.data.images import ImageReadError, is_image_file, load_image, probe_image
+from transferlab.engine.multilabel import predicted
 from transferlab.files import write_bytes, write_csv, write_json
 from transferlab.kinds.base import RUN_SECTIONS, RunSection, Tested
 from transferlab.rundir.layout import ACTIVATIONS_DIR, ACTIVATIONS_FILE, OUTSIDE_CSV, OUTSIDE_JSON, OUTSIDE_PNG
@@ -65,13 +70,17 @@ __all__ = [
     "check_layers",
     "collect_image_files",
     "default_layers",
+    "fill_predictions",
     "gradcam",
     "image_activations",
+    "image_probabilities",
+    "labels_above",
     "load_images",
     "predict_images",
     "prediction_grid",
     "save_activation_maps",
     "save_outside_predictions",
+    "top_classes",
 ]
 
 """Files a run's ``predict:`` / ``activations:`` sections write (the report reads them back)."""
@@ -140,39 +149,92 @@ def load_images(
 
 @dataclass
 class ImagePrediction:
-    """Top-k classes of one image file, or why the file could not be used."""
+    """Top-k classes of one image file (multi-label: and every label at or above its threshold), or why the file
+    could not be used."""
 
     file: str
     top: list[tuple[str, int, float]] = field(default_factory=list)
     """(class name, class index, probability), most probable first."""
     error: str | None = None
+    labels: list[tuple[str, int, float]] | None = None
+    """Multi-label: (label name, index, probability) of every label whose probability is at least its threshold, most
+    probable first (possibly none); ``None`` for a multiclass model."""
 
     def to_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"file": self.file, "error": self.error}
-        return {"file": self.file, "predictions": [{"class": c, "index": i, "prob": p} for c, i, p in self.top]}
+        out: dict[str, Any] = {"file": self.file}
+        if self.labels is not None:
+            out["labels"] = [{"class": c, "index": i, "prob": p} for c, i, p in self.labels]
+        return out | {"predictions": [{"class": c, "index": i, "prob": p} for c, i, p in self.top]}
 
 
 @torch.inference_mode()
+def image_probabilities(
+    model: nn.Module, pre: Preprocess, x: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64,
+    multilabel: bool = False,
+) -> torch.Tensor:
+    """N×K probabilities (float32, CPU) of the uint8 images ``x``, normalised by ``pre``: the softmax of the logits, or
+    with ``multilabel`` the sigmoid of each (independent labels).
+
+    ``model`` may be a test-time-augmentation wrapper (``transferlab.engine.evaluation.with_tta``).
+    """
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        logits = model(pre(x[start : start + batch_size].to(device))).float()
+        out.append((logits.sigmoid() if multilabel else logits.softmax(-1)).cpu())
+    return torch.cat(out) if out else torch.empty((0, 0))
+
+
+def top_classes(probs: torch.Tensor, class_names: Sequence[str], top_k: int = 5) -> list[list[tuple[str, int, float]]]:
+    """The ``top_k`` (class name, index, probability) of each row of ``probs``, most probable first."""
+    if top_k < 1:
+        raise PredictError(f"top_k must be >= 1, got {top_k}")
+    if len(probs) == 0:
+        return []
+    values, indices = probs.topk(min(top_k, len(class_names)), dim=-1)
+    return [[(class_names[c], int(c), float(p)) for p, c in zip(v, ix, strict=True)] for v, ix in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def labels_above(probs: torch.Tensor, class_names: Sequence[str], thresholds: Sequence[float]) -> list[list[tuple[str, int, float]]]:
+    """Per row of the multi-label ``probs``: (label name, index, probability) of every label whose probability is at
+    least its threshold (``engine.multilabel.predicted``: ``p >= t``, as the run's test did), most probable first."""
+    if len(thresholds) != len(class_names):
+        raise PredictError(f"{len(thresholds)} thresholds for {len(class_names)} classes")
+    if len(probs) == 0:
+        return []
+    chosen = predicted(probs, thresholds).bool()
+    out = []
+    for row, keep in zip(probs.tolist(), chosen.tolist(), strict=True):
+        found = [(class_names[k], k, float(p)) for k, (p, on) in enumerate(zip(row, keep, strict=True)) if on]
+        out.append(sorted(found, key=lambda t: -t[2]))
+    return out
+
+
 def predict_images(
     model: nn.Module, pre: Preprocess, x: torch.Tensor, class_names: Sequence[str], top_k: int = 5,
     device: str | torch.device = "cpu", batch_size: int = 64,
 ) -> list[list[tuple[str, int, float]]]:
-    """Top-k (class name, index, probability) of each uint8 image in ``x``, normalised by ``pre``.
-
-    ``model`` may be a test-time-augmentation wrapper (``transferlab.engine.evaluation.with_tta``).
-    """
+    """Top-k (class name, index, softmax probability) of each uint8 image in ``x``, normalised by ``pre``."""
     if top_k < 1:
         raise PredictError(f"top_k must be >= 1, got {top_k}")
-    model.eval()
-    k = min(top_k, len(class_names))
-    out = []
-    for start in range(0, len(x), batch_size):
-        probs = model(pre(x[start : start + batch_size].to(device))).float().softmax(-1).cpu()
-        values, indices = probs.topk(k, dim=-1)
-        for v, ix in zip(values.tolist(), indices.tolist(), strict=True):
-            out.append([(class_names[c], int(c), float(p)) for p, c in zip(v, ix, strict=True)])
-    return out
+    return top_classes(image_probabilities(model, pre, x, device, batch_size), class_names, top_k)
+
+
+def fill_predictions(
+    preds: Sequence[ImagePrediction], ok: Sequence[int], model: nn.Module, pre: Preprocess, x: torch.Tensor,
+    class_names: Sequence[str], top_k: int = 5, device: str | torch.device = "cpu", batch_size: int = 64,
+    thresholds: Sequence[float] | None = None,
+) -> None:
+    """Set ``top`` of ``preds[i]`` for each decoded image ``x[j]`` (``i = ok[j]``); with ``thresholds`` (a multi-label
+    model, one per class) the probabilities are sigmoids and ``labels`` lists every label at or above its threshold."""
+    if top_k < 1:
+        raise PredictError(f"top_k must be >= 1, got {top_k}")
+    probs = image_probabilities(model, pre, x, device, batch_size, multilabel=thresholds is not None)
+    labels = labels_above(probs, class_names, thresholds) if thresholds is not None else [None] * len(ok)
+    for i, top, found in zip(ok, top_classes(probs, class_names, top_k), labels, strict=True):
+        preds[i].top, preds[i].labels = top, found
 
 
 def prediction_grid(images: torch.Tensor, preds: Sequence[ImagePrediction], title: str = "", cols: int = 6) -> bytes:
@@ -189,6 +251,11 @@ def prediction_grid(images: torch.Tensor, preds: Sequence[ImagePrediction], titl
         ax.set_axis_off()
     for ax, img, p in zip(axes, images, shown, strict=False):
         _show_image(ax, img.permute(1, 2, 0).numpy())
+        if p.labels is not None:  # multi-label: every label at or above its threshold
+            said = "\n".join(f"{name} ({100 * prob:.1f}%)" for name, _, prob in p.labels[:4]) or "no label"
+            more = f"\n+{len(p.labels) - 4} more" if len(p.labels) > 4 else ""
+            ax.set_title(_label(f"{Path(p.file).name}\n{said}{more}"), fontsize=8)
+            continue
         name, _, prob = p.top[0]
         ax.set_title(_label(f"{Path(p.file).name}\n{name} ({100 * prob:.1f}%)"), fontsize=8)
     if title:
@@ -302,8 +369,10 @@ class GradCam:
     """Channel weights (spatially averaged gradients)."""
 
 
-def gradcam(model: nn.Module, x: torch.Tensor, layer: str = FEATURES, class_index: int | None = None) -> GradCam:
-    """Grad-CAM of ``class_index`` (default: the predicted class) on ``layer`` for one preprocessed image.
+def gradcam(model: nn.Module, x: torch.Tensor, layer: str = FEATURES, class_index: int | None = None,
+            multilabel: bool = False) -> GradCam:
+    """Grad-CAM of ``class_index`` (default: the predicted class — multi-label: the most probable label) on ``layer`` for
+    one preprocessed image; ``prob`` is the class's softmax probability, with ``multilabel`` its sigmoid.
 
     ``layer`` is a module name, or ``features`` for the backbone's final feature map (a ``TransferModel``;
     a module named ``features`` takes precedence).
@@ -345,7 +414,7 @@ def gradcam(model: nn.Module, x: torch.Tensor, layer: str = FEATURES, class_inde
         if act is None or act.dim() != 4:
             shape = "no tensor" if act is None else "×".join(map(str, act.shape))
             raise ActivationError(f"layer {layer!r} outputs {shape}, not a N×C×H×W feature map; Grad-CAM needs a convolutional layer")
-        probs = logits.detach().float().softmax(-1)[0]
+        probs = logits.detach().float().sigmoid()[0] if multilabel else logits.detach().float().softmax(-1)[0]
         idx = int(probs.argmax()) if class_index is None else int(class_index)
         if not 0 <= idx < logits.shape[-1]:
             raise ValueError(f"class index {idx} out of range 0..{logits.shape[-1] - 1}")
@@ -445,20 +514,22 @@ class ImageActivations:
 def image_activations(
     model: nn.Module, x_u8: torch.Tensor, pre: Preprocess, class_names: Sequence[str], title: str,
     layers: Sequence[str] | None = None, gradcam_layer: str | None = None, max_maps: int = MAX_MAPS,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", multilabel: bool = False,
 ) -> ImageActivations:
     """Feature maps of ``layers`` (default: first and middle stage) for one uint8 1×C×H×W image, as a PNG.
 
     ``gradcam_layer`` (``features`` or a layer name) adds the Grad-CAM overlay of the predicted class.
-    ``title`` is followed by `` → <predicted class> (<probability>)``.
+    ``title`` is followed by `` → <predicted class> (<probability>)``: with ``multilabel``, the most probable label
+    and its sigmoid probability.
     """
     x = pre(x_u8.to(device))
     names = list(layers) if layers else default_layers(model, x)
     acts = capture_activations(model, x, names)
     with torch.inference_mode():
-        probs = model(x).float().softmax(-1)[0].cpu()
+        logits = model(x).float()[0].cpu()
+    probs = logits.sigmoid() if multilabel else logits.softmax(-1)
     pred = int(probs.argmax())
-    cam = gradcam(model, x, gradcam_layer) if gradcam_layer else None
+    cam = gradcam(model, x, gradcam_layer, multilabel=multilabel) if gradcam_layer else None
     pred_name = class_names[pred] if pred < len(class_names) else str(pred)
     title = f"{title} → {pred_name} ({100 * float(probs[pred]):.1f}%)"
     png = activation_figure(x_u8[0].permute(1, 2, 0).numpy(), acts, title, cam, class_names, max_maps)
@@ -472,11 +543,13 @@ def image_activations(
 def save_outside_predictions(
     run_dir: str | Path, model: nn.Module, pre: Preprocess, cfg: PredictConfig, class_names: Sequence[str],
     channels: int, size: int, title: str = "", device: str | torch.device = "cpu", batch_size: int = 64,
-    fit: tuple[str, float] = ("crop", 1.0),
+    fit: tuple[str, float] = ("crop", 1.0), thresholds: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """``predict:``: top-k classes of its images, written to ``outside_predictions.json`` / ``.csv`` / ``.png``.
 
     ``fit`` is the run's (``data.resize``, ``data.crop_pct``): the images are brought to size as its own were.
+    ``thresholds`` (a multi-label run: one per class, chosen on validation) adds every label at or above its threshold
+    (``labels`` in the JSON, ``above_threshold`` in the CSV).
 
     A file that cannot be decoded is recorded with the reason (and left out of the grid) instead of
     failing the run. Returns the summary kept in ``metrics.json`` (``predict``).
@@ -485,17 +558,21 @@ def save_outside_predictions(
     files = collect_image_files(cfg.images)
     x, ok, errors = load_images(files, channels, size, *fit)
     preds = [ImagePrediction(str(f), error=errors.get(i)) for i, f in enumerate(files)]
-    for i, top in zip(ok, predict_images(model, pre, x, class_names, cfg.top_k, device, batch_size), strict=True):
-        preds[i].top = top
-    doc = {
+    fill_predictions(preds, ok, model, pre, x, class_names, cfg.top_k, device, batch_size, thresholds)
+    doc: dict[str, Any] = {
         "input": {"channels": channels, "image_size": size},
         "top_k": cfg.top_k,
+        "task": "multiclass" if thresholds is None else "multilabel",
+        "thresholds": None if thresholds is None else [float(t) for t in thresholds],
         "class_names": list(class_names),
         "images": [p.to_dict() for p in preds],
     }
     write_json(run_dir / OUTSIDE_JSON, doc)
     rows = [{"file": p.file, "rank": r, "class": c, "index": i, "prob": round(q, 6), "error": ""}
             for p in preds for r, (c, i, q) in enumerate(p.top, 1)]
+    if thresholds is not None:  # a multi-label run: whether each top-k label reached its threshold
+        above = {(p.file, i) for p in preds for _, i, _ in p.labels or []}
+        rows = [{**row, "above_threshold": (row["file"], row["index"]) in above} for row in rows]
     rows += [{"file": p.file, "rank": "", "class": "", "index": "", "prob": "", "error": p.error} for p in preds if p.error]
     write_csv(run_dir / OUTSIDE_CSV, rows)
     if ok:
@@ -506,9 +583,10 @@ def save_outside_predictions(
 def save_activation_maps(
     run_dir: str | Path, model: nn.Module, pre: Preprocess, cfg: ActivationsConfig, class_names: Sequence[str],
     channels: int, size: int, title: str = "", device: str | torch.device = "cpu", fit: tuple[str, float] = ("crop", 1.0),
+    multilabel: bool = False,
 ) -> dict[str, Any]:
     """``activations:``: one PNG of feature maps per image in ``activations/``, listed in ``activations.json``
-    (``fit``: the run's ``data.resize`` and ``data.crop_pct``).
+    (``fit``: the run's ``data.resize`` and ``data.crop_pct``; ``multilabel``: sigmoid probabilities).
 
     A file that cannot be decoded is recorded with the reason instead of failing the run. Returns the
     summary kept in ``metrics.json`` (``activations``).
@@ -524,7 +602,7 @@ def save_activation_maps(
             continue
         res = image_activations(
             model, decoded[i][None], pre, class_names, f"{title}: {f.name}" if title else f.name, cfg.layers,
-            cfg.gradcam_layer if cfg.gradcam else None, cfg.max_maps, device,
+            cfg.gradcam_layer if cfg.gradcam else None, cfg.max_maps, device, multilabel,
         )
         png = _unique_name(f.stem, used)
         write_bytes(out_dir / png, res.png)
@@ -583,17 +661,23 @@ def _check_activations(model: nn.Module, cfg: ExperimentConfig) -> None:
 
 def _run_predict(t: Tested) -> dict[str, Any]:
     cfg = t.cfg
+    thresholds = None
+    if cfg.multilabel:  # the thresholds the run chose on validation and tested with
+        thresholds = getattr(t, "thresholds", None)  # a Tested field the kinds fill for multi-label runs
+        if thresholds is None:
+            raise PredictError(f"{cfg.name}: predict: a multi-label run needs its thresholds (chosen on validation); "
+                               "the kind did not hand them over")
     with t.autocast():
         return save_outside_predictions(
             t.run_dir, t.predictor, t.model.preprocess(), cfg.predict, t.class_names, t.channels, t.size, cfg.name, t.device,
-            cfg.train.eval_batch_size, (cfg.data.resize, cfg.data.crop_pct),
+            cfg.train.eval_batch_size, (cfg.data.resize, cfg.data.crop_pct), thresholds,
         )
 
 
 def _run_activations(t: Tested) -> dict[str, Any]:
     cfg = t.cfg
     return save_activation_maps(t.run_dir, t.model, t.model.preprocess(), cfg.activations, t.class_names, t.channels, t.size,
-                                cfg.name, t.device, (cfg.data.resize, cfg.data.crop_pct))
+                                cfg.name, t.device, (cfg.data.resize, cfg.data.crop_pct), cfg.multilabel)
 
 
 RUN_SECTIONS.register(obj=RunSection("predict", lambda cfg: bool(cfg.predict.images), None, _run_predict))

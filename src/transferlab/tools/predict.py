@@ -9,6 +9,10 @@ folder) written by ``transferlab export`` in any format, run by its own runtime 
 ONNX), with the preprocessing recorded in it (``ExportSpec``: colour mode, ``resize``, ``crop_pct``,
 interpolation, channels, mean, std) — so a deployed file can be checked against its run. The model-level core (decoding, top-k, the file search) is
 ``transferlab.tools.inspect``, shared with an experiment's ``predict:`` section; this module adds the run.
+
+A multi-label run (``metrics.json``: ``task: multilabel``) or its export (``ExportSpec.task``) predicts with sigmoid
+probabilities: every label whose probability is at least its threshold — the thresholds the run chose on validation,
+recorded in ``metrics.json`` and in every export's metadata — plus the top-k as for a multiclass model.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from transferlab.engine.evaluation import with_tta
 from transferlab.engine.precision import autocast_for
 from transferlab.results.export import ExportSpec, export_format_of, load_export
 from transferlab.rundir import Run, load_run
-from transferlab.tools.inspect import ImagePrediction, PredictError, collect_image_files, load_images, predict_images
+from transferlab.tools.inspect import ImagePrediction, PredictError, collect_image_files, fill_predictions, load_images
 
 __all__ = [
     "ImagePrediction", "PredictError", "collect_image_files", "is_export", "is_onnx_file", "load_images", "predict", "predictions_json",
-    "run_input_spec",
+    "run_input_spec", "run_task",
 ]
 
 
@@ -67,6 +71,27 @@ def run_input_spec(run: Run) -> tuple[int, int]:
     return int(channels), int(size)
 
 
+def run_task(run: Run) -> tuple[str, list[float] | None]:
+    """(task, thresholds) of a finished run: ``multiclass`` and ``None``, or ``multilabel`` and the K thresholds it chose
+    on validation (``metrics.json``; an error when they are missing, as nothing else says where a label starts)."""
+    rec = run.record
+    if rec.task != "multilabel":
+        return rec.task, None
+    if not rec.thresholds or len(rec.thresholds) != len(run.class_names):
+        found = "none" if not rec.thresholds else f"{len(rec.thresholds)}"
+        raise PredictError(f"{run.path}: a multi-label run whose metrics.json records {found} thresholds for {len(run.class_names)} classes")
+    return rec.task, [float(t) for t in rec.thresholds]
+
+
+def _spec_task(spec: ExportSpec, where: object) -> list[float] | None:
+    """The thresholds of a multi-label export (``None`` for a multiclass one)."""
+    if spec.task != "multilabel":
+        return None
+    if not spec.thresholds or len(spec.thresholds) != spec.num_classes:
+        raise PredictError(f"{where}: a multi-label export without one threshold per class in its metadata")
+    return [float(t) for t in spec.thresholds]
+
+
 def predict(
     run: Run | str | Path,
     paths: Sequence[str | Path],
@@ -75,10 +100,11 @@ def predict(
     device: str | torch.device = "cpu",
     batch_size: int = 64,
 ) -> list[ImagePrediction]:
-    """Classify image files (or folders of them) with a run's model, or with an exported ``.onnx`` file
-    (onnxruntime on the CPU; ``checkpoint`` is the one it was exported from); one ``ImagePrediction`` per file.
+    """Classify image files (or folders of them) with a run's model, or with an exported file of any format (its own
+    runtime on the CPU; ``checkpoint`` is the one it was exported from); one ``ImagePrediction`` per file.
 
-    Files that cannot be decoded get ``error`` set (the reason) instead of predictions.
+    A multi-label model's ``ImagePrediction.labels`` lists every label at or above its recorded threshold. Files that
+    cannot be decoded get ``error`` set (the reason) instead of predictions.
     """
     if top_k < 1:
         raise PredictError(f"top_k must be >= 1, got {top_k}")
@@ -89,10 +115,12 @@ def predict(
         files = collect_image_files(paths)
         channels, size, pre, tta, names = spec.channels, spec.image_size, spec.preprocess(), spec.tta, list(spec.class_names)
         fit, precision = (spec.resize, spec.crop_pct), "32-true"  # brought to size as the file's metadata says
+        thresholds = _spec_task(spec, run)
     else:
         run = run if not isinstance(run, (str, Path)) else load_run(run)
         files = collect_image_files(paths)
         channels, size = run_input_spec(run)
+        thresholds = run_task(run)[1]
         model = run.load_model(checkpoint).to(device)
         pre, tta, names = model.preprocess(), run.config.train.tta, run.class_names
         fit = (run.config.data.resize, run.config.data.crop_pct)  # brought to size as the run's images were
@@ -101,9 +129,7 @@ def predict(
     x, ok, errors = load_images(files, channels, size, *fit)
     out = [ImagePrediction(str(f), error=errors.get(i)) for i, f in enumerate(files)]
     with autocast_for(precision, device):  # in the run's precision (bf16-mixed runs evaluated in bf16)
-        tops = predict_images(tested, pre, x, names, top_k, device, batch_size)
-    for i, top in zip(ok, tops, strict=True):
-        out[i].top = top
+        fill_predictions(out, ok, tested, pre, x, names, top_k, device, batch_size, thresholds)
     return out
 
 
@@ -115,16 +141,19 @@ def predictions_json(run: Run | str | Path, preds: Sequence[ImagePrediction], ch
         spec: ExportSpec = fmt.read_spec(Path(run))
         return {
             "model": str(run), "format": fmt.name, "run": spec.source, "experiment": spec.experiment, "checkpoint": spec.checkpoint,
-            "input": _input(spec.channels, spec.image_size, spec.resize, spec.crop_pct), "class_names": list(spec.class_names),
-            "images": [p.to_dict() for p in preds],
+            "input": _input(spec.channels, spec.image_size, spec.resize, spec.crop_pct), "task": spec.task,
+            "thresholds": _spec_task(spec, run), "class_names": list(spec.class_names), "images": [p.to_dict() for p in preds],
         }
     run = run if isinstance(run, Run) else load_run(run)
     channels, size = run_input_spec(run)
+    task, thresholds = run_task(run)
     return {
         "run": str(run.path),
         "experiment": run.config.name,
         "checkpoint": checkpoint,
         "input": _input(channels, size, run.config.data.resize, run.config.data.crop_pct),
+        "task": task,
+        "thresholds": thresholds,
         "class_names": run.class_names,
         "images": [p.to_dict() for p in preds],
     }

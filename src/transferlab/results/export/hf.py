@@ -31,6 +31,11 @@ written beside the folder (``<folder>.parity.json``) and a failed check is an er
 
 The format lives in the results layer with the other formats; its model card also reads the run and the
 study around it: the test accuracy of every seed (mean ± std) and the comparison table's row.
+
+A multi-label run's folder says so where Hugging Face tools look: ``config.json`` has ``problem_type:
+"multi_label_classification"`` (a multiclass one ``single_label_classification``, as transformers writes) and
+``thresholds`` (one per label, chosen on validation); the card calls it a multi-label classifier, reports the test
+mAP instead of accuracy, lists each label's threshold and AP, and its code applies a sigmoid and the thresholds.
 """
 
 from __future__ import annotations
@@ -66,13 +71,14 @@ from transferlab.models.hub import (
     resolve_hf,
 )
 from transferlab.models.small_cnn import SmallCNN
-from transferlab.results.compare import experiment_row
+from transferlab.results.compare import experiment_row, headline
 from transferlab.results.export import standalone_cnn
 from transferlab.results.export.parity import parity_path
 from transferlab.results.export.run import ExportResult
 from transferlab.results.export.spec import EXPORT_FORMATS, ExportError, ExportFormat, ExportSpec
 from transferlab.results.report.markdown import md_esc
 from transferlab.rundir import Run, RunError, load_run, read_study
+from transferlab.rundir.metrics import HEADLINE
 
 __all__ = [
     "HF_CARD",
@@ -96,6 +102,8 @@ STANDALONE_FILE = "modeling_transferlab_cnn.py"
 """The plain-torch module file (a copy of ``standalone_cnn``) in the folder of a built-in CNN."""
 TIMM_CROP_MODES = {"crop": "center", "stretch": "squash", "pad": "border"}
 """``data.resize`` in timm's ``crop_mode`` words (``timm.data.transforms_factory.transforms_imagenet_eval``)."""
+PROBLEM_TYPES = {"multiclass": "single_label_classification", "multilabel": "multi_label_classification"}
+"""``config.json``'s ``problem_type`` per task, in the words of Hugging Face transformers' ``PretrainedConfig``."""
 
 
 def timm_preprocessing(spec: ExportSpec) -> tuple[dict[str, Any], str | None]:
@@ -248,11 +256,14 @@ def _hf_config(
     )
     if layout == "transferlab":
         pretrained_cfg.pop("classifier", None)  # the head is transferlab's, not a timm classifier
+    labels = {"thresholds": list(spec.thresholds)} if spec.task == "multilabel" and spec.thresholds else {}
     return {
         "architecture": arch,
         "num_classes": spec.num_classes,
         "num_features": model.num_features,
         "label_names": list(spec.class_names),
+        "problem_type": PROBLEM_TYPES[spec.task],
+        **labels,
         "pretrained_cfg": pretrained_cfg,
         "transferlab": {
             "format": HF_FORMAT,
@@ -268,6 +279,7 @@ def _hf_config(
             "resize": spec.resize,
             "crop_pct": spec.crop_pct,
             "preprocessing": spec.recipe(),
+            "task": spec.task,
             "timm_transform_exact": timm_differs is None,
             "timm_transform_differs": timm_differs,
             "standalone": {"file": STANDALONE_FILE, **standalone} if standalone else None,
@@ -365,14 +377,16 @@ def export_hf(run: Run | str | Path, out: str | Path, checkpoint: str = "best") 
 
 
 def _study_row(run: Run) -> tuple[dict[str, Any] | None, list[tuple[Any, float]]]:
-    """The comparison row of this run's experiment and (seed, test accuracy) of each of its finished seeds."""
+    """The comparison row of this run's experiment and (seed, test accuracy — test mAP for multi-label) of each of its
+    finished seeds."""
     try:
         study = read_study(run.path.parent)
     except (RunError, FileNotFoundError, OSError, ValueError):
         return None, []
     for exp in study.experiments:
         if exp.name == str(run.record.experiment) and any(r.path.resolve() == run.path.resolve() for r in exp.runs):
-            return experiment_row(exp), [(r.seed, r.record.test_acc) for r in exp.ok_runs if r.record.test_acc is not None]
+            key = HEADLINE[run.record.task]
+            return experiment_row(exp), [(r.seed, getattr(r.record, key)) for r in exp.ok_runs if getattr(r.record, key) is not None]
     return None, []
 
 
@@ -422,19 +436,23 @@ def model_card(spec: ExportSpec, hf_config: dict[str, Any], run: Run | None = No
     """
     ours = hf_config["transferlab"]
     timm_loadable = ours["layout"] == "timm"
+    multi = spec.task == "multilabel"
+    tags = ["image-classification", *(["multi-label-classification"] if multi else []), *(["timm"] if timm_loadable else []), "transferlab"]
     meta: dict[str, Any] = {
-        "tags": ["image-classification", "timm", "transferlab"] if timm_loadable else ["image-classification", "transferlab"],
+        "tags": tags,
         "library_name": "timm" if timm_loadable else "transferlab",
         "pipeline_tag": "image-classification",
-        "metrics": ["accuracy"],
+        "metrics": ["map", "f1"] if multi else ["accuracy"],
     }
     if run is not None and (base := _base_model(run)):
         meta["base_model"] = base
     weights = f" (`weights: {run.config.model.weights}`) with the `{run.record.strategy}` strategy" if run is not None else ""
     of = f" of `{run.config.data.dataset}`" if run is not None else ""
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", f"# Model card for {md_esc(spec.experiment or 'a transferlab model')}", ""]
+    what = (f"A multi-label image classifier for {spec.num_classes} labels{of} (any number of labels per image: a sigmoid per "
+            "label, each with its own threshold chosen on validation)" if multi else f"An image classifier for {spec.num_classes} classes{of}")
     lines += [
-        f"An image classifier for {spec.num_classes} classes{of}, trained with transferlab from a `{ours['backbone']}` backbone{weights}. "
+        f"{what}, trained with transferlab from a `{ours['backbone']}` backbone{weights}. "
         f"Exported from run `{md_esc(Path(spec.source).name or '?')}`, checkpoint `{spec.checkpoint}`.",
         "",
     ]
@@ -481,9 +499,17 @@ def _card_model(spec: ExportSpec, hf_config: dict[str, Any], run: Run | None) ->
     lines += [
         f"- **Input:** {chans}×{size}×{size}, mean {pre['mean']}, std {pre['std']}{gray}",
         f"- **Preprocessing** ({how}): {spec.recipe()}",
-        f"- **Classes:** {', '.join(md_esc(c) for c in spec.class_names)}",
+        f"- **{'Labels' if spec.task == 'multilabel' else 'Classes'}:** {', '.join(md_esc(c) for c in spec.class_names)}",
         "",
     ]
+    if spec.task == "multilabel":
+        mode = f" ({run.record.threshold_mode})" if run is not None and run.record.threshold_mode else ""
+        lines[-1:-1] = [
+            "- **Task:** multi-label (`problem_type: multi_label_classification`): `sigmoid(logits)` gives each label's probability; "
+            f"a label is predicted when its probability is at least its threshold{mode}, chosen on the validation split "
+            "(`thresholds` in `config.json`, in label order)",
+            "- **Thresholds:** " + ", ".join(f"{md_esc(c)} {t:.3f}" for c, t in zip(spec.class_names, spec.thresholds or (), strict=False)),
+        ]
     if spec.tta != "none":
         lines[-1:-1] = [f"- **Test-time augmentation** of the run: `{spec.tta}` (not part of the model: the results below include it)"]
     return lines
@@ -516,22 +542,54 @@ def _card_data_and_training(run: Run) -> list[str]:
 
 
 def _card_results(run: Run) -> list[str]:
+    if run.record.task == "multilabel":
+        return _card_multilabel_results(run)
     cfg, rec = run.config, run.record
     row, seeds = _study_row(run)
     extra = f", top-5 {_pct(rec.test_top5)}" if rec.test_top5 is not None else ""
     extra += f", loss {rec.test_loss:.4f}" if rec.test_loss is not None else ""
     extra += f" (test-time augmentation: {cfg.train.tta})" if cfg.train.tta != "none" else ""
     lines = ["## Results", "", f"Test accuracy of this run (seed {run.seed}): **{_pct(rec.test_acc)}**{extra}.", ""]
-    if len(seeds) > 1 and row is not None:
-        per_seed = ", ".join(f"seed {s}: {_pct(a)}" for s, a in seeds)
-        lines += [f"Over the study's {len(seeds)} seeds: **{_pct(row['test_acc'])} ± {100 * row['test_acc_std']:.2f}** (mean ± std; {per_seed}).", ""]
-    if row is not None:
-        lines += _comparison_row(row)
+    lines += _over_seeds(row, seeds)
     if rec.per_class_acc:
         lines += ["| class | test accuracy |", "|---|---:|"]
         lines += [f"| {md_esc(c)} | {_pct(a)} |" for c, a in zip(run.class_names, rec.per_class_acc, strict=False)]
         lines.append("")
     return lines
+
+
+def _card_multilabel_results(run: Run) -> list[str]:
+    """A multi-label run's results: test mAP (and over the study's seeds, mean ± std), the scores at the thresholds, the
+    experiment's comparison row, and per label its threshold and test AP."""
+    rec = run.record
+    row, seeds = _study_row(run)
+    scores = ", ".join(f"{name} {fmt(v)}" for name, v, fmt in (
+        ("micro mAP", rec.test_map_micro, _pct), ("F1 (macro)", rec.test_f1, _frac), ("exact match", rec.test_exact_match, _pct),
+        ("Hamming loss", rec.test_hamming, _frac)) if v is not None)
+    lines = ["## Results", "", f"Test mAP (macro, over the labels with a test positive) of this run (seed {run.seed}): "
+             f"**{_pct(rec.test_map)}**; at the thresholds chosen on validation: {scores}.", ""]
+    lines += _over_seeds(row, seeds)
+    if rec.thresholds:
+        aps = rec.per_class_ap or [None] * len(rec.thresholds)
+        lines += ["| label | threshold | test AP |", "|---|---:|---:|"]
+        lines += [f"| {md_esc(c)} | {t:.3f} | {_pct(a)} |" for c, t, a in zip(run.class_names, rec.thresholds, aps, strict=False)]
+        lines.append("")
+    return lines
+
+
+def _over_seeds(row: dict[str, Any] | None, seeds: list[tuple[Any, float]]) -> list[str]:
+    """The experiment's headline (accuracy, or mAP) over the study's seeds, mean ± std, and its comparison row."""
+    if row is None:
+        return []
+    key, lines = headline(row), []
+    if len(seeds) > 1:
+        per_seed = ", ".join(f"seed {s}: {_pct(a)}" for s, a in seeds)
+        lines = [f"Over the study's {len(seeds)} seeds: **{_pct(row[key])} ± {100 * row[key + '_std']:.2f}** (mean ± std; {per_seed}).", ""]
+    return lines + _comparison_row(row)
+
+
+def _frac(v: Any) -> str:
+    return "—" if v is None else f"{float(v):.3f}"
 
 
 def _card_limits(spec: ExportSpec, hf_config: dict[str, Any], run: Run | None) -> list[str]:
@@ -541,10 +599,13 @@ def _card_limits(spec: ExportSpec, hf_config: dict[str, Any], run: Run | None) -
     lines = [
         "## Intended use and limits",
         "",
-        f"- Made to classify images like those of {dataset} into its {spec.num_classes} classes at {size}×{size} px; "
-        "any other image is still put into one of these classes. Check it on your own data first.",
-        f"- The accuracy above was measured {measured}; it says nothing about images from other sources, cameras or "
-        "populations, and the model inherits the dataset's biases.",
+        (f"- Made to tag images like those of {dataset} with its {spec.num_classes} labels at {size}×{size} px; any other image "
+         "still gets the labels whose probability passes their threshold (or none). Check it, and the thresholds, on your own data first."
+         if spec.task == "multilabel" else
+         f"- Made to classify images like those of {dataset} into its {spec.num_classes} classes at {size}×{size} px; "
+         "any other image is still put into one of these classes. Check it on your own data first."),
+        f"- The {'mAP' if spec.task == 'multilabel' else 'accuracy'} above was measured {measured}; it says nothing about images "
+        "from other sources, cameras or populations, and the model inherits the dataset's biases.",
         "- A research and teaching artifact from a transfer-learning experiment: not for medical, legal, safety or other high-stakes decisions.",
     ]
     if ours["layout"] != "timm":
@@ -576,7 +637,8 @@ def _base_model(run: Run) -> str | None:
 
 
 def _comparison_row(row: dict[str, Any]) -> list[str]:
-    acc = _pct(row.get("test_acc")) + (f" ± {100 * row['test_acc_std']:.2f}" if row.get("n_seeds", 0) > 1 else "")
+    key = headline(row)
+    acc = _pct(row.get(key)) + (f" ± {100 * row[key + '_std']:.2f}" if row.get("n_seeds", 0) > 1 else "")
     cells = [
         md_esc(row["experiment"]), md_esc(row.get("strategy")), md_esc(row.get("backbone")), md_esc(row.get("weights")), acc,
         str(row.get("n_seeds")), f"{row.get('train_seconds', 0):.1f}", f"{row.get('inference_images_per_s', 0):,.0f}",
@@ -585,7 +647,8 @@ def _comparison_row(row: dict[str, Any]) -> list[str]:
     return [
         "The experiment's row of the study's comparison table (`transferlab compare`):",
         "",
-        "| experiment | strategy | backbone | weights | test acc | seeds | train time (s) | inference img/s | trainable params | data | status |",
+        f"| experiment | strategy | backbone | weights | test {'mAP' if key == 'test_map' else 'acc'} | seeds | train time (s) | inference img/s "
+        "| trainable params | data | status |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---|---|",
         "| " + " | ".join(cells) + " |",
         "",
@@ -637,6 +700,14 @@ def _usage(spec: ExportSpec, hf_config: dict[str, Any]) -> list[str]:
             "",
             'hub = load_hf_model("path/to/this/folder")  # or "<owner/name>": the whole model (backbone and head)',
             "model, names = hub.model, hub.class_names  # a TransferModel; model.preprocess() normalises uint8 N×C×H×W",
+        ]
+    if spec.task == "multilabel":  # a sigmoid per label and the thresholds chosen on validation, not a softmax
+        code = [c.replace(".softmax(-1)", ".sigmoid()  # multi-label: each label's own probability") for c in code] + [
+            "",
+            "import json",
+            'thresholds = json.load(open("path/to/this/folder/config.json"))["thresholds"]  # one per label, chosen on validation',
+            *(["# probs = model(<preprocessed batch>).sigmoid()"] if not any(".sigmoid()" in c for c in code) else []),
+            "labels = [n for n, p, t in zip(names, probs[0].tolist(), thresholds) if p >= t]",
         ]
     return [
         "## How to use it",

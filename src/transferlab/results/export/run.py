@@ -153,10 +153,13 @@ def export_run_model(
     model: TransferModel, cfg: ExperimentConfig, class_names: list[str], metrics: dict[str, Any], samples: torch.Tensor | None,
     run_dir: Path, fmt: ExportFormat, out: str | Path | None, checkpoint: str, tolerance: Tolerance | None, size: int,
 ) -> ExportResult:
-    """The part of a run's export after its model is loaded (``Run.export`` and ``export_checkpoint``): the spec, the
-    parity inputs (the recorded test samples, else test images), the output path (default ``<run>/export/<filename>``)."""
+    """The part of a run's export after its model is loaded (``Run.export`` and ``export_checkpoint``): the spec (with the
+    task and, multi-label, the thresholds of ``metrics``), the parity inputs (the recorded test samples, else test images),
+    the output path (default ``<run>/export/<filename>``)."""
     channels = metrics.get("channels") or (samples.shape[1] if samples is not None else model.preprocess().in_chans)
-    spec = export_spec(model, cfg, class_names, size, channels, source=str(run_dir), checkpoint=checkpoint)
+    task = metrics.get("task") or cfg.data.task  # metrics.json says what ran; one written before tasks existed: the config
+    spec = export_spec(model, cfg, class_names, size, channels, source=str(run_dir), checkpoint=checkpoint, task=task,
+                       thresholds=metrics.get("thresholds"))
     images, described = parity_inputs(samples, cfg.data, spec.channels, spec.image_size)
     out = Path(out) if out is not None else run_dir / EXPORT_DIR / fmt.filename
     if out.is_dir() and Path(fmt.filename).suffix:  # a folder given for a one-file format: the default name in it

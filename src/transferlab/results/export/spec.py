@@ -5,8 +5,9 @@ registers itself in.
 Every exported model takes what ``TransferModel.forward`` takes: float32 N×in_chans×S×S images,
 already normalised. ``ExportSpec`` records how a raw image file gets there — the colour mode it is
 converted to, how it is brought to S×S (``data.resize``: ``crop`` / ``pad`` / ``stretch``,
-``crop_pct``, the interpolation), the channels the model takes, mean and std — plus the class names
-and the test-time augmentation, and travels inside every file: ONNX ``metadata_props`` (also as flat,
+``crop_pct``, the interpolation), the channels the model takes, mean and std — plus the class names,
+the task (``multiclass``: softmax over the logits; ``multilabel``: a sigmoid per class, and the threshold
+of each class chosen on validation) and the test-time augmentation, and travels inside every file: ONNX ``metadata_props`` (also as flat,
 readable keys), TorchScript and ``.pt2`` extra files, the safetensors header and its JSON config, the
 hf folder's ``config.json``. ``preprocess_file`` is the whole recipe from those flat keys alone (PIL
 and numpy): what a stranger writes, and what the parity check runs raw image files through.
@@ -124,6 +125,11 @@ class ExportSpec:
     """``resize: crop``: the center crop keeps this share of the shorter side (timm's ``crop_pct``)."""
     interpolation: str = "bilinear"
     """PIL's resampling filter for the resize (``bilinear``: PIL's, which antialiases when shrinking)."""
+    task: str = "multiclass"
+    """``multiclass`` (one label per image: softmax over the logits) or ``multilabel`` (independent labels: a sigmoid per
+    logit, a label where its probability reaches its threshold). Exports written before it was recorded are multiclass."""
+    thresholds: tuple[float, ...] | None = None
+    """``multilabel``: the probability threshold of each class, chosen on validation by the run (``metrics.json``)."""
 
     @property
     def num_classes(self) -> int:
@@ -145,6 +151,8 @@ class ExportSpec:
                 raise ValueError(f"not a {SPEC_FORMAT} record")
             for key in ("class_names", "mean", "std"):
                 d[key] = tuple(d[key])
+            if d.get("thresholds") is not None:
+                d["thresholds"] = tuple(float(t) for t in d["thresholds"])
             return cls(**d)
         except (ValueError, TypeError, KeyError) as e:
             raise ExportError(f"{where}: unreadable transferlab export metadata ({e})") from None
@@ -170,12 +178,19 @@ class ExportSpec:
             f"scale to [0, 1] (pixel / 255){gray}; subtract mean and divide by std per channel; NCHW float32"
         )
 
+    def output(self) -> str:
+        """What the model's output means (the ``output`` metadata key)."""
+        if self.task == "multilabel":
+            return (f"logits: float32 N×{self.num_classes}, one per label (multi-label): sigmoid for each label's probability; "
+                    "the label is predicted where its probability >= its entry of thresholds")
+        return f"logits: float32 N×{self.num_classes} (softmax for probabilities)"
+
     def metadata(self) -> dict[str, str]:
         """Flat string metadata (ONNX ``metadata_props``): readable keys for people and other tools, plus
         the whole spec under ``transferlab.spec`` for transferlab itself."""
         return {
             "input": f"images: float32 N×{self.in_chans}×{self.image_size}×{self.image_size} (NCHW, RGB order), (pixel / 255 - mean) / std",
-            "output": f"logits: float32 N×{self.num_classes} (softmax for probabilities)",
+            "output": self.output(),
             "preprocessing": self.recipe(),
             "image_mode": self.image_mode,
             "resize": self.resize,
@@ -188,6 +203,8 @@ class ExportSpec:
             "mean": json.dumps(list(self.mean)),
             "std": json.dumps(list(self.std)),
             "class_names": json.dumps(list(self.class_names)),
+            "task": self.task,
+            "thresholds": json.dumps(None if self.thresholds is None else list(self.thresholds)),
             "tta": self.tta,
             "backbone": str(self.model.get("backbone", "")),
             "experiment": self.experiment,
@@ -204,8 +221,15 @@ def export_spec(
     channels: int,
     source: str = "",
     checkpoint: str = "best",
+    task: str = "multiclass",
+    thresholds: list[float] | None = None,
 ) -> ExportSpec:
-    """The ``ExportSpec`` of ``model`` as run ``cfg`` trained it on ``channels``-channel ``image_size`` images."""
+    """The ``ExportSpec`` of ``model`` as run ``cfg`` trained it on ``channels``-channel ``image_size`` images; a
+    ``multilabel`` ``task`` needs one threshold per class (the run's, from ``metrics.json``)."""
+    if task == "multilabel" and (not thresholds or len(thresholds) != len(class_names)):
+        found = "none" if not thresholds else str(len(thresholds))
+        raise ExportError(f"{source or cfg.name}: a multi-label model needs one threshold per class to be exported "
+                          f"({len(class_names)} classes, {found} thresholds in metrics.json)")
     pre = model.preprocess()
     model_cfg = dataclasses.replace(cfg.model, weights="scratch", keep_head=False)  # the weights travel in the file
     return ExportSpec(
@@ -215,6 +239,7 @@ def export_spec(
         strategy=dataclasses.asdict(cfg.strategy) if has_prompts(model.backbone) else {},
         experiment=cfg.name, source=source, checkpoint=checkpoint,
         resize=cfg.data.resize, crop_pct=float(cfg.data.crop_pct), interpolation="bilinear",  # data.images resizes with PIL's bilinear
+        task=task, thresholds=tuple(float(t) for t in thresholds) if task == "multilabel" and thresholds else None,
     )
 
 

@@ -10,6 +10,10 @@ and writes ``report.html`` and ``report.md`` into the study folder:
 * learning curves (train/val loss and accuracy per epoch) of every experiment;
 * confusion matrix, per-class accuracy and the most-confused pairs of every experiment;
 * a grid of test images with predicted and true labels, wrong ones marked;
+* for multi-label experiments (``data.task: multilabel``), instead of the confusion matrix: the test mAP ± std,
+  per-class average precision, the label co-occurrence of the test set, the per-class thresholds (chosen on
+  validation) with recall and precision, the most-missed labels, and a grid with every predicted label (right
+  ones and wrong ones marked, missed ones listed);
 * for sweeps, the metrics against the swept value;
 * failed runs with their error.
 
@@ -69,14 +73,15 @@ def build_report(
     md_path: str | Path | None = None,
     grid_images: int = GRID_IMAGES,
     grid_wrong: int = GRID_WRONG,
-    metric: str = "test_acc",
+    metric: str | None = None,
     against: str | None = None,
 ) -> Report:
     """Write the HTML report and the Markdown summary of ``study_dir`` (default: inside it).
 
     ``grid_images`` test images are shown per experiment, then up to ``grid_wrong`` more misclassified
-    ones. Every experiment is tested on ``metric`` against ``against`` (default: the best experiment), as
-    ``transferlab compare`` does. Raises ``ReportError`` when the folder holds no readable runs.
+    ones. Every experiment is tested on ``metric`` (default: its task's headline, test accuracy or test mAP) against
+    ``against`` (default: the best experiment of its task), as ``transferlab compare`` does. Raises ``ReportError``
+    when the folder holds no readable runs.
     """
     study_dir = Path(study_dir)
     study = read_study(study_dir, metric, against)

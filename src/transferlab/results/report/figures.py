@@ -1,7 +1,8 @@
 """Every picture of the report, as PNG bytes: the plots (matplotlib) and the test images (Pillow).
 
-Accuracy against training time with the Pareto front, learning curves, the validation overview, the
-confusion matrix, per-class accuracy, sweep plots, and each test image of the prediction grids;
+Accuracy (mAP for multi-label experiments) against training time with the Pareto front, learning curves, the
+validation overview, the confusion matrix, per-class accuracy (average precision), the label co-occurrence, sweep
+plots, and each test image of the prediction grids;
 ``data_uri`` turns the bytes into what the page embeds.
 
 matplotlib is used without pyplot (no global state, no display needed) and, like Pillow, imported
@@ -21,9 +22,11 @@ import numpy as np
 from transferlab.engine.figures import draw_confusion
 from transferlab.results.report.records import ExperimentRecord
 from transferlab.results.report.stats import SweepRow, epoch_stats
+from transferlab.results.report.text import metric_name
 
 __all__ = [
     "confusion_figure",
+    "cooccurrence_figure",
     "curves_figure",
     "data_uri",
     "image_png",
@@ -108,17 +111,19 @@ def _mark_label(row: dict[str, Any]) -> str:
     return f" ({mark}, p={row['p_adjusted']:.2g})"
 
 
-def scatter_figure(exps: list[ExperimentRecord], front: list[int]) -> bytes:
-    """Test accuracy against training time, error bars the accuracy's 95 % interval over seeds (time: ± std), the marker how each compares
-    with the reference (★ reference, ▲ better, ▼ worse, ● not distinguishable), the Pareto front ``front`` drawn."""
+def scatter_figure(exps: list[ExperimentRecord], front: list[int], key: str = "test_acc") -> bytes:
+    """Test accuracy (``key``: ``test_map`` for multi-label experiments) against training time, error bars its 95 % interval
+    over seeds (time: ± std), the marker how each compares with the reference (★ reference, ▲ better, ▼ worse, ● not
+    distinguishable), the Pareto front ``front`` drawn."""
     fig = _figure(8, 5.5)
     ax = fig.add_subplot()
+    name = metric_name(key)
     times = [e.row["train_seconds"] for e in exps]
-    accs = [100 * e.row["test_acc"] for e in exps]
+    accs = [100 * e.row[key] for e in exps]
     for k, (e, t, a) in enumerate(zip(exps, times, accs, strict=True)):
         ax.errorbar(
             # time: ± std (its interval over two or three seeds reaches below zero and is not what is compared)
-            t, a, xerr=e.row["train_seconds_std"] if e.row.get("n_seeds", 0) > 1 else None, yerr=_ci_err(e.row, "test_acc", 100),
+            t, a, xerr=e.row["train_seconds_std"] if e.row.get("n_seeds", 0) > 1 else None, yerr=_ci_err(e.row, key, 100),
             fmt=MARKERS.get(e.row.get("mark", ""), "o"), color=e.color, ms=12 if e.row.get("mark") == "reference" else 8,
             capsize=3, label=mpl_label(e.name + _mark_label(e.row)),
         )
@@ -132,21 +137,23 @@ def scatter_figure(exps: list[ExperimentRecord], front: list[int]) -> bytes:
         ax.set_xscale("log")  # a cached-feature probe next to full fine-tuning spans orders of magnitude
     ax.margins(x=0.18, y=0.12)  # room for the labels
     ax.set_xlabel("training time (s)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("test accuracy vs training time (error bars: accuracy 95 % CI, time ± std over seeds)", fontsize=10)
+    ax.set_ylabel(f"test {name} (%)")
+    ax.set_title(f"test {name} vs training time (error bars: {name} 95 % CI, time ± std over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     if len(exps) <= 12:  # beyond that the legend would be longer than the plot; the annotations still name the points
         _outside_legend(fig, ax, "below", ncols=2)
     return _png(fig)
 
 
-def val_overview_figure(exps: list[ExperimentRecord]) -> bytes | None:
-    """Validation accuracy per epoch of every experiment in one plot; ``None`` when none has a history."""
+def val_overview_figure(exps: list[ExperimentRecord], key: str = "val_acc") -> bytes | None:
+    """Validation accuracy (``key``: ``val_map`` for multi-label experiments) per epoch of every experiment in one plot;
+    ``None`` when none has a history."""
     fig = _figure(8, 4)
     ax = fig.add_subplot()
+    name = metric_name(key)
     epochs: list[float] = []
     for e in exps:
-        ep, mean, _ = epoch_stats([r for r in e.ok_runs if r.history], "val_acc")
+        ep, mean, _ = epoch_stats([r for r in e.ok_runs if r.history], key)
         if ep:
             ax.plot(ep, [100 * m for m in mean], marker="o", ms=4, color=e.color, label=mpl_label(e.name))
             epochs += ep
@@ -154,8 +161,8 @@ def val_overview_figure(exps: list[ExperimentRecord]) -> bytes | None:
         return None
     _integer_epochs(ax, epochs)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("validation accuracy per epoch, all experiments", fontsize=10)
+    ax.set_ylabel(f"validation {name} (%)")
+    ax.set_title(f"validation {name} per epoch, all experiments", fontsize=10)
     ax.grid(alpha=0.3)
     if len(exps) <= 15:
         _outside_legend(fig, ax, "below", ncols=3)
@@ -167,7 +174,7 @@ def val_overview_figure(exps: list[ExperimentRecord]) -> bytes | None:
 
 
 def curves_figure(e: ExperimentRecord) -> bytes | None:
-    """Train/val loss and accuracy per epoch (mean ± std band over seeds); ``None`` without a history."""
+    """Train/val loss and accuracy (mAP for multi-label) per epoch (mean ± std band over seeds); ``None`` without a history."""
     runs = [r for r in e.ok_runs if r.history]
     if not runs:
         return None
@@ -176,7 +183,8 @@ def curves_figure(e: ExperimentRecord) -> bytes | None:
     probe_epochs = {r.metrics["lp_ft"]["probe_epochs"] for r in runs if "lp_ft" in r.metrics}
     fig = _figure(6.2, 3.0)
     axes = fig.subplots(1, 2)
-    for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+    score = e.headline.removeprefix("test_")  # acc, or map: the history's columns
+    for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], score, metric_name(e.headline))):
         epochs: list[float] = []
         for split, style, color in (("train", "-", "C0"), ("val", "--", "C1")):
             ep, mean, std = epoch_stats(runs, f"{split}_{metric}")
@@ -240,20 +248,46 @@ def confusion_figure(cm: np.ndarray, names: list[str], title: str) -> bytes:
     return _png(fig)
 
 
-def per_class_figure(mean: np.ndarray, std: np.ndarray, names: list[str], title: str) -> bytes:
-    """Per-class test accuracy as horizontal bars, with ± std over seeds when there are several."""
+def per_class_figure(mean: np.ndarray, std: np.ndarray, names: list[str], title: str, xlabel: str = "test accuracy (%)") -> bytes:
+    """Per-class test accuracy (or average precision: ``xlabel``) as horizontal bars, with ± std over seeds when there
+    are several; a NaN (a class without test positives) has no bar."""
     n = len(mean)
     fig = _figure(5, min(max(3.0, 0.28 * n + 1.2), 14))
     ax = fig.add_subplot()
     y = np.arange(n)
-    ax.barh(y, 100 * mean, xerr=100 * std if std.any() else None, color="C2", capsize=2)
+    ax.barh(y, np.nan_to_num(100 * mean), xerr=100 * std if np.nan_to_num(std).any() else None, color="C2", capsize=2)
     if n <= 40:
         ax.set_yticks(y, [mpl_label(c) for c in names], fontsize=8)
     ax.invert_yaxis()  # first class on top, as in the confusion matrix
     ax.set_xlim(0, 100)
-    ax.set_xlabel("test accuracy (%)")
+    ax.set_xlabel(xlabel)
     ax.set_title(mpl_label(title), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def cooccurrence_figure(counts: np.ndarray, names: list[str], title: str) -> bytes:
+    """Label co-occurrence: cell (i, j) coloured by the share of the images with label i that also have label j (the
+    diagonal: all of them), counts written in when it is small."""
+    n = len(counts)
+    side = min(max(4.0, 0.38 * n + 1.8), 14)
+    fig = _figure(side + 1, side)
+    ax = fig.add_subplot()
+    own = np.diag(counts)[:, None]
+    share = np.divide(counts, own, out=np.zeros(counts.shape, dtype=float), where=own > 0)
+    im = ax.imshow(share, cmap="Purples", vmin=0, vmax=1)
+    labels = [mpl_label(c) for c in names]
+    if n <= 40:  # past that the tick labels are unreadable
+        ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(n), labels, fontsize=8)
+    if n <= 15:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xlabel("also has label")
+    ax.set_ylabel("test images with label")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the row label's images")
+    ax.set_title(mpl_label(title), fontsize=10)
     return _png(fig)
 
 
@@ -328,24 +362,26 @@ def sweep_figure(group: str, rows: list[SweepRow]) -> tuple[bytes, str]:
         _sweep_series(ax, sorted(rs, key=x), x, f"{label}: " if label else "", f"C{si % 10}")
     if not is_num:
         ax.set_xticks(range(len(cats)), [mpl_label(c) for c in cats], rotation=30, ha="right")
+    name = metric_name(rows[0].metric)
     ax.set_xlabel(mpl_label(xkey))
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(mpl_label(f"{group}: accuracy vs {xkey}"), fontsize=10)
+    ax.set_ylabel(f"{name} (%)")
+    ax.set_title(mpl_label(f"{group}: {name} vs {xkey}"), fontsize=10)
     ax.grid(alpha=0.3)
     _outside_legend(fig, ax, "below", ncols=3)
     return _png(fig), xkey
 
 
 def _sweep_series(ax: Any, rows: list[SweepRow], x: Any, prefix: str, color: str) -> None:
-    """One series of a sweep plot: test accuracy with error bars, final train and best val accuracy."""
+    """One series of a sweep plot: test accuracy (mAP) with error bars, final train and best val accuracy (mAP)."""
     xs = [x(r) for r in rows]
-    ax.errorbar(xs, [100 * r.test_acc for r in rows], yerr=[100 * r.test_acc_std for r in rows], fmt="-o", color=color,
-                capsize=3, label=mpl_label(prefix + "test accuracy"))
-    train = [(xv, r.train_acc) for xv, r in zip(xs, rows, strict=True) if r.train_acc is not None]
+    name = metric_name(rows[0].metric)
+    ax.errorbar(xs, [100 * r.score for r in rows], yerr=[100 * r.score_std for r in rows], fmt="-o", color=color,
+                capsize=3, label=mpl_label(prefix + f"test {name}"))
+    train = [(xv, r.train_score) for xv, r in zip(xs, rows, strict=True) if r.train_score is not None]
     if train:
         ax.plot([xv for xv, _ in train], [100 * v for _, v in train], ":s", color=color, ms=4,
-                label=mpl_label(prefix + "final train accuracy"))
-    val = [(xv, r.best_val_acc) for xv, r in zip(xs, rows, strict=True) if r.best_val_acc is not None]
+                label=mpl_label(prefix + f"final train {name}"))
+    val = [(xv, r.best_val) for xv, r in zip(xs, rows, strict=True) if r.best_val is not None]
     if val:
         ax.plot([xv for xv, _ in val], [100 * v for _, v in val], "--^", color=color, ms=4, alpha=0.7,
-                label=mpl_label(prefix + "best val accuracy"))
+                label=mpl_label(prefix + f"best val {name}"))

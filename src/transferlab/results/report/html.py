@@ -15,17 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferlab.results.compare import seeds_hint, versus_text
+from transferlab.results import stats
+from transferlab.results.compare import TASK_TITLES, cell_text, seeds_hint, task_groups, versus_text
 from transferlab.results.report import figures
 from transferlab.results.report.auto import auto_candidates, auto_stages, auto_summary, read_auto
 from transferlab.results.report.outside import activation_images, outside_predictions, outside_table
 from transferlab.results.report.records import ExperimentRecord, StudyRecord
 from transferlab.results.report.stats import (
+    LabelRow,
     SweepRow,
     best_flags,
     confused_pairs,
+    cooccurrence,
+    label_rows,
     lr_find_curves,
+    missed_labels,
     per_class_accuracy,
+    per_class_ap,
     study_front,
     summed_confusion,
     summed_reliability,
@@ -40,13 +46,16 @@ from transferlab.results.report.text import (
     error_text,
     int_text,
     interval_text,
+    labels_text,
     legend_text,
+    metric_name,
     pct,
     rate_text,
     secs,
     status_text,
     study_facts,
     sweep_acc_text,
+    thresholds_text,
     time_text,
 )
 from transferlab.results.search import SearchRecord, read_searches, search_lines
@@ -73,6 +82,7 @@ img.plot{max-width:100%;background:#fff;border:1px solid #d8dde5;margin:.4rem 0}
 figure.cell{margin:0;padding:4px;background:#fff;border:3px solid #6aa56a;border-radius:4px;width:104px;font-size:.72rem;text-align:center}
 figure.cell.wrong{border-color:#d33}figure.cell img{width:96px;height:96px;image-rendering:pixelated;display:block}
 figure.cell figcaption{overflow-wrap:anywhere}figure.cell .mark{font-weight:700;color:#d33}
+figure.cell.multi{width:150px}figure.cell .right{color:#2e7d32}figure.cell .false{color:#d33}figure.cell .missed{color:#8a5a00}
 .exp{background:#fff;border:1px solid #d8dde5;border-radius:6px;padding:.4rem 1rem 1rem;margin:1rem 0}
 .note{color:#666;font-style:italic}
 td .ci{display:block;color:#555;font-size:.8rem}td.mark{white-space:nowrap}td.mark .test{display:block;color:#666;font-size:.78rem}
@@ -148,14 +158,17 @@ def sections(study: StudyRecord, grid_images: int, grid_wrong: int) -> list[Sect
     ok = study.ok_experiments
     groups = sweep_groups(study.experiments)
     if ok:
-        out.append(Section("pareto", "Accuracy vs time", pareto(ok)))
+        out.append(Section("pareto", _pareto_title(ok), pareto(ok)))
     if groups:
         out.append(Section("sweeps", "Sweeps", sweeps(groups)))
     if ok:
         out.append(Section("curves", "Learning curves", curves(ok)))
         if lines := outside(ok):
             out.append(Section("outside", "Outside images", lines))
-        lines = ['<h2 id="experiments">Per experiment: confusion matrix, per-class accuracy, predictions</h2>']
+        what = "confusion matrix, per-class accuracy, predictions"
+        if any(e.multilabel for e in ok):  # multi-label experiments show labels, not classes
+            what = "per-class accuracy / average precision, labels, predictions"
+        lines = [f'<h2 id="experiments">Per experiment: {what}</h2>']
         lines += [line for e in ok for line in experiment(e, grid_images, grid_wrong)]
         out.append(Section("experiments", "Per experiment", lines))
     if found := read_searches(study.path):
@@ -211,26 +224,51 @@ def header(study: StudyRecord) -> list[str]:
 # the comparison table
 
 
+MULTILABEL_HEAD = [
+    "experiment", "backbone", "strategy", "test mAP (mean ± std, n; 95 % CI)", "vs reference", "micro mAP", "F1 (at the thresholds)",
+    "exact match", "Hamming loss", "thresholds", "training time (s)", "inference img/s", "trainable params", "weights", "precision",
+    "image size", "status",
+]
+"""The comparison table of multi-label experiments: their scores in place of the accuracies."""
+
+
 def comparison(study: StudyRecord) -> list[str]:
     """The sortable comparison table, one row per experiment, best values marked, each row tested against the
-    reference; below it, how many seeds would resolve the differences that are not distinguishable."""
+    reference; below it, how many seeds would resolve the differences that are not distinguishable. A study with
+    both tasks gets a table per task (each with its own reference: an mAP is never compared with an accuracy)."""
     best = best_flags(study.experiments)
-    ref = next((e.name for e in study.experiments if e.row.get("mark") == "reference"), None)
-    head = "".join(f"<th>{esc(f'vs {ref}' if h == 'vs reference' and ref else h)}</th>" for h in COMPARISON_HEAD)
-    table = [f'<div class="scroll"><table class="sortable" id="comparison"><thead><tr>{head}</tr></thead><tbody>']
-    table += [comparison_row(e, best) for e in study.experiments]
-    table.append("</tbody></table></div>")
+    groups = task_groups([e.row for e in study.experiments])
+    lines = ['<h2 id="comparison">Comparison</h2>']
+    for n, (task, idx) in enumerate(groups.items()):
+        exps = [study.experiments[i] for i in idx]
+        if set(groups) != {"multiclass"}:
+            lines.append(f"<h3>{esc(TASK_TITLES[task])}</h3>")
+        lines += _task_table(exps, best, task, "comparison" if n == 0 else f"comparison-{task}")
     hints = [h for h in (seeds_hint(e.row) for e in study.experiments) if h]
-    lines = [
-        '<h2 id="comparison">Comparison</h2>',
-        '<p class="meta">Click a column to sort. ★ marks the best value of a column (highest accuracy, balanced accuracy, '
-        "macro F1 and throughput; lowest ECE, shortest training time, fewest trainable parameters). "
-        "Metrics and time: mean ± std over the seeds that finished (n). " + esc(legend_text(study)) + "</p>",
-        "\n".join(table),
-    ]
     if hints:
         lines.append('<ul class="hints" id="seeds-needed">' + "".join(f"<li>{esc(h)}</li>" for h in hints) + "</ul>")
     return lines
+
+
+def _task_table(exps: list[ExperimentRecord], best: dict[str, set[str]], task: str, table_id: str) -> list[str]:
+    """The comparison table of the experiments of one task, with its legend."""
+    ref = next((e.name for e in exps if e.row.get("mark") == "reference"), None)
+    heads = MULTILABEL_HEAD if task == "multilabel" else COMPARISON_HEAD
+    head = "".join(f"<th>{esc(f'vs {ref}' if h == 'vs reference' and ref else h)}</th>" for h in heads)
+    table = [f'<div class="scroll"><table class="sortable" id="{esc(table_id)}"><thead><tr>{head}</tr></thead><tbody>']
+    table += [comparison_row(e, best) for e in exps]
+    table.append("</tbody></table></div>")
+    if task == "multilabel":
+        marks = ("highest mAP, micro mAP, F1, exact match and throughput; lowest Hamming loss, shortest training time, fewest "
+                 "trainable parameters). F1, exact match and Hamming loss are at the thresholds chosen on validation")
+    else:
+        marks = ("highest accuracy, balanced accuracy, macro F1 and throughput; lowest ECE, shortest training time, fewest "
+                 "trainable parameters)")
+    return [
+        f'<p class="meta">Click a column to sort. ★ marks the best value of a column ({marks}. '
+        "Metrics and time: mean ± std over the seeds that finished (n). " + esc(legend_text(exps)) + "</p>",
+        "\n".join(table),
+    ]
 
 
 MARK_CLASS = {"better": "better", "worse": "worse", "not distinguishable": "same", "reference": "reference"}
@@ -250,16 +288,24 @@ def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
         first_err = error_text(e.failed_runs[0])
         short = first_err if len(first_err) <= ERROR_PREVIEW else first_err[: ERROR_PREVIEW - 3] + "..."
         err = f'<div class="err">{esc(short)}</div>'  # in full under "Failed runs"
-    ci = f'<span class="ci">{esc(interval_text(r))}</span>' if r.get("test_acc") is not None else ""
+    key = e.headline
+    ci = f'<span class="ci">{esc(interval_text(r))}</span>' if r.get(key) is not None else ""
+    if e.multilabel:
+        scores = [num(k, cell_text(r, k), r.get(k)) for k in ("test_map_micro", "test_f1", "test_exact_match", "test_hamming")]
+        scores.append(f"<td>{esc(r.get('threshold_mode') or MISSING)}</td>")
+    else:
+        scores = [
+            num("test_balanced_acc", balance_text(r, "test_balanced_acc"), r.get("test_balanced_acc")),
+            num("test_macro_f1", balance_text(r, "test_macro_f1"), r.get("test_macro_f1")),
+            num("test_ece", ece_text(r), r.get("test_ece")),
+        ]
     cells = [
         f"<td>{esc(e.name)}</td>",
         f"<td>{esc(r.get('backbone'))}</td>",
         f"<td>{esc(r.get('strategy'))}</td>",
-        num("test_acc", acc_text(r), r.get("test_acc"), ci),
+        num(key, acc_text(r), r.get(key), ci),
         versus_cell(r),
-        num("test_balanced_acc", balance_text(r, "test_balanced_acc"), r.get("test_balanced_acc")),
-        num("test_macro_f1", balance_text(r, "test_macro_f1"), r.get("test_macro_f1")),
-        num("test_ece", ece_text(r), r.get("test_ece")),
+        *scores,
         num("train_seconds", time_text(r), r.get("train_seconds")),
         num("inference_images_per_s", rate_text(r.get("inference_images_per_s")), r.get("inference_images_per_s")),
         num("trainable_params", int_text(r.get("trainable_params")), r.get("trainable_params")),
@@ -287,16 +333,30 @@ def versus_cell(r: dict[str, Any]) -> str:
 # the study's plots: accuracy vs time, sweeps, learning curves
 
 
+def _pareto_title(ok: list[ExperimentRecord]) -> str:
+    """``Accuracy vs time``, ``mAP vs time`` or both (a study with both tasks)."""
+    names = dict.fromkeys(metric_name(e.headline) for e in ok)
+    return " / ".join(n.capitalize() if n == "accuracy" else n for n in names) + " vs time"
+
+
 def pareto(ok: list[ExperimentRecord]) -> list[str]:
-    """Accuracy against training time, and the experiments on the Pareto front."""
-    front = study_front(ok)
-    on_front = [ok[i] for i in front]
-    items = "".join(f"<li>{esc(e.name)}: {pct(e.row['test_acc'])} in {secs(e.row['train_seconds'])} s</li>" for e in on_front)
-    return [
-        '<h2 id="pareto">Accuracy vs training time</h2>',
-        img(figures.scatter_figure(ok, front), "test accuracy vs training time scatter plot"),
-        f"<p>Pareto front (no other experiment is both faster and more accurate):</p><ul>{items}</ul>",
-    ]
+    """Accuracy (mAP for multi-label experiments; a plot per task) against training time, and the experiments on the
+    Pareto front."""
+    lines = [f'<h2 id="pareto">{esc(_pareto_title(ok))}</h2>'.replace(" time<", " training time<")]
+    for idx in task_groups([e.row for e in ok]).values():
+        exps = [ok[i] for i in idx if ok[i].row.get(ok[i].headline) is not None]  # a kind may not record the score
+        if not exps:
+            continue
+        key = exps[0].headline
+        name = metric_name(key)
+        front = study_front(exps, key)
+        items = "".join(f"<li>{esc(e.name)}: {pct(e.row[key])} in {secs(e.row['train_seconds'])} s</li>" for e in (exps[i] for i in front))
+        better = "more accurate" if key == "test_acc" else f"higher in {name}"
+        lines += [
+            img(figures.scatter_figure(exps, front, key), f"test {name} vs training time scatter plot"),
+            f"<p>Pareto front (no other experiment is both faster and {better}):</p><ul>{items}</ul>",
+        ]
+    return lines
 
 
 def sweeps(groups: dict[str, list[SweepRow]]) -> list[str]:
@@ -305,18 +365,19 @@ def sweeps(groups: dict[str, list[SweepRow]]) -> list[str]:
     for group, rows in groups.items():
         png, xkey = figures.sweep_figure(group, rows)
         keys = list(rows[0].values)
+        name = metric_name(rows[0].metric)
         th = "".join(f"<th>{esc(k)}</th>" for k in keys)
         lines += [
             f"<h3>{esc(group)}</h3>",
-            img(png, f"{group}: accuracy vs {xkey}"),
-            f'<table class="sortable"><thead><tr>{th}<th>test accuracy</th><th>final train accuracy</th>'
-            "<th>best val accuracy</th><th>n</th></tr></thead><tbody>",
+            img(png, f"{group}: {name} vs {xkey}"),
+            f'<table class="sortable"><thead><tr>{th}<th>test {esc(name)}</th><th>final train {esc(name)}</th>'
+            f"<th>best val {esc(name)}</th><th>n</th></tr></thead><tbody>",
         ]
         for r in rows:
             vals = "".join(f"<td>{esc(r.values.get(k))}</td>" for k in keys)
             lines.append(
-                f'<tr>{vals}<td class="num" data-sort="{r.test_acc!r}">{esc(sweep_acc_text(r))}</td>'
-                f'<td class="num">{esc(pct(r.train_acc))}</td><td class="num">{esc(pct(r.best_val_acc))}</td>'
+                f'<tr>{vals}<td class="num" data-sort="{r.score!r}">{esc(sweep_acc_text(r))}</td>'
+                f'<td class="num">{esc(pct(r.train_score))}</td><td class="num">{esc(pct(r.best_val))}</td>'
                 f'<td class="num">{r.n}</td></tr>'
             )
         lines.append("</tbody></table>")
@@ -326,9 +387,12 @@ def sweeps(groups: dict[str, list[SweepRow]]) -> list[str]:
 def curves(ok: list[ExperimentRecord]) -> list[str]:
     """Validation accuracy of all experiments in one plot, then each experiment's learning curves."""
     lines = ['<h2 id="curves">Learning curves</h2>']
-    overview = figures.val_overview_figure(ok)
-    if overview:
-        lines.append(img(overview, "validation accuracy per epoch of all experiments"))
+    for idx in task_groups([e.row for e in ok]).values():  # one plot per task: an mAP is not an accuracy
+        exps = [ok[i] for i in idx]
+        key = "val_" + exps[0].headline.removeprefix("test_")
+        overview = figures.val_overview_figure(exps, key)
+        if overview:
+            lines.append(img(overview, f"validation {metric_name(key)} per epoch of all experiments"))
     lines.append('<div class="row">')
     for e in ok:
         png = figures.curves_figure(e)
@@ -342,15 +406,18 @@ def curves(ok: list[ExperimentRecord]) -> list[str]:
 
 
 def experiment(e: ExperimentRecord, grid_images: int, grid_wrong: int) -> list[str]:
-    """One experiment's box: what it is, its confusion and per-class plots, pairs, a prediction grid."""
+    """One experiment's box: what it is, its confusion and per-class plots, pairs, a prediction grid (multi-label:
+    ``multilabel_experiment``)."""
     names = e.class_names
     n_ok = len(e.ok_runs)
     over = f" (summed over {n_ok} seeds)" if n_ok > 1 else ""
     lines = [
         f'<section class="exp"><h3>{esc(e.name)}</h3>',
         f'<p class="meta">{esc(e.row.get("backbone"))} · {esc(e.row.get("weights"))} · {esc(e.row.get("strategy"))} · '
-        f"test accuracy {esc(acc_text(e.row))}</p>",
+        f"test {esc(metric_name(e.headline))} {esc(acc_text(e.row))}</p>",
     ]
+    if e.multilabel:
+        return lines + multilabel_experiment(e, over, grid_images, grid_wrong) + outside_images(e) + ["</section>"]
     cm = summed_confusion(e)
     pcs = per_class_accuracy(e)
     lines.append('<div class="row">')
@@ -406,6 +473,60 @@ def pairs_table(cm: Any, names: list[str], over: str) -> str:
     )
 
 
+def multilabel_experiment(e: ExperimentRecord, over: str, grid_images: int, grid_wrong: int) -> list[str]:
+    """A multi-label experiment's plots and tables: per-class AP, label co-occurrence, one row per label (thresholds,
+    recall, precision), the most-missed labels, and the grid of test images with every predicted label."""
+    names = e.class_names
+    lines = ['<div class="row">']
+    aps = per_class_ap(e)
+    if aps is not None:
+        png = figures.per_class_figure(aps[0], aps[1], names, f"{e.name}: per-class average precision", "test average precision (%)")
+        lines.append(img(png, f"per-class average precision of {e.name}"))
+    co = cooccurrence(e)
+    if co is not None:
+        lines.append(img(figures.cooccurrence_figure(co, names, f"{e.name}: label co-occurrence (test set)"), f"label co-occurrence of {e.name}"))
+    lines.append("</div>")
+    rows = label_rows(e)
+    if rows:
+        lines += [label_table(rows, over), missed_table(missed_labels(rows), over)]
+    return lines + predictions(e, names, grid_images, grid_wrong)
+
+
+def _num(v: float | None, percent: bool = True) -> str:
+    return MISSING if v is None else f"{100 * v:.1f}%" if percent else f"{v:.3f}"
+
+
+def label_table(rows: list[LabelRow], over: str) -> str:
+    """Per label: its threshold (chosen on validation), test AP, test positives, predicted, recall, precision, F1."""
+    body = "".join(
+        f"<tr><td>{esc(r.name)}</td><td class=\"num\">{esc(thresholds_text(r))}</td>"
+        f'<td class="num">{esc(_num(r.ap) + (f" ± {100 * r.ap_std:.1f}" if r.ap is not None and r.ap_std else ""))}</td>'
+        f'<td class="num">{r.positives}</td><td class="num">{r.predicted}</td><td class="num">{esc(_num(r.recall))}</td>'
+        f'<td class="num">{esc(_num(r.precision))}</td><td class="num">{esc(_num(r.f1, percent=False))}</td></tr>'
+        for r in rows
+    )
+    return (
+        f'<h4>Per label: thresholds (chosen on validation) and test decisions{esc(over)}</h4><div class="scroll">'
+        '<table class="sortable labels"><thead><tr><th>label</th><th>threshold</th><th>test AP</th><th>test positives</th>'
+        f"<th>predicted</th><th>recall</th><th>precision</th><th>F1</th></tr></thead><tbody>{body}</tbody></table></div>"
+    )
+
+
+def missed_table(rows: list[LabelRow], over: str) -> str:
+    """The most-missed labels: lowest recall at their thresholds (then lowest AP)."""
+    if not rows:
+        return "<p>No label was missed on a test image.</p>"
+    body = "".join(
+        f'<tr><td>{esc(r.name)}</td><td class="num">{r.missed} of {r.positives}</td><td class="num">{esc(_num(r.recall))}</td>'
+        f'<td class="num">{esc(_num(r.ap))}</td><td class="num">{esc(thresholds_text(r))}</td></tr>'
+        for r in rows
+    )
+    return (
+        f"<h4>Most-missed labels{esc(over)}</h4><table class=\"missed\"><thead><tr><th>label</th><th>missed</th><th>recall</th>"
+        f"<th>test AP</th><th>threshold</th></tr></thead><tbody>{body}</tbody></table>"
+    )
+
+
 def predictions(e: ExperimentRecord, names: list[str], grid_images: int, grid_wrong: int) -> list[str]:
     """The test-image grid of the experiment's first finished run (or why there is none)."""
     run = e.ok_runs[0]
@@ -423,22 +544,46 @@ def predictions(e: ExperimentRecord, names: list[str], grid_images: int, grid_wr
 
 
 def grid(preds: TestPredictions, names: list[str], n_grid: int, n_wrong: int) -> str:
-    """The first ``n_grid`` stored test images, then up to ``n_wrong`` misclassified ones not shown yet."""
+    """The first ``n_grid`` stored test images, then up to ``n_wrong`` misclassified ones not shown yet (multi-label:
+    an image is wrong unless its predicted label set is exactly the true one)."""
     if preds.images is None or not preds.positions:
         return '<p class="note">no test images stored with this run\'s predictions</p>'
+    multi = preds.true.ndim == 2
+    right = stats.per_image_correct(preds.true, preds.pred)
+    cell = multilabel_cell if multi else grid_cell
     items = list(zip(preds.positions, preds.images, strict=False))  # as stored; a short list is not this page's problem
     shown = items[:n_grid]
     shown_pos = {p for p, _ in shown}
-    wrong = [(p, im) for p, im in items if preds.true[p] != preds.pred[p] and p not in shown_pos][:n_wrong]
-    n_bad = sum(1 for p, _ in shown if preds.true[p] != preds.pred[p])
-    out = [f"<p>{len(shown)} random test images ({n_bad} misclassified, marked red):</p>", '<div class="grid">']
-    out += [grid_cell(preds, names, p, im) for p, im in shown]
+    wrong = [(p, im) for p, im in items if not right[p] and p not in shown_pos][:n_wrong]
+    n_bad = sum(1 for p, _ in shown if not right[p])
+    what = "not exactly the true label set" if multi else "misclassified"
+    out = [f"<p>{len(shown)} random test images ({n_bad} {what}, marked red):</p>", '<div class="grid">']
+    out += [cell(preds, names, p, im) for p, im in shown]
     out.append("</div>")
     if wrong:
-        out += [f"<p>more misclassified test images ({len(wrong)}):</p>", '<div class="grid">']
-        out += [grid_cell(preds, names, p, im) for p, im in wrong]
+        out += [f"<p>more test images {'with a wrong label set' if multi else 'misclassified'} ({len(wrong)}):</p>", '<div class="grid">']
+        out += [cell(preds, names, p, im) for p, im in wrong]
         out.append("</div>")
     return "\n".join(out)
+
+
+def multilabel_cell(preds: TestPredictions, names: list[str], pos: int, image: Any) -> str:
+    """One test image of a multi-label run: every predicted label with its probability, ✓ when the image has it and ✗
+    when not, then the labels it has that were missed; red unless the predicted set is exactly the true one."""
+    true, pred, prob = preds.true[pos].astype(bool), preds.pred[pos].astype(bool), preds.prob[pos]
+    ok = bool((true == pred).all())
+    order = sorted((int(k) for k in pred.nonzero()[0]), key=lambda k: -float(prob[k]))
+    said = "".join(
+        f'<span class="{"right" if true[k] else "false"}">{"✓" if true[k] else "✗"} {esc(class_label(names, k))} '
+        f"({100 * float(prob[k]):.0f}%)</span><br>" for k in order
+    ) or "predicted: none<br>"
+    missed = (true & ~pred).nonzero()[0]
+    miss = f'<span class="missed">missed: {esc(labels_text(names, missed))}</span>' if len(missed) else ""
+    alt = f"test image {pos}: predicted {labels_text(names, order)}, true {labels_text(names, true.nonzero()[0])}"
+    return (
+        f'<figure class="cell multi{"" if ok else " wrong"}">{img(figures.image_png(image), alt, "")}'
+        f"<figcaption>{said}{miss}</figcaption></figure>"
+    )
 
 
 def grid_cell(preds: TestPredictions, names: list[str], pos: int, image: Any) -> str:

@@ -1,8 +1,10 @@
 """The Markdown summary of the report: the numbers of the HTML page without its plots.
 
-Header, comparison table (best values in bold), Pareto front, sweep tables, most-confused pairs and
-failed runs; it points to the HTML file for the plots. Every user-supplied string goes through
-``md_esc``, so a name cannot break a table or turn into markup.
+Header, comparison table (best values in bold; a table per task when a study has both), Pareto front,
+sweep tables, most-confused pairs (multi-label experiments: the per-label thresholds and decisions, the
+most-missed labels and the most frequent label pairs) and failed runs; it points to the HTML file for
+the plots. Every user-supplied string goes through ``md_esc``, so a name cannot break a table or turn
+into markup.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.files import read_json
-from transferlab.results.compare import ci_text, seeds_hint, versus_text
+from transferlab.results.compare import TASK_TITLES, cell_text, ci_text, seeds_hint, task_groups, versus_text
 from transferlab.results.report.auto import auto_candidates, auto_stages, auto_summary, read_auto
 from transferlab.results.report.outside import outside_table
 from transferlab.results.report.records import ExperimentRecord, StudyRecord
@@ -20,7 +22,10 @@ from transferlab.results.report.stats import (
     SweepRow,
     best_flags,
     confused_pairs,
+    cooccurrence,
+    label_rows,
     lr_find_curves,
+    missed_labels,
     study_front,
     summed_confusion,
     sweep_groups,
@@ -33,12 +38,14 @@ from transferlab.results.report.text import (
     error_text,
     int_text,
     legend_text,
+    metric_name,
     pct,
     rate_text,
     secs,
     status_text,
     study_facts,
     sweep_acc_text,
+    thresholds_text,
     time_text,
 )
 from transferlab.results.search import read_searches, search_lines
@@ -50,6 +57,15 @@ COMPARISON_HEAD = [
     "| 95 % CI | vs reference | p (Holm) | balanced accuracy | macro F1 | ECE | training time (s) | inference img/s | status |",
     "|---|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
 ]
+MULTILABEL_HEAD = [
+    "| experiment | backbone | weights | strategy | precision | image size | trainable params | test mAP (mean ± std, n) "
+    "| 95 % CI | vs reference | p (Holm) | micro mAP | F1 | exact match | Hamming loss | thresholds | training time (s) "
+    "| inference img/s | status |",
+    "|---|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
+]
+"""Multi-label experiments: their scores (F1, exact match, Hamming loss at the thresholds chosen on validation)."""
+COMMON_PAIRS = 5
+"""Most frequent label pairs of the test set listed per multi-label experiment."""
 
 
 def md_esc(value: Any) -> str:
@@ -72,7 +88,10 @@ def summary(study: StudyRecord, html_name: str) -> str:
     if ok:
         lines += outside(ok)
         lines += lr_finder(ok)
-        lines += ["## Most-confused pairs", ""] + [line for e in ok for line in pairs(e)]
+        if single := [e for e in ok if not e.multilabel]:
+            lines += ["## Most-confused pairs", ""] + [line for e in single for line in pairs(e)]
+        if multi := [e for e in ok if e.multilabel]:
+            lines += ["## Labels (multi-label experiments)", ""] + [line for e in multi for line in labels(e)]
     for rec in read_searches(study.path):
         lines += [f"## Search: {md_esc(rec.experiment)}", ""] + [f"- {md_esc(t)}" for t in search_lines(rec)] + [""]
     if study.failed_runs:
@@ -105,14 +124,22 @@ def header(study: StudyRecord, html_name: str) -> list[str]:
 
 
 def comparison(study: StudyRecord) -> list[str]:
-    """The comparison table, one row per experiment, the best value of each marked column in bold."""
+    """The comparison table, one row per experiment, the best value of each marked column in bold; a table per task
+    (each with its own reference) when the study has both."""
     best = best_flags(study.experiments)
-    ref = next((e.name for e in study.experiments if e.row.get("mark") == "reference"), None)
-    head = COMPARISON_HEAD[0].replace("vs reference", f"vs {md_esc(ref)}") if ref else COMPARISON_HEAD[0]
-    legend = legend_text(study)
-    lines = ["## Comparison", "", "Best value of each column in **bold** (ECE: lowest). " + md_esc(legend), "", head, COMPARISON_HEAD[1]]
-    lines += [comparison_row(e, best) for e in study.experiments]
-    lines.append("")
+    groups = task_groups([e.row for e in study.experiments])
+    lines = ["## Comparison", ""]
+    for task, idx in groups.items():
+        exps = [study.experiments[i] for i in idx]
+        ref = next((e.name for e in exps if e.row.get("mark") == "reference"), None)
+        heads = MULTILABEL_HEAD if task == "multilabel" else COMPARISON_HEAD
+        head = heads[0].replace("vs reference", f"vs {md_esc(ref)}") if ref else heads[0]
+        lowest = "Hamming loss" if task == "multilabel" else "ECE"
+        if set(groups) != {"multiclass"}:
+            lines += [f"### {md_esc(TASK_TITLES[task])}", ""]
+        lines += [f"Best value of each column in **bold** ({lowest}: lowest). " + md_esc(legend_text(exps)), "", head, heads[1]]
+        lines += [comparison_row(e, best) for e in exps]
+        lines.append("")
     hints = [h for h in (seeds_hint(e.row) for e in study.experiments) if h]
     if hints:
         lines += [f"- {md_esc(h)}" for h in hints] + [""]
@@ -127,6 +154,15 @@ def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
 
     size = f"{r['image_size']} px" if r.get("image_size") else "—"
     p_adj = f"{r['p_adjusted']:.3g}" if r.get("p_adjusted") is not None else "—"
+    if e.multilabel:
+        scores = " | ".join(b(k, cell_text(r, k)) for k in ("test_map_micro", "test_f1", "test_exact_match", "test_hamming"))
+        return (
+            f"| {md_esc(e.name)} | {md_esc(r.get('backbone'))} | {md_esc(r.get('weights'))} | {md_esc(r.get('strategy'))} | "
+            f"{md_esc(r.get('precision') or '—')} | {size} | {b('trainable_params', int_text(r.get('trainable_params')))} | "
+            f"{b('test_map', acc_text(r))} | {md_esc(ci_text(r, 'test_map'))} | {md_esc(versus_text(r))} | {p_adj} | {scores} | "
+            f"{md_esc(r.get('threshold_mode') or '—')} | {b('train_seconds', time_text(r))} | "
+            f"{b('inference_images_per_s', rate_text(r.get('inference_images_per_s')))} | {md_esc(status_text(e))} |"
+        )
     return (
         f"| {md_esc(e.name)} | {md_esc(r.get('backbone'))} | {md_esc(r.get('weights'))} | {md_esc(r.get('strategy'))} | "
         f"{md_esc(r.get('precision') or '—')} | {size} | "
@@ -140,11 +176,18 @@ def comparison_row(e: ExperimentRecord, best: dict[str, set[str]]) -> str:
 
 
 def pareto(ok: list[ExperimentRecord]) -> list[str]:
-    """The experiments on the Pareto front of test accuracy against training time."""
-    lines = ["## Pareto front (test accuracy vs training time)", ""]
-    for e in (ok[i] for i in study_front(ok)):
-        lines.append(f"- {md_esc(e.name)}: {pct(e.row['test_acc'])} in {secs(e.row['train_seconds'])} s")
-    lines.append("")
+    """The experiments on the Pareto front of test accuracy (mAP for multi-label experiments) against training time,
+    per task."""
+    lines = []
+    for idx in task_groups([e.row for e in ok]).values():
+        exps = [ok[i] for i in idx if ok[i].row.get(ok[i].headline) is not None]  # a kind may not record the score
+        if not exps:
+            continue
+        key = exps[0].headline
+        lines += [f"## Pareto front (test {metric_name(key)} vs training time)", ""]
+        for e in (exps[i] for i in study_front(exps, key)):
+            lines.append(f"- {md_esc(e.name)}: {pct(e.row[key])} in {secs(e.row['train_seconds'])} s")
+        lines.append("")
     return lines
 
 
@@ -153,15 +196,16 @@ def sweeps(groups: dict[str, list[SweepRow]]) -> list[str]:
     lines = ["## Sweeps", ""]
     for group, rows in groups.items():
         keys = list(rows[0].values)
+        name = metric_name(rows[0].metric)
         lines += [
             f"### {md_esc(group)}",
             "",
-            "| " + " | ".join(md_esc(k) for k in keys) + " | test accuracy | final train accuracy | best val accuracy | n |",
+            "| " + " | ".join(md_esc(k) for k in keys) + f" | test {name} | final train {name} | best val {name} | n |",
             "|" + "---|" * (len(keys) + 4),
         ]
         for r in rows:
             vals = " | ".join(md_esc(r.values.get(k)) for k in keys)
-            lines.append(f"| {vals} | {sweep_acc_text(r)} | {pct(r.train_acc)} | {pct(r.best_val_acc)} | {r.n} |")
+            lines.append(f"| {vals} | {sweep_acc_text(r)} | {pct(r.train_score)} | {pct(r.best_val)} | {r.n} |")
         lines.append("")
     return lines
 
@@ -180,6 +224,35 @@ def pairs(e: ExperimentRecord) -> list[str]:
         else:
             lines.append("No test image was misclassified.")
     lines.append("")
+    return lines
+
+
+def _share(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def labels(e: ExperimentRecord) -> list[str]:
+    """One multi-label experiment: test mAP ± std, per label its threshold (chosen on validation), AP and decisions,
+    the most-missed labels, the most frequent label pairs of the test set."""
+    n = len(e.ok_runs)
+    over = f" (summed over {n} seeds)" if n > 1 else ""
+    lines = [f"### {md_esc(e.name)}", "", f"Test mAP {md_esc(acc_text(e.row))}; thresholds: {md_esc(e.row.get('threshold_mode') or '—')}.", ""]
+    rows = label_rows(e)
+    if not rows:
+        return lines + ["No test predictions recorded (predictions.json).", ""]
+    lines += [f"| label | threshold | test AP | test positives{over} | predicted | recall | precision |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {md_esc(r.name)} | {thresholds_text(r)} | {_share(r.ap)} | {r.positives} | {r.predicted} | {_share(r.recall)} | "
+              f"{_share(r.precision)} |" for r in rows]
+    missed = missed_labels(rows)
+    lines += ["", "Most-missed labels (lowest recall at the thresholds): "
+              + (", ".join(f"{md_esc(r.name)} ({r.missed} of {r.positives} missed, AP {_share(r.ap)})" for r in missed) or "none"), ""]
+    co = cooccurrence(e)
+    if co is not None:
+        names = e.class_names
+        found = sorted(((int(co[i, j]), i, j) for i in range(len(co)) for j in range(i + 1, len(co)) if co[i, j] > 0),
+                       key=lambda t: (-t[0], t[1], t[2]))
+        text = ", ".join(f"{md_esc(class_label(names, i))} + {md_esc(class_label(names, j))} ({c})" for c, i, j in found[:COMMON_PAIRS])
+        lines += [f"Most frequent label pairs in the test set: {text or 'no image has two labels'}.", ""]
     return lines
 
 

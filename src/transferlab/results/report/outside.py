@@ -4,7 +4,8 @@
 ``activations/`` (one PNG per image, listed in ``activations.json``). Read back here from the run folders
 alone, like every other part of the report; each experiment shows its first finished run, as the test
 grid does. ``outside_table`` is seed 003's "images from the internet" table: one row per image, one
-column per experiment, the top class and its probability in each cell.
+column per experiment, the top class and its probability in each cell (a multi-label run: every label at or above
+its threshold).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class OutsidePredictions:
     files: list[str] = field(default_factory=list)
     """The image files, in the order the run recorded them."""
     top: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    labels: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    """A multi-label run: per image file every label whose probability reached its threshold (possibly none)."""
     errors: dict[str, str] = field(default_factory=dict)
     png: bytes | None = None
     problem: str | None = None
@@ -64,6 +67,8 @@ def outside_predictions(e: ExperimentRecord) -> OutsidePredictions | None:
                 out.errors[str(item["file"])] = str(item["error"])
             else:
                 out.top[str(item["file"])] = [(str(p["class"]), float(p["prob"])) for p in item["predictions"]]
+                if "labels" in item:
+                    out.labels[str(item["file"])] = [(str(p["class"]), float(p["prob"])) for p in item["labels"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
         out.problem = f"{run / OUTSIDE_JSON}: not a transferlab outside-predictions file ({type(err).__name__}: {err})"
         return out
@@ -95,7 +100,8 @@ def activation_images(e: ExperimentRecord) -> list[ActivationImage]:
 
 
 def outside_table(experiments: list[ExperimentRecord]) -> tuple[list[str], dict[str, dict[str, str]]]:
-    """(image files in first-seen order, {experiment: {file: "class (p%)" or the error}}), for experiments with ``predict:``."""
+    """(image files in first-seen order, {experiment: {file: "class (p%)" or the error}}), for experiments with ``predict:``;
+    a multi-label experiment's cell lists every label at or above its threshold."""
     files: dict[str, None] = {}
     cells: dict[str, dict[str, str]] = {}
     for e in experiments:
@@ -103,6 +109,7 @@ def outside_table(experiments: list[ExperimentRecord]) -> tuple[list[str], dict[
         if found is None or found.problem:
             continue
         row = {f: f"{top[0][0]} ({100 * top[0][1]:.1f}%)" if top else MISSING for f, top in found.top.items()}
+        row |= {f: ", ".join(f"{c} ({100 * p:.1f}%)" for c, p in labels) or "no label above its threshold" for f, labels in found.labels.items()}
         row |= {f: f"error: {err}" for f, err in found.errors.items()}
         for f in found.files:
             files.setdefault(f)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferlab.results.compare import study_rows
+from transferlab.results.compare import headline, study_rows
 from transferlab.rundir import ExperimentRuns, RunError, StudyRuns
 from transferlab.rundir import read_study as read_runs
 
@@ -33,6 +33,16 @@ class ExperimentRecord(ExperimentRuns):
     row: dict[str, Any] = field(default_factory=dict)
     color: str = "C0"
 
+    @property
+    def multilabel(self) -> bool:
+        """Its runs are multi-label (``data.task: multilabel``): ranked by mAP, with label sets instead of classes."""
+        return self.row.get("task") == "multilabel"
+
+    @property
+    def headline(self) -> str:
+        """The metric that ranks it: ``test_map`` (multi-label) or ``test_acc``."""
+        return headline(self.row)
+
 
 @dataclass
 class StudyRecord(StudyRuns):
@@ -41,9 +51,9 @@ class StudyRecord(StudyRuns):
     experiments: list[ExperimentRecord] = field(default_factory=list)  # type: ignore[assignment]
 
 
-def read_study(study_dir: str | Path, metric: str = "test_acc", against: str | None = None) -> StudyRecord:
+def read_study(study_dir: str | Path, metric: str | None = None, against: str | None = None) -> StudyRecord:
     """Every run folder of ``study_dir`` (``*/metrics.json``), grouped by experiment in study order; each row is
-    tested on ``metric`` against ``against`` (default: the best experiment)."""
+    tested on ``metric`` (default: its task's headline) against ``against`` (default: the best experiment of its task)."""
     try:
         study = read_runs(study_dir)
     except (FileNotFoundError, RunError) as e:

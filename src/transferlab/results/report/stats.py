@@ -2,7 +2,10 @@
 
 The best value of each table column, the Pareto front of accuracy against training time, the confusion
 matrix summed over seeds and its most-confused pairs, per-class accuracy as mean ± std over seeds, and
-one row per sweep point. Kept in one place so the two pages and the figures cannot disagree.
+one row per sweep point. Multi-label experiments get, from their ``metrics.json`` and ``predictions.json``:
+per-class average precision (mean ± std over seeds), one row per label (threshold, test positives, recall,
+precision, F1 at the thresholds, summed over seeds), the most-missed labels and the label co-occurrence of the test
+set. Kept in one place so the two pages and the figures cannot disagree.
 """
 
 from __future__ import annotations
@@ -19,15 +22,21 @@ import numpy as np
 from transferlab.config import SweepPoint
 from transferlab.results.compare import HIGHER_IS_BETTER
 from transferlab.results.report.records import ExperimentRecord
-from transferlab.rundir import Run
+from transferlab.rundir import Run, RunError, TestPredictions, load_test_predictions
 
 __all__ = [
     "BEST_KEYS",
     "CONFUSED_PAIRS",
+    "MISSED_LABELS",
+    "LabelRow",
     "SweepRow",
     "best_flags",
     "confused_pairs",
+    "cooccurrence",
     "epoch_stats",
+    "label_rows",
+    "missed_labels",
+    "per_class_ap",
     "lr_find_curves",
     "pareto_front",
     "per_class_accuracy",
@@ -40,17 +49,21 @@ __all__ = [
 CONFUSED_PAIRS = 5
 """Most-confused (true, predicted) pairs listed per experiment."""
 
-BEST_KEYS = ("test_acc", "test_balanced_acc", "test_macro_f1", "test_ece", "train_seconds", "inference_images_per_s", "trainable_params")
-"""The comparison table's columns whose best value is marked (the direction: ``HIGHER_IS_BETTER``; ECE lower)."""
+BEST_KEYS = ("test_acc", "test_balanced_acc", "test_macro_f1", "test_ece", "test_map", "test_map_micro", "test_f1", "test_exact_match",
+             "test_hamming", "train_seconds", "inference_images_per_s", "trainable_params")
+"""The comparison table's columns whose best value is marked (the direction: ``HIGHER_IS_BETTER``; ECE, Hamming lower)."""
+MISSED_LABELS = 5
+"""Labels listed as the most missed per multi-label experiment (lowest recall at the thresholds)."""
 
 
 def best_flags(exps: list[ExperimentRecord]) -> dict[str, set[str]]:
     """For each marked column, the experiments holding its best value (ties all marked).
 
-    Only experiments with a test accuracy compete, and a column needs two values to have a best one.
+    Only experiments with a test score (accuracy, or mAP for multi-label) compete, and a column needs two values to
+    have a best one.
     """
     out: dict[str, set[str]] = {}
-    ok = [e for e in exps if e.row.get("test_acc") is not None]
+    ok = [e for e in exps if e.row.get(e.headline) is not None]
     for key in BEST_KEYS:
         pick = max if HIGHER_IS_BETTER[key] else min
         vals = [e.row[key] for e in ok if e.row.get(key) is not None]
@@ -73,9 +86,10 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
-def study_front(ok: list[ExperimentRecord]) -> list[int]:
-    """The Pareto front of finished experiments (indices into ``ok``), by mean time and mean accuracy."""
-    return pareto_front([(e.row["train_seconds"], e.row["test_acc"]) for e in ok])
+def study_front(ok: list[ExperimentRecord], key: str = "test_acc") -> list[int]:
+    """The Pareto front of finished experiments (indices into ``ok``), by mean time and mean ``key`` (accuracy, or mAP
+    for multi-label experiments: the experiments of one task)."""
+    return pareto_front([(e.row["train_seconds"], e.row[key]) for e in ok])
 
 
 def summed_confusion(e: ExperimentRecord) -> np.ndarray | None:
@@ -145,17 +159,19 @@ def epoch_stats(runs: list[Run], key: str) -> tuple[list[float], list[float], li
 
 @dataclass
 class SweepRow:
-    """One sweep point: its swept values and its accuracies, mean over the finished seeds."""
+    """One sweep point: its swept values and its scores (accuracy, or mAP for multi-label), mean over the finished seeds."""
 
     experiment: ExperimentRecord
     values: dict[str, Any]
-    test_acc: float
-    test_acc_std: float
-    train_acc: float | None
-    """The last epoch's train accuracy (``None`` without a history)."""
-    best_val_acc: float | None
-    """The best validation accuracy, when the run monitored ``val_acc``."""
+    score: float
+    """The mean test score: ``metric`` (``test_acc``, or ``test_map`` for multi-label)."""
+    score_std: float
+    train_score: float | None
+    """The last epoch's train accuracy / mAP (``None`` without a history that has it)."""
+    best_val: float | None
+    """The best validation accuracy / mAP, when the run monitored it."""
     n: int
+    metric: str = "test_acc"
 
 
 def _final(run: Run, key: str) -> float | None:
@@ -164,18 +180,20 @@ def _final(run: Run, key: str) -> float | None:
 
 
 def _sweep_row(e: ExperimentRecord, sweep: SweepPoint) -> SweepRow:
-    ok = e.ok_runs
-    accs = [r.record.test_acc for r in ok]
-    trains = [v for v in (_final(r, "train_acc") for r in ok) if v is not None]
-    vals = [r.record.best_val for r in ok if r.record.monitor == "val_acc" and r.record.best_val is not None]
+    ok, metric = e.ok_runs, e.headline
+    name = metric.removeprefix("test_")  # acc / map: the history's train_<name>, val_<name>
+    scores = [v for v in (getattr(r.record, metric) for r in ok) if v is not None]
+    trains = [v for v in (_final(r, f"train_{name}") for r in ok) if v is not None]
+    vals = [r.record.best_val for r in ok if r.record.monitor == f"val_{name}" and r.record.best_val is not None]
     return SweepRow(
         experiment=e,
         values=sweep.values,
-        test_acc=statistics.fmean(accs),
-        test_acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
-        train_acc=statistics.fmean(trains) if trains else None,
-        best_val_acc=statistics.fmean(vals) if vals else None,
-        n=len(accs),
+        score=statistics.fmean(scores) if scores else math.nan,
+        score_std=statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        train_score=statistics.fmean(trains) if trains else None,
+        best_val=statistics.fmean(vals) if vals else None,
+        n=len(scores),
+        metric=metric,
     )
 
 
@@ -187,3 +205,107 @@ def sweep_groups(exps: list[ExperimentRecord]) -> dict[str, list[SweepRow]]:
         if sweep is not None and e.ok_runs:
             groups.setdefault(sweep.group, []).append(_sweep_row(e, sweep))
     return groups
+
+
+# --------------------------------------------------------------------------------------------
+# multi-label experiments: per-class AP, one row per label, the most missed, co-occurrence
+
+
+def per_class_ap(e: ExperimentRecord) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-class test average precision, mean and std over the finished seeds (NaN for a class that had no test
+    positive in any seed); ``None`` when no run recorded it or the lengths differ."""
+    vals = [r.record.per_class_ap for r in e.ok_runs if r.record.per_class_ap]
+    if not vals or len({len(v) for v in vals}) != 1:
+        return None
+    arr = np.asarray([[math.nan if v is None else v for v in run] for run in vals], dtype=float)
+    known = ~np.isnan(arr)
+    counts = known.sum(0)
+    mean = np.divide(np.nansum(arr, 0), counts, out=np.full(arr.shape[1], math.nan), where=counts > 0)
+    dev = np.where(known, arr - mean, 0.0)
+    std = np.sqrt(np.divide((dev**2).sum(0), counts - 1, out=np.zeros(arr.shape[1]), where=counts > 1))
+    return mean, std
+
+
+def _seed_predictions(e: ExperimentRecord) -> list[tuple[Run, TestPredictions]]:
+    """The multi-label test predictions (N×K) of every finished seed that recorded them."""
+    out = []
+    for r in e.ok_runs:
+        try:
+            preds = load_test_predictions(r.path)
+        except RunError:
+            continue
+        if preds is not None and preds.true.ndim == 2:
+            out.append((r, preds))
+    return out
+
+
+@dataclass
+class LabelRow:
+    """One label of a multi-label experiment: its thresholds, its test AP and its decisions summed over the seeds."""
+
+    index: int
+    name: str
+    thresholds: list[float]
+    """The threshold each seed chose on validation (``metrics.json``)."""
+    ap: float | None
+    ap_std: float | None
+    positives: int
+    """Test images with the label (summed over seeds)."""
+    predicted: int
+    """Test images it was predicted for."""
+    hits: int
+    """Test images with the label that it was predicted for."""
+
+    @property
+    def recall(self) -> float | None:
+        return self.hits / self.positives if self.positives else None
+
+    @property
+    def precision(self) -> float | None:
+        return self.hits / self.predicted if self.predicted else None
+
+    @property
+    def f1(self) -> float | None:
+        total = self.positives + self.predicted
+        return 2 * self.hits / total if total else None
+
+    @property
+    def missed(self) -> int:
+        """Test images with the label that it was not predicted for."""
+        return self.positives - self.hits
+
+
+def label_rows(e: ExperimentRecord) -> list[LabelRow]:
+    """One row per label of a multi-label experiment (``[]`` when no seed recorded its test predictions): thresholds
+    from ``metrics.json``, AP mean ± std over seeds, the decisions at the thresholds summed over the seeds."""
+    found = _seed_predictions(e)
+    if not found or len({p.true.shape for _, p in found}) != 1:
+        return []
+    true = np.concatenate([p.true for _, p in found]).astype(bool)
+    pred = np.concatenate([p.pred for _, p in found]).astype(bool)
+    aps = per_class_ap(e)
+    names = e.class_names or found[0][1].class_names
+    rows = []
+    for k in range(true.shape[1]):
+        ths = [float(r.record.thresholds[k]) for r, _ in found if r.record.thresholds and len(r.record.thresholds) > k]
+        ap, ap_std = (float(aps[0][k]), float(aps[1][k])) if aps is not None and not math.isnan(aps[0][k]) else (None, None)
+        rows.append(LabelRow(k, names[k] if k < len(names) else str(k), ths, ap, ap_std, int(true[:, k].sum()), int(pred[:, k].sum()),
+                             int((true[:, k] & pred[:, k]).sum())))
+    return rows
+
+
+def missed_labels(rows: list[LabelRow], k: int = MISSED_LABELS) -> list[LabelRow]:
+    """The ``k`` labels with test positives that were missed most: lowest recall first, then lowest AP, then most misses."""
+    found = [r for r in rows if r.positives and r.missed]
+    found.sort(key=lambda r: (r.recall, math.inf if r.ap is None else r.ap, -r.missed, r.index))
+    return found[:k]
+
+
+def cooccurrence(e: ExperimentRecord) -> np.ndarray | None:
+    """K×K counts of test images having both labels (diagonal: having the label), from the true label sets of the
+    first finished seed that recorded its predictions (every seed tests the same images); ``None`` without any."""
+    found = _seed_predictions(e)
+    if not found:
+        return None
+    true = found[0][1].true.astype(np.int64)
+    return true.T @ true

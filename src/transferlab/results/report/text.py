@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from transferlab.results.compare import ci_text
+from transferlab.results.compare import ci_text, headline
 from transferlab.results.report.records import ExperimentRecord, StudyRecord
-from transferlab.results.report.stats import SweepRow
+from transferlab.results.report.stats import LabelRow, SweepRow
 from transferlab.rundir import Run
 
 __all__ = [
@@ -22,13 +22,16 @@ __all__ = [
     "error_text",
     "interval_text",
     "int_text",
+    "labels_text",
     "legend_text",
+    "metric_name",
     "pct",
     "rate_text",
     "secs",
     "status_text",
     "study_facts",
     "sweep_acc_text",
+    "thresholds_text",
     "time_text",
 ]
 
@@ -46,28 +49,44 @@ def secs(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
 
 
-def acc_text(row: dict[str, Any]) -> str:
-    """Test accuracy of a comparison row: mean, ± std when there are several seeds, and n."""
-    if row.get("test_acc") is None:
+METRIC_NAMES = {"test_acc": "accuracy", "test_map": "mAP"}
+
+
+def metric_name(key: str) -> str:
+    """How the pages name a headline metric (``test_map`` -> ``mAP``; any split: ``val_acc`` -> ``accuracy``)."""
+    return METRIC_NAMES.get("test_" + key.split("_", 1)[-1], key)
+
+
+def acc_text(row: dict[str, Any], key: str | None = None) -> str:
+    """The headline score of a comparison row (test accuracy, or test mAP for multi-label; or ``key``): mean, ± std
+    when there are several seeds, and n."""
+    key = key or headline(row)
+    if row.get(key) is None:
         return MISSING
     n = row.get("n_seeds", 0)
-    std = f" ± {100 * row['test_acc_std']:.2f}" if n > 1 else ""
-    return f"{100 * row['test_acc']:.2f}%{std} (n={n})"
+    std = f" ± {100 * row[key + '_std']:.2f}" if n > 1 else ""
+    return f"{100 * row[key]:.2f}%{std} (n={n})"
 
 
-def interval_text(row: dict[str, Any], key: str = "test_acc") -> str:
-    """The 95 % interval of a comparison row's mean: ``95 % CI 93.32–93.86`` (percent points for accuracies),
-    ``one run: no interval``, or ``—``."""
-    text = ci_text(row, key)
+def labels_text(names: list[str], indices: Any) -> str:
+    """Labels by name, comma-separated (``—`` for none)."""
+    return ", ".join(class_label(names, int(i)) for i in indices) or MISSING
+
+
+def interval_text(row: dict[str, Any], key: str | None = None) -> str:
+    """The 95 % interval of a comparison row's mean (default: of its headline): ``95 % CI 93.32–93.86`` (percent
+    points for accuracies and mAPs), ``one run: no interval``, or ``—``."""
+    text = ci_text(row, key or headline(row))
     return text if text in (MISSING, "one run: no interval") else f"95 % CI {text}"
 
 
-def legend_text(study: StudyRecord) -> str:
-    """What the interval and the marks of the comparison table mean, naming the reference and the metric."""
-    ref = next((e.row for e in study.experiments if e.row.get("mark") == "reference"), None)
+def legend_text(exps: list[ExperimentRecord]) -> str:
+    """What the interval and the marks of a comparison table (of ``exps``, one task) mean, naming the reference and
+    the metric."""
+    ref = next((e.row for e in exps if e.row.get("mark") == "reference"), None)
     if ref is None:
         return ""
-    method = "bootstrap percentile" if any(e.row.get("ci_method") == "bootstrap" for e in study.experiments) else "Student t"
+    method = "bootstrap percentile" if any(e.row.get("ci_method") == "bootstrap" for e in exps) else "Student t"
     return (
         f"95 % CI: confidence interval of the mean over seeds / folds ({method}). Every experiment is tested against "
         f"{ref['experiment']} on {ref['metric']}: ▲ better, ▼ worse, ≈ not distinguishable at 5 % after Holm's correction for "
@@ -106,8 +125,16 @@ def time_text(row: dict[str, Any]) -> str:
 
 
 def sweep_acc_text(row: SweepRow) -> str:
-    """Test accuracy of a sweep point: mean, ± std when there are several seeds."""
-    return pct(row.test_acc) + (f" ± {100 * row.test_acc_std:.2f}" if row.n > 1 else "")
+    """Test score (accuracy, or mAP) of a sweep point: mean, ± std when there are several seeds."""
+    return pct(row.score) + (f" ± {100 * row.score_std:.2f}" if row.n > 1 else "")
+
+
+def thresholds_text(row: LabelRow) -> str:
+    """The threshold of a label that every seed chose on validation, or their range when the seeds differ."""
+    if not row.thresholds:
+        return MISSING
+    lo, hi = min(row.thresholds), max(row.thresholds)
+    return f"{lo:.3f}" if lo == hi else f"{lo:.3f}–{hi:.3f}"
 
 
 def int_text(v: Any) -> str:

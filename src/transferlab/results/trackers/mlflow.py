@@ -7,11 +7,11 @@ database in the study folder, ``sqlite:///runs/<study>/mlflow.db`` (artifacts be
 A run logs: params = the flattened resolved config; tags kind, strategy, backbone, weights, seed,
 git commit, and its source (``mlflow.source.name``: the study file that was run;
 ``mlflow.source.type``: ``JOB`` under Slurm, else ``LOCAL``), which the runs table shows; per-epoch
-``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``lr``, ``seconds`` with step = epoch; the test
-metrics; artifacts ``config.yaml``, ``metrics.json``, ``history.csv`` and
-``confusion_matrix.png``; with ``log_model: onnx`` (or ``safetensors``) the model, exported and
-parity-checked after the run (``results.export.export_checkpoint``), as ``model/<file>`` with its
-``<file>.parity.json``. Only ``MlflowClient`` is used (no fluent API, whose "active run" is global
+``train_loss``, ``train_acc``, ``val_loss``, ``val_acc`` (multi-label: ``val_map``), ``lr``, ``seconds`` with step =
+epoch; the test metrics (multi-label: ``test_map``, ``test_map_micro``, ``test_f1``, … in place of ``test_acc``);
+artifacts ``config.yaml``, ``metrics.json``, ``history.csv`` and ``confusion_matrix.png``; with ``log_model: onnx``
+(or ``safetensors``) the model, exported and parity-checked after the run (``results.export.export_checkpoint``), as
+``model/<file>`` with its ``<file>.parity.json``. Only ``MlflowClient`` is used (no fluent API, whose "active run" is global
 state): several runs in one process, threads or workers never mix.
 
 The study's parent run is found or created by whichever run of the study comes first, under a file
@@ -42,6 +42,7 @@ from rich.markup import escape
 from transferlab.engine.tracking import TRACKERS, RunInfo, Tracker, confusion_image, flat_config, missing_modules, strategy_label
 from transferlab.files import read_json, write_json
 from transferlab.results.export import EXPORT_FORMATS, ExportParityError, export_checkpoint, parity_path
+from transferlab.results.trackers.fields import MULTILABEL_EPOCH_METRICS, MULTILABEL_TEST_METRICS
 from transferlab.rundir.layout import checkpoint_path
 
 try:
@@ -54,9 +55,9 @@ __all__ = ["LOG_MODEL_FORMATS", "MlflowOptions", "MlflowTracker", "PARENT_FILE",
 PARENT_FILE = "mlflow_parent.json"
 """In the study folder: the study's MLflow experiment and parent run, per tracking URI."""
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
-TEST_METRICS = ("test_acc", "test_top5", "test_loss", "best_val", "train_seconds", "wall_seconds", "inference_images_per_s",
-                "total_params", "trainable_params")
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", *MULTILABEL_EPOCH_METRICS, "lr", "seconds")
+TEST_METRICS = ("test_acc", "test_top5", "test_loss", *MULTILABEL_TEST_METRICS, "best_val", "train_seconds", "wall_seconds",
+                "inference_images_per_s", "total_params", "trainable_params")
 ARTIFACTS = ("config.yaml", "metrics.json", "history.csv")
 REACH_TIMEOUT_S = 3.0
 """How long an ``http(s)`` tracking server may take to accept a connection before tracking is off."""

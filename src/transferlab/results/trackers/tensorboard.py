@@ -4,7 +4,9 @@
 share one x axis, the global optimizer step: ``train/loss_step`` and ``train/lr`` every step
 (``log_every_steps``), the epoch's ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` and ``epoch``
 at its last step, then ``test/acc``, ``test/loss`` (``test/top5``) and the confusion matrix image
-``test/confusion_matrix``. The few settings that tell runs apart (``HPARAMS``: backbone, weights,
+``test/confusion_matrix`` — a multi-label run (``data.task: multilabel``) logs ``val/map`` per epoch and
+``test/map``, ``test/map_micro``, ``test/f1``, ``test/f1_micro``, ``test/precision``, ``test/recall``,
+``test/exact_match``, ``test/hamming`` instead of the accuracies. The few settings that tell runs apart (``HPARAMS``: backbone, weights,
 strategy, lr, epochs, batch size, image size, seed, precision) go to the hparams plugin, so the HPARAMS
 table shows them side by side; the whole flattened config is the text ``config`` (TEXT tab). A resumed
 run opens its log dir with ``purge_step`` at the step it continues from: what the interrupted run logged
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.engine.tracking import TRACKERS, RunInfo, Tracker, confusion_image, flat_config, strategy_label
+from transferlab.results.trackers.fields import MULTILABEL_TEST_METRICS
 
 __all__ = ["HPARAMS", "TensorBoardOptions", "TensorBoardTracker"]
 
@@ -30,10 +33,14 @@ HPARAMS = ("model.backbone", "model.weights", "strategy.name", "train.lr", "trai
 """The flattened config keys logged as hparams, in this order (the HPARAMS table's columns); the rest is text."""
 
 HPARAM_METRICS = ("test/acc", "test/loss", "val/acc", "val/loss")
-"""The scalars the HPARAMS table shows beside each run's hyperparameters (their last value)."""
+"""The scalars the HPARAMS table shows beside each run's hyperparameters (their last value) ..."""
+MULTILABEL_HPARAM_METRICS = ("test/map", "test/loss", "val/map", "val/loss")
+"""... and beside a multi-label run's."""
 
-EPOCH_SCALARS = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss", "val_acc": "val/acc", "epoch": "epoch"}
-TEST_SCALARS = {"test_acc": "test/acc", "test_loss": "test/loss", "test_top5": "test/top5"}
+EPOCH_SCALARS = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss", "val_acc": "val/acc", "val_map": "val/map",
+                 "epoch": "epoch"}
+TEST_SCALARS = {"test_acc": "test/acc", "test_loss": "test/loss", "test_top5": "test/top5",
+                **{k: k.replace("test_", "test/", 1) for k in MULTILABEL_TEST_METRICS}}
 
 
 @dataclass
@@ -82,7 +89,8 @@ class TensorBoardTracker(Tracker):
         flat["strategy.name"] = strategy_label(self.run.cfg)  # a kind that does not train has no strategy: the kind says what ran
         chosen = {k: ("none" if flat[k] is None else flat[k]) for k in HPARAMS if k in flat}
         # the metric values here only declare the HPARAMS table's columns; the scalars of the same tags fill them
-        for summary in hparams(chosen, dict.fromkeys(HPARAM_METRICS, 0.0)):
+        declared = MULTILABEL_HPARAM_METRICS if self.run.cfg.multilabel else HPARAM_METRICS
+        for summary in hparams(chosen, dict.fromkeys(declared, 0.0)):
             self.writer.file_writer.add_summary(summary)
         rows = "\n".join(f"| `{k}` | `{str(v).replace('|', '/')}` |" for k, v in flat.items())
         self.writer.add_text("config", f"| key | value |\n|---|---|\n{rows}", 0)

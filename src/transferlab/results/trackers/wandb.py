@@ -9,8 +9,9 @@ key is configured (``$WANDB_API_KEY``, or a ``~/.netrc`` / ``$NETRC`` entry for 
 A run logs what the MLflow tracker logs: the flattened resolved config as the run's config (and kind,
 strategy, backbone, weights as tags; the study as the group); the per-step ``train/loss_step`` and
 ``train/lr`` (``log_every_steps``) and per-epoch ``train/loss``, ``train/acc``, ``val/loss``,
-``val/acc``, ``lr``, ``seconds``, all against ``trainer/global_step`` (W&B's x axis for every metric, so
-a resumed run can log steps again); the test metrics in the summary; the confusion matrix image
+``val/acc`` (multi-label: ``val/map``), ``lr``, ``seconds``, all against ``trainer/global_step`` (W&B's x axis for
+every metric, so a resumed run can log steps again); the test metrics in the summary (multi-label: ``test/map``,
+``test/map_micro``, ``test/f1``, … in place of ``test/acc``); the confusion matrix image
 ``test/confusion_matrix``; ``config.yaml``, ``metrics.json``, ``history.csv`` as a ``run-files`` artifact;
 with ``log_model: onnx`` (or ``safetensors``) the parity-checked export and its report as a ``model``
 artifact. The W&B run id is recorded in ``tracking.json``, so ``--resume`` continues the same W&B run.
@@ -37,6 +38,7 @@ from rich.markup import escape
 
 from transferlab.engine.tracking import TRACKERS, RunInfo, Tracker, confusion_image, flat_config, missing_modules, strategy_label
 from transferlab.results.export import EXPORT_FORMATS, ExportParityError, export_checkpoint, parity_path
+from transferlab.results.trackers.fields import MULTILABEL_EPOCH_METRICS, MULTILABEL_TEST_METRICS
 from transferlab.rundir.layout import checkpoint_path
 
 __all__ = ["WANDB_MODES", "WandbOptions", "WandbTracker", "api_key_configured", "new_run_id", "wandb_mode"]
@@ -45,9 +47,9 @@ WANDB_MODES = ("auto", "online", "offline")
 DEFAULT_HOST = "https://api.wandb.ai"
 STEP_KEY = "trainer/global_step"
 EPOCH_METRICS = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss", "val_acc": "val/acc",
-                 "lr": "lr", "seconds": "seconds", "epoch": "epoch"}
-TEST_METRICS = ("test_acc", "test_top5", "test_loss", "best_val", "train_seconds", "wall_seconds", "inference_images_per_s",
-                "total_params", "trainable_params")
+                 **{k: k.replace("_", "/", 1) for k in MULTILABEL_EPOCH_METRICS}, "lr": "lr", "seconds": "seconds", "epoch": "epoch"}
+TEST_METRICS = ("test_acc", "test_top5", "test_loss", *MULTILABEL_TEST_METRICS, "best_val", "train_seconds", "wall_seconds",
+                "inference_images_per_s", "total_params", "trainable_params")
 ARTIFACTS = ("config.yaml", "metrics.json", "history.csv")
 REACH_TIMEOUT_S = 3.0
 INIT_TIMEOUT_S = 30.0
