@@ -1,7 +1,9 @@
 """``kind: knn`` — weighted cosine k-NN on the frozen backbone's pooled features (DINO's protocol).
 
 ``k`` is chosen on the validation split from ``probe.k``; each neighbour votes with weight
-exp(similarity / ``probe.temperature``) (``transferlab.engine.probes``). Nothing is trained.
+exp(similarity / ``probe.temperature``) (``transferlab.engine.probes``). Nothing is trained. For ``data.task:
+multilabel`` the vote is the weighted mean of the neighbours' label vectors (a score per class), ``k`` is chosen by
+the validation macro mAP and the thresholds (``train.threshold``) on the validation scores of the chosen ``k``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from transferlab.config import ExperimentConfig
 from transferlab.config.kinds import KindUses
 from transferlab.engine.evaluation import evaluate
 from transferlab.engine.features import FeatureBatches
+from transferlab.engine.features.store import FeatureSet
+from transferlab.engine.multilabel import evaluate_at_val_thresholds
 from transferlab.engine.probes import KNNClassifier, fit_knn
 from transferlab.kinds.base import KINDS, Kind, RunContext
 from transferlab.kinds.common import probe_inputs, probe_metrics
@@ -21,10 +25,10 @@ __all__ = ["KNNKind"]
 
 
 class KNNKind(Kind):
-    """Weighted cosine k-NN on frozen pooled features; k chosen on val."""
+    """Weighted cosine k-NN on frozen pooled features (per-class vote shares for multi-label data); k chosen on val."""
 
     name = "knn"
-    uses = KindUses(features=True)
+    uses = KindUses(features=True, multilabel=True)
 
     def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:
         inp = probe_inputs(cfg, ctx)
@@ -34,12 +38,20 @@ class KNNKind(Kind):
         res = fit_knn(tr.features, tr.labels, va.features, va.labels, k, cfg.probe.k, cfg.probe.temperature, device)
         classifier = KNNClassifier(tr.features.to(device), tr.labels, res.k, k, cfg.probe.temperature).to(device)
         fit_seconds = time.perf_counter() - t0
-        test = evaluate(classifier, FeatureBatches([te.features], te.labels, cfg.train.eval_batch_size, device), k, device)
-        chosen = {"k": res.k, "val_acc": res.val_acc, "temperature": cfg.probe.temperature}
+
+        def batches(fs: FeatureSet) -> FeatureBatches:
+            return FeatureBatches([fs.features], fs.labels, cfg.train.eval_batch_size, device)
+
+        chosen = {"k": res.k, res.monitor: res.score, "temperature": cfg.probe.temperature}
+        if cfg.multilabel:
+            test, chosen["threshold_mode"] = evaluate_at_val_thresholds(classifier, batches(va), batches(te), k, device, cfg.train.threshold)
+        else:
+            test = evaluate(classifier, batches(te), k, device)
         ctx.rundir.write_rows("history.csv", [{"step": float(i + 1), **row} for i, row in enumerate(res.sweep)])
         m = probe_metrics(cfg, inp, test, chosen, res.sweep, fit_seconds, trainable=0)
+        score = "mAP" if m.headline == "test_map" else "acc"
         ctx.console.print(
-            f"  [green]{cfg.name}[/]: test acc {m.test_acc:.4f} (k {res.k} chosen on val, val acc {res.val_acc:.4f}), "
+            f"  [green]{cfg.name}[/]: test {score} {getattr(m, m.headline):.4f} (k {res.k} chosen on val, val {score} {res.score:.4f}), "
             f"features {inp.pass_seconds:.1f}s, fit {fit_seconds:.1f}s -> {ctx.rundir.path}"
         )
         return m

@@ -11,6 +11,10 @@ and the same class names; the soup evaluates on its own data section's splits, w
   with the best validation accuracy is kept (ties: the first in ``alphas``). The curve (val, and test for the
   report) is in ``metrics.json`` (``wise_ft``) and ``history.csv`` (a row per alpha).
 
+Multi-label members (``data.task: multilabel``; the soup's data section says so too) are ranked, kept and
+interpolated by the validation macro mAP instead of the accuracy (``val_map``), and the soup's thresholds
+(``train.threshold``) are chosen on its validation probabilities, then used on test.
+
 Where the model has BatchNorm layers that trained, their statistics are recomputed on the training images for
 every candidate (averaged weights do not match averaged statistics). Floating-point tensors are averaged; integer
 buffers come from the first member. The soup's weights are its ``checkpoints/best.safetensors`` and its
@@ -35,11 +39,12 @@ from transferlab.config.kinds import KindUses
 from transferlab.data.batches import make_batches
 from transferlab.engine.costs import Cost
 from transferlab.engine.evaluation import Evaluation, evaluate
+from transferlab.engine.multilabel import MultilabelEvaluation, choose_thresholds, evaluate_multilabel, multilabel_predictions
 from transferlab.engine.predictions import PredictionRecorder, save_test_predictions
 from transferlab.engine.swa import recompute_batchnorm
 from transferlab.files import load_checkpoint, save_checkpoint
 from transferlab.kinds.base import KINDS, Kind, RunContext
-from transferlab.kinds.common import base_metrics, batch_kwargs, prepare, test_part
+from transferlab.kinds.common import base_metrics, batch_kwargs, multilabel_test_part, prepare, test_part
 from transferlab.models.model import TransferModel
 from transferlab.rundir import Run, RunError, RunMetrics, code_version, load_run
 from transferlab.rundir.layout import HISTORY_FILE, checkpoint_path
@@ -131,6 +136,10 @@ def _members(cfg: ExperimentConfig, strict: bool) -> list[Run]:
 def _same_model(cfg: ExperimentConfig, runs: Sequence[Run]) -> None:
     first = runs[0]
     assert first.config is not None
+    for r in runs:
+        if r.record.task != cfg.data.task:
+            raise SoupError(f"experiment '{cfg.name}': soup member {r.path} is a {r.record.task} run and the soup's data.task is "
+                            f"{cfg.data.task}: give the soup its members' data section")
     want = (first.config.model.backbone, first.config.head.type, first.config.strategy.name, first.class_names)
     for r in runs[1:]:
         assert r.config is not None
@@ -164,7 +173,7 @@ class SoupKind(Kind):
     """Weight averaging of finished runs (uniform / greedy soup) and WiSE-FT interpolation."""
 
     name = "soup"
-    uses = KindUses(data=True, model=True, folds=False)  # evaluates on its own splits; its weights are exported
+    uses = KindUses(data=True, model=True, folds=False, multilabel=True)  # evaluates on its own splits; its weights are exported
 
     def check(self, cfg: ExperimentConfig) -> None:
         sp = cfg.soup
@@ -225,40 +234,52 @@ class SoupKind(Kind):
         model, dev = p.model.to(p.fabric.device), p.fabric.device
         kwargs = batch_kwargs(model, cfg, dev)
         train, val, test = (make_batches(p.splits, s, cfg.train.eval_batch_size, **kwargs) for s in ("train", "val", "test"))
-        score = _Scorer(model, train, val, p.splits.num_classes, dev, p.fabric.autocast)
+        score = _Scorer(model, train, val, p.splits.num_classes, dev, p.fabric.autocast, cfg.multilabel)
         ctx.console.print(f"[bold]{cfg.name}[/]: {cfg.soup.method} soup of {len(members)} {first.model.backbone} runs"
                           + (f", WiSE-FT from {base.path.name}" if base else "") + f" on {dev}")
         state, chosen, member_rows = _soup(cfg, score, members, states[:len(members)], ctx)
         curve: list[dict[str, float]] = []
         if base is not None:
-            state, curve = _wise_ft(cfg, score, states[-1], state, test, p.splits.num_classes, ctx)
+            state, curve = _wise_ft(cfg, score, states[-1], state, test, ctx)
         model.load_state_dict(state, strict=True)
         ev_val = score(state)
-        recorder = PredictionRecorder(model)
         with p.fabric.autocast():
-            ev = evaluate(recorder, recorder.batches(test), p.splits.num_classes, dev)
+            tested, predictions = _test(cfg, model, ev_val, test, p.splits.num_classes, dev)
         meta = {"config": ctx.snapshot, "class_names": p.splits.class_names, "code_version": code_version(), "kind": "best",
                 "soup": {"method": cfg.soup.method, "members": [str(r.path) for r in chosen]}}
         save_checkpoint(ctx.rundir.checkpoints / "best.safetensors", model.state_dict(), meta)
-        save_test_predictions(ctx.rundir.path, recorder, p.splits, cfg.seed)
+        save_test_predictions(ctx.rundir.path, predictions, p.splits, cfg.seed)
         if curve:
             ctx.rundir.write_rows(HISTORY_FILE, curve)
-        m = base_metrics(cfg, p.splits, None, dev).add(test_part(ev), {
+        m = base_metrics(cfg, p.splits, None, dev).add(tested, {
             "strategy": f"{cfg.soup.method} soup" + (" + WiSE-FT" if base else ""), "weights": f"soup of {len(chosen)} runs",
-            "best_val": ev_val.acc, "monitor": "val_acc", "epochs_run": 0, "data_seconds": p.data_seconds,
+            "best_val": score.value(ev_val), "monitor": score.monitor, "epochs_run": 0, "data_seconds": p.data_seconds,
             "train_seconds": float(sum(r.record.training_cost_seconds() for r in runs)),
             "total_params": sum(q.numel() for q in model.parameters()), "trainable_params": 0,
             "wall_seconds": time.perf_counter() - wall0,
             "extra": {"soup": {"method": cfg.soup.method, "members": member_rows, "chosen": [str(r.path) for r in chosen],
-                               "batchnorm_recomputed": score.bn_layers, "val_acc": ev_val.acc},
+                               "batchnorm_recomputed": score.bn_layers, score.monitor: score.value(ev_val)},
                       "checkpoint_bytes": (ctx.rundir.checkpoints / "best.safetensors").stat().st_size,
                       **({"wise_ft": {"base": str(base.path), "alphas": cfg.soup.interpolate.alphas if cfg.soup.interpolate else [],
                                       "chosen_alpha": curve_choice(curve)["alpha"], "chosen_on": "val", "curve": curve}} if base else {})},
         })
         m.weights_source = f"{cfg.soup.method} soup of " + ", ".join(r.path.name for r in chosen)
-        ctx.console.print(f"  [green]{cfg.name}[/]: test acc {m.test_acc:.4f} (val {ev_val.acc:.4f}; members "
-                          + ", ".join(f"{r['val_acc']:.4f}" for r in member_rows) + f" val) -> {ctx.rundir.path}")
+        ctx.console.print(f"  [green]{cfg.name}[/]: {m.headline.replace('_', ' ')} {getattr(m, m.headline):.4f} (val "
+                          f"{score.value(ev_val):.4f}; members " + ", ".join(f"{r[score.monitor]:.4f}" for r in member_rows)
+                          + f" val) -> {ctx.rundir.path}")
         return m
+
+
+def _test(cfg: ExperimentConfig, model: TransferModel, ev_val: Evaluation | MultilabelEvaluation, test: Any, num_classes: int,
+          device: torch.device) -> tuple[dict[str, Any], Any]:
+    """The soup's test fields of ``metrics.json`` and what ``predictions.json`` is written from. Multi-label: the
+    thresholds are chosen on the soup's validation probabilities (``ev_val``), then the test split is scored at them."""
+    if isinstance(ev_val, MultilabelEvaluation):
+        thresholds, mode = choose_thresholds(ev_val.probs, ev_val.targets, cfg.train.threshold)
+        ev = evaluate_multilabel(model, test, num_classes, device, thresholds)
+        return multilabel_test_part(ev, mode), multilabel_predictions(ev.probs, ev.targets, thresholds)
+    recorder = PredictionRecorder(model)
+    return test_part(evaluate(recorder, recorder.batches(test), num_classes, device)), recorder
 
 
 def _same_splits(cfg: ExperimentConfig, indices: dict[str, Any], runs: Sequence[Run]) -> None:
@@ -273,20 +294,32 @@ def _same_splits(cfg: ExperimentConfig, indices: dict[str, Any], runs: Sequence[
 
 
 class _Scorer:
-    """Validation accuracy of a candidate state: loaded into the model, BatchNorm recomputed on the training images."""
+    """Validation evaluation of a candidate state: loaded into the model, BatchNorm recomputed on the training images.
+    ``value`` is what candidates are ranked by: the accuracy, or (multi-label) the macro mAP — ``monitor`` names it."""
 
-    def __init__(self, model: TransferModel, train: Any, val: Any, num_classes: int, device: torch.device, autocast: Any) -> None:
+    def __init__(self, model: TransferModel, train: Any, val: Any, num_classes: int, device: torch.device, autocast: Any,
+                 multilabel: bool = False) -> None:
         self.model, self.train, self.val, self.num_classes, self.device, self.autocast = model, train, val, num_classes, device, autocast
+        self.multilabel, self.monitor = multilabel, "val_map" if multilabel else "val_acc"
         self.bn_layers = 0
 
-    def __call__(self, state: dict[str, torch.Tensor], recompute: bool = True) -> Evaluation:
+    def __call__(self, state: dict[str, torch.Tensor], recompute: bool = True) -> Evaluation | MultilabelEvaluation:
         self.model.load_state_dict(state, strict=True)
         if recompute:
             self.bn_layers = len(recompute_batchnorm(self.model, self.train, self.device, self.autocast))
             state.update({k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()})  # keep the statistics
         self.model.eval()
+        return self.evaluate(self.val)
+
+    def evaluate(self, batches: Any) -> Evaluation | MultilabelEvaluation:
+        """The model as it is now, on ``batches``."""
         with self.autocast():
-            return evaluate(self.model, self.val, self.num_classes, self.device)
+            if self.multilabel:
+                return evaluate_multilabel(self.model, batches, self.num_classes, self.device)
+            return evaluate(self.model, batches, self.num_classes, self.device)
+
+    def value(self, ev: Evaluation | MultilabelEvaluation) -> float:
+        return ev.map if isinstance(ev, MultilabelEvaluation) else ev.acc
 
 
 def greedy_soup(states: Sequence[dict[str, torch.Tensor]], val_accs: Sequence[float],
@@ -306,43 +339,45 @@ def greedy_soup(states: Sequence[dict[str, torch.Tensor]], val_accs: Sequence[fl
 
 def _soup(cfg: ExperimentConfig, score: _Scorer, members: Sequence[Run], states: list[dict[str, torch.Tensor]],
           ctx: RunContext) -> tuple[dict[str, torch.Tensor], list[Run], list[dict[str, Any]]]:
-    """(the soup's state, the members in it, a row per member with its own validation accuracy)."""
-    accs = [score(dict(s), recompute=False).acc for s in states]  # each member as it was trained
-    rows = [{"run": str(r.path), "experiment": r.record.experiment, "val_acc": a, "recorded_test_acc": r.record.test_acc}
-            for r, a in zip(members, accs, strict=True)]
+    """(the soup's state, the members in it, a row per member with its own validation accuracy — multi-label: mAP)."""
+    accs = [score.value(score(dict(s), recompute=False)) for s in states]  # each member as it was trained
+    rows = [{"run": str(r.path), "experiment": r.record.experiment, score.monitor: a,
+             f"recorded_{r.record.headline}": getattr(r.record, r.record.headline)} for r, a in zip(members, accs, strict=True)]
     if cfg.soup.method == "uniform":
         return average_states(states), list(members), rows
-    kept, state, tried = greedy_soup(states, accs, lambda st: score(st).acc)
+    kept, state, tried = greedy_soup(states, accs, lambda st: score.value(score(st)))
     for i, row in enumerate(rows):
         row["in_soup"] = i in kept
         if i in tried:
-            row["greedy_val_acc"] = tried[i]
+            row[f"greedy_{score.monitor}"] = tried[i]
             ctx.console.print(f"  greedy: {members[i].path.name} (val {accs[i]:.4f}) -> soup val {tried[i]:.4f}, "
                               f"{'kept' if i in kept else 'left out'}")
     return state, [members[i] for i in kept], rows
 
 
 def _wise_ft(cfg: ExperimentConfig, score: _Scorer, base: dict[str, torch.Tensor], top: dict[str, torch.Tensor], test: Any,
-             num_classes: int, ctx: RunContext) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+             ctx: RunContext) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     """WiSE-FT: every alpha's state scored on val (and on test, for the curve only); the best alpha on val wins."""
     assert cfg.soup.interpolate is not None
     curve, states = [], []
+    key = score.monitor
     for alpha in cfg.soup.interpolate.alphas:
         state = interpolate_states(base, top, alpha)
         ev = score(state)
-        with score.autocast():
-            test_acc = evaluate(score.model, test, num_classes, score.device).acc
-        curve.append({"alpha": alpha, "val_loss": ev.loss, "val_acc": ev.acc, "test_acc": test_acc})
+        on_test = score.value(score.evaluate(test))  # the report's curve only: never chosen on
+        curve.append({"alpha": alpha, "val_loss": ev.loss, key: score.value(ev), key.replace("val_", "test_"): on_test})
         states.append(state)
     chosen = curve_choice(curve)
-    tried = ", ".join(f"{r['alpha']}: {r['val_acc']:.3f}" for r in curve)
-    ctx.console.print(f"  WiSE-FT: alpha {chosen['alpha']} (val {chosen['val_acc']:.4f}) of {tried}")
+    tried = ", ".join(f"{r['alpha']}: {r[key]:.3f}" for r in curve)
+    ctx.console.print(f"  WiSE-FT: alpha {chosen['alpha']} (val {chosen[key]:.4f}) of {tried}")
     return states[curve.index(chosen)], curve
 
 
 def curve_choice(curve: Sequence[dict[str, float]]) -> dict[str, float]:
-    """The WiSE-FT row with the best validation accuracy (the first of equals); never the test accuracy."""
-    return max(curve, key=lambda r: r["val_acc"])
+    """The WiSE-FT row with the best validation accuracy — multi-label: macro mAP (``val_map``) — the first of equals;
+    never the test score."""
+    key = "val_map" if "val_map" in curve[0] else "val_acc"
+    return max(curve, key=lambda r: r[key])
 
 
 KINDS.register("soup", SoupKind())

@@ -9,14 +9,16 @@ storage — SQLite in the study folder by default, any database URL, or a journa
 other machines share it and an interrupted search resumes: finished trials are kept, a trial that was
 running continues from its checkpoint with the same settings, and only the missing ones are asked.
 
-The choice is made on validation only (``val_acc`` / ``val_loss`` of the best epoch). The best
-trial's test metrics are what the search reports, marked as such (``search/<experiment>/search.json``).
+The choice is made on validation only (``val_acc`` / ``val_loss`` of the best epoch; a multi-label experiment,
+``data.task: multilabel``, optimises its macro mAP, ``val_map``, by default: ``task_metric``). The best trial's test
+metrics are what the search reports, marked as such (``search/<experiment>/search.json``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import os
 import socket
@@ -30,7 +32,7 @@ from transferlab.files import write_bytes, write_json
 from transferlab.rundir import RunError, RunStopped
 from transferlab.rundir.rundir import hold_lock, pid_alive
 
-__all__ = ["PruningCallback", "SearchDriver", "TrialSlot", "require_optuna", "storage_url"]
+__all__ = ["PruningCallback", "SearchDriver", "TrialSlot", "require_optuna", "storage_url", "task_metric"]
 
 INSTALL = "pip install 'transferlab[search]'"
 SPACE_ATTR = "transferlab_space"
@@ -121,6 +123,18 @@ def _pruner(spec: SearchSpec) -> Any:
     return optuna.pruners.NopPruner()
 
 
+def task_metric(spec: SearchSpec, base: ExperimentConfig) -> SearchSpec:
+    """``spec`` with the metric of the experiment's task: a multi-label experiment has no accuracy, so the default
+    ``val_acc`` means its macro mAP, ``val_map`` (maximised) — as ``train.early_stopping.monitor``'s default does.
+    ``val_map`` of a one-label-per-image experiment is an error naming the experiment."""
+    if base.multilabel and spec.metric == "val_acc":
+        return dataclasses.replace(spec, metric="val_map", direction=spec.direction or "maximize")
+    if not base.multilabel and spec.metric == "val_map":
+        raise ConfigError(f"{base.name}: search.metric=val_map is the macro mAP of data.task: multilabel; this experiment has one "
+                          "label per image: use val_acc or val_loss")
+    return spec
+
+
 @dataclass
 class TrialSlot:
     """A trial ready to run: its Optuna number and id, its settings, its config, and whether it continues."""
@@ -138,7 +152,7 @@ class SearchDriver:
     def __init__(self, name: str, spec: SearchSpec, base: ExperimentConfig, study_dir: Path,
                  storage: str | None = None, overwrite: bool = False) -> None:
         optuna = require_optuna()
-        self.name, self.spec, self.base, self.study_dir = name, spec, base, study_dir
+        self.name, self.spec, self.base, self.study_dir = name, task_metric(spec, base), base, study_dir
         self.url = storage_url(spec, study_dir, storage)
         study_dir.mkdir(parents=True, exist_ok=True)
         self.storage = _storage(self.url)
@@ -152,7 +166,7 @@ class SearchDriver:
         except KeyError:
             n_existing = 0
         self.study = optuna.create_study(study_name=name, storage=self.storage, sampler=_sampler(spec, n_existing), pruner=_pruner(spec),
-                                         direction=spec.resolved_direction(), load_if_exists=True)
+                                         direction=self.spec.resolved_direction(), load_if_exists=True)
         self.home = str(study_dir.resolve())
         self._check_space()
         # left running by an interrupted driver of this study folder (the study lock says no other driver is here), or by

@@ -131,6 +131,9 @@ def resolve_data(data: str | Path, options: dict[str, Any] | None = None) -> Dat
     if bad:
         raise ConfigError(f"--option {bad[0]}: auto sets data.{bad[0]} itself")
     cfg = from_dict(ExperimentConfig, {"name": "auto", "data": {**base, **options}})
+    if cfg.multilabel:  # its splits, folds, ranking and successive halving all read one label per image
+        raise ConfigError(f"DATA {data}: data.task: multilabel is not supported by transferlab auto (it splits, stratifies and "
+                          "ranks by one label per image); run a study of kind: logistic / knn / train with data.task: multilabel")
     cfg.validate()
     return cfg.data
 

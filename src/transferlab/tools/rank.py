@@ -10,7 +10,8 @@ transferability scores say which backbone will likely transfer best:
 * ``logistic`` — validation accuracy of the L-BFGS logistic probe (L2 chosen on val; the slowest).
 
 Higher is better for all three; each is registered in ``SCORES``. Candidates are sorted by the first
-score asked for.
+score asked for. On multi-label data (``data.task: multilabel``) the k-NN and logistic scores are the validation
+macro mAP (one-vs-rest, ``transferlab.engine.probes``) and LogME is the mean evidence over the label columns.
 """
 
 from __future__ import annotations
@@ -48,16 +49,17 @@ def logme_score(tr: FeatureSet, va: FeatureSet, num_classes: int, probe: ProbeCo
 
 @SCORES.register("knn")
 def knn_score(tr: FeatureSet, va: FeatureSet, num_classes: int, probe: ProbeConfig, device: torch.device) -> tuple[float, dict[str, Any]]:
-    """Validation accuracy of weighted cosine k-NN (k chosen on val)."""
+    """Validation accuracy of weighted cosine k-NN (k chosen on val); multi-label: validation macro mAP."""
     res = fit_knn(tr.features, tr.labels, va.features, va.labels, num_classes, probe.k, probe.temperature, device)
-    return res.val_acc, {"knn_k": res.k}
+    return res.score, {"knn_k": res.k}
 
 
 @SCORES.register("logistic")
 def logistic_score(tr: FeatureSet, va: FeatureSet, num_classes: int, probe: ProbeConfig, device: torch.device) -> tuple[float, dict[str, Any]]:
-    """Validation accuracy of the L-BFGS logistic probe (L2 chosen on val; the slowest)."""
+    """Validation accuracy of the L-BFGS logistic probe (L2 chosen on val; the slowest); multi-label: one-vs-rest,
+    validation macro mAP."""
     res = fit_logistic(tr.features, tr.labels, va.features, va.labels, num_classes, probe.l2, probe.max_iter, device)
-    return res.val_acc, {"logistic_l2": res.l2}
+    return res.score, {"logistic_l2": res.l2}
 
 
 @dataclass(frozen=True)
@@ -109,11 +111,14 @@ class RankResult:
     n_train: int
     n_val: int
     seconds: float
+    task: str = "multiclass"
+    """``data.task``: the k-NN and logistic scores are accuracies (``multiclass``) or macro mAPs (``multilabel``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "by": self.by,
             "scores": self.scores,
+            "task": self.task,
             "n_train": self.n_train,
             "n_val": self.n_val,
             "seconds": self.seconds,
@@ -175,12 +180,13 @@ def rank_backbones(
         rows.append(row)
     by = scores[0]
     rows.sort(key=lambda r: r.scores[by], reverse=True)
-    return RankResult(rows, by, scores, len(splits.train_y), len(splits.val_y), time.perf_counter() - t_all)
+    return RankResult(rows, by, scores, len(splits.train_y), len(splits.val_y), time.perf_counter() - t_all, data.task)
 
 
 def print_ranking(result: RankResult, console: Console, title: str = "") -> None:
     """The ranking as a table, best first, with each candidate's time and the total time."""
-    names = {"logme": "LogME", "knn": "k-NN val acc", "logistic": "logistic val acc"}
+    val = "val mAP" if result.task == "multilabel" else "val acc"
+    names = {"logme": "LogME", "knn": f"k-NN {val}", "logistic": f"logistic {val}"}
     table = Table(title=title or f"backbone ranking by {names[result.by]} ({result.n_train} train / {result.n_val} val images)")
     table.add_column("rank", justify="right")
     table.add_column("backbone")
