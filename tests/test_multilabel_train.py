@@ -4,6 +4,12 @@ thresholds chosen on validation with the tested weights, exact resume, and the s
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +142,36 @@ def test_distillation_from_a_multilabel_teacher_and_a_teacher_of_the_other_task_
     run_experiment(make_cfg(name="mc", train={"epochs": 1}), tmp_path / "mc", console=QUIET)
     with pytest.raises(ConfigError, match="data.task: multiclass, this run is data.task: multilabel"):
         ml_cfg(train={"distill": {"teacher": f"run:{tmp_path / 'mc'}"}})
+
+
+DDP_STUDY = """
+study: mlddp
+defaults:
+  data: {dataset: synthetic, synthetic_size: 256, val_fraction: 0.25, task: multilabel}
+  model: {backbone: test_efficientnet, weights: scratch}
+  train: {epochs: 2, batch_size: 32, lr: 0.01, progress: false, accelerator: cpu, precision: 32-true}
+experiments:
+  - {name: probe, strategy: {name: linear_probe}, train: {threshold: per_class}}
+"""
+
+
+def test_two_gloo_processes_gather_the_validation_and_test_probabilities_of_every_rank(tmp_path):
+    # a frozen backbone without dropout: DDP's averaged gradient is the global batch's, so every number must agree, and
+    # it can only if each rank's share of the validation (thresholds, val_map) and test (metrics) batches is gathered
+    (tmp_path / "study.yaml").write_text(DDP_STUDY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = ["-m", "transferlab.cli", "run", str(tmp_path / "study.yaml"), "--runs-dir"]
+    for cmd in ([sys.executable, *cli, str(tmp_path / "single")],
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+                 *cli, str(tmp_path / "ddp")]):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    single, ddp = (json.loads((tmp_path / d / "mlddp" / "probe" / "metrics.json").read_text()) for d in ("single", "ddp"))
+    assert ddp["world_size"] == 2 and single["world_size"] == 1 and ddp["n_test"] == single["n_test"]
+    for key in ("thresholds", "per_class_ap"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-5), key
+    for key in ("test_map", "test_f1", "test_hamming", "best_val"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-5), key

@@ -80,7 +80,7 @@ def average_precisions(probs: torch.Tensor, targets: torch.Tensor) -> tuple[floa
     if len(has) == 0:
         return None, per_class
     # only classes with a positive: torchmetrics would score the others 0 (with a warning), not leave them out
-    ap = multilabel_average_precision(probs[:, has].float(), y[:, has], num_labels=len(has), average="none")
+    ap = multilabel_average_precision(probs[:, has].double(), y[:, has], num_labels=len(has), average="none")  # float64: AP 1 is 1
     for c, v in zip(has.tolist(), ap.tolist(), strict=True):
         per_class[c] = float(v)
     return float(ap.mean()), per_class
@@ -92,7 +92,7 @@ def multilabel_scores(probs: torch.Tensor, targets: torch.Tensor, thresholds: Se
     probs, y = probs.detach().float().cpu(), _as_targets(targets.detach().cpu())
     k = probs.shape[1]
     mean_ap, per_class = average_precisions(probs, y)
-    micro = float(multilabel_average_precision(probs, y, num_labels=k, average="micro")) if y.sum() > 0 else None
+    micro = float(multilabel_average_precision(probs.double(), y, num_labels=k, average="micro")) if y.sum() > 0 else None
     pred = predicted(probs, thresholds)  # integer decisions: torchmetrics applies no threshold of its own to them
     return {
         "map": mean_ap,
