@@ -1,6 +1,6 @@
 """Datasets (each registers itself), image decoding, archives, augmentations, selections, batches, check-data."""
 
-from transferlab.data import cifar, datasets, folder, tiny_imagenet  # noqa: F401 - each registers its datasets
+from transferlab.data import cifar, datasets, folder, mosaic, tiny_imagenet  # noqa: F401 - each registers its datasets
 from transferlab.data.augment import AUGMENTATIONS, Augmentation, AugmentationError, augment_batch, parse_augmentations
 from transferlab.data.batches import Batches, ImageDataset, LoaderBatches, Preprocess, TensorBatches, make_batches
 from transferlab.data.images import FileImages, Problem

@@ -7,6 +7,7 @@
 
 Both shuffle and augment from generators seeded by (seed, epoch), so epoch *e* of a resumed run sees
 exactly the batches it would have seen without the interruption, whatever the number of workers.
+Targets pass through unchanged: int64 class indices, or float32 N×K multi-hot rows (``data.task: multilabel``).
 """
 
 from __future__ import annotations

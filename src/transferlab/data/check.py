@@ -10,8 +10,11 @@ Errors (training would fail or be wrong): unreadable, empty, truncated or non-im
 class folders; a root without class folders; splits with different class sets; identical files
 under different classes; impossible selections (``data.folds`` above the smallest class included).
 Warnings: ignored non-image files, huge images,
-duplicate files within a class or across splits. Information (not a problem): images of mixed sizes
-without ``data.image_size``, which a run resizes to its backbone's pretrained input size.
+duplicate files within a class or across splits. Multi-label data (``data.task: multilabel``): labels not in the
+class list (``classes.txt``) are errors, a class in no training image an error, images with no label and classes
+missing from a val or test split (the dataset's, or the validation split the selection holds out) warnings.
+Information (not a problem): images of mixed sizes without ``data.image_size``, which a run resizes to its
+backbone's pretrained input size.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from transferlab.config import ConfigError, DataConfig, load_study
 from transferlab.data.folder import FolderScan, duplicate_problems, probe_scan, raw_from_scan, scan_duplicates, scan_folder
 from transferlab.data.images import ImageReadError, Problem, load_image, map_files
+from transferlab.data.lists import detect_task, is_list_file
+from transferlab.data.multilabel import class_counts, is_multilabel, label_problems, label_set_name
 from transferlab.data.prepare import prepare_splits
-from transferlab.data.sources import DATASETS, DatasetError, RawDataset, load_dataset
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset, load_dataset, supported_tasks
 from transferlab.data.tiny_imagenet import locate as locate_tiny_imagenet
 from transferlab.data.tiny_imagenet import scan_tiny_imagenet
 
@@ -80,7 +86,7 @@ def check_scan(scan: FolderScan, decode: bool = True, workers: int | None = None
     problems = list(scan.problems)
     already_bad = {p.path for p in problems if p.kind == "bad_image"}
     entries = [
-        (path, split, scan.class_names[label])
+        (path, split, scan.label_name(label))
         for split, (paths, labels) in scan.splits.items()
         for path, label in zip(paths, labels, strict=True)
         if path not in already_bad
@@ -102,7 +108,8 @@ def _array_duplicates(raw: RawDataset) -> list[Problem]:
             return []
         arr = x.numpy().reshape(len(x), -1)
         for i in range(len(arr)):
-            items.append((hashlib.blake2b(arr[i].tobytes(), digest_size=16).hexdigest(), f"{split}[{i}]", split, raw.class_names[int(y[i])]))
+            label = label_set_name(y[i], raw.class_names) if is_multilabel(y) else raw.class_names[int(y[i])]
+            items.append((hashlib.blake2b(arr[i].tobytes(), digest_size=16).hexdigest(), f"{split}[{i}]", split, label))
     return duplicate_problems(items)
 
 
@@ -112,10 +119,18 @@ def _selection_problems(cfg: DataConfig, raw: RawDataset, seed: int) -> list[Pro
     size = cfg.image_size if not isinstance(raw.train_x, torch.Tensor) else None
     dry = dataclasses.replace(cfg, in_memory=False, skip_bad_images=False, image_size=size)
     try:
-        prepare_splits(dry, seed, raw, default_size=64)  # mixed sizes: a run picks its backbone's size; nothing is decoded here
+        splits = prepare_splits(dry, seed, raw, default_size=64)  # mixed sizes: a run picks its backbone's size; nothing is decoded here
     except DatasetError as e:
         return [Problem(raw.source, str(e), "selection")]
-    return []
+    if not splits.multilabel or splits.val_from != "train":
+        return []
+    # the validation split this selection holds out (where thresholds are chosen) may lack a rare class; the dataset's
+    # own splits were listed already
+    absent = [splits.class_names[c] for c in np.flatnonzero(class_counts(splits.val_y, splits.num_classes) == 0)]
+    if not absent:
+        return []
+    return [Problem(f"{raw.source} (val split)", f"class(es) {absent} appear in no image of the validation split held out by "
+                    "the selection: their thresholds fall back to the global one", "absent_class", "warning")]
 
 
 def check_config(cfg: DataConfig, seed: int = 0, decode: bool = True, workers: int | None = None) -> DataReport:
@@ -127,7 +142,7 @@ def check_config(cfg: DataConfig, seed: int = 0, decode: bool = True, workers: i
         if cfg.dataset == "folder":
             if not cfg.root:
                 raise DatasetError("dataset 'folder' needs data.root")
-            scan = scan_folder(cfg.root)
+            scan = scan_folder(cfg.root, task=cfg.task, label_sep=cfg.label_sep)
         elif cfg.dataset == "tiny_imagenet":
             scan = scan_tiny_imagenet(locate_tiny_imagenet(cfg))
             probe_scan(scan)
@@ -138,6 +153,8 @@ def check_config(cfg: DataConfig, seed: int = 0, decode: bool = True, workers: i
     if scan is not None:
         report.target = str(scan.root)
         report.problems += check_scan(scan, decode, workers)
+        if scan.multilabel:
+            report.problems += label_problems({s: (p, scan.targets(y)) for s, (p, y) in scan.splits.items()}, scan.class_names, str(scan.root))
         report.split_sizes = {s: len(p) for s, (p, _) in scan.splits.items()}
         report.n_classes = len(scan.class_names)
         if any(p.severity == "error" and p.kind != "bad_image" for p in report.problems):
@@ -157,12 +174,20 @@ def check_config(cfg: DataConfig, seed: int = 0, decode: bool = True, workers: i
         report.split_sizes = {"train": len(raw.train_y), "test": len(raw.test_y)}
         report.n_classes = len(raw.class_names)
         report.problems += _array_duplicates(raw)
+        if is_multilabel(raw.train_y):
+            splits = {s: ([f"{s}[{i}]" for i in range(len(y))], y) for s, y in (("train", raw.train_y), ("test", raw.test_y))}
+            report.problems += label_problems(splits, raw.class_names, raw.source)
     report.problems += _selection_problems(cfg, raw, seed)
     return report
 
 
-def check_path(target: str | Path, root: str | None = None, decode: bool = True) -> list[DataReport]:
-    """Check a study file (every experiment's data), a folder or CSV, or a registered dataset name."""
+def check_path(target: str | Path, root: str | None = None, decode: bool = True, task: str | None = None,
+               label_sep: str = ";") -> list[DataReport]:
+    """Check a study file (every experiment's data), a folder, a CSV or JSON-lines list, or a registered dataset name.
+
+    ``task`` (``data.task``) for a folder, list or dataset name: ``None`` reads a list as its header says
+    (``transferlab.data.lists.detect_task``) and a dataset as the first task it declares. A study file says its own.
+    """
     path = Path(target)
     if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
         try:
@@ -175,7 +200,7 @@ def check_path(target: str | Path, root: str | None = None, decode: bool = True)
             key = repr(dataclasses.asdict(exp.data))  # one report per distinct data config (not per seed)
             if key in seen:
                 continue
-            scan_key = repr((exp.data.dataset, exp.data.root))
+            scan_key = repr((exp.data.dataset, exp.data.root, exp.data.task, exp.data.label_sep))
             if scan_key in seen:  # same files: only the selection differs
                 first = seen[scan_key]
                 rep = DataReport(first.target, f"{exp.data.dataset} [{exp.name}]", [], dict(first.split_sizes), first.n_classes)
@@ -195,8 +220,10 @@ def check_path(target: str | Path, root: str | None = None, decode: bool = True)
             reports.append(rep)
         return reports
     if path.exists():
-        return [check_config(DataConfig(dataset="folder", root=str(path)), decode=decode)]
+        task = task or (detect_task(path) if is_list_file(path) else "multiclass")
+        return [check_config(DataConfig(dataset="folder", root=str(path), task=task, label_sep=label_sep), decode=decode)]  # type: ignore[arg-type]
     if str(target) in DATASETS:
-        return [check_config(DataConfig(dataset=str(target), root=root), decode=decode)]
+        task = task or supported_tasks(str(target))[0]
+        return [check_config(DataConfig(dataset=str(target), root=root, task=task, label_sep=label_sep), decode=decode)]  # type: ignore[arg-type]
     raise DatasetError(f"check-data: {target} is not a study file, a folder, a CSV file or a dataset name ({', '.join(sorted(DATASETS))})")
 

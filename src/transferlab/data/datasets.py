@@ -11,7 +11,7 @@ import torch
 
 from transferlab.config import DataConfig
 from transferlab.data.archives import refuse_download
-from transferlab.data.sources import DATASETS, DatasetError, RawDataset, default_data_root, documented_size
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset, dataset_tasks, default_data_root, documented_size
 
 # --------------------------------------------------------------------------------------------
 # IDX files (MNIST family)
@@ -161,17 +161,29 @@ def digits(cfg: DataConfig) -> RawDataset:
 
 
 @DATASETS.register("synthetic")
+@dataset_tasks("multiclass", "multilabel")
 def synthetic(cfg: DataConfig) -> RawDataset:
-    """A learnable toy task for tests: each class is a bright square at its own position plus noise."""
+    """A learnable toy task for tests: each class is a bright square at its own position plus noise.
+
+    With ``data.task: multilabel`` every image has 1 to 3 classes (at most ``synthetic_classes``; how many and which
+    drawn uniformly, seeded) and shows the squares of all of them: the sum of its classes' patterns plus noise.
+    """
     g = torch.Generator().manual_seed(1234)
     n_cls, n, size = cfg.synthetic_classes, cfg.synthetic_size, 16
+    multilabel = cfg.task == "multilabel"
 
     def make(count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.arange(count) % n_cls
+        if multilabel:
+            how_many = torch.randint(1, min(3, n_cls) + 1, (count, 1), generator=g)
+            rank = torch.rand(count, n_cls, generator=g).argsort(dim=1).argsort(dim=1)  # a random order of the classes
+            y = (rank < how_many).float()  # the first how_many classes of that order
+        else:
+            y = torch.arange(count) % n_cls
         x = torch.randint(0, 60, (count, 3, size, size), generator=g, dtype=torch.uint8)
         for c in range(n_cls):
             r, col = divmod(c, 4)
-            x[y == c, :, 2 + 3 * r : 5 + 3 * r, 2 + 3 * col : 5 + 3 * col] = 230
+            has = y[:, c] > 0 if multilabel else y == c
+            x[has, :, 2 + 3 * r : 5 + 3 * r, 2 + 3 * col : 5 + 3 * col] = 230
         return x, y
 
     train_x, train_y = make(n)

@@ -1,4 +1,4 @@
-"""Your own images: an ImageFolder-style tree, optionally split into train/val/test, or a CSV list.
+"""Your own images: an ImageFolder-style tree, optionally split into train/val/test, or a CSV / JSON-lines list.
 
 Layouts of ``data.root`` (``dataset: folder``)::
 
@@ -7,6 +7,8 @@ Layouts of ``data.root`` (``dataset: folder``)::
         (+ val/ or valid/ or validation/)     val/ with test/: the validation split; val/ without test/: the
                                               test split (as for ImageNet and Tiny ImageNet)
     root = labels.csv                         columns path,label[,split]; paths relative to the CSV's folder
+    root = labels.csv or labels.jsonl         data.task: multilabel: path,labels (cat;dog), one 0/1 column per
+                                              class, or JSON lines (transferlab.data.lists has every form)
 
 Images are found recursively inside each class folder (any depth), by extension
 (``IMAGE_EXTENSIONS``, case-insensitive). Class names are the folder names (Unicode-normalised to
@@ -20,11 +22,8 @@ class sets, a CSV row pointing at a missing file — are all collected and repor
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
-import unicodedata
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,34 +31,10 @@ import torch
 
 from transferlab.config import DataConfig
 from transferlab.data.images import FileImages, Problem, ScanResult, format_problems, is_image_file, map_files, scan_headers
-from transferlab.data.sources import DATASETS, DatasetError, RawDataset
-
-SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-
-
-def nfc(name: str) -> str:
-    return unicodedata.normalize("NFC", name)
-
-
-@dataclass
-class FolderScan:
-    """What is in a dataset folder or CSV: per split the files and labels, the classes, the problems."""
-
-    root: Path
-    layout: str  # "classes", "splits", "csv", "tiny_imagenet"
-    class_names: list[str] = field(default_factory=list)
-    splits: dict[str, tuple[list[str], list[int]]] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
-    channels: int = 3
-    size: tuple[int, int] | None = None
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def n_images(self) -> int:
-        return sum(len(p) for p, _ in self.splits.values())
+from transferlab.data.lists import is_list_file, scan_list
+from transferlab.data.multilabel import class_counts, is_multilabel, iterative_split
+from transferlab.data.scan import SPLIT_FOLDERS, FolderScan, check_class_sets, nfc, sort_classes
+from transferlab.data.sources import DATASETS, DatasetError, RawDataset, dataset_tasks
 
 
 def _visible(name: str) -> bool:
@@ -176,38 +151,21 @@ def _scan_split_dir(
     return classes
 
 
-def _check_class_sets(per_split: dict[str, set[str]], where: dict[str, str], problems: list[Problem]) -> None:
-    if len(per_split) < 2:
-        return
-    union = set().union(*per_split.values())
-    train = per_split.get("train", union)
-    for split, names in per_split.items():
-        if split == "train":
-            continue  # every difference is reported from the other split's side
-        missing, extra = sorted(train - names), sorted(names - train)
-        if missing:
-            problems.append(Problem(where[split], f"{split} split lacks class(es) {missing} that train has", "class_mismatch"))
-        if extra:
-            problems.append(Problem(where[split], f"{split} split has class(es) {extra} that train has not", "class_mismatch"))
-
-
-def _sort_classes(names: set[str]) -> list[str]:
-    if names and all(n.lstrip("-").isdigit() for n in names):
-        return sorted(names, key=int)  # 0, 1, 2, ..., 10 rather than 0, 1, 10, 2
-    return sorted(names)
-
-
-def scan_folder(root: str | Path, probe: bool = True) -> FolderScan:
-    """Find every image of a dataset folder (or CSV) and every problem with its structure.
+def scan_folder(root: str | Path, probe: bool = True, task: str = "multiclass", label_sep: str = ";") -> FolderScan:
+    """Find every image of a dataset folder (or CSV / JSON-lines list) and every problem with its structure.
 
     With ``probe`` each file's header is read too (in parallel): unreadable files become
-    ``bad_image`` problems, and the dataset's channel count and common size are set.
+    ``bad_image`` problems, and the dataset's channel count and common size are set. ``task`` (``data.task``) and
+    ``label_sep`` say how a list is read (``transferlab.data.lists``); class folders are multiclass only.
     """
     root = Path(root)
-    if root.suffix.lower() == ".csv" and root.is_file():
-        scan = _scan_csv(root)
+    if is_list_file(root):
+        scan = scan_list(root, task, label_sep)
     elif not root.is_dir():
-        raise DatasetError(f"data.root {root} is not a folder or a .csv file")
+        raise DatasetError(f"data.root {root} is not a folder or a .csv file (nor a .jsonl list)")
+    elif task == "multilabel":
+        raise DatasetError(f"data.root {root}: class folders give one label per image, but data.task is multilabel: list the "
+                           "images and their labels in a CSV (path,labels) or JSON-lines file and set data.root to it")
     else:
         scan = _scan_tree(root)
     if probe:
@@ -248,8 +206,8 @@ def _scan_tree(root: Path) -> FolderScan:
         split_dirs = {"train": root}
     root_real, visited = os.path.realpath(root), set()
     per_split = {split: _scan_split_dir(d, problems, root_real, visited) for split, d in split_dirs.items()}
-    _check_class_sets({s: set(c) for s, c in per_split.items() if c}, {s: str(d) for s, d in split_dirs.items()}, problems)
-    names = _sort_classes(set(per_split.get("train", {})))
+    check_class_sets({s: set(c) for s, c in per_split.items() if c}, {s: str(d) for s, d in split_dirs.items()}, problems)
+    names = sort_classes(set(per_split.get("train", {})))
     index = {n: i for i, n in enumerate(names)}
     splits = {}
     for split, classes in per_split.items():
@@ -260,78 +218,6 @@ def _scan_tree(root: Path) -> FolderScan:
                 labels += [index[name]] * len(classes[name][1])
         splits[split] = (files, labels)
     return FolderScan(root, layout, names, splits, problems)
-
-
-def _scan_csv(path: Path) -> FolderScan:
-    problems: list[Problem] = []
-    base = path.parent
-    rows: list[tuple[int, str, str, str]] = []
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = [h.strip().lower() for h in next(reader, [])]
-            if "path" not in header or "label" not in header:
-                raise DatasetError(
-                    f"{path}: the first line must be a header with columns 'path' and 'label' (and optionally 'split'); found {header}"
-                )
-            ip, il, isp = header.index("path"), header.index("label"), header.index("split") if "split" in header else None
-            for line_no, row in enumerate(reader, start=2):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) != len(header):
-                    problems.append(Problem(f"{path}:{line_no}", f"expected {len(header)} columns, found {len(row)}", "annotation"))
-                    continue
-                file, label = row[ip].strip(), nfc(row[il].strip())
-                split = row[isp].strip().lower() if isp is not None else "train"
-                if not file or not label:
-                    problems.append(Problem(f"{path}:{line_no}", "empty path or label", "annotation"))
-                    continue
-                if (split or "train") not in SPLIT_FOLDERS:
-                    problems.append(Problem(f"{path}:{line_no}", f"unknown split {split!r} (use train, val or test)", "annotation"))
-                    continue
-                rows.append((line_no, str(base / file), label, SPLIT_FOLDERS[split or "train"]))
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not a UTF-8 text file ({e})") from None
-    except csv.Error as e:
-        raise DatasetError(f"{path}: not a valid CSV file ({e})") from None
-    seen: dict[str, tuple[int, str, str]] = {}
-    kept = []
-    for line_no, file, label, split in rows:
-        if file in seen:
-            first_line, first_label, first_split = seen[file]
-            conflict = (first_label, first_split) != (label, split)
-            problems.append(
-                Problem(
-                    f"{path}:{line_no}",
-                    f"{file} is listed again (first on line {first_line})"
-                    + (f" with another label or split ({first_label}/{first_split} vs {label}/{split})" if conflict else ""),
-                    "duplicate",
-                    "error" if conflict else "warning",
-                )
-            )
-            continue
-        seen[file] = (line_no, label, split)
-        if not os.path.isfile(file):
-            problems.append(Problem(file, f"file not found (listed in {path} line {line_no})", "bad_image"))
-            continue
-        kept.append((file, label, split))
-    per_split: dict[str, set[str]] = {}
-    for _, label, split in kept:
-        per_split.setdefault(split, set()).add(label)
-    if not kept:
-        problems.append(Problem(str(path), "lists no usable images", "no_classes"))
-    _check_class_sets(per_split, {s: f"{path} (split {s})" for s in per_split}, problems)
-    names = _sort_classes(per_split.get("train", set()) or set().union(*per_split.values()) if per_split else set())
-    index = {n: i for i, n in enumerate(names)}
-    splits: dict[str, tuple[list[str], list[int]]] = {}
-    for file, label, split in kept:
-        if label in index:
-            files, labels = splits.setdefault(split, ([], []))
-            files.append(file)
-            labels.append(index[label])
-    if "train" not in splits and kept:
-        problems.append(Problem(str(path), "has no training images (split column never says 'train')", "no_classes"))
-    return FolderScan(path, "csv", names, splits, problems)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +264,7 @@ def scan_duplicates(scan: FolderScan, exclude: set[str] | frozenset[str] = froze
     Only files whose size another file shares are read and hashed: identical files have equal sizes, so the
     result is the same as hashing everything, at the cost of one ``stat`` per file for most datasets.
     """
-    entries = [(path, split, scan.class_names[label]) for split, (paths, labels) in scan.splits.items()
+    entries = [(path, split, scan.label_name(label)) for split, (paths, labels) in scan.splits.items()
                for path, label in zip(paths, labels, strict=True) if path not in exclude]
     sizes = map_files(os.path.getsize, [e[0] for e in entries], workers)
     by_size: dict[int, int] = {}
@@ -416,6 +302,26 @@ def _carve_test(labels: np.ndarray, fraction: float, where: str, class_names: li
     return np.sort(train), np.sort(test)
 
 
+def _carve_test_multilabel(labels: np.ndarray, fraction: float, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed (seed 0) iteratively stratified split of a multi-label pool into train and test positions."""
+    n_test = int(round(fraction * len(labels)))
+    if not 0 < n_test < len(labels):
+        raise DatasetError(f"{where}: data.test_fraction={fraction} of {len(labels)} images leaves no test or no training image")
+    part = iterative_split(labels, [len(labels) - n_test, n_test], seed=0)
+    return np.flatnonzero(part == 0), np.flatnonzero(part == 1)
+
+
+def _check_lost_classes(scan: FolderScan, labels: dict[str, torch.Tensor]) -> None:
+    """A class whose every training image was a skipped bad image cannot be trained: an error naming it."""
+    if "train" not in labels:
+        return
+    k = len(scan.class_names)
+    had = class_counts(scan.targets(scan.splits["train"][1]), k) > 0
+    lost = [scan.class_names[c] for c in np.flatnonzero(had & (class_counts(labels["train"], k) == 0))]
+    if lost:
+        raise DatasetError(f"{scan.root}: after skipping bad images, class(es) {lost} have no train images left")
+
+
 def raw_from_scan(scan: FolderScan, cfg: DataConfig, source: str | None = None) -> RawDataset:
     """Turn a scan into a RawDataset of FileImages, or raise one DatasetError listing every problem.
 
@@ -436,16 +342,14 @@ def raw_from_scan(scan: FolderScan, cfg: DataConfig, source: str | None = None) 
     for split, (paths, ys) in scan.splits.items():
         keep = [i for i, p in enumerate(paths) if p not in bad_paths]
         files[split] = FileImages([paths[i] for i in keep], scan.channels, scan.size, str(scan.root))
-        labels[split] = torch.tensor([ys[i] for i in keep], dtype=torch.int64)
-    for split, y in labels.items():
-        present = set(y.tolist())
-        lost = [scan.class_names[c] for c in range(len(scan.class_names)) if c not in present]
-        if lost and split == "train":
-            raise DatasetError(f"{scan.root}: after skipping bad images, class(es) {lost} have no {split} images left")
+        labels[split] = scan.targets([ys[i] for i in keep])
+    _check_lost_classes(scan, labels)
     if "test" not in files and "val" in files:  # train/ + val/ only: val/ is the test split
         files["test"], labels["test"] = files.pop("val"), labels.pop("val")
     if "test" not in files:
-        train_pos, test_pos = _carve_test(labels["train"].numpy(), cfg.test_fraction, str(scan.root), scan.class_names)
+        pool = labels["train"].numpy()
+        train_pos, test_pos = (_carve_test_multilabel(pool, cfg.test_fraction, str(scan.root)) if is_multilabel(pool)
+                               else _carve_test(pool, cfg.test_fraction, str(scan.root), scan.class_names))
         all_files, all_y = files["train"], labels["train"]
         files["train"], labels["train"] = all_files[train_pos], all_y[torch.from_numpy(train_pos)]
         files["test"], labels["test"] = all_files[test_pos], all_y[torch.from_numpy(test_pos)]
@@ -464,6 +368,7 @@ def raw_from_scan(scan: FolderScan, cfg: DataConfig, source: str | None = None) 
 
 
 @DATASETS.register("folder")
+@dataset_tasks("multiclass", "multilabel")
 def folder(cfg: DataConfig) -> RawDataset:
     """Images in ``data.root``: ``<class>/<image>`` folders, ``train``/``val``/``test`` subfolders, or a CSV.
 
@@ -472,7 +377,7 @@ def folder(cfg: DataConfig) -> RawDataset:
     """
     if not cfg.root:
         raise DatasetError("dataset 'folder' needs data.root: a folder of <class>/<image> folders, or a path,label CSV file")
-    scan = scan_folder(cfg.root)
+    scan = scan_folder(cfg.root, task=cfg.task, label_sep=cfg.label_sep)
     # the rules of `transferlab check-data` (transferlab.data.check), so a folder it rejects is refused here with the
     # same message: identical images under different classes are an error, across splits a warning
     scan.problems += scan_duplicates(scan, {p.path for p in scan.problems if p.kind == "bad_image"})

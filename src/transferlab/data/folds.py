@@ -7,7 +7,8 @@ is run k's test split; the other folds are its training pool (``train_subset``, 
 the validation hold-out then apply to that pool as usual). A dataset's own ``val`` split stays its
 validation split. The partition depends only on the labels and the seed, so the k runs of one seed
 share it (their test folds are disjoint and cover every image); another seed gives another partition
-(repeated k-fold when ``seeds:`` is set too).
+(repeated k-fold when ``seeds:`` is set too). Multi-label folds (``data.task: multilabel``) are cut by iterative
+stratification (``transferlab.data.multilabel``): every label keeps its share in every fold.
 
 A study expands ``data.folds: k`` into k runs with ``data.fold`` = 0..k-1 (``transferlab.config.study``).
 """
@@ -23,7 +24,8 @@ from sklearn.model_selection import StratifiedKFold
 from transferlab.config import DataConfig, ExperimentConfig, register_check
 from transferlab.data.archives import no_downloads
 from transferlab.data.images import FileImages
-from transferlab.data.selection import select_classes
+from transferlab.data.multilabel import class_counts, is_multilabel, iterative_folds
+from transferlab.data.selection import select_classes, task_labels
 from transferlab.data.sources import DatasetError, RawDataset, load_dataset
 
 __all__ = ["FoldsLimit", "check_folds", "fold_test_positions", "folds_limit", "pool_train_test"]
@@ -32,16 +34,19 @@ __all__ = ["FoldsLimit", "check_folds", "fold_test_positions", "folds_limit", "p
 def fold_test_positions(labels: np.ndarray, folds: int, seed: int, names: list[str] | None = None) -> list[np.ndarray]:
     """The test positions of each of ``folds`` stratified, seeded folds of ``labels`` (sorted; disjoint, covering).
 
-    Raises ``DatasetError`` naming ``data.folds`` when a class has fewer images than folds (a fold would
-    miss it).
+    ``labels``: class indices (scikit-learn's ``StratifiedKFold``) or an N×K multi-hot matrix (iterative
+    stratification). Raises ``DatasetError`` naming ``data.folds`` when a class has fewer images than folds (a fold
+    would miss it).
     """
-    counts = np.bincount(labels)
+    counts = class_counts(labels, int(labels.shape[1]) if is_multilabel(labels) else int(labels.max()) + 1)
     present = np.flatnonzero(counts)
     smallest = int(present[np.argmin(counts[present])])
     if counts[smallest] < folds:
         name = names[smallest] if names is not None else str(smallest)
         raise DatasetError(f"data.folds={folds} but class {name!r} has only {counts[smallest]} images: "
                            f"every fold needs one of each class (use at most {counts[smallest]} folds)")
+    if is_multilabel(labels):
+        return iterative_folds(labels, folds, seed)
     kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [np.sort(test) for _, test in kfold.split(np.zeros(len(labels)), labels)]
 
@@ -66,13 +71,10 @@ def folds_limit(cfg: DataConfig) -> FoldsLimit | None:
         relabel, _, names = select_classes(cfg.classes, raw.class_names)
     except DatasetError:
         return None
-    labels = torch.cat([raw.train_y, raw.test_y]).numpy()
-    if relabel is not None:
-        labels = relabel[labels]
-        labels = labels[labels >= 0]
+    _, labels = task_labels(torch.cat([raw.train_y, raw.test_y]).numpy(), relabel)
     if len(labels) == 0:
         return None
-    counts = np.bincount(labels, minlength=len(names))
+    counts = class_counts(labels, len(names))
     present = np.flatnonzero(counts)
     smallest = int(present[np.argmin(counts[present])])
     return FoldsLimit(int(counts[smallest]), names[smallest] if smallest < len(names) else str(smallest), len(labels))

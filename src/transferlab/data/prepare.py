@@ -15,6 +15,12 @@ In order:
 
 With ``data.folds`` the dataset's train and test splits are pooled first and fold ``data.fold`` of the
 pool is the test split (``transferlab.data.folds``).
+
+Multi-label data (``data.task: multilabel``, labels an N×K multi-hot matrix) goes through the same steps:
+``data.classes`` keeps those columns and leaves out the images with none of them
+(``transferlab.data.selection.task_labels``); the subsets, the validation hold-out and the folds are cut by
+iterative stratification (``transferlab.data.multilabel``); ``data.k_per_class`` is refused; every class must
+keep a training image.
 """
 
 from __future__ import annotations
@@ -24,14 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from transferlab.config import DataConfig
 from transferlab.data.folds import fold_test_positions, pool_train_test
 from transferlab.data.images import FileImages, Problem, format_problems
+from transferlab.data.multilabel import class_counts, is_multilabel
 from transferlab.data.normalize import Normalization, split_normalization
 from transferlab.data.resize import Images, prepare_files, resize_uint8
-from transferlab.data.selection import k_per_class, select_classes, stratified_take
+from transferlab.data.selection import k_per_class, select_classes, stratified_split, stratified_take, task_labels
 from transferlab.data.sources import DatasetError, RawDataset, load_dataset
 
 __all__ = ["ImageSplits", "prepare_splits"]
@@ -42,7 +48,8 @@ class ImageSplits:
     """Train / val / test images with labels, class names, the chosen indices and what was skipped.
 
     ``*_x`` are uint8 N×C×H×W tensors, or ``FileImages`` when the images stay on disk for the PIL
-    path. ``in_memory`` says which batches ``make_batches`` builds.
+    path. ``in_memory`` says which batches ``make_batches`` builds. ``*_y`` are int64 (N,) class indices, or
+    float32 N×K multi-hot targets with ``data.task: multilabel`` (``multilabel``).
     """
 
     train_x: Images
@@ -74,6 +81,11 @@ class ImageSplits:
         return len(self.class_names)
 
     @property
+    def multilabel(self) -> bool:
+        """The targets are N×K multi-hot rows (``data.task: multilabel``), not class indices."""
+        return is_multilabel(self.train_y)
+
+    @property
     def image_size(self) -> int:
         """Side of the images as batched."""
         return int(self.train_x.shape[-1])
@@ -87,6 +99,15 @@ class ImageSplits:
         record["skipped_bad_images_count"] = len(self.skipped)
         record["normalize"] = self.normalization.to_dict()
         record["image_size"] = {"value": self.image_size, "from": self.size_from}
+        record["task"] = "multilabel" if self.multilabel else "multiclass"
+        if self.multilabel:
+            ys = {"train": self.train_y, "val": self.val_y, "test": self.test_y}
+            record["multilabel"] = {
+                "stratification": "iterative (Sechidis et al. 2011), exact sizes",
+                "classes_filter": "data.classes keeps those columns and leaves out images with none of them",
+                "positives": {s: class_counts(y, self.num_classes).tolist() for s, y in ys.items()},
+                "no_label": {s: int((y.sum(dim=1) == 0).sum()) for s, y in ys.items()},
+            }
         if self.folds is not None:
             record["folds"] = self.folds
         return record
@@ -111,7 +132,8 @@ def prepare_splits(cfg: DataConfig, seed: int, raw: RawDataset | None = None, de
     parts, val_from = select_parts(cfg, raw, seed, relabel, names)
     sources = {"train": raw.train_x, "val": raw.val_x if val_from == "dataset" else raw.train_x, "test": raw.test_x}
     xs: dict[str, Images] = {s: sources[s][torch.from_numpy(idx)] for s, (idx, _) in parts.items()}  # type: ignore[index]
-    ys = {s: torch.from_numpy(lab.astype(np.int64)) for s, (_, lab) in parts.items()}
+    dtype = np.float32 if is_multilabel(raw.train_y) else np.int64  # multi-hot rows or class indices
+    ys = {s: torch.from_numpy(lab.astype(dtype)) for s, (_, lab) in parts.items()}
     idxs = {s: idx for s, (idx, _) in parts.items()}
     skipped = list(raw.skipped)
     mixed = isinstance(raw.train_x, FileImages) and raw.train_x.size is None
@@ -136,21 +158,15 @@ def prepare_splits(cfg: DataConfig, seed: int, raw: RawDataset | None = None, de
 
 def _fold_positions(cfg: DataConfig, raw: RawDataset, seed: int, relabel: np.ndarray | None, names: list[str]) -> list[np.ndarray]:
     """The test positions (in the pooled dataset's task candidates) of every fold (``data.folds``)."""
-    labels = raw.train_y.numpy() if relabel is None else relabel[raw.train_y.numpy()]
-    keep = np.flatnonzero(labels >= 0)
-    return [keep[p] for p in fold_test_positions(labels[keep], cfg.folds or 0, seed, names)]
+    keep, labels = task_labels(raw.train_y.numpy(), relabel)
+    return [keep[p] for p in fold_test_positions(labels, cfg.folds or 0, seed, names)]
 
 
 def select_parts(cfg: DataConfig, raw: RawDataset, seed: int, relabel: np.ndarray | None, names: list[str]) -> tuple[dict[str, Part], str]:
     """Steps 1-4: (dataset indices and task labels per split, where val came from: ``train`` or ``dataset``)."""
 
     def candidates(y: torch.Tensor) -> Part:
-        labels = y.numpy()
-        if relabel is None:
-            return np.arange(len(labels)), labels
-        new = relabel[labels]
-        keep = np.flatnonzero(new >= 0)
-        return keep, new[keep]
+        return task_labels(y.numpy(), relabel)
 
     tr_idx, tr_lab = candidates(raw.train_y)
     te_idx, te_lab = candidates(raw.test_y)
@@ -166,14 +182,34 @@ def select_parts(cfg: DataConfig, raw: RawDataset, seed: int, relabel: np.ndarra
     test_pos = stratified_take(te_lab, cfg.test_subset, seed, "data.test_subset")
     test = (te_idx[test_pos], te_lab[test_pos])
     if raw.val_x is not None and raw.val_y is not None:
-        return {"train": (tr_idx[pool], tr_lab[pool]), "val": candidates(raw.val_y), "test": test}, "dataset"
+        parts, val_from = {"train": (tr_idx[pool], tr_lab[pool]), "val": candidates(raw.val_y), "test": test}, "dataset"
+    else:
+        train_pos, val_pos = _hold_out_val(cfg, pool, tr_lab[pool], seed, len(names))
+        parts, val_from = {"train": (tr_idx[train_pos], tr_lab[train_pos]), "val": (tr_idx[val_pos], tr_lab[val_pos]), "test": test}, "train"
+    if is_multilabel(tr_lab):
+        _check_training_classes(cfg, parts["train"][1], names)
+    return parts, val_from
+
+
+def _hold_out_val(cfg: DataConfig, pool: np.ndarray, labels: np.ndarray, seed: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3: (train, val) positions of the training pool (``pool``: sorted positions, ``labels``: theirs), stratified."""
     n_val = cfg.val_count if cfg.val_count is not None else int(round(cfg.val_fraction * len(pool)))
     what = f"data.val_count={cfg.val_count}" if cfg.val_count is not None else f"data.val_fraction={cfg.val_fraction}"
-    if n_val < len(names) or len(pool) - n_val < len(names):
-        raise DatasetError(f"{what} of {len(pool)} training images leaves too few images for {len(names)} classes in train or val")
-    train_pos, val_pos = train_test_split(pool, test_size=n_val, stratify=tr_lab[pool], random_state=seed)
-    train_pos, val_pos = np.sort(train_pos), np.sort(val_pos)
-    return {"train": (tr_idx[train_pos], tr_lab[train_pos]), "val": (tr_idx[val_pos], tr_lab[val_pos]), "test": test}, "train"
+    least = 1 if is_multilabel(labels) else n_classes  # an image counts for several classes when multi-label
+    if n_val < least or len(pool) - n_val < least:
+        raise DatasetError(f"{what} of {len(pool)} training images leaves too few images for {n_classes} classes in train or val")
+    train_pos, val_pos = stratified_split(labels, n_val, seed)
+    return pool[train_pos], pool[val_pos]
+
+
+def _check_training_classes(cfg: DataConfig, labels: np.ndarray, names: list[str]) -> None:
+    """Multi-label: every class keeps a training image (a class never seen in training cannot be learned)."""
+    missing = [names[c] for c in np.flatnonzero(class_counts(labels, len(names)) == 0)]
+    if missing:
+        keys = ", ".join(f"data.{k}={getattr(cfg, k)}" for k in ("train_subset", "val_fraction", "val_count", "folds", "classes")
+                         if getattr(cfg, k) is not None)
+        raise DatasetError(f"class(es) {missing} have no image in the training split ({keys or 'the dataset'}): "
+                           "a class never seen in training cannot be learned; select more images, or leave the class out (data.classes)")
 
 
 def _decode_or_check_files(
@@ -194,6 +230,6 @@ def _decode_or_check_files(
         xs[split] = xs[split][torch.from_numpy(keep)]
         ys[split], idxs[split] = ys[split][torch.from_numpy(keep)], idxs[split][keep]
         skipped += [p for _, p in found]
-    if (ys["train"].bincount(minlength=n_classes) == 0).any():
+    if (class_counts(ys["train"], n_classes) == 0).any():
         raise DatasetError(f"{raw.source}: after skipping bad images a class has no training images left")
     return in_memory

@@ -1,6 +1,7 @@
 """The order of the training images each epoch (``data.sampler``), the same on every data path.
 
-A sampler is a function of the training labels and a generator seeded by (seed, epoch) — the
+A sampler is a function of the training labels (class indices, or N×K multi-hot rows with
+``data.task: multilabel``, which only ``random`` accepts) and a generator seeded by (seed, epoch) — the
 generator the batches already shuffle with — that returns the indices of one epoch. Nothing else
 goes in, so epoch *e* of a resumed run (even resumed mid-epoch) replays exactly the same indices:
 a sampler needs no checkpoint state of its own.
@@ -40,6 +41,8 @@ def random_order(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 @SAMPLERS.register("balanced")
 def balanced_order(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Draws with replacement, every class equally likely (torch's ``WeightedRandomSampler`` with 1 / class count)."""
+    if labels.ndim == 2:  # the config checks refuse it; this is for callers of the API
+        raise ValueError("data.sampler: balanced draws by the one class of each image: not with data.task: multilabel (multi-hot targets)")
     counts = torch.bincount(labels)
     weights = 1.0 / counts[labels].double()  # every class sums to 1: uniform over the classes present
     return torch.multinomial(weights, len(labels), replacement=True, generator=g)

@@ -1,7 +1,8 @@
 """Which images an experiment uses: class subsets, stratified and seeded subsets, k per class.
 
 Every choice is stratified and seeded, so the same seed gives the same indices (recorded in the run's
-``selection.json``).
+``selection.json``). Labels are class indices (multiclass: scikit-learn's stratified splits) or N×K
+multi-hot rows (``data.task: multilabel``: iterative stratification, ``transferlab.data.multilabel``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from transferlab.data.multilabel import is_multilabel, iterative_split, iterative_take
 from transferlab.data.sources import DatasetError
 
-__all__ = ["k_per_class", "select_classes", "stratified_take"]
+__all__ = ["k_per_class", "select_classes", "stratified_split", "stratified_take", "task_labels"]
 
 
 def stratified_take(labels: np.ndarray, amount: float | None, seed: int, what: str) -> np.ndarray:
@@ -24,9 +26,13 @@ def stratified_take(labels: np.ndarray, amount: float | None, seed: int, what: s
     if amount is None or amount == len(labels) or amount == 1.0:
         return idx
     n = int(round(amount * len(labels))) if amount <= 1 else int(amount)
-    n_classes = len(np.unique(labels))
     if n > len(labels):
         raise DatasetError(f"{what}={amount:g} asks for {n} images but the split has only {len(labels)}")
+    if is_multilabel(labels):  # an image counts for several classes: no "fewer images than classes" rule
+        if n < 1:
+            raise DatasetError(f"{what}={amount:g} of {len(labels)} images gives no image")
+        return idx if n == len(labels) else iterative_take(labels, n, seed)
+    n_classes = len(np.unique(labels))
     if n < n_classes:
         raise DatasetError(f"{what}={amount:g} gives {n} images, fewer than the {n_classes} classes")
     if n == len(labels):
@@ -37,8 +43,40 @@ def stratified_take(labels: np.ndarray, amount: float | None, seed: int, what: s
     return np.sort(taken)
 
 
+def stratified_split(labels: np.ndarray, n_second: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (sorted) of the two parts of a stratified, seeded split whose second part has ``n_second`` images."""
+    if is_multilabel(labels):
+        part = iterative_split(labels, [len(labels) - n_second, n_second], seed)
+        return np.flatnonzero(part == 0), np.flatnonzero(part == 1)
+    first, second = train_test_split(np.arange(len(labels)), test_size=n_second, stratify=labels, random_state=seed)
+    return np.sort(first), np.sort(second)
+
+
+def task_labels(y: np.ndarray, relabel: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the images in the task, their task labels) after ``data.classes`` (``relabel``: ``select_classes``).
+
+    Multiclass: the images of a chosen class, relabelled 0..k-1. Multi-label: the chosen columns, in the order of
+    ``data.classes``, of the images that have at least one chosen class — an image whose labels are all left out
+    leaves the task, as an image of a left-out class does in the multiclass case (it would otherwise become a
+    negative for every class, which it is not known to be).
+    """
+    if relabel is None:
+        return np.arange(len(y)), y
+    if is_multilabel(y):
+        chosen = np.argsort(relabel)[int((relabel < 0).sum()):]  # dataset column of task class 0, 1, ...
+        sub = y[:, chosen]
+        keep = np.flatnonzero(sub.sum(axis=1) > 0)
+        return keep, sub[keep]
+    new = relabel[y]
+    keep = np.flatnonzero(new >= 0)
+    return keep, new[keep]
+
+
 def k_per_class(labels: np.ndarray, k: int, seed: int, names: list[str]) -> np.ndarray:
     """Positions of exactly ``k`` images of every class (seeded)."""
+    if is_multilabel(labels):
+        raise DatasetError(f"data.k_per_class={k} has no meaning with data.task: multilabel (an image has several classes); "
+                           "use data.train_subset")
     rng = np.random.default_rng(seed)
     out = []
     for c in range(len(names)):

@@ -8,7 +8,11 @@ decodes the selected files into memory when they fit, or leaves them to the PIL 
 
 Each loader registers itself where it is defined (``@DATASETS.register("name")``): ``fashion_mnist``,
 ``mnist``, ``digits``, ``synthetic`` in ``datasets.py``; ``cifar10``, ``cifar100``, ``cifar100_coarse``
-in ``cifar.py``; ``tiny_imagenet``; ``folder``. ``transferlab.data`` imports them all.
+in ``cifar.py``; ``tiny_imagenet``; ``folder``; ``fashion_mnist_mosaic``, ``digits_mosaic`` in ``mosaic.py``.
+``transferlab.data`` imports them all.
+
+A loader declares the tasks it can load (``dataset_tasks``; multiclass only when it declares none): multiclass
+labels are int64 (N,) class indices, multi-label ones (``data.task: multilabel``) float32 N×K multi-hot rows.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ __all__ = [
     "RawDataset",
     "UnknownDatasetError",
     "dataset_size",
+    "dataset_tasks",
     "default_data_root",
     "documented_size",
     "load_dataset",
+    "supported_tasks",
 ]
 
 
@@ -50,7 +56,7 @@ class RawDataset:
     """A dataset's official splits: uint8 (N, C, H, W) tensors, or ``FileImages`` for image files."""
 
     train_x: torch.Tensor | FileImages  # (N, C, H, W) uint8, or N image files
-    train_y: torch.Tensor  # (N,) int64
+    train_y: torch.Tensor  # (N,) int64 class indices, or (N, K) float32 0/1 rows with data.task: multilabel
     test_x: torch.Tensor | FileImages
     test_y: torch.Tensor
     class_names: list[str]
@@ -98,24 +104,66 @@ def dataset_size(name: str) -> DatasetSize | None:
     return getattr(loader, "documented_size", None)
 
 
+def dataset_tasks(*tasks: str) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorate a dataset loader with the tasks (``data.task``) it can load; a loader without it loads ``multiclass``::
+
+        @DATASETS.register("fashion_mnist_mosaic")
+        @dataset_tasks("multilabel")
+        def fashion_mnist_mosaic(cfg): ...
+    """
+    def declare(loader: DatasetLoader) -> DatasetLoader:
+        loader.tasks = tuple(tasks)  # type: ignore[attr-defined]
+        return loader
+    return declare
+
+
+def supported_tasks(name: str) -> tuple[str, ...]:
+    """The tasks the dataset ``name`` can load (``dataset_tasks``; ``("multiclass",)`` when it declares none)."""
+    loader = DATASETS.get(name) if name in DATASETS else None
+    return getattr(loader, "tasks", ("multiclass",))
+
+
+def _task_mismatch(cfg: DataConfig) -> str | None:
+    """Why ``cfg.dataset`` cannot be read as ``cfg.task`` (``None``: it can)."""
+    tasks = supported_tasks(cfg.dataset)
+    if cfg.task in tasks:
+        return None
+    if cfg.task == "multilabel":
+        multi = ", ".join(n for n in DATASETS.names() if "multilabel" in supported_tasks(n))
+        return (f"data.task: multilabel, but dataset {cfg.dataset!r} has one label per image; use a multi-label source ({multi}; "
+                "folder: a CSV or JSON-lines list with several labels per image) or data.task: multiclass")
+    return f"dataset {cfg.dataset!r} is multi-label (several labels per image): set data.task: multilabel (data.task is {cfg.task})"
+
+
 def load_dataset(cfg: DataConfig) -> RawDataset:
-    """Load the dataset named by ``cfg.dataset``."""
+    """Load the dataset named by ``cfg.dataset`` as ``cfg.task`` says (a source of the other task is a ``DatasetError``)."""
     try:
         loader = DATASETS.get(cfg.dataset)
     except UnknownNameError as e:
         raise UnknownDatasetError(str(e)) from None
-    return loader(cfg)
+    why = _task_mismatch(cfg)
+    if why is not None:
+        raise DatasetError(why)
+    raw = loader(cfg)
+    if (raw.train_y.ndim == 2) != (cfg.task == "multilabel"):  # a loader that reads both tasks read the wrong one
+        got = "multi-hot label rows" if raw.train_y.ndim == 2 else "one class index per image"
+        raise DatasetError(f"dataset {cfg.dataset!r} ({raw.source}) gave {got}, which does not match data.task: {cfg.task}")
+    return raw
 
 
 @register_check
 def check_dataset_name(cfg: ExperimentConfig) -> None:
-    """``data.dataset`` is registered (a kind that loads no data itself — an ensemble reads its members' — is not checked)."""
+    """``data.dataset`` is registered and can be read as ``data.task`` (a kind that loads no data itself — an ensemble
+    reads its members' — is not checked)."""
     if not cfg.uses.data:
         return
     try:
         DATASETS.get(cfg.data.dataset)
     except UnknownNameError as e:
         raise UnknownDatasetError(f"experiment '{cfg.name}': data.dataset: {e}") from None
+    why = _task_mismatch(cfg.data)
+    if why is not None:
+        raise cfg.error(why)
 
 
 def default_data_root() -> Path:
