@@ -195,13 +195,18 @@ def runs(tmp_path_factory):
 _SPLITS: dict[str, object] = {}
 
 
-def _probs(run_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's own model on its ``split`` images, the plain way: sigmoid probabilities and the multi-hot targets."""
-    run = load_run(run_dir)
+def _splits(run):
+    """The run's splits, prepared once per data section."""
     key = repr(run.config.data)
     if key not in _SPLITS:
         _SPLITS[key] = prepare_splits(run.config.data, run.config.seed)
-    splits = _SPLITS[key]
+    return _SPLITS[key]
+
+
+def _probs(run_dir, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's own model on its ``split`` images, the plain way: sigmoid probabilities and the multi-hot targets."""
+    run = load_run(run_dir)
+    splits = _splits(run)
     model = run.load_model().eval()
     x, y = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
     with torch.no_grad():
@@ -278,6 +283,30 @@ def test_hard_vote_is_a_strict_majority_of_the_members_at_their_own_thresholds(r
     assert m["test_map"] == pytest.approx(average_precision_score(t, share, average="macro"), abs=1e-6)
 
 
+def test_trained_members_vote_as_their_runs_were_tested_flip_tta_included(tmp_path):
+    """Members of kind: train, one tested with flip TTA: the soft vote averages each member's probabilities as its own
+    run computed them (the flip view's sigmoid averaged in) — the members' recorded test mAP is reproduced."""
+    from transferlab.study import run_study
+
+    study = parse_study({
+        "study": "mlt", "defaults": {**DEFAULTS, "train": {**DEFAULTS["train"], "epochs": 1, "batch_size": 32, "lr": 0.01}},
+        "experiments": [{"name": "plain"}, {"name": "flip", "train": {"tta": "flip", "lr": 0.02}}],
+        "ensembles": [{"name": "soft", "members": ["plain", "flip"], "vote": "soft"}],
+    })
+    result = run_study(study, tmp_path, console=QUIET)
+    assert result.ok, result.failed
+    m = load_run(tmp_path / "mlt" / "soft").metrics
+    for row in m["members"]:
+        assert row["test_map"] == pytest.approx(row["recorded_test_map"], abs=1e-4), row["experiment"]
+    plain, y = _probs(tmp_path / "mlt" / "plain", "test")
+    flip_run = load_run(tmp_path / "mlt" / "flip")
+    model = flip_run.load_model().eval()
+    x = _splits(flip_run).test_x
+    with torch.no_grad():
+        flip = torch.cat([(model(xb).sigmoid() + model(xb.flip(-1)).sigmoid()) / 2 for xb, _ in TensorBatches(x, y, 64, model.preprocess())])
+    _assert_metrics(m, (plain + flip) / 2, y)
+
+
 def test_greedy_soup_ranks_members_by_validation_map(runs):
     study_dir, _ = runs
     m = load_run(study_dir / "greedy").metrics
@@ -345,6 +374,25 @@ def test_a_search_of_a_multilabel_experiment_optimises_val_map():
     assert task_metric(spec, _cfg(data={"task": "multiclass"})) is spec
     with pytest.raises(ConfigError, match="val_map is the macro mAP of data.task: multilabel"):
         task_metric(dataclasses.replace(spec, metric="val_map"), _cfg(data={"task": "multiclass"}))
+
+
+def test_a_search_over_a_multilabel_experiment_reports_and_chooses_val_map(tmp_path):
+    """End to end: each trial's per-epoch val_map goes to the pruner, its value is the run's best val_map."""
+    from transferlab.study import run_study
+
+    study = parse_study({
+        "study": "mls", "defaults": {**DEFAULTS, "train": {**DEFAULTS["train"], "epochs": 2, "batch_size": 32}},
+        "experiments": [{"name": "tune", "search": {"space": {"train.lr": {"log_uniform": [1e-3, 1e-1]}}, "trials": 2,
+                                                    "sampler": "random", "pruner": "median"}}],
+    })
+    result = run_study(study, tmp_path, console=QUIET)
+    assert result.ok, result.failed
+    info = result.searches["tune"]
+    assert (info["metric"], info["direction"]) == ("val_map", "maximize")
+    for trial in info["trials"]:
+        m = load_run(tmp_path / "mls" / trial["run"]).metrics
+        assert m["monitor"] == "val_map" and trial["value"] == pytest.approx(m["best_val"])
+    assert info["best"]["value"] == max(t["value"] for t in info["trials"])
 
 
 def test_rank_scores_multilabel_data_by_validation_map():
