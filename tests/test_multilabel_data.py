@@ -21,7 +21,7 @@ from transferlab.config import ConfigError, DataConfig, ExperimentConfig, from_d
 from transferlab.data import DatasetError, ImageSplits, load_dataset, make_batches, prepare_splits
 from transferlab.data.check import check_path
 from transferlab.data.datasets import digits
-from transferlab.data.folds import fold_test_positions
+from transferlab.data.folds import fold_test_positions, folds_limit
 from transferlab.data.lists import detect_task
 from transferlab.data.mosaic import make_mosaics, mosaic_dataset
 from transferlab.data.multilabel import iterative_folds, iterative_split, iterative_take
@@ -259,6 +259,8 @@ def test_prepare_splits_keeps_the_rows_and_records_the_selection() -> None:
     rec = s.selection_record()
     assert rec["task"] == "multilabel" and rec["multilabel"]["positives"]["train"] == s.train_y.sum(0).int().tolist()
     assert prepare_splits(cfg, seed=1, raw=raw).indices == s.indices  # seeded
+    pool = torch.cat([s.train_y, s.val_y]).numpy()  # the validation hold-out keeps every label's share of the pool
+    assert (_share_deviation(pool, np.arange(len(s.train_y), len(pool))) <= ONE_IMAGE).all()
 
 
 def test_data_classes_keeps_those_columns_and_drops_images_left_without_a_label() -> None:
@@ -294,6 +296,11 @@ def test_folds_of_multilabel_data_pool_train_and_test() -> None:
         tests.append(s.indices["test"])
     pooled = 400 + 200
     assert sorted(sum(tests, [])) == list(range(pooled))
+    raw = load_dataset(_synthetic())
+    positives = torch.cat([raw.train_y, raw.test_y]).sum(0)
+    limit = folds_limit(_synthetic())
+    assert limit is not None and limit.largest == int(positives.min()) and limit.n_images == pooled
+    assert limit.smallest_class == raw.class_names[int(positives.argmin())]
 
 
 # --------------------------------------------------------------------------------------------
