@@ -262,7 +262,15 @@ def test_soft_vote_averages_probabilities_and_chooses_thresholds_on_the_mean_val
     # the first member chose its thresholds globally: so does the vote, on the mean validation probabilities
     assert m["threshold_mode"] == "global" and "val" in m["thresholds_chosen_on"]
     np.testing.assert_allclose(m["thresholds"], choose_thresholds(mean_val, val[0][1], "global")[0], atol=1e-4)
-    _assert_metrics(m, torch.stack([p for p, _ in test]).mean(0), test[0][1])
+    mean_test = torch.stack([p for p, _ in test]).mean(0)
+    _assert_metrics(m, mean_test, test[0][1])
+    # its per-class calibration, as a run's: torchmetrics' binary ECE of each class, averaged
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    from transferlab.engine.calibration import ECE_BINS
+
+    ece = [float(binary_calibration_error(mean_test[:, c], test[0][1][:, c].long(), n_bins=ECE_BINS, norm="l1")) for c in range(K)]
+    assert m["test_ece"] == pytest.approx(float(np.mean(ece)), abs=1e-5)
     assert [r["test_map"] for r in m["members"]] == pytest.approx([load_run(r).metrics["test_map"] for r in members], abs=1e-4)
 
 

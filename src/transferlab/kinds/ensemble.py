@@ -59,9 +59,9 @@ from transferlab.data.resize import resize_uint8
 from transferlab.data.sources import load_dataset
 from transferlab.engine.calibration import CalibrationSums
 from transferlab.engine.evaluation import Calibration, with_tta
-from transferlab.engine.multilabel import choose_thresholds, multilabel_part, multilabel_scores, predicted
+from transferlab.engine.multilabel import MultilabelEvaluation, choose_thresholds, multilabel_part, multilabel_scores, predicted
 from transferlab.kinds.base import KINDS, Kind, RunContext, run_experiment
-from transferlab.kinds.common import calibration_part
+from transferlab.kinds.common import calibration_part, multilabel_test_part
 from transferlab.rundir import Run, RunError, RunMetrics, code_version, load_run
 
 __all__ = ["VOTES", "EnsembleError", "EnsembleKind", "EnsembleResult", "combine_votes", "evaluate_ensemble", "run_ensemble"]
@@ -370,10 +370,15 @@ def _multilabel_vote(members: list[Run], vote: str, threshold: str | float | Non
         probs = torch.stack(votes).sum(0).double() / len(members)
         thresholds, mode, loss = [(len(members) // 2 + 1) / len(members)] * y.shape[1], "fixed", None
         chosen_on = "none: a strict majority of the members, each at its own validation-chosen thresholds"
+    n, speed = len(y), len(y) / seconds if seconds > 0 else float("nan")
     scores = multilabel_scores(probs, y, thresholds)
-    n = len(y)
-    m = _record(members, vote, rows, n, seconds, dev, wall0).add(
-        multilabel_part(scores, thresholds, mode, loss, n / seconds if seconds > 0 else float("nan")))
+    if vote == "soft":  # the mean probability is the ensemble's prediction: its per-class calibration, as a run's
+        ev = MultilabelEvaluation(loss=loss, probs=probs.float(), targets=y.float(), n=n, seconds=seconds, images_per_s=speed,
+                                  scores=scores, thresholds=thresholds)
+        tested = multilabel_test_part(ev, mode)
+    else:
+        tested = multilabel_part(scores, thresholds, mode, loss, speed)
+    m = _record(members, vote, rows, n, seconds, dev, wall0).add(tested)
     m.extra.update(vote=vote, tie_rule=TIE_RULES[f"multilabel {vote}"], members=rows, inference_seconds=seconds,
                    thresholds_chosen_on=chosen_on)
     return EnsembleResult(m, predicted(probs, thresholds), y, torch.stack(votes))
