@@ -422,3 +422,69 @@ def test_trackers_log_the_multilabel_test_metrics(seeded_study, tmp_path, monkey
     for key in keys:
         assert logged[key] == pytest.approx(metrics[key]), key
     assert logged["val_map"] == pytest.approx(0.7) and "test_acc" not in logged
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: a multi-label study trained here, then compare, the report, the predict: section, export and predict
+
+
+def test_a_trained_multilabel_study_end_to_end(tmp_path):
+    import transferlab
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for k in range(3):
+        Image.fromarray(synthetic_class_image(k, seed=200 + k)).save(outside / f"o{k}.png")
+    study = {
+        "study": "ml_e2e",
+        "seeds": [0, 1],
+        "defaults": {
+            "data": {"dataset": "synthetic", "task": "multilabel", "synthetic_classes": 4, "synthetic_size": 160, "val_fraction": 0.25},
+            "model": {"backbone": "transferlab_cnn", "weights": "scratch"},
+            "train": {"epochs": 3, "batch_size": 32, "optimizer": "adamw", "lr": 0.003, "progress": False, "accelerator": "cpu",
+                      "precision": "32-true"},
+        },
+        "experiments": [{"name": "global", "predict": {"images": [str(outside)]}}, {"name": "per_class", "train": {"threshold": "per_class"}}],
+    }
+    path = tmp_path / "ml_e2e.yaml"
+    path.write_text(yaml.safe_dump(study))
+    study_dir = transferlab.run_study(path, runs_dir=tmp_path / "runs", console=quiet()).runs_dir
+    recorded = {r.parent.name: read_json(r) for r in sorted(study_dir.glob("*/metrics.json"))}
+    assert len(recorded) == 4 and all(m["task"] == "multilabel" for m in recorded.values())
+
+    # compare: mAP over the two seeds, paired t between the experiments
+    rows = {r["experiment"]: r for r in compare(study_dir, console=quiet())}
+    for name in ("global", "per_class"):
+        maps = [recorded[f"{name}.seed{s}"]["test_map"] for s in (0, 1)]
+        assert rows[name]["test_map"] == pytest.approx(statistics.fmean(maps)) and rows[name]["test_map_std"] == pytest.approx(statistics.stdev(maps))
+        assert rows[name]["threshold_mode"] == recorded[f"{name}.seed0"]["threshold_mode"]
+    assert rows["per_class"]["threshold_mode"] == "per_class"
+    other = next(r for r in rows.values() if r["mark"] != "reference")
+    assert other["test"] == "paired t" and other["metric"] == "test_map"
+
+    # the report: every multi-label part, from the runs' own files
+    rep = build_report(study_dir)
+    page, md = rep.html_path.read_text(), rep.md_path.read_text()
+    for name in ("global", "per_class"):
+        assert f'alt="per-class average precision of {name}"' in page and f'alt="label co-occurrence of {name}"' in page
+        assert f"### {md_esc(name)}" in md
+    assert "Most-missed labels" in page and 'figure class="cell multi' in page and "validation mAP per epoch" in page
+
+    # the predict: section labelled the outside images at the run's thresholds
+    run_dir = study_dir / "global.seed0"
+    doc = read_json(run_dir / "outside_predictions.json")
+    assert doc["task"] == "multilabel" and doc["thresholds"] == pytest.approx(recorded["global.seed0"]["thresholds"])
+    files = sorted(outside.glob("*.png"))
+    want = expected_labels(run_dir, files)
+    assert [[q["class"] for q in item["labels"]] for item in doc["images"]] == want
+
+    # export (the format without an optional extra, and ONNX when installed) and predict from it: the run's labels
+    for name in ("safetensors", "onnx"):
+        try:
+            result = load_run(run_dir).export(name, tmp_path / "export" / EXPORT_FORMATS.get(name).filename)
+        except ExportError as e:
+            assert name == "onnx" and "not installed" in str(e)
+            continue
+        spec = export_format_of(result.path).read_spec(result.path)
+        assert spec.task == "multilabel" and list(spec.thresholds) == pytest.approx(recorded["global.seed0"]["thresholds"])
+        assert [sorted(n for n, _, _ in p.labels) for p in predict(result.path, files)] == [sorted(w) for w in want]

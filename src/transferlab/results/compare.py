@@ -630,8 +630,9 @@ def _legend(rows: list[dict[str, Any]]) -> str:
     if ref is None:
         return ""
     method = "bootstrap" if any(r.get("ci_method") == "bootstrap" for r in rows) else "t"
+    single = "McNemar" if ref["metric"] in PER_IMAGE_METRICS else "a paired bootstrap"  # what pair_test gives two single runs
     return (f"95 % CI of the mean over seeds ({method}); vs {ref['experiment']} on {ref['metric']}: ▲ better, ▼ worse, ≈ not\n"
-            "distinguishable at 5 % after Holm's correction (paired t over seeds; McNemar on the test images for single runs)")
+            f"distinguishable at 5 % after Holm's correction (paired t over seeds; {single} on the test images for single runs)")
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

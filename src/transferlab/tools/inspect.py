@@ -48,6 +48,7 @@ from transferlab.data.images import ImageReadError, is_image_file, load_image, p
 from transferlab.engine.multilabel import predicted
 from transferlab.files import write_bytes, write_csv, write_json
 from transferlab.kinds.base import RUN_SECTIONS, RunSection, Tested
+from transferlab.rundir import load_test_predictions
 from transferlab.rundir.layout import ACTIVATIONS_DIR, ACTIVATIONS_FILE, OUTSIDE_CSV, OUTSIDE_JSON, OUTSIDE_PNG
 
 __all__ = [
@@ -662,11 +663,12 @@ def _check_activations(model: nn.Module, cfg: ExperimentConfig) -> None:
 def _run_predict(t: Tested) -> dict[str, Any]:
     cfg = t.cfg
     thresholds = None
-    if cfg.multilabel:  # the thresholds the run chose on validation and tested with
-        thresholds = getattr(t, "thresholds", None)  # a Tested field the kinds fill for multi-label runs
+    if cfg.multilabel:  # the thresholds the run chose on validation and tested with, as its predictions.json records them
+        recorded = load_test_predictions(t.run_dir)  # written right after the test, before the sections run
+        thresholds = recorded.thresholds if recorded is not None else None
         if thresholds is None:
-            raise PredictError(f"{cfg.name}: predict: a multi-label run needs its thresholds (chosen on validation); "
-                               "the kind did not hand them over")
+            raise PredictError(f"{cfg.name}: predict: a multi-label run needs the thresholds it chose on validation, and "
+                               f"{t.run_dir} records none (no predictions.json)")
     with t.autocast():
         return save_outside_predictions(
             t.run_dir, t.predictor, t.model.preprocess(), cfg.predict, t.class_names, t.channels, t.size, cfg.name, t.device,
