@@ -372,6 +372,14 @@ def test_members_of_both_tasks_do_not_vote_together(runs, tmp_path):
         evaluate_ensemble([runs[0] / "lr_a", tmp_path / "mc"])
 
 
+def test_a_soup_of_multilabel_members_needs_their_data_task(runs):
+    study_dir, _ = runs
+    cfg = _cfg(kind="soup", soup={"members": [str(study_dir / "lr_a"), str(study_dir / "lr_b")]}, data={"task": "multiclass"})
+    with pytest.raises(ConfigError, match=r"lr_a is a multilabel run and the soup's data.task is multiclass"):
+        cfg.validate()
+    _cfg(kind="soup", soup={"members": [str(study_dir / "lr_a"), str(study_dir / "lr_b")]}).validate()
+
+
 def test_a_search_of_a_multilabel_experiment_optimises_val_map():
     from transferlab.study.search import task_metric
 
