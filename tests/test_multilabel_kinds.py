@@ -332,6 +332,29 @@ def test_greedy_soup_ranks_members_by_validation_map(runs):
     _assert_metrics(m, *_probs(study_dir / "greedy", "test"))
 
 
+def test_a_soup_of_probes_keeps_the_frozen_backbones_batchnorm_statistics(tmp_path):
+    """Probes on frozen features trained only their heads: a soup of them recomputes no BatchNorm statistics of the
+    backbone (the layers that trained decide, as the members' strategy says), so it scores as the average of heads."""
+    from transferlab.study import run_study
+
+    study = parse_study({
+        "study": "bn", "defaults": {**DEFAULTS, "model": {"backbone": "transferlab_cnn", "weights": "scratch"}},
+        "experiments": [{"name": "a", "kind": "logistic", "probe": {"l2": [1e-3]}}, {"name": "b", "kind": "logistic", "probe": {"l2": [1.0]}},
+                        {"name": "ab", "kind": "soup", "soup": {"members": ["a", "b"], "method": "uniform"}}],
+    })
+    result = run_study(study, tmp_path, console=QUIET)
+    assert result.ok, result.failed
+    soup = load_run(tmp_path / "bn" / "ab").metrics
+    assert soup["soup"]["batchnorm_recomputed"] == 0
+    a, b = (_probs(tmp_path / "bn" / n, "val") for n in ("a", "b"))
+    model = load_run(tmp_path / "bn" / "ab").load_model().eval()
+    with torch.no_grad():  # the averaged head on the members' (unchanged) features: the members' mean logits
+        x = _splits(load_run(tmp_path / "bn" / "ab")).val_x
+        soup_probs = torch.cat([model(xb).sigmoid() for xb, _ in TensorBatches(x, a[1], 64, model.preprocess())])
+    mean_logits = (torch.logit(a[0].double()) + torch.logit(b[0].double())) / 2
+    np.testing.assert_allclose(soup_probs.double().numpy(), torch.sigmoid(mean_logits).numpy(), atol=1e-4)
+
+
 def test_wise_ft_alpha_is_chosen_by_validation_map(runs):
     study_dir, _ = runs
     wise = load_run(study_dir / "wise")

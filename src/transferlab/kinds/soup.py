@@ -16,7 +16,8 @@ interpolated by the validation macro mAP instead of the accuracy (``val_map``), 
 (``train.threshold``) are chosen on its validation probabilities, then used on test.
 
 Where the model has BatchNorm layers that trained, their statistics are recomputed on the training images for
-every candidate (averaged weights do not match averaged statistics). Floating-point tensors are averaged; integer
+every candidate (averaged weights do not match averaged statistics); which trained is the members' strategy's
+BatchNorm rule (``trained_parts``: a probe on frozen features, ``kind: logistic``, trained none of them). Floating-point tensors are averaged; integer
 buffers come from the first member. The soup's weights are its ``checkpoints/best.safetensors`` and its
 ``config.yaml`` holds the members' model, head and strategy, so ``load_run``, ``predict`` and ``export`` work on it.
 ``soup.fingerprints`` records a hash of every checkpoint averaged: a member deleted or changed afterwards makes
@@ -48,8 +49,10 @@ from transferlab.kinds.common import base_metrics, batch_kwargs, multilabel_test
 from transferlab.models.model import TransferModel
 from transferlab.rundir import Run, RunError, RunMetrics, code_version, load_run
 from transferlab.rundir.layout import HISTORY_FILE, checkpoint_path
+from transferlab.strategies import apply_strategy, apply_strategy_at_epoch, has_schedule, linear_probe
 
-__all__ = ["SoupError", "SoupKind", "average_states", "curve_choice", "fingerprint", "greedy_order", "greedy_soup", "interpolate_states"]
+__all__ = ["SoupError", "SoupKind", "average_states", "curve_choice", "fingerprint", "greedy_order", "greedy_soup", "interpolate_states",
+           "trained_parts"]
 
 
 class SoupError(RunError):
@@ -58,6 +61,19 @@ class SoupError(RunError):
 
 def _path(ref: str) -> Path:
     return Path(ref[len("run:"):] if ref.startswith("run:") else ref).expanduser()
+
+
+def trained_parts(run: Run) -> Callable[[TransferModel, Any], Any]:
+    """The strategy that says what of a member trained: its own for a run that trains (with a trainability schedule:
+    the set of its last epoch), ``linear_probe`` for a probe on frozen features (``kind: logistic``: only its head
+    trained; its backbone's BatchNorm statistics are the pretrained ones)."""
+    assert run.config is not None
+    if not run.config.uses.training:
+        return linear_probe
+    if has_schedule(run.config.strategy):
+        last = max((run.record.epochs_run or 1) - 1, 0)
+        return lambda model, cfg: apply_strategy_at_epoch(model, cfg, last)
+    return apply_strategy
 
 
 def _checkpoint(run_dir: Path) -> Path:
@@ -229,7 +245,7 @@ class SoupKind(Kind):
         cfg = dataclasses.replace(cfg, model=first.model, head=first.head, strategy=first.strategy)
         states = _states(cfg, runs)
         ctx.model = members[0].load_model()  # the members' architecture and normalisation; weights replaced below
-        p = prepare(cfg, ctx, None, single_process=True)
+        p = prepare(cfg, ctx, trained_parts(members[0]), single_process=True)  # which BatchNorm layers trained
         _same_splits(cfg, p.splits.indices, runs)
         model, dev = p.model.to(p.fabric.device), p.fabric.device
         kwargs = batch_kwargs(model, cfg, dev)
