@@ -111,8 +111,9 @@ class Distribution:
 
 DISTRIBUTIONS = ("log_uniform", "uniform", "int", "choice")
 
-SEARCH_METRICS = {"val_acc": "maximize", "val_loss": "minimize"}
-"""What a search may optimise (per-epoch validation metrics the training loop reports) and its direction."""
+SEARCH_METRICS = {"val_acc": "maximize", "val_loss": "minimize", "val_map": "maximize"}
+"""What a search may optimise (per-epoch validation metrics the training loop reports) and its direction; ``val_map``
+(macro mAP) is multi-label only, and a multi-label experiment's default ``val_acc`` means it (``study.search.task_metric``)."""
 
 
 @dataclass
@@ -124,9 +125,9 @@ class SearchSpec:
     trials: int = 20
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     metric: str = "val_acc"
-    """A validation metric (``val_acc`` or ``val_loss``, of the best epoch); never a test metric."""
+    """A validation metric (``val_acc``, ``val_loss`` or, multi-label, ``val_map``, of the best epoch); never a test metric."""
     direction: Literal["maximize", "minimize"] | None = None
-    """Default: ``maximize`` for ``val_acc``, ``minimize`` for ``val_loss``."""
+    """Default: ``maximize`` for ``val_acc`` and ``val_map``, ``minimize`` for ``val_loss``."""
     pruner: Literal["none", "median", "halving"] = "median"
     """Stop unpromising trials early on the per-epoch validation metric (median rule or successive halving)."""
     seed: int = 0

@@ -78,14 +78,23 @@ class TrainKind(Kind):
                             "of each class's sigmoid (test_ece: the mean binary ECE) without rescaling")
 
     def estimate(self, cfg: ExperimentConfig, n_train: int, n_val: int, n_test: int, cost: Cost | None) -> float:
-        """Epochs of training steps and validation passes, then the test pass; a cached frozen prefix (a linear probe)
-        costs one backbone pass, its head's epochs on features seconds."""
+        """Epochs of training steps and validation passes, then the test pass. A run the feature cache takes
+        (``cost.cached``: the probe asked the engine's own decision) costs one pass of the frozen prefix over the training
+        (× ``cache_views``) and validation images, then its epochs on the cached features; ``lp_ft``'s probe epochs cost
+        one backbone pass (they train the head on cached pooled features)."""
         if cost is None:
             return 0.0
-        if cost.step is None or self.shares_backbone_pass(cfg):
+        if cost.step is None:
             return (n_train + n_val + n_test) * cost.forward
         steps = math.ceil(max(1, n_train) / cfg.train.batch_size)
-        return cfg.train.epochs * (steps * cost.step + n_val * cost.forward) + n_test * cost.forward
+        epochs, test = cfg.train.epochs, n_test * cost.forward
+        if cost.cached is not None:
+            c, views = cost.cached, (cfg.train.cache_views if cfg.data.augment else 1)
+            return (n_train * views + n_val) * c.prefix_forward + epochs * (steps * c.suffix_step + n_val * c.suffix_forward) + test
+        probe = 0.0
+        if cfg.strategy.name == "lp_ft" and cfg.strategy.probe_epochs:
+            probe, epochs = (n_train + n_val) * cost.forward, epochs - cfg.strategy.probe_epochs
+        return probe + epochs * (steps * cost.step + n_val * cost.forward) + test
 
     def shares_backbone_pass(self, cfg: ExperimentConfig) -> bool:
         return cfg.strategy.name == "linear_probe" and cfg.train.cache != "off" and not cfg.data.augment
