@@ -414,7 +414,7 @@ class EnsembleKind(Kind):
         metric = m.headline  # test_acc, or test_map of multi-label members
         ties = f", {m.extra['vote_ties']} tied votes" if "vote_ties" in m.extra else ""
         ctx.console.print(
-            f"  [green]{cfg.name}[/]: {metric.replace('_', ' ')} {getattr(m, metric):.4f} (members "
+            f"  [green]{cfg.name}[/]: {'test mAP' if m.task == 'multilabel' else 'test acc'} {getattr(m, metric):.4f} (members "
             + ", ".join(f"{r[metric]:.4f}" for r in m.extra["members"])
             + f"){ties}, inference {m.inference_images_per_s:.0f} img/s -> {ctx.rundir.path}"
         )

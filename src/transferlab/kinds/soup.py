@@ -280,7 +280,7 @@ class SoupKind(Kind):
                                       "chosen_alpha": curve_choice(curve)["alpha"], "chosen_on": "val", "curve": curve}} if base else {})},
         })
         m.weights_source = f"{cfg.soup.method} soup of " + ", ".join(r.path.name for r in chosen)
-        ctx.console.print(f"  [green]{cfg.name}[/]: {m.headline.replace('_', ' ')} {getattr(m, m.headline):.4f} (val "
+        ctx.console.print(f"  [green]{cfg.name}[/]: {'test mAP' if m.task == 'multilabel' else 'test acc'} {getattr(m, m.headline):.4f} (val "
                           f"{score.value(ev_val):.4f}; members " + ", ".join(f"{r[score.monitor]:.4f}" for r in member_rows)
                           + f" val) -> {ctx.rundir.path}")
         return m
