@@ -365,6 +365,16 @@ def test_wise_ft_alpha_is_chosen_by_validation_map(runs):
     _assert_metrics(wise.metrics, *_probs(study_dir / "wise", "test"))
 
 
+def test_the_report_shows_every_multilabel_kind(runs):
+    """compare / the report read these runs back (the WiSE-FT curve in mAP included)."""
+    from transferlab.results.report import build_report
+
+    study_dir, _ = runs
+    html = build_report(study_dir).html_path.read_text()
+    assert "learning curves of wise" in html
+    assert all(name in html for name in ("lr_a", "knn", "greedy", "soft", "hard"))
+
+
 # --------------------------------------------------------------------------------------------
 # refusals and the tools
 

@@ -217,19 +217,21 @@ def curves_figure(e: ExperimentRecord) -> bytes | None:
 
 
 def wise_ft_figure(name: str, runs: list[Any]) -> bytes:
-    """WiSE-FT (``kind: soup`` with ``interpolate``): validation and test accuracy against alpha per run, the alpha
-    chosen on validation marked."""
+    """WiSE-FT (``kind: soup`` with ``interpolate``): validation and test accuracy (multi-label: mAP) against alpha per
+    run, the alpha chosen on validation marked."""
     fig = _figure(4.6, 3.0)
     ax = fig.subplots()
+    score = "acc"
     for i, r in enumerate(runs):
         w = r.metrics["wise_ft"]
         alphas = [row["alpha"] for row in w["curve"]]
+        score = "map" if "val_map" in w["curve"][0] else "acc"  # the curve of a multi-label soup is in mAP
         suffix = f" (seed {r.seed})" if len(runs) > 1 else ""
-        ax.plot(alphas, [row["val_acc"] for row in w["curve"]], "--", marker="o", ms=4, color=f"C{2 * i + 1}", label=f"val{suffix}")
-        ax.plot(alphas, [row["test_acc"] for row in w["curve"]], "-", marker="o", ms=4, color=f"C{2 * i}", label=f"test{suffix}")
+        ax.plot(alphas, [row[f"val_{score}"] for row in w["curve"]], "--", marker="o", ms=4, color=f"C{2 * i + 1}", label=f"val{suffix}")
+        ax.plot(alphas, [row[f"test_{score}"] for row in w["curve"]], "-", marker="o", ms=4, color=f"C{2 * i}", label=f"test{suffix}")
         ax.axvline(w["chosen_alpha"], color="0.5", ls=":", lw=1)
     ax.set_xlabel("alpha (0: base run, 1: fine-tuned soup)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("mAP" if score == "map" else "accuracy")
     ax.grid(alpha=0.3)
     _outside_legend(fig, ax)
     fig.suptitle(f"{mpl_label(name)}: WiSE-FT (dotted: alpha chosen on val)", fontsize=10)
