@@ -455,6 +455,19 @@ def test_rank_scores_multilabel_data_by_validation_map():
     assert "k-NN val mAP" in out.getvalue()
 
 
+def test_rank_cli_takes_the_task(tmp_path, capsys):
+    import json
+
+    from transferlab.cli import main
+
+    out = tmp_path / "rank.json"
+    code = main(["rank", "--dataset", "digits_mosaic", "--task", "multilabel", "--backbones", "transferlab_cnn", "--weights", "scratch",
+                 "--train-subset", "300", "--scores", "logistic,knn,logme", "--accelerator", "cpu", "--json", str(out)])
+    assert code == 0 and "backbone ranking by logistic val mAP" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["task"] == "multilabel" and 0 < doc["ranking"][0]["scores"]["logistic"] <= 1
+
+
 def test_auto_refuses_multilabel_data_clearly():
     from transferlab.tools.auto import resolve_data
 

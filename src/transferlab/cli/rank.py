@@ -22,6 +22,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-subset", type=float, default=2000, help="training images scored (count > 1 or fraction <= 1; default 2000)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="of those, held out for the k-NN / logistic validation scores (default 0.2)")
     p.add_argument("--classes", help="comma-separated class names or indices (data.classes)")
+    p.add_argument("--task", choices=("multiclass", "multilabel"), default="multiclass",
+                   help="data.task: multilabel scores by validation mAP (default multiclass)")
     p.add_argument("--scores", default="logme,knn", help=f"comma-separated, the first one ranks: {', '.join(SCORES.names())} (default logme,knn)")
     p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch size (default 256)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, cuda")
@@ -32,7 +34,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
     data = DataConfig(
         dataset=args.dataset, root=args.root, image_size=args.image_size, train_subset=args.train_subset,
-        val_fraction=args.val_fraction, classes=csv_list(args.classes),
+        val_fraction=args.val_fraction, classes=csv_list(args.classes), task=args.task,
     )
     ExperimentConfig(name="rank", data=data).validate()
     scores = [s.strip() for s in args.scores.split(",") if s.strip()]
