@@ -37,7 +37,7 @@ from transferlab.results.compare import CompareError, collect, compare
 from transferlab.results.export import EXPORT_FORMATS, ExportError, ExportSpec, export_format_of
 from transferlab.results.report import build_report
 from transferlab.results.report.markdown import md_esc
-from transferlab.results.trackers import MlflowOptions, MlflowTracker, TensorBoardOptions, TensorBoardTracker
+from transferlab.results.trackers import MlflowOptions, MlflowTracker, TensorBoardOptions, TensorBoardTracker, WandbOptions, WandbTracker
 from transferlab.rundir import RunMetrics, load_run
 from transferlab.tools.inspect import load_images
 from transferlab.tools.predict import predict, predictions_json
@@ -422,6 +422,30 @@ def test_trackers_log_the_multilabel_test_metrics(seeded_study, tmp_path, monkey
     for key in keys:
         assert logged[key] == pytest.approx(metrics[key]), key
     assert logged["val_map"] == pytest.approx(0.7) and "test_acc" not in logged
+
+    # W&B: what the tracker hands its run (the offline W&B service itself is tests/test_wandb.py's)
+    wb = WandbTracker(RunInfo(cfg, run_dir, quiet()), WandbOptions(log_artifacts=False))
+    wb.wb = recorder = WandbRecorder()
+    wb.log_epoch({"epoch": 1, "train_loss": 0.5, "val_loss": 0.4, "val_map": 0.7}, 4)
+    wb.finish(metrics, None)
+    for key in keys:
+        assert recorder.summary[key.replace("test_", "test/", 1)] == pytest.approx(metrics[key]), key
+    assert recorder.rows[0]["val/map"] == pytest.approx(0.7) and "test/acc" not in recorder.summary and recorder.exit_code == 0
+
+
+class WandbRecorder:
+    """Stands in for a ``wandb`` run: what was logged, the summary, the exit code."""
+
+    def __init__(self) -> None:
+        self.summary: dict[str, float] = {}
+        self.rows: list[dict[str, float]] = []
+        self.exit_code: int | None = None
+
+    def log(self, row: dict[str, float]) -> None:
+        self.rows.append(row)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.exit_code = exit_code
 
 
 # --------------------------------------------------------------------------------------------
