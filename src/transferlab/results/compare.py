@@ -108,7 +108,7 @@ MULTILABEL_COLUMNS = [
 """The columns of a table of multi-label experiments: the scores of ``data.task: multilabel`` instead of accuracies
 (F1, exact match and Hamming loss at the thresholds chosen on validation; ``thresholds`` says how they were chosen)."""
 TASK_COLUMNS = {"multiclass": COLUMNS, "multilabel": MULTILABEL_COLUMNS}
-TASK_TITLES = {"multiclass": "multiclass (one label per image)", "multilabel": "multi-label (any labels per image), ranked by test mAP"}
+TASK_TITLES = {"multiclass": "multiclass (one label per image)", "multilabel": "multi-label (any labels per image)"}
 
 NARROW = ["experiment", "backbone", "strategy", "test_acc", "test_acc_ci", "versus", "n_seeds", "train_seconds"]
 """The console table's columns without ``--wide``: it fits ``CONSOLE_WIDTH`` (the rest is in compare.md / .csv;
@@ -146,8 +146,7 @@ TASK_METRICS = {
 }
 """Per task, the metrics its experiments can be compared on, the headline (``HEADLINE``) first."""
 TESTED_METRICS = tuple(m for metrics in TASK_METRICS.values() for m in metrics)
-"""The metrics a comparison can be made on (``compare --metric``); each also gets a 95 % interval."""
-INTERVAL_METRICS = (*TESTED_METRICS, "train_seconds")
+"""The metrics a comparison can be made on (``compare --metric``); each also gets a 95 % interval (those of its task)."""
 MULTILABEL_SCORES = ("test_map", "test_map_micro", "test_f1", "test_f1_micro", "test_precision", "test_recall", "test_exact_match",
                      "test_hamming")
 """The test scores of a multi-label run (``metrics.json``) that its row averages over seeds."""
@@ -284,7 +283,7 @@ def experiment_row(exp: ExperimentRuns) -> dict[str, Any]:
         row["data"] = f"{first.dataset} {first.n_train} train, {first.image_size}px"
         if first.notes:
             row["data"] += f"; {first.notes}"
-        for key in INTERVAL_METRICS:  # 95 % interval of the mean over seeds / folds; none for one run
+        for key in (*TASK_METRICS[task], "train_seconds"):  # 95 % interval of the mean over seeds / folds; none for one run
             values = _values(exp, key)
             ci = stats.mean_interval(values) if len(values) == len(ok) else None
             if ci is not None:
