@@ -512,3 +512,13 @@ def test_a_trained_multilabel_study_end_to_end(tmp_path):
         spec = export_format_of(result.path).read_spec(result.path)
         assert spec.task == "multilabel" and list(spec.thresholds) == pytest.approx(recorded["global.seed0"]["thresholds"])
         assert [sorted(n for n, _, _ in p.labels) for p in predict(result.path, files)] == [sorted(w) for w in want]
+
+
+def test_a_multilabel_search_reports_the_test_map_of_its_best_trial():
+    from transferlab.results.search import SearchRecord, search_lines
+
+    info = {"metric": "val_map", "direction": "maximize", "trials": [{"state": "COMPLETE"}],
+            "best": {"run": "s.trial0", "value": 0.91, "params": {"train.lr": 0.01}}}
+    lines = search_lines(SearchRecord("s", info, {"task": "multilabel", "test_map": 0.875, "test_acc": None}))
+    assert "val_map 0.9100 on validation" in lines[1] and "test mAP 87.50% (reported, never used to choose)" in lines[1]
+    assert "test accuracy" not in lines[1]
