@@ -522,3 +522,18 @@ def test_a_multilabel_search_reports_the_test_map_of_its_best_trial():
     lines = search_lines(SearchRecord("s", info, {"task": "multilabel", "test_map": 0.875, "test_acc": None}))
     assert "val_map 0.9100 on validation" in lines[1] and "test mAP 87.50% (reported, never used to choose)" in lines[1]
     assert "test accuracy" not in lines[1]
+
+
+def test_activation_maps_of_a_multilabel_model_show_the_sigmoid_of_the_top_label(ml_run):
+    from transferlab.tools.inspect import image_activations
+
+    run_dir, files = ml_run
+    run = load_run(run_dir)
+    model = run.load_model().eval()
+    x, _, _ = load_images(files[:1], 3, 16)
+    with torch.no_grad():
+        logits = model(model.preprocess()(x))[0]
+    top = int(logits.argmax())
+    res = image_activations(model, x, model.preprocess(), run.class_names, "img", gradcam_layer="features", multilabel=True)
+    assert res.predicted == run.class_names[top] and res.prob == pytest.approx(float(logits[top].sigmoid()), abs=1e-6)
+    assert res.gradcam is not None and res.gradcam.class_index == top and res.gradcam.prob == pytest.approx(res.prob, abs=1e-6)
