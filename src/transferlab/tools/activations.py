@@ -93,7 +93,8 @@ def save_activations(
         raise PredictError(f"{image}: {errors[0]}")
     model = run.load_model(checkpoint).to(device)
     res = image_activations(
-        model, x_u8, model.preprocess(), run.class_names, f"{run.config.name}: {image.name}", layers, gradcam_layer, max_maps, device
+        model, x_u8, model.preprocess(), run.class_names, f"{run.config.name}: {image.name}", layers, gradcam_layer, max_maps, device,
+        multilabel=run.record.task == "multilabel",  # a multi-label run: the top label's sigmoid, not a softmax
     )
     out = Path(out) if out else Path(f"{image.stem}_activations.png")
     out.parent.mkdir(parents=True, exist_ok=True)
