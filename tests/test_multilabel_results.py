@@ -203,6 +203,14 @@ def test_a_study_with_both_tasks_gets_a_table_per_task(seeded_study):
     # --against names an experiment of one task: the other task keeps its own best as reference
     rows = {r["experiment"]: r for r in collect(study, against="weak")}
     assert rows["weak"]["mark"] == "reference" and rows["digits"]["mark"] == "reference"
+    # the report: a table, a Pareto plot and a validation overview per task; confusion for one, labels for the other
+    rep = build_report(study)
+    page, md = rep.html_path.read_text(), rep.md_path.read_text()
+    assert 'id="comparison"' in page and 'id="comparison-multiclass"' in page
+    assert 'alt="test mAP vs training time scatter plot"' in page and 'alt="test accuracy vs training time scatter plot"' in page
+    assert 'alt="confusion matrix of digits"' in page and 'alt="per-class average precision of good"' in page
+    assert "## Most-confused pairs" in md and "## Labels (multi-label experiments)" in md
+    assert "## Pareto front (test mAP vs training time)" in md and "## Pareto front (test accuracy vs training time)" in md
 
 
 def test_single_multilabel_runs_are_compared_on_the_same_test_images(tmp_path):
