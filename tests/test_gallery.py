@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 GALLERY = sorted((REPO / "studies").glob("*.yaml")) + [REPO / "src" / "transferlab" / "studies" / "demo.yaml"]
 
 NATIVE = {"cifar10": (32, 10), "cifar100": (32, 100), "cifar100_coarse": (32, 20), "tiny_imagenet": (64, 200),
-          "fashion_mnist": (28, 10), "mnist": (28, 10), "digits": (8, 10)}
+          "fashion_mnist": (28, 10), "mnist": (28, 10), "digits": (8, 10), "fashion_mnist_mosaic": (56, 10)}
 """Native image side and class count of the datasets the gallery uses (nothing is loaded)."""
 
 ROWS = ["0a", "0b", "0c", "0d", "0e", "0f", "0g", "0h", "1a", "1b", "1c", "2a", "2b", "2c", "3a", "3b", "3c",

@@ -14,6 +14,9 @@ says, per family:
   entry: every such layer of the stages of timm's ``group_matcher`` (not the stem, not the neck).
 * ``prompts`` — the backbone is a token transformer with a class token, patch tokens and a
   ``blocks`` sequence in timm's ``VisionTransformer`` layout, so visual prompt tuning (``vpt``) applies.
+* ``layout`` — how the stages' outputs hold their feature maps: ``nchw`` (CNNs), ``tokens`` (a ViT's N×T×D token
+  sequence: prefix and prompt tokens first, then the patch grid row by row), ``nhwc`` (timm's Swin stages).
+  ``feature_maps`` turns any of them into N×C×H×W maps, so activation maps and Grad-CAM work on every family.
 * ``size_rule`` — for backbones built at a fixed input size (``fixed_input_size`` in timm's pretrained
   config: ViT, DeiT, Swin, …): what input sizes the architecture takes (patch grid, Swin windows), as a
   function of a backbone built at that size returning ``None`` (fine) or why not.
@@ -29,11 +32,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from transferlab.registry import Registry
 
-__all__ = ["ARCHS", "ArchMeta", "Pieces", "arch_meta", "arch_name", "sequential_pieces"]
+__all__ = ["ARCHS", "ArchMeta", "Pieces", "arch_meta", "arch_name", "feature_maps", "sequential_pieces"]
 
 Pieces = list[tuple[str, list[nn.Module]]]
 SizeRule = Callable[[nn.Module, int], "str | None"]
@@ -51,6 +55,8 @@ class ArchMeta:
     """Visual prompt tuning applies (timm ``VisionTransformer`` token layout)."""
     size_rule: SizeRule | None = None
     """For fixed-input-size backbones: ``rule(backbone built at size, size)`` -> ``None`` or why the size does not work."""
+    layout: str = "nchw"
+    """Layout of stage outputs: ``nchw``, ``tokens`` (N×T×D, patch grid last) or ``nhwc`` (``feature_maps``)."""
 
 
 ARCHS: Registry[ArchMeta] = Registry("architecture", "per-architecture facts, by qualified class name")
@@ -117,10 +123,11 @@ ARCHS.register("timm.models.resnet.ResNet", ArchMeta(pieces=_resnet, lora_target
 ARCHS.register("timm.models.vgg.VGG", ArchMeta(lora_targets=("features.*",)))
 ARCHS.register("timm.models.regnet.RegNet", ArchMeta(lora_targets=("s*.b*.conv*.conv",)))
 ARCHS.register("timm.models.convnext.ConvNeXt", ArchMeta(lora_targets=("stages.*.blocks.*.mlp.fc1", "stages.*.blocks.*.mlp.fc2")))
-ARCHS.register("timm.models.vision_transformer.VisionTransformer", ArchMeta(lora_targets=_VIT, prompts=True, size_rule=_patch_rule))
-ARCHS.register("timm.models.deit.VisionTransformerDistilled", ArchMeta(lora_targets=_VIT, prompts=True, size_rule=_patch_rule))
-ARCHS.register("timm.models.swin_transformer.SwinTransformer", ArchMeta(lora_targets=_SWIN, size_rule=_swin_rule))
-ARCHS.register("timm.models.swin_transformer_v2.SwinTransformerV2", ArchMeta(lora_targets=_SWIN, size_rule=_swin_rule))
+ARCHS.register("timm.models.vision_transformer.VisionTransformer",
+               ArchMeta(lora_targets=_VIT, prompts=True, size_rule=_patch_rule, layout="tokens"))
+ARCHS.register("timm.models.deit.VisionTransformerDistilled", ArchMeta(lora_targets=_VIT, prompts=True, size_rule=_patch_rule, layout="tokens"))
+ARCHS.register("timm.models.swin_transformer.SwinTransformer", ArchMeta(lora_targets=_SWIN, size_rule=_swin_rule, layout="nhwc"))
+ARCHS.register("timm.models.swin_transformer_v2.SwinTransformerV2", ArchMeta(lora_targets=_SWIN, size_rule=_swin_rule, layout="nhwc"))
 
 
 def arch_name(cls: type) -> str:
@@ -135,6 +142,26 @@ def arch_meta(backbone: nn.Module) -> ArchMeta:
         if name in ARCHS:
             return ARCHS.get(name)
     return ArchMeta()
+
+
+def feature_maps(backbone: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t``, an output of one of ``backbone``'s stages (or of ``forward_features``), as N×C×H×W feature maps.
+
+    A ViT's N×T×D tokens become D maps over its patch grid: the last ``grid_h · grid_w`` tokens are the patches, row
+    by row (timm's ``PatchEmbed`` flattens them so); what comes before them — the class / register tokens, and prompt
+    tokens of ``vpt`` — has no place in the grid and is left out. A Swin stage's N×H×W×C output is permuted. Anything
+    else (a CNN's maps, an output that is not the backbone's token sequence) is returned unchanged: the caller's own
+    check says what it is not.
+    """
+    layout = arch_meta(backbone).layout
+    if layout == "tokens" and t.dim() == 3:
+        grid = getattr(getattr(backbone, "patch_embed", None), "grid_size", None)
+        if grid is not None and t.shape[1] >= int(grid[0]) * int(grid[1]):
+            gh, gw = int(grid[0]), int(grid[1])
+            return t[:, t.shape[1] - gh * gw :].transpose(1, 2).reshape(t.shape[0], t.shape[2], gh, gw)
+    if layout == "nhwc" and t.dim() == 4:
+        return t.permute(0, 3, 1, 2)
+    return t
 
 
 def sequential_pieces(backbone: nn.Module) -> Pieces | None:

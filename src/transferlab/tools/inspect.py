@@ -48,6 +48,7 @@ from transferlab.data.images import ImageReadError, is_image_file, load_image, p
 from transferlab.engine.multilabel import predicted
 from transferlab.files import write_bytes, write_csv, write_json
 from transferlab.kinds.base import RUN_SECTIONS, RunSection, Tested
+from transferlab.models.archs import arch_meta, feature_maps
 from transferlab.rundir import load_test_predictions
 from transferlab.rundir.layout import ACTIVATIONS_DIR, ACTIVATIONS_FILE, OUTSIDE_CSV, OUTSIDE_JSON, OUTSIDE_PNG
 
@@ -334,13 +335,14 @@ def capture_activations(model: nn.Module, x: torch.Tensor, layers: Sequence[str]
     for name in layers:
         if name not in modules:
             raise _unknown_layer(name, model)
+    backbone = getattr(model, "backbone", model)
     out: dict[str, torch.Tensor] = {}
     handles = []
     for name in dict.fromkeys(layers):
 
         def hook(_m: nn.Module, _inp: Any, output: Any, name: str = name) -> None:
-            if isinstance(output, torch.Tensor):
-                out[name] = output.detach().float().cpu().clone()
+            if isinstance(output, torch.Tensor):  # a ViT's tokens / a Swin stage's N×H×W×C as N×C×H×W maps
+                out[name] = feature_maps(backbone, output.detach()).float().cpu().clone()
 
         handles.append(modules[name].register_forward_hook(hook))
     try:
@@ -388,6 +390,8 @@ def gradcam(model: nn.Module, x: torch.Tensor, layer: str = FEATURES, class_inde
     with torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)  # a graph even when every parameter is frozen
         modules = dict(model.named_modules())
+        backbone = getattr(model, "backbone", model)
+        layer = _token_cam_layer(model, layer, modules)
         if layer == FEATURES and layer not in modules:  # a module of that name wins
             if not hasattr(model, "forward_features") or not hasattr(model, "forward_head"):
                 raise ActivationError("layer 'features' needs a model with forward_features/forward_head; name a layer instead")
@@ -412,7 +416,8 @@ def gradcam(model: nn.Module, x: torch.Tensor, layer: str = FEATURES, class_inde
             finally:
                 handle.remove()
         act = store.get("act")
-        if act is None or act.dim() != 4:
+        maps = feature_maps(backbone, act) if act is not None else None
+        if maps is None or maps.dim() != 4:
             shape = "no tensor" if act is None else "×".join(map(str, act.shape))
             raise ActivationError(f"layer {layer!r} outputs {shape}, not a N×C×H×W feature map; Grad-CAM needs a convolutional layer")
         probs = logits.detach().float().sigmoid()[0] if multilabel else logits.detach().float().softmax(-1)[0]
@@ -421,16 +426,30 @@ def gradcam(model: nn.Module, x: torch.Tensor, layer: str = FEATURES, class_inde
             raise ValueError(f"class index {idx} out of range 0..{logits.shape[-1] - 1}")
         model.zero_grad(set_to_none=True)
         logits[0, idx].backward()
-    grad = act.grad
-    if grad is None:
+    if act.grad is None:
         raise ActivationError(f"no gradient reached layer {layer!r} (is it used by the forward pass?)")
+    grad = feature_maps(backbone, act.grad)  # the same layout change as the activation's
     weights = grad[0].float().mean(dim=(1, 2))  # C
-    cam = F.relu((weights.view(-1, 1, 1) * act.detach()[0].float()).sum(0))
+    cam = F.relu((weights.view(-1, 1, 1) * maps.detach()[0].float()).sum(0))
     cam = F.interpolate(cam[None, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
     cam = cam - cam.min()
     top = float(cam.max())
     cam = cam / top if top > 0 else cam
     return GradCam(cam.detach().cpu().numpy(), idx, float(probs[idx]), layer, weights.detach().cpu().numpy())
+
+
+def _token_cam_layer(model: nn.Module, layer: str, modules: dict[str, nn.Module]) -> str:
+    """``features`` of a class-token ViT means its last block's input norm: the head reads only the class token, so the
+    final patch tokens get no gradient and their Grad-CAM would be blank (the choice of pytorch-grad-cam's ViT recipe)."""
+    backbone = getattr(model, "backbone", model)
+    if layer != FEATURES or FEATURES in modules or arch_meta(backbone).layout != "tokens":
+        return layer
+    if getattr(backbone, "global_pool", "token") not in ("token", ""):
+        return layer  # pooled over the patches: the final tokens do get gradients
+    blocks = getattr(backbone, "blocks", None)
+    prefix = "backbone." if backbone is not model else ""
+    name = f"{prefix}blocks.{len(blocks) - 1}.norm1" if blocks is not None and len(blocks) else ""
+    return name if name in modules else layer
 
 
 def _show_image(ax: Any, img: np.ndarray) -> None:
