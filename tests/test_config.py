@@ -360,3 +360,13 @@ def test_saved_config_errors_name_the_file():
 def test_boolean_seeds_are_rejected():
     with pytest.raises(ConfigError, match="seeds"):
         parse_study({"study": "s", "seeds": [True], "experiments": [{"name": "a"}]})
+
+
+def test_unknown_backbone_is_a_config_error_with_the_closest_names() -> None:
+    """A typo in model.backbone stops at validation (plan, check-data, run), not when the run builds its model."""
+    import transferlab.kinds  # noqa: F401 - registers the model layer's checks
+
+    message = parse_error(study(experiments=[{"name": "a", "model": {"backbone": "resnet5", "weights": "scratch"}}]))
+    assert "experiment 'a': model.backbone: unknown backbone 'resnet5'" in message
+    assert "resnet50" in message  # the did-you-mean, from timm's own list
+    parse_study(study(experiments=[{"name": "a", "model": {"backbone": "resnet18", "weights": "scratch"}}]), "ok.yaml")

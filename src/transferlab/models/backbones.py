@@ -253,6 +253,17 @@ def check_backbone_name(name: str) -> None:
 
 
 @register_check
+def check_backbone(cfg: ExperimentConfig) -> None:
+    """``model.backbone`` names a timm model (with the closest names when not), before any data loads."""
+    if not cfg.uses.model:
+        return
+    try:
+        check_backbone_name(cfg.model.backbone)
+    except UnknownBackboneError as e:
+        raise UnknownBackboneError(f"experiment '{cfg.name}': model.backbone: {e}") from None
+
+
+@register_check
 def check_weights_source(cfg: ExperimentConfig) -> None:
     """``model.weights`` names a registered source (the backbone name is checked when it is built)."""
     if not cfg.uses.model:
