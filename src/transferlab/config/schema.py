@@ -689,7 +689,8 @@ def _task_checks(cfg: ExperimentConfig) -> Iterable[Check]:
         yield (t.label_smoothing == 0, "train.label_smoothing", t.label_smoothing, "is not defined for data.task: multilabel")
         yield (isinstance(t.threshold, str) or 0 < t.threshold < 1, "train.threshold", t.threshold, "must be in (0, 1), global or per_class")
     else:
-        yield (t.loss not in MULTILABEL_LOSSES, "train.loss", t.loss, "is a multi-label loss: set data.task: multilabel, or use cross_entropy / focal")
+        yield (t.loss not in MULTILABEL_LOSSES, "train.loss", t.loss,
+               "is a multi-label loss: set data.task: multilabel, or use cross_entropy / focal")
         yield (t.early_stopping.monitor != "val_map", "train.early_stopping.monitor", "val_map", "is multi-label only (data.task: multilabel)")
         yield (t.threshold == "global", "train.threshold", t.threshold, "is for data.task: multilabel only")
 

@@ -93,7 +93,8 @@ def _step_seconds(model: TransferModel, net: nn.Module, cfg: ExperimentConfig, x
     return min(times[PROBE_WARMUP:]) * cfg.train.batch_size / len(x)
 
 
-def _forward_seconds(net: Callable[[torch.Tensor], torch.Tensor] | nn.Module, x: torch.Tensor, precision: str, model: nn.Module | None = None) -> float:
+def _forward_seconds(net: Callable[[torch.Tensor], torch.Tensor] | nn.Module, x: torch.Tensor, precision: str,
+                     model: nn.Module | None = None) -> float:
     """Seconds per image of ``net(x)`` in eval mode under inference mode (the fastest of two, after one untimed)."""
     (model or net).eval()  # type: ignore[union-attr]
     with torch.inference_mode(), autocast_for(precision, "cpu"):
