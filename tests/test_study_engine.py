@@ -455,7 +455,7 @@ def test_compare_and_the_report_show_the_search_and_skipped_runs(tmp_path, capsy
     from transferlab.results.report import build_report
 
     raw = _search_study(trials=3)
-    raw["experiments"].append({"name": "broken", "model": {"backbone": "resnet81"}})
+    raw["experiments"].append({"name": "broken", "data": {"dataset": "folder", "root": str(tmp_path / "no_such_images")}})  # fails at run time
     raw["experiments"].append({"name": "after", "model": {"weights": "run:broken"}})
     res = run_study(parse_study(raw), tmp_path / "runs", console=QUIET)
     assert res.outcomes["after"].status == "skipped"

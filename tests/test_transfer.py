@@ -154,12 +154,12 @@ def test_a_study_file_transfers_between_its_own_experiments(tmp_path):
 
 def test_a_failed_source_skips_its_dependents_with_the_reason(tmp_path):
     study = json.loads(json.dumps(STUDY))
-    study["experiments"][0]["model"] = {"backbone": "resnet81"}  # not a timm model
-    study["experiments"][1]["model"]["backbone"] = "resnet81"
+    missing = tmp_path / "no_such_images"  # a config that validates; the run fails when it reads its data
+    study["experiments"][0]["data"] = {"dataset": "folder", "root": str(missing)}
     result = run_study(parse_study(study), tmp_path / "runs", console=QUIET)
     assert set(result.failed) == {"source", "target"}
     assert result.outcomes["source"].status == "failed" and result.outcomes["target"].status == "skipped"
-    assert "the source run did not finish: source failed" in result.failed["target"] and "resnet81" in result.failed["target"]
+    assert "the source run did not finish: source failed" in result.failed["target"] and "no_such_images" in result.failed["target"]
     recorded = json.loads((tmp_path / "runs" / STUDY["study"] / "target" / "metrics.json").read_text())
     assert recorded["status"] == "skipped" and "source failed" in recorded["error"]
     # exporting (or loading) the skipped run says it was skipped and why, not "not a transferlab run directory"
