@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from transferlab.engine.figures import draw_confusion
+from transferlab.engine.figures import draw_confusion, draw_count_matrix
 from transferlab.results.report.records import ExperimentRecord
 from transferlab.results.report.stats import SweepRow, epoch_stats
 from transferlab.results.report.text import metric_name
@@ -277,17 +277,7 @@ def cooccurrence_figure(counts: np.ndarray, names: list[str], title: str) -> byt
     ax = fig.add_subplot()
     own = np.diag(counts)[:, None]
     share = np.divide(counts, own, out=np.zeros(counts.shape, dtype=float), where=own > 0)
-    im = ax.imshow(share, cmap="Purples", vmin=0, vmax=1)
-    labels = [mpl_label(c) for c in names]
-    if n <= 40:  # past that the tick labels are unreadable
-        ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(n), labels, fontsize=8)
-    if n <= 15:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xlabel("also has label")
-    ax.set_ylabel("test images with label")
+    im = draw_count_matrix(ax, counts, share, [mpl_label(c) for c in names], "Purples", "also has label", "test images with label")
     fig.colorbar(im, ax=ax, shrink=0.8, label="share of the row label's images")
     ax.set_title(mpl_label(title), fontsize=10)
     return _png(fig)
