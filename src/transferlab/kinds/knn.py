@@ -12,6 +12,7 @@ import time
 
 from transferlab.config import ExperimentConfig
 from transferlab.config.kinds import KindUses
+from transferlab.engine.costs import Cost, Estimate, feature_pass
 from transferlab.engine.evaluation import evaluate
 from transferlab.engine.features import FeatureBatches
 from transferlab.engine.features.store import FeatureSet
@@ -29,6 +30,18 @@ class KNNKind(Kind):
 
     name = "knn"
     uses = KindUses(features=True, multilabel=True)
+
+    def estimate(self, cfg: ExperimentConfig, n_train: int, n_val: int, n_test: int, cost: Cost | None) -> float:
+        """Seconds of ``explain``'s estimate."""
+        return self.explain(cfg, n_train, n_val, n_test, cost).seconds
+
+    def explain(self, cfg: ExperimentConfig, n_train: int, n_val: int, n_test: int, cost: Cost | None) -> Estimate:
+        """The pooled-feature pass over the three splits, shared with the other runs of its cache group (which read it from
+        the feature store); choosing ``k`` and the test votes are similarity products over pooled vectors (milliseconds
+        in RESULTS §12b), not counted."""
+        if cost is None:
+            return Estimate()
+        return Estimate(tuple(feature_pass(cost.forward, {"train": n_train, "val": n_val, "test": n_test}, self.shares_backbone_pass(cfg))))
 
     def run(self, cfg: ExperimentConfig, ctx: RunContext) -> RunMetrics:
         inp = probe_inputs(cfg, ctx)

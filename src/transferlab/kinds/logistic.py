@@ -15,6 +15,7 @@ import torch
 
 from transferlab.config import ExperimentConfig
 from transferlab.config.kinds import KindUses
+from transferlab.engine.costs import Cost, Estimate, Part, feature_pass, fmt_seconds
 from transferlab.engine.evaluation import evaluate
 from transferlab.engine.features import CachedSuffix, CutPoint, FeatureBatches
 from transferlab.engine.features.store import FeatureSet
@@ -26,6 +27,11 @@ from transferlab.kinds.common import probe_inputs, probe_metrics
 from transferlab.rundir import RunMetrics
 
 __all__ = ["LogisticKind"]
+
+LBFGS_ITERATIONS_PER_FIT = 25
+"""Iterations an L-BFGS fit of the sweep makes, for the estimate: each strength warm-starts from the previous one, so
+the fits stop long before ``probe.max_iter``; the runs recorded so far made 15-30 on average (RESULTS §12b's
+``lite0_logistic_50``: 449 over 15 strengths; ``auto``'s probes on Lite0-2 and the test backbones: 15-26)."""
 
 
 class LogisticKind(Kind):
@@ -66,6 +72,25 @@ class LogisticKind(Kind):
             f"{res.score:.4f}), features {inp.pass_seconds:.1f}s, fit {fit_seconds:.1f}s -> {ctx.rundir.path}"
         )
         return m
+
+    def estimate(self, cfg: ExperimentConfig, n_train: int, n_val: int, n_test: int, cost: Cost | None) -> float:
+        """Seconds of ``explain``'s estimate."""
+        return self.explain(cfg, n_train, n_val, n_test, cost).seconds
+
+    def explain(self, cfg: ExperimentConfig, n_train: int, n_val: int, n_test: int, cost: Cost | None) -> Estimate:
+        """The pooled-feature pass over the three splits (shared with the other runs of its cache group, which read it
+        from the feature store), then the L2 sweep: one L-BFGS fit per ``probe.l2`` strength of about
+        ``LBFGS_ITERATIONS_PER_FIT`` iterations (at most ``probe.max_iter``), each timed on ``n_train`` rows by the probe
+        (``cost.lbfgs``). The test pass through the linear head is a matrix product: not counted."""
+        if cost is None:
+            return Estimate()
+        parts = feature_pass(cost.forward, {"train": n_train, "val": n_val, "test": n_test}, self.shares_backbone_pass(cfg))
+        if cost.lbfgs is not None:
+            fits, iterations, one = len(set(cfg.probe.l2)), min(cfg.probe.max_iter, LBFGS_ITERATIONS_PER_FIT), cost.lbfgs.iteration(n_train)
+            seconds = fits * iterations * one
+            parts.append(Part(f"L2 sweep: {fits} fits × ~{iterations} L-BFGS iterations at {1000 * one:.1f} ms ({fmt_seconds(seconds)})",
+                              seconds))
+        return Estimate(tuple(parts))
 
     def check(self, cfg: ExperimentConfig) -> None:
         if cfg.head.type != "linear":

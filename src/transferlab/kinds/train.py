@@ -20,12 +20,12 @@ from typing import Any
 
 from lightning.fabric import Fabric
 
-from transferlab.config import ExperimentConfig, from_dict, load_yaml
+from transferlab.config import ExperimentConfig, from_dict, load_yaml, unfreeze_milestones
 from transferlab.config.kinds import KindUses
 from transferlab.data.batches import make_batches
 from transferlab.data.prepare import ImageSplits
 from transferlab.engine.calibration import collect_logits, fit_temperature
-from transferlab.engine.costs import Cost
+from transferlab.engine.costs import CachedCost, Cost, Estimate, Part, feature_pass, fmt_seconds
 from transferlab.engine.distributed import RoundRobin, SliceOfGlobalBatch
 from transferlab.engine.evaluation import evaluate, with_tta
 from transferlab.engine.losses import make_loss
@@ -78,23 +78,27 @@ class TrainKind(Kind):
                             "of each class's sigmoid (test_ece: the mean binary ECE) without rescaling")
 
     def estimate(self, cfg: ExperimentConfig, n_train: int, n_val: int, n_test: int, cost: Cost | None) -> float:
-        """Epochs of training steps and validation passes, then the test pass. A run the feature cache takes
-        (``cost.cached``: the probe asked the engine's own decision) costs one pass of the frozen prefix over the training
-        (× ``cache_views``) and validation images, then its epochs on the cached features; ``lp_ft``'s probe epochs cost
-        one backbone pass (they train the head on cached pooled features)."""
+        """Seconds of ``explain``'s estimate."""
+        return self.explain(cfg, n_train, n_val, n_test, cost).seconds
+
+    def explain(self, cfg: ExperimentConfig, n_train: int, n_val: int, n_test: int, cost: Cost | None) -> Estimate:
+        """Epochs of training steps and validation passes, then the test pass, each part saying what it assumed.
+
+        A run the feature cache takes (``cost.cached``: the probe asked the engine's own decision) costs one pass of the
+        frozen prefix over the training (× ``cache_views``) and validation images — marked shared when it is the pooled
+        features other runs of its cache group read — then its epochs on the cached features. A trainability schedule
+        (``strategy.freeze_epochs`` / ``unfreeze``) costs each epoch at the step of its phase (``cost.phase_steps``);
+        ``lp_ft``'s probe epochs cost one backbone pass (they train the head on cached pooled features)."""
         if cost is None:
-            return 0.0
+            return Estimate()
         if cost.step is None:
-            return (n_train + n_val + n_test) * cost.forward
+            n = n_train + n_val + n_test
+            return Estimate((Part(f"inference over {n} images ({fmt_seconds(n * cost.forward)})", n * cost.forward),))
         steps = math.ceil(max(1, n_train) / cfg.train.batch_size)
-        epochs, test = cfg.train.epochs, n_test * cost.forward
+        test = Part(f"test pass over {n_test} images ({fmt_seconds(n_test * cost.forward)})", n_test * cost.forward)
         if cost.cached is not None:
-            c, views = cost.cached, (cfg.train.cache_views if cfg.data.augment else 1)
-            return (n_train * views + n_val) * c.prefix_forward + epochs * (steps * c.suffix_step + n_val * c.suffix_forward) + test
-        probe = 0.0
-        if cfg.strategy.name == "lp_ft" and cfg.strategy.probe_epochs:
-            probe, epochs = (n_train + n_val) * cost.forward, epochs - cfg.strategy.probe_epochs
-        return probe + epochs * (steps * cost.step + n_val * cost.forward) + test
+            return Estimate((*_cached_parts(cfg, cost.cached, steps, n_train, n_val, self.shares_backbone_pass(cfg)), test))
+        return Estimate((*_epoch_parts(cfg, cost, steps, n_train, n_val), test))
 
     def shares_backbone_pass(self, cfg: ExperimentConfig) -> bool:
         return cfg.strategy.name == "linear_probe" and cfg.train.cache != "off" and not cfg.data.augment
@@ -324,6 +328,58 @@ def find_lr(cfg: ExperimentConfig, out: str | Path, console: Any = None) -> LrFi
     if console is not None:
         console.print(f"{cfg.name}: suggested lr {result.suggestion:.3g} ({result.rule}; {len(result.lrs)} steps, {result.stopped}) -> {out}")
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# the estimate's parts (``TrainKind.explain``)
+
+
+def _cached_parts(cfg: ExperimentConfig, c: CachedCost, steps: int, n_train: int, n_val: int, shares: bool) -> list[Part]:
+    """The feature-cache path: the prefix pass over the training (× views) and validation images, then the epochs on the
+    cached features. The pass is shared with the cache group (``count_shared_once``) when it is the feature store's
+    pooled, single-view set that ``logistic`` / ``knn`` / other linear probes of the same backbone and data read."""
+    views = cfg.train.cache_views if cfg.data.augment else 1
+    shared = shares and c.cut == "pooled" and views == 1
+    epoch = steps * c.suffix_step + n_val * c.suffix_forward
+    label = f"prefix pass to {c.cut}" + (f" ({views} views)" if views > 1 else "")
+    return [*feature_pass(c.prefix_forward, {"train": n_train * views, "val": n_val}, shared, label),
+            Part(f"{_epochs(cfg.train.epochs)} on cached {c.cut} features at {fmt_seconds(epoch)}", cfg.train.epochs * epoch)]
+
+
+def _epoch_parts(cfg: ExperimentConfig, cost: Cost, steps: int, n_train: int, n_val: int) -> list[Part]:
+    """Epochs of full training steps (and a validation pass each), one part per phase of the strategy's trainability
+    schedule: every epoch costs the step of the trainable set it has (``strategies.apply_strategy_at_epoch``: a phase
+    per milestone passed). Without the schedule's measured steps (``cost.phase_steps``), every epoch costs ``cost.step``."""
+    parts, first = [], 0
+    if cfg.strategy.name == "lp_ft" and cfg.strategy.probe_epochs:
+        first = cfg.strategy.probe_epochs
+        n = n_train + n_val
+        parts.append(Part(f"lp_ft: {_epochs(first)} of the head on one backbone pass over {n} images ({fmt_seconds(n * cost.forward)})",
+                          n * cost.forward))
+    milestones = unfreeze_milestones(cfg.strategy)[0] if cost.phase_steps else []
+    step_of = (cost.step or 0.0, *cost.phase_steps)
+    counts = [0] * (len(milestones) + 1)
+    for e in range(first, cfg.train.epochs):
+        counts[sum(e >= m for m in milestones)] += 1
+    for phase, n in enumerate(counts):
+        if n:
+            epoch = steps * step_of[phase] + n_val * cost.forward
+            parts.append(Part(f"{_epochs(n, _phase_name(cfg, phase, len(counts)))} at {fmt_seconds(epoch)}", n * epoch))
+    return parts
+
+
+def _phase_name(cfg: ExperimentConfig, phase: int, phases: int) -> str:
+    """How the plan names a phase of the trainability schedule: ``frozen`` / ``full`` for ``freeze_epochs``."""
+    if phases == 1:
+        return ""
+    if cfg.strategy.freeze_epochs is not None:
+        return "frozen" if phase == 0 else "full"
+    return "frozen" if phase == 0 else f"unfreeze-step-{phase}"
+
+
+def _epochs(n: int, adjective: str = "") -> str:
+    """``1 frozen epoch``, ``7 full epochs``."""
+    return f"{n} {adjective + ' ' if adjective else ''}epoch{'' if n == 1 else 's'}"
 
 
 KINDS.register("train", TrainKind())
