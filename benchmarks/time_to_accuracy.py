@@ -242,6 +242,8 @@ def run_fastai(cfg: ExperimentConfig, splits: ImageSplits, precision: str, trace
     if importlib.util.find_spec("fastai") is None:
         trace.note = "skipped: fastai is not installed (pip install fastai)"
         return
+    import fastai.callback.progress  # noqa: F401 - patches Learner.no_bar
+    import fastai.callback.schedule  # noqa: F401 - patches Learner.fit_one_cycle
     from fastai.callback.core import Callback as FastaiCallback  # optional: only this trainer needs fastai
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
@@ -268,9 +270,18 @@ def run_fastai(cfg: ExperimentConfig, splits: ImageSplits, precision: str, trace
     def adamw(params: Any, **kw: Any) -> OptimWrapper:
         return OptimWrapper(params, torch.optim.AdamW, lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
 
-    learn = Learner(dls, model, loss_func=LabelSmoothingCrossEntropyFlat(eps=RECIPE["label_smoothing"]), opt_func=adamw, cbs=[Augment()])
-    if precision == "bf16-mixed":
-        learn = learn.to_bf16() if hasattr(learn, "to_bf16") else learn
+    class CpuBf16(FastaiCallback):
+        # fastai's to_bf16() opens autocast('cuda') (fastai/callback/fp16.py), a no-op on the CPU: the same
+        # autocast the other trainers use, around forward and loss, as MixedPrecision does on CUDA.
+        def before_batch(self) -> None:
+            self.ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+            self.ctx.__enter__()
+
+        def after_loss(self) -> None:
+            self.ctx.__exit__(None, None, None)
+
+    cbs = [Augment(), *([CpuBf16()] if precision == "bf16-mixed" else [])]
+    learn = Learner(dls, model, loss_func=LabelSmoothingCrossEntropyFlat(eps=RECIPE["label_smoothing"]), opt_func=adamw, cbs=cbs)
     trace.begin()
     with learn.no_logging(), learn.no_bar():
         learn.fit_one_cycle(cfg.train.epochs, RECIPE["lr"], wd=RECIPE["weight_decay"])
