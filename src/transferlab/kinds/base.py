@@ -29,7 +29,7 @@ from rich.markup import escape
 from transferlab.config import ConfigError, ExperimentConfig, load_yaml, register_check, register_choices
 from transferlab.config.kinds import KindUses, declare_kinds
 from transferlab.data.prepare import ImageSplits
-from transferlab.engine.costs import Cost
+from transferlab.engine.costs import Cost, Estimate, Part
 from transferlab.engine.distributed import world
 from transferlab.engine.loop import Callback
 from transferlab.engine.precision import AUTO, auto_precision, device_type
@@ -107,6 +107,12 @@ class Kind:
         (``None`` for a kind that builds none). The default is one pass of the frozen backbone over every image — what a
         kind on frozen features does; the classifier on top costs seconds."""
         return (n_train + n_val + n_test) * cost.forward if cost is not None else 0.0
+
+    def explain(self, cfg: ExperimentConfig, n_train: int, n_val: int, n_test: int, cost: Cost | None) -> Estimate:
+        """``estimate`` with what it assumed (``engine.costs.Estimate``: its parts, and which of them is a feature pass
+        the other runs of a cache group reuse, which the plan counts once). The default: one part, ``estimate``'s."""
+        seconds = self.estimate(cfg, n_train, n_val, n_test, cost)
+        return Estimate((Part("", seconds),))
 
     def shares_backbone_pass(self, cfg: ExperimentConfig) -> bool:
         """Its frozen backbone's features can come from another run's pass over the same data (the plan groups them)."""

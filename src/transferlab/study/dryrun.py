@@ -7,8 +7,10 @@ large), which runs likely share one cached backbone pass, and an estimated time 
 a few real training steps of the real model (random weights: the cost does not depend on them) at
 the real batch and image size on this machine. Missing data is reported, never fatal.
 
-The estimate is an upper bound of one run's compute (all epochs, no early stopping; data loading
-and feature-cache reuse across runs not counted); treat it as ±50 %.
+The estimate is an upper bound of one run's time (all epochs, no early stopping), made of parts that each say
+what they assumed (``Kind.explain``: the phases of a trainability schedule, the cached prefix pass, a probe's
+sweep, the data read and model build); a feature pass that several runs of one cache group read from the
+feature store is counted for the first of them only (``engine.costs.count_shared_once``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from transferlab.data.folds import pool_train_test
 from transferlab.data.prepare import select_parts
 from transferlab.data.selection import select_classes
 from transferlab.data.sources import DatasetError, dataset_size, load_dataset
-from transferlab.engine.costs import Cost, measure_cost
+from transferlab.engine.costs import Cost, Estimate, Part, count_shared_once, fmt_seconds, measure_cost
 from transferlab.kinds import KINDS
 from transferlab.models.backbones import weights_status
 from transferlab.models.model import build_model
@@ -79,6 +81,8 @@ class PlanRow:
     slot: int = 0
     start_s: float = 0.0
     note: str = ""
+    assumed: str = ""
+    """What the estimate assumed (``Estimate.describe``)."""
 
 
 @dataclass
@@ -114,6 +118,7 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
     levels = dependency_levels(plan)
     facts: dict[str, DataFacts] = {}
     probes: dict[str, tuple[Cost, float]] = {}
+    explained: dict[str, Estimate] = {}
     data_problems: dict[str, list[str]] = {}  # one line per problem, not one per run (a 1000-fold sweep)
     t0 = time.perf_counter()
     for run in plan:
@@ -127,7 +132,8 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
             row.note = "search trial (settings chosen when it starts)"
         if probe and run.cfg.uses.model and row.data.known:  # no model is timed for data that is not there
             try:
-                row.estimate_s = _estimate(run.cfg, row.data, probes)
+                explained[run.name] = _estimate(run.cfg, row.data, probes)
+                row.estimate_s = explained[run.name].seconds
             except Exception as e:  # noqa: BLE001 - a model the probe cannot build is a problem to report, not a crash
                 report.problems.append(f"{run.name}: probe failed: {type(e).__name__}: {e}")
         elif not run.cfg.uses.model:  # made of other runs: what it costs is the kind's to say
@@ -142,6 +148,7 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
     except ConfigError as e:
         report.problems.append(str(e))
     _cache_groups(report.rows, plan)
+    _share_passes(report.rows, explained)
     _schedule(report.rows, exec_cfg)
     return report
 
@@ -221,15 +228,17 @@ def probe_key(cfg: ExperimentConfig, data: DataFacts) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
 
-def _estimate(cfg: ExperimentConfig, data: DataFacts, probes: dict[str, tuple[Cost, float]]) -> float:
-    """Seconds for one run: the kind's own estimate (``Kind.estimate``) from its split sizes and the measured cost of its
-    model (one probe per distinct cost: ``probe_key``), plus what every run pays before its first step: reading its
-    data and building its model (both measured here)."""
+def _estimate(cfg: ExperimentConfig, data: DataFacts, probes: dict[str, tuple[Cost, float]]) -> Estimate:
+    """One run's estimate: the kind's own (``Kind.explain``) from its split sizes and the measured cost of its model (one
+    probe per distinct cost: ``probe_key``), plus what every run pays before its first step: reading its data and
+    building its model (both measured here)."""
     key = probe_key(cfg, data)
     if key not in probes:
         probes[key] = _probe(cfg, data)
     cost, build_seconds = probes[key]
-    return KINDS.get(cfg.kind).estimate(cfg, data.n_train, data.n_val, data.n_test, cost) + data.load_seconds + build_seconds
+    est = KINDS.get(cfg.kind).explain(cfg, data.n_train, data.n_val, data.n_test, cost)
+    start = Part(f"data read {fmt_seconds(data.load_seconds)} + model build {fmt_seconds(build_seconds)}", data.load_seconds + build_seconds)
+    return Estimate((*est.parts, start))
 
 
 def _probe(cfg: ExperimentConfig, data: DataFacts) -> tuple[Cost, float]:
@@ -257,6 +266,15 @@ def _cache_groups(rows: list[PlanRow], plan: list[PlannedRun]) -> None:
     for i, g in enumerate(shared):
         for row in g:
             row.cache_group = chr(ord("A") + i % 26)
+
+
+def _share_passes(rows: list[PlanRow], explained: dict[str, Estimate]) -> None:
+    """Each cache group's shared feature pass counted once, for its first run in plan order (the later ones read it from
+    the feature store); every estimated row says what it assumed."""
+    named = [(r.name, r.cache_group, explained[r.name]) for r in rows if r.name in explained]
+    by_name = {r.name: r for r in rows}
+    for (name, _, _), est in zip(named, count_shared_once(named), strict=True):
+        by_name[name].estimate_s, by_name[name].assumed = est.seconds, est.describe()
 
 
 def _schedule(rows: list[PlanRow], cfg: ExecutorConfig) -> None:
@@ -288,6 +306,9 @@ def print_plan(report: PlanReport, console: Console) -> None:
         t.add_row(escape(r.name), r.kind, escape(", ".join(r.needs)) or "—", str(r.slot), escape(data), escape(weights),
                   r.cache_group or "—", _fmt_s(r.estimate_s), _fmt_s(r.start_s))
     console.print(t)
+    for r in report.rows:
+        if r.assumed:
+            console.print(f"  {r.name}: {r.assumed}", markup=False, highlight=False)
     console.print(f"{len(report.rows)} runs; estimated compute {_fmt_s(report.total_s)}, wall {_fmt_s(report.wall_s)} on "
                   f"{report.executor.name} (upper bound: all epochs, no early stopping; probes took {report.probe_seconds:.0f}s)",
                   markup=False, highlight=False)
