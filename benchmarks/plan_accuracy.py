@@ -50,10 +50,12 @@ def measure(path: Path, runs_dir: Path, only: list[str] | None, console: Console
         raise SystemExit(f"{path}: plan reports problems, fix them first:\n  " + "\n  ".join(report.problems))
     estimates: dict[str, float] = {}
     runs_of: dict[str, list[str]] = {}
+    assumed: dict[str, str] = {}
     for row in report.rows:
         exp = row.name.split("/")[0]
         estimates[exp] = estimates.get(exp, 0.0) + (row.estimate_s or 0.0)
         runs_of.setdefault(exp, []).append(row.name)
+        assumed.setdefault(exp, row.assumed)  # the first run's parts (the others repeat them, or read its shared pass)
     rows = []
     for exp, estimate in estimates.items():
         if only and exp not in only:
@@ -65,7 +67,8 @@ def measure(path: Path, runs_dir: Path, only: list[str] | None, console: Console
             raise SystemExit(f"{path}: {exp} failed: {result.failed}")
         inside = sum(read_run(runs_dir / study.name / name).record.wall_seconds or 0.0 for name in runs_of[exp])
         rows.append({"study": study.name, "experiment": exp, "runs": len(runs_of[exp]), "estimate_s": estimate,
-                     "actual_s": actual, "inside_run_s": inside, "ratio": estimate / actual, "probe_s": probe_s})
+                     "actual_s": actual, "inside_run_s": inside, "ratio": estimate / actual, "probe_s": probe_s,
+                     "assumed": assumed[exp]})
     return rows
 
 
@@ -93,6 +96,8 @@ def main() -> None:
         table.add_row(r["study"], r["experiment"], str(r["runs"]), f"{r['estimate_s']:.1f}", f"{r['actual_s']:.1f}",
                       f"{r['inside_run_s']:.1f}", f"{r['ratio']:.2f}", "yes" if ok else "**no**")
     console.print(table)
+    for r in rows:  # what each estimate was made of: where a miss comes from
+        console.print(f"  {r['experiment']}: {r['assumed']}", markup=False, highlight=False)
     console.print(machine + f"; load average {os.getloadavg()[0]:.2f} at the end")
     console.print(f"{sum(LOW <= r['ratio'] <= HIGH for r in rows)}/{len(rows)} estimates within ±30 %")
     if args.json:
