@@ -59,3 +59,19 @@ def test_the_plan_prints_what_each_estimate_assumed(tmp_path, monkeypatch):
     text = console.export_text()
     assert "fine_tune: 1 frozen epoch at" in text and "1 full epoch at" in text and "knn: train/val/test features shared with logistic" in text
     assert report.to_dict()["rows"][1]["assumed"].startswith("train/val/test features shared with logistic")
+
+
+def test_a_distilled_run_pays_its_teachers_forward_on_every_training_image(tmp_path, monkeypatch):
+    """RESULTS §14: a distilled transferlab_cnn_fast took 2x its scratch twin; the plan had counted the student only."""
+    teacher_fwd, student_fwd = 0.004, FORWARD
+    costs = {"transferlab_cnn": Cost(0.01, teacher_fwd), "transferlab_cnn_fast": Cost(0.01, student_fwd)}
+    monkeypatch.setattr(dryrun, "_probe", lambda cfg, data: (costs[cfg.model.backbone], BUILD))
+    study = {"study": "kd", "defaults": STUDY["defaults"], "experiments": [
+        {"name": "teacher"},
+        {"name": "scratch", "model": {"backbone": "transferlab_cnn_fast"}},
+        {"name": "student", "model": {"backbone": "transferlab_cnn_fast"}, "train": {"distill": {"teacher": "run:teacher"}}},
+    ]}
+    rows = {r.name: r for r in dry_run(parse_study(study), tmp_path / "runs", executor="sequential").rows}
+    student, scratch = rows["student"], rows["scratch"]
+    assert student.estimate_s - scratch.estimate_s == pytest.approx(2 * student.data.n_train * teacher_fwd)
+    assert "teacher teacher's forward on 2 × " in student.assumed

@@ -119,6 +119,7 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
     facts: dict[str, DataFacts] = {}
     probes: dict[str, tuple[Cost, float]] = {}
     explained: dict[str, Estimate] = {}
+    forward: dict[str, float] = {}  # seconds per image of each probed run's model: a distillation teacher's
     data_problems: dict[str, list[str]] = {}  # one line per problem, not one per run (a 1000-fold sweep)
     t0 = time.perf_counter()
     for run in plan:
@@ -133,6 +134,8 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
         if probe and run.cfg.uses.model and row.data.known:  # no model is timed for data that is not there
             try:
                 explained[run.name] = _estimate(run.cfg, row.data, probes)
+                forward[run.name] = probes[probe_key(run.cfg, row.data)][0].forward
+                explained[run.name] = _with_teacher(run, row.data, explained[run.name], forward)
                 row.estimate_s = explained[run.name].seconds
             except Exception as e:  # noqa: BLE001 - a model the probe cannot build is a problem to report, not a crash
                 report.problems.append(f"{run.name}: probe failed: {type(e).__name__}: {e}")
@@ -239,6 +242,21 @@ def _estimate(cfg: ExperimentConfig, data: DataFacts, probes: dict[str, tuple[Co
     est = KINDS.get(cfg.kind).explain(cfg, data.n_train, data.n_val, data.n_test, cost)
     start = Part(f"data read {fmt_seconds(data.load_seconds)} + model build {fmt_seconds(build_seconds)}", data.load_seconds + build_seconds)
     return Estimate((*est.parts, start))
+
+
+def _with_teacher(run: PlannedRun, data: DataFacts, est: Estimate, forward: dict[str, float]) -> Estimate:
+    """A distilled run (``train.distill``) also runs its frozen teacher on every training batch: epochs × training images
+    × the teacher's forward, measured by the teacher's own probe when the teacher is a run of this study planned before
+    it (else said to be not counted: the probe cannot time a model that is not there)."""
+    distill = run.cfg.train.distill
+    if distill is None:
+        return est
+    teacher = Path(distill.teacher.removeprefix("run:")).name
+    if teacher not in forward:
+        return Estimate((*est.parts, Part(f"teacher {teacher}'s forward passes not counted (not a run of this study)", 0.0)))
+    seconds = run.cfg.train.epochs * (data.n_train or 0) * forward[teacher]
+    return Estimate((*est.parts, Part(f"teacher {teacher}'s forward on {run.cfg.train.epochs} × {data.n_train} training images "
+                                      f"({fmt_seconds(seconds)})", seconds)))
 
 
 def _probe(cfg: ExperimentConfig, data: DataFacts) -> tuple[Cost, float]:
