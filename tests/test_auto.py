@@ -22,6 +22,7 @@ from transferlab.engine.features import STORE
 from transferlab.results.report import build_report
 from transferlab.study.dryrun import dry_run
 from transferlab.tools import auto as auto_mod
+from transferlab.tools import auto_plan
 from transferlab.tools.auto import AUTO_JSON, AUTO_STUDY, STATE_FILE, auto, parse_budget
 
 CANDIDATES = "test_resnet:scratch,test_efficientnet:scratch"
@@ -116,11 +117,12 @@ def test_resume_does_not_redo_finished_stages(images, tmp_path, monkeypatch):
 
     monkeypatch.setattr(auto_mod, "run_study", interrupted)
     monkeypatch.setattr(auto_mod, "KFOLD_BELOW", 10)  # one holdout (not 5 folds): fewer runs, and the ensemble stage runs
+    monkeypatch.setattr(auto_plan, "FT_EPOCHS", (4, 2))  # the method arms at 4, 8 and 16 epochs (not 20, 40, 80)
     kw = dict(runs_dir=tmp_path, options=OPTIONS, accelerator="cpu", name="a")
     with pytest.raises(KeyboardInterrupt):
         auto(images, "10m", CANDIDATES, **kw)
     state = json.loads((tmp_path / "a" / STATE_FILE).read_text())
-    assert {"rank", "probes", "finetune", "ensemble"} <= set(state["stages"]) and "final" not in state["stages"]
+    assert {"rank", "probes", "finetune", "ensemble", "soup"} <= set(state["stages"]) and "final" not in state["stages"]
     assert "finetune_r0" in calls and "ensemble" in calls
     with pytest.raises(ConfigError, match="--resume"):  # the same command without --resume is refused
         auto(images, "10m", CANDIDATES, **kw)
@@ -132,8 +134,9 @@ def test_resume_does_not_redo_finished_stages(images, tmp_path, monkeypatch):
     assert calls[len(before):] == ["final"]  # rank, probes, fine-tunes, ensemble: read back, not rerun
     assert "stage probes: done before (resumed)" in console.export_text()
     assert doc["chosen"]["test_acc"] is not None
-    assert doc["stages"].keys() == {"rank", "probes", "finetune", "ensemble", "final"}
-    assert any(m["kind"] == "lp_ft" for m in doc["models"].values())
+    assert doc["stages"].keys() == {"rank", "probes", "finetune", "ensemble", "soup", "final"}
+    assert {m["kind"] for m in doc["models"].values()} >= {"lp_ft", "finetune", "lora"}  # the methods as arms
+    assert calls.count("soup") == 1 and doc["soup"].get("val_acc") is not None  # the soup ran once, before the kill
 
 
 @pytest.mark.parametrize("case", ["empty", "one_class", "broken"])
@@ -224,6 +227,7 @@ def test_an_ensemble_that_wins_on_validation_is_the_final_model(images, tmp_path
 
     monkeypatch.setattr(auto_mod.Auto, "run", ensemble_wins)
     monkeypatch.setattr(auto_mod, "KFOLD_BELOW", 10)
+    monkeypatch.setattr(auto_plan, "FT_EPOCHS", (4, 2))
     doc = auto(images, "10m", CANDIDATES, runs_dir=tmp_path, options=OPTIONS, accelerator="cpu")
     ch = doc["chosen"]
     assert ch["model"] == "soft_vote" and len(ch["members"]) == 2 and ch["experiments"][-1] == "soft_vote"

@@ -12,9 +12,12 @@ In data-flow order:
 3. **plan** — each candidate's cost measured on this machine (``engine.costs.measure_cost``, as ``transferlab plan``
    does) turns into a schedule that fits the budget, printed before anything trains.
 4. **stages** — ``rank`` (LogME / k-NN on frozen features of a subset: every candidate), ``probes`` (cached
-   logistic probes for the best ranked), ``finetune`` (LP-FT for the best probed, successive halving on validation
-   accuracy: each rung trains the survivors twice as long), ``ensemble`` (a soft vote of the two best, kept only if it
-   beats the best single model on validation), ``final`` (the chosen model on the full training pool, tested).
+   logistic probes for the best ranked), ``finetune`` (LP-FT, a full fine-tune or LoRA — one of them, or all as arms —
+   for the best probed, chosen from their measured costs by ``tools.auto_plan.choose_finetune``; successive halving on
+   validation accuracy: each rung trains the better half twice as long), ``ensemble`` (a soft vote of the two best) and
+   ``soup`` (a greedy soup of the best candidate's fine-tunes), each kept only if it beats the best single model on
+   validation and its final runs fit (``tools.auto_plan.choose_final``), ``final`` (the chosen model on the full
+   training pool, tested).
 
 Each stage is an ordinary study run into the auto folder (``run_study``), so a run that finished is reused on
 ``--resume``; ``auto_state.json`` records finished stages (their results, planned and spent seconds), and a stage
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import math
 import re
 import shutil
@@ -45,7 +49,7 @@ from rich.markup import escape
 from rich.table import Table
 from sklearn.model_selection import train_test_split
 
-from transferlab.config import ConfigError, DataConfig, ExperimentConfig, from_dict, parse_study
+from transferlab.config import ConfigError, DataConfig, ExperimentConfig, StrategyConfig, from_dict, parse_study
 from transferlab.data.check import check_config
 from transferlab.data.images import FileImages, format_problems
 from transferlab.data.selection import stratified_take
@@ -53,12 +57,14 @@ from transferlab.data.sources import DATASETS, DatasetError, load_dataset
 from transferlab.engine.costs import Cost, measure_cost
 from transferlab.files import read_json, write_json, write_text
 from transferlab.kinds import KINDS
-from transferlab.models.backbones import weights_status
+from transferlab.models.adapters import PEFT_INSTALL, lora_targets
+from transferlab.models.backbones import backbone_skeleton, weights_status
 from transferlab.models.embedded import EMBEDDED_ARCHS, embedded_weights
 from transferlab.models.model import build_model
 from transferlab.registry import suggestion
 from transferlab.strategies import apply_strategy
 from transferlab.study import run_study
+from transferlab.tools.auto_plan import METHOD_LABEL, METHODS, SOUP_METHODS, FinalOption, FinetunePlan, choose_final, choose_finetune, soup_members
 from transferlab.tools.rank import Candidate, parse_candidates, rank_backbones
 
 __all__ = [
@@ -80,7 +86,7 @@ at k times the cost (which the plan counts)."""
 KFOLDS = 5
 RANK_SUBSET = 2000
 """Training-pool images whose frozen features ``rank`` scores (as ``transferlab rank --train-subset``)."""
-RUN_OVERHEAD_S: dict[str, float] = {"logistic": 10.0, "train": 5.0, "ensemble": 3.0}
+RUN_OVERHEAD_S: dict[str, float] = {"logistic": 10.0, "train": 5.0, "ensemble": 3.0, "soup": 5.0}
 """Seconds first added to a run's estimate, per kind, for what the cost probe does not time (start-up, data loading,
 writing; for ``logistic`` the L-BFGS sweep, which ``Kind.estimate`` does not count); after each run the overhead
 observed on this machine replaces it for that kind."""
@@ -89,8 +95,7 @@ PROBE = {"l2": [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0], "max_iter": 200}
 iterations), whose solver time dominates small datasets; the ranking between candidates is what counts here."""
 MAX_PROBES = 3
 MAX_FINETUNES = 3
-FT_EPOCHS = (20, 12, 8, 6, 4, 3, 2)
-"""First-rung LP-FT epochs tried, largest first (one of them the linear-probe phase, ``strategy.probe_epochs: 1``)."""
+SOUP_NAME = "greedy_soup"
 MAX_FINAL_SEEDS = 3
 TRAIN = {"progress": False, "batch_size": 32}
 
@@ -304,10 +309,22 @@ def probe_exp(c: Candidate, data: dict[str, Any], accel: str, seed: int) -> dict
             "model": {"backbone": c.backbone, "weights": c.weights}, "probe": dict(PROBE), "train": {**TRAIN, "accelerator": accel}}
 
 
-def finetune_exp(c: Candidate, epochs: int, data: dict[str, Any], accel: str, seed: int) -> dict[str, Any]:
-    return {"name": f"{slug(c)}.lp_ft.e{epochs}", "kind": "train", "seed": seed, "data": data,
-            "model": {"backbone": c.backbone, "weights": c.weights}, "strategy": {"name": "lp_ft", "probe_epochs": 1},
+STRATEGY = {"lp_ft": {"name": "lp_ft", "probe_epochs": 1}, "finetune": {"name": "finetune"}, "lora": {"name": "lora"}}
+"""The ``strategy:`` section of each fine-tuning method (``auto_plan.METHODS``); LoRA at its defaults (rank 8, the
+per-architecture targets)."""
+
+
+def finetune_exp(c: Candidate, epochs: int, data: dict[str, Any], accel: str, seed: int, method: str = "lp_ft") -> dict[str, Any]:
+    return {"name": f"{slug(c)}.{method}.e{epochs}", "kind": "train", "seed": seed, "data": data,
+            "model": {"backbone": c.backbone, "weights": c.weights}, "strategy": dict(STRATEGY[method]),
             "train": {**TRAIN, "accelerator": accel, "epochs": epochs}}
+
+
+def soup_exp(c: Candidate, members: list[str], data: dict[str, Any], accel: str, seed: int) -> dict[str, Any]:
+    """A greedy soup (``kind: soup``) of ``members`` (run directories, or experiment names in a study); its ``model``
+    section is the members' (the soup takes theirs anyway) so that its cost is estimated from the candidate's."""
+    return {"name": SOUP_NAME, "kind": "soup", "seed": seed, "data": data, "model": {"backbone": c.backbone, "weights": c.weights},
+            "soup": {"members": list(members), "method": "greedy"}, "train": {**TRAIN, "accelerator": accel}}
 
 
 # --------------------------------------------------------------------------------------------- costs and plan
@@ -315,13 +332,20 @@ def finetune_exp(c: Candidate, epochs: int, data: dict[str, Any], accel: str, se
 
 @dataclass
 class CandidateCost:
-    """Costs of one candidate at its input size: an inference image (measured) and a full fine-tuning step at
-    ``TRAIN``'s batch size (measured, or scaled from the measured candidate: ``measure_all``)."""
+    """Costs of one candidate at its input size: an inference image (measured) and a training step at ``TRAIN``'s batch
+    size of a full fine-tune (``step``; LP-FT's after its probe epoch too) and of LoRA (``lora_step``), each measured or
+    scaled from the measured candidate (``measure_all``). ``lora_step`` ``None``: LoRA left out, ``lora_why`` says why."""
 
     side: int
     forward: float
     step: float
     step_from: str = "measured"
+    lora_step: float | None = None
+    lora_why: str | None = None
+
+    def cost(self, strategy: str) -> Cost:
+        """What ``Kind.estimate`` reads for a run with ``strategy.name``: LoRA's own step, else the full step."""
+        return Cost(self.lora_step if strategy == "lora" and self.lora_step is not None else self.step, self.forward)
 
 
 MEASURE_BATCH = 8
@@ -329,19 +353,40 @@ MEASURE_BATCH = 8
 batches): a CPU training step of EfficientNet-Lite2 at 260 px and batch 32 takes seconds, and the probe repeats it."""
 
 
-def measure(c: Candidate, side: int, splits: Splits, train: bool) -> Cost:
-    """The engine's probe (random weights: the cost does not depend on them): inference, and a fine-tuning step."""
+def measure(c: Candidate, side: int, splits: Splits, train: bool, strategy: str = "finetune") -> Cost:
+    """The engine's probe (random weights: the cost does not depend on them): inference, and a training step of
+    ``strategy`` (``finetune``, or ``lora``: its adapters injected, the rest frozen)."""
     cfg = from_dict(ExperimentConfig, {"name": "cost", "model": {"backbone": c.backbone, "weights": "scratch"},
-                                       "strategy": {"name": "finetune"}, "train": {**TRAIN, "batch_size": MEASURE_BATCH}})
+                                       "strategy": {"name": strategy}, "train": {**TRAIN, "batch_size": MEASURE_BATCH}})
     model, _ = build_model(cfg.model, cfg.head, splits.n_classes)
     apply_strategy(model, cfg.strategy)
     cost = measure_cost(model, cfg, side, splits.n_classes, train=train)
     return Cost(cost.step * TRAIN["batch_size"] / MEASURE_BATCH if cost.step is not None else None, cost.forward)
 
 
+def lora_unavailable() -> str | None:
+    """Why LoRA cannot run here at all (``None``: it can): HF ``peft``, the ``peft`` extra, is not installed."""
+    if importlib.util.find_spec("peft") is None:
+        return f"HF peft is not installed ({PEFT_INSTALL})"
+    return None
+
+
+def lora_problem(c: Candidate, side: int) -> str | None:
+    """Why LoRA cannot adapt candidate ``c`` (``None``: it can): ``peft`` missing, or no layer of its backbone takes
+    the default rank (checked on the backbone's structure, as a study's config check does)."""
+    if (why := lora_unavailable()) is not None:
+        return why
+    try:
+        lora_targets(backbone_skeleton(c.backbone, side), "auto", StrategyConfig().rank)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def measure_all(cands: list[Candidate], sides: dict[Candidate, int], splits: Splits, console: Console) -> dict[Candidate, CandidateCost]:
-    """Inference of every candidate measured; the training step measured for the fastest one only and scaled to the
-    others by their inference time (a step is a forward and a backward pass: its cost follows the forward's)."""
+    """Inference of every candidate measured; the training steps (full, and LoRA where it applies) measured for the
+    fastest one only and scaled to the others by their inference time (a step is a forward and a backward pass: its
+    cost follows the forward's)."""
     fwd = {}
     for c in cands:
         console.print(f"measuring {c} at {sides[c]} px ...", markup=False, highlight=False)
@@ -349,28 +394,29 @@ def measure_all(cands: list[Candidate], sides: dict[Candidate, int], splits: Spl
     ref = min(cands, key=lambda c: fwd[c])
     ref_cost = measure(ref, sides[ref], splits, train=True)
     ref_step = ref_cost.step if ref_cost.step is not None else 3 * TRAIN["batch_size"] * fwd[ref]
-    return {c: CandidateCost(sides[c], fwd[c], ref_step * fwd[c] / fwd[ref], "measured" if c == ref else f"scaled from {ref}")
-            for c in cands}
+    out = {c: CandidateCost(sides[c], fwd[c], ref_step * fwd[c] / fwd[ref], "measured" if c == ref else f"scaled from {ref}")
+           for c in cands}
+    why = {c: lora_problem(c, sides[c]) for c in cands}
+    lora_ref = min((c for c in cands if why[c] is None), key=lambda c: fwd[c], default=None)
+    lora_step = measure(lora_ref, sides[lora_ref], splits, train=True, strategy="lora").step if lora_ref is not None else None
+    for c in cands:
+        out[c].lora_why = why[c]
+        if why[c] is None and lora_ref is not None:
+            out[c].lora_step = (lora_step or ref_step) * fwd[c] / fwd[lora_ref]
+    return out
 
 
 def estimate(exp: dict[str, Any], cc: CandidateCost, sizes: tuple[int, int, int], runs: int = 1, overhead: float | None = None) -> float:
     """Seconds of an experiment: its kind's own estimate (``Kind.estimate``) × runs, plus ``overhead`` per run."""
     cfg = from_dict(ExperimentConfig, {k: v for k, v in exp.items() if k != "data"} | {"data": {"dataset": "synthetic"}})
     oh = RUN_OVERHEAD_S.get(cfg.kind, 5.0) if overhead is None else overhead
-    return runs * (KINDS.get(cfg.kind).estimate(cfg, *sizes, Cost(cc.step, cc.forward)) + oh)
-
-
-def rungs(n: int, e0: int) -> list[tuple[int, int]]:
-    """Successive halving: (candidates, epochs) per rung: n at e0, then the better half at twice the epochs, … to 2."""
-    out = [(n, e0)]
-    while out[-1][0] > 2:
-        out.append((math.ceil(out[-1][0] / 2), out[-1][1] * 2))
-    return out
+    return runs * (KINDS.get(cfg.kind).estimate(cfg, *sizes, cc.cost(cfg.strategy.name)) + oh)
 
 
 @dataclass
 class AutoPlan:
-    """Planned seconds per stage and the sizes chosen (``probes``, ``finetunes``, first-rung ``epochs``)."""
+    """Planned seconds per stage and the sizes chosen (``probes``; the fine-tune's ``methods``, ``finetunes``
+    candidates, first-rung ``epochs`` and ``rungs``)."""
 
     stages: dict[str, float]
     probes: int
@@ -379,19 +425,33 @@ class AutoPlan:
     rungs: list[tuple[int, int]]
     minimum_s: float
     notes: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    soup_members: int = 0
+    """The most members the soup stage can get (its estimate)."""
 
     @property
     def total_s(self) -> float:
         return sum(self.stages.values())
 
 
+def lora_notes(cands: list[Candidate], costs: dict[Candidate, CandidateCost]) -> list[str]:
+    """The plan's word on LoRA: left out everywhere (one reason, e.g. no peft) or for some candidates (each named)."""
+    left_out = {c: costs[c].lora_why for c in cands if costs[c].lora_step is None}
+    if not left_out:
+        return []
+    reasons = set(left_out.values())
+    if len(left_out) == len(cands) and len(reasons) == 1:
+        return [f"LoRA left out: {reasons.pop()}"]
+    return [f"LoRA left out for {c}: {why}" for c, why in left_out.items()]
+
+
 def make_plan(cands: list[Candidate], costs: dict[Candidate, CandidateCost], splits: Splits, left: float, accel: str,
               overhead: dict[str, float] | None = None) -> AutoPlan:
     """Size the stages to fit ``left`` seconds, conservatively (every per-candidate estimate is the most expensive
-    candidate's): rank all; probe as many of the best as fit (up to ``MAX_PROBES``); LP-FT the best with the most
-    first-rung epochs that fit with successive halving; keep the final run's time in reserve."""
+    candidate's): rank all; probe as many of the best as fit (up to ``MAX_PROBES``); fine-tune the best by the method(s)
+    and first-rung epochs that fit with successive halving (``auto_plan.choose_finetune``); keep the final run's time
+    in reserve; a soup stage where its forward passes fit what is left."""
     tr, va, sc, runs = splits.dev_sizes()
-    worst = max(costs.values(), key=lambda cc: cc.step)
     ohs = {**RUN_OVERHEAD_S, **(overhead or {})}
     n_rank = min(RANK_SUBSET, splits.n_pool)
     rank_s = sum(n_rank * costs[c].forward + ohs["ensemble"] for c in cands)
@@ -405,29 +465,46 @@ def make_plan(cands: list[Candidate], costs: dict[Candidate, CandidateCost], spl
     plan.probes = max(1, min(MAX_PROBES, len(cands), int(room // probe_s)))
     plan.stages["probes"] = plan.probes * probe_s
     room -= plan.stages["probes"]
-    for n in range(min(MAX_FINETUNES, plan.probes if len(cands) > 1 else 1), 0, -1):
-        for e0 in FT_EPOCHS:
-            rr = rungs(n, e0)
-            ft = sum(k * estimate(finetune_exp(cands[0], e, {}, accel, 0), worst, (tr, va, sc), runs, ohs["train"]) for k, e in rr)
-            final_ft = estimate(finetune_exp(cands[0], rr[-1][1], {}, accel, 0), worst, splits.final_sizes(), 1, ohs["train"])
-            if ft + max(0.0, final_ft - final_probe_s) <= room:
-                plan.finetunes, plan.epochs, plan.rungs = n, e0, rr
-                plan.stages["finetune"] = ft
-                room -= ft + max(0.0, final_ft - final_probe_s)
-                break
-        if plan.finetunes:
-            break
-    if not plan.finetunes:
-        plan.notes.append("no fine-tuning: the budget does not fit even one 2-epoch LP-FT run (probes only)")
+    methods = [m for m in METHODS if m != "lora" or any(cc.lora_step is not None for cc in costs.values())]
+    plan.notes += lora_notes(cands, costs)
+
+    def run_s(method: str, epochs: int, final: bool) -> float:  # the dearest candidate that can run the method
+        exp = finetune_exp(cands[0], epochs, {}, accel, 0, method)
+        sizes, n = (splits.final_sizes(), 1) if final else ((tr, va, sc), runs)
+        return max(estimate(exp, cc, sizes, n, ohs["train"]) for cc in costs.values() if method != "lora" or cc.lora_step is not None)
+
+    ft = choose_finetune(run_s, methods, min(MAX_FINETUNES, plan.probes if len(cands) > 1 else 1), room, final_probe_s)
+    if ft is None:
+        plan.notes.append("no fine-tuning: the budget does not fit even one 2-epoch LP-FT or LoRA run (probes only)")
+    else:
+        plan.methods, plan.finetunes, plan.epochs, plan.rungs = ft.methods, ft.finetunes, ft.epochs, ft.rungs
+        plan.stages["finetune"] = ft.seconds
+        room -= ft.seconds + max(0.0, ft.final_s - final_probe_s)
+        plan.notes.append(f"fine-tune: {ft.why}")
     if not splits.folds and (plan.finetunes >= 2 or plan.probes >= 2):
-        plan.stages["ensemble"] = 2 * (sc + va) * worst.forward + ohs["ensemble"]
+        plan.stages["ensemble"] = 2 * (sc + va) * max(cc.forward for cc in costs.values()) + ohs["ensemble"]
     elif splits.folds:
-        plan.notes.append("no ensemble stage: k-fold scoring (small data) keeps one model per fold")
-    final_s = final_probe_s
-    if plan.finetunes:
-        final_s = estimate(finetune_exp(cands[0], plan.rungs[-1][1], {}, accel, 0), worst, splits.final_sizes(), 1, ohs["train"])
-    plan.stages["final"] = final_s
+        plan.notes.append("no ensemble or soup stage: k-fold scoring (small data) keeps one model per fold")
+    if ft is not None and not splits.folds:
+        plan_soup(plan, ft, cands, costs, splits, room, accel, ohs["soup"])
+    plan.stages["final"] = ft.final_s if ft is not None else final_probe_s
     return plan
+
+
+def plan_soup(plan: AutoPlan, ft: FinetunePlan, cands: list[Candidate], costs: dict[Candidate, CandidateCost], splits: Splits,
+              room: float, accel: str, overhead: float) -> None:
+    """The soup stage, if the fine-tune can make two LP-FT / full models of one candidate (two rungs, or both methods as
+    arms) and the soup's forward passes (``kind: soup``'s own estimate, at the most members it can get) fit ``room``."""
+    tr, va, sc, _ = splits.dev_sizes()
+    most = len(ft.rungs) * sum(m in SOUP_METHODS for m in ft.methods)
+    if most < 2:
+        plan.notes.append("no soup stage: the fine-tune makes at most one LP-FT / full model per candidate")
+        return
+    soup_s = max(estimate(soup_exp(c, [f"m{i}" for i in range(most)], {}, accel, 0), costs[c], (tr, va, sc), 1, overhead) for c in cands)
+    if soup_s > room:
+        plan.notes.append(f"no soup stage: its ~{soup_s:.0f}s do not fit after the fine-tunes")
+        return
+    plan.stages["soup"], plan.soup_members = soup_s, most
 
 
 # --------------------------------------------------------------------------------------------- the state file
@@ -613,8 +690,8 @@ def auto(
             state.path.unlink(missing_ok=True)
         raise ConfigError(f"--budget {fmt_s(budget_s)} is too small for even one probe: the smallest budget that works here is "
                           f"about {fmt_s(math.ceil(need))} (rank {plan.stages['rank']:.0f}s + one probe + the final run)")
-    state.doc["plan"] = {"stages": plan.stages, "probes": plan.probes, "finetunes": plan.finetunes, "rungs": plan.rungs,
-                         "notes": plan.notes}
+    state.doc["plan"] = {"stages": plan.stages, "probes": plan.probes, "finetunes": plan.finetunes, "methods": plan.methods,
+                         "rungs": plan.rungs, "notes": plan.notes}
     state.save()
     return execute(a, plan)
 
@@ -660,51 +737,20 @@ def execute(a: Auto, plan: AutoPlan) -> dict[str, Any]:
     models: dict[str, dict[str, Any]] = {f"{c}.logistic": {"candidate": c, "kind": "logistic", "val_acc": probe_acc[c], "study": "probes",
                                                             "exp": probe_exp(by_name[c], {}, accel, seed)} for c in scored}
 
-    def finetune() -> dict[str, Any]:
-        alive, rung_log = scored[:plan.finetunes], []
-        for c in scored[plan.finetunes:]:
-            a.dropped.append({"candidate": c, "stage": "probes", "why": f"probe accuracy below the {plan.finetunes} fine-tuned"})
-        for i, (_, epochs) in enumerate(plan.rungs):
-            exps = [finetune_exp(by_name[c], epochs, dev_data(splits, a.side(by_name[c])), accel, seed) for c in alive]
-            accs, skipped = a.run(f"finetune_r{i}", exps)  # each run only if it fits, the final run kept in reserve
-            res = {c: accs.get(e["name"]) for c, e in zip(alive, exps, strict=True)}
-            rung_log.append({"rung": i, "epochs": epochs, "val_acc": {c: v for c, v in res.items() if v is not None},
-                             "skipped": {c: skipped[e["name"]] for c, e in zip(alive, exps, strict=True) if e["name"] in skipped},
-                             "study": f"finetune_r{i}"})
-            ranked = sorted((c for c in alive if res[c] is not None), key=lambda c: -res[c])
-            keep = ranked[:math.ceil(len(alive) / 2)] if i + 1 < len(plan.rungs) else ranked
-            for c, e in zip(alive, exps, strict=True):
-                if c not in keep:
-                    why = (f"not run: {skipped[e['name']]}" if e["name"] in skipped else "failed" if res[c] is None
-                           else f"validation accuracy {res[c]:.4f} in the lower half")
-                    a.dropped.append({"candidate": c, "stage": f"finetune rung {i} ({epochs} epochs)", "why": why})
-            if not keep:
-                break
-            alive = keep
-            if len(alive) < 2 and i + 1 < len(plan.rungs):
-                break
-        return {"rungs": rung_log}
-
-    if plan.finetunes:
-        rung_log = a.stage("finetune", plan.stages["finetune"], finetune)["rungs"]
-        for r in rung_log:
-            for c, acc in (r.get("val_acc") or {}).items():
-                if acc is not None:
-                    models[f"{c}.lp_ft.e{r['epochs']}"] = {"candidate": c, "kind": "lp_ft", "epochs": r["epochs"], "val_acc": acc,
-                                                           "study": r["study"],
-                                                           "exp": finetune_exp(by_name[c], r["epochs"], {}, accel, seed)}
+    if plan.finetunes or "finetune" in a.state.stages:  # (a resumed plan may have less room: a finished stage is read back)
+        rung_log = a.stage("finetune", plan.stages.get("finetune", 0.0), lambda: finetune_stage(a, plan, scored, by_name))["rungs"]
+        models |= finetuned_models(rung_log, by_name, accel, seed)
     # each candidate's best model on validation (a tie goes to the cheaper: probes come first); the best of them is
-    # chosen, the two best make the ensemble
+    # the best single model, the two best make the ensemble
     latest: dict[str, str] = {}
     for k, m in models.items():
         if m["candidate"] not in latest or m["val_acc"] > models[latest[m["candidate"]]]["val_acc"]:
             latest[m["candidate"]] = k
     pair = sorted(latest.values(), key=lambda k: -models[k]["val_acc"])[:2]
     best = pair[0]
-    chosen: dict[str, Any] = {"model": best, **{k: v for k, v in models[best].items() if k != "exp"}}
 
     def ensemble() -> dict[str, Any]:
-        if len(pair) < 2 or plan.stages["ensemble"] + plan.stages["final"] > a.left():
+        if len(pair) < 2 or plan.stages.get("ensemble", 0.0) + plan.stages["final"] > a.left():
             return {"skipped": "fewer than two models" if len(pair) < 2 else "budget"}
         dirs = [str((a.folder / models[k]["study"] / models[k]["exp"]["name"]).resolve()) for k in pair]  # the finished runs
         ens = {"name": "soft_vote", "kind": "ensemble", "ensemble": {"members": dirs, "vote": "soft"}}
@@ -712,24 +758,16 @@ def execute(a: Auto, plan: AutoPlan) -> dict[str, Any]:
         return {"members": pair, "val_acc": accs.get("soft_vote")} if not skipped else {"skipped": skipped["soft_vote"]}
 
     ens: dict[str, Any] = {}
-    if "ensemble" in plan.stages:
-        ens = a.stage("ensemble", plan.stages["ensemble"], ensemble)
-        if ens.get("val_acc") is not None and ens["val_acc"] > chosen["val_acc"]:
-            chosen = {"model": "soft_vote", "kind": "ensemble", "members": pair, "val_acc": ens["val_acc"]}
-        elif ens.get("val_acc") is not None:
-            ens["kept"] = False
-            ens["why"] = f"validation accuracy {ens['val_acc']:.4f} does not beat the best single model ({chosen['val_acc']:.4f})"
+    if "ensemble" in plan.stages or "ensemble" in a.state.stages:
+        ens = a.stage("ensemble", plan.stages.get("ensemble", 0.0), ensemble)
+    soup: dict[str, Any] = {}
+    if "soup" in plan.stages or "soup" in a.state.stages:
+        soup = a.stage("soup", plan.stages.get("soup", 0.0), lambda: soup_stage(a, plan, models, by_name))
 
-    # auto_study.yaml: the finalists (each candidate's best model), on the full training pool, tested on the test split
-    finalists = sorted(latest.values(), key=lambda k: -models[k]["val_acc"])
-    exps = [dict(models[k]["exp"], data=final_data(splits, a.side(by_name[models[k]["candidate"]]))) for k in finalists]
-    only = [models[best]["exp"]["name"]] if chosen["kind"] != "ensemble" else [models[k]["exp"]["name"] for k in pair] + ["soft_vote"]
-    seeds = final_seeds(a, exps, only)
-    study_doc: dict[str, Any] = {"study": "final", "experiments": exps}
-    if seeds > 1:
-        study_doc = {"study": "final", "seeds": list(range(seed, seed + seeds)), "experiments": exps}
-    if chosen["kind"] == "ensemble":  # a study's ensembles: one vote per seed over the members' runs of that seed
-        study_doc["ensembles"] = [{"name": "soft_vote", "members": only[:2], "vote": "soft"}]
+    # the final model: the best single one, or the ensemble or the soup if it beats it on validation and its final fits
+    chosen, choice = final_model(a, models, best, ens, soup, by_name)
+
+    study_doc, only = final_study(a, models, latest, chosen)
     write_text(a.folder / AUTO_STUDY, "# written by transferlab auto: the finalists on the full training pool, tested once.\n"
                f"# auto ran only {', '.join(only)}; `transferlab run {AUTO_STUDY}` runs them all.\n"
                + yaml.safe_dump(study_doc, sort_keys=False))
@@ -740,12 +778,151 @@ def execute(a: Auto, plan: AutoPlan) -> dict[str, Any]:
         mean, std, n = mean_acc(a.folder / "final", only[-1])
         return {"test_acc": mean, "test_acc_std": std, "runs": n}
 
+    seeds = len(study_doc.get("seeds", [0]))
     test = a.stage("final", plan.stages["final"] * seeds, final)
-    doc = summary(a, plan, ranking, models, chosen, ens, test, only)
+    doc = summary(a, plan, ranking, models, chosen, ens, soup, test, only) | {"final_choice": choice}
     write_json(a.folder / AUTO_JSON, doc)
     write_json(a.folder / "final" / AUTO_JSON, doc)  # the final study's report shows it (results.report reads it)
     print_summary(a, doc)
     return doc
+
+
+def finetune_stage(a: Auto, plan: AutoPlan, scored: list[str], by_name: dict[str, Candidate]) -> dict[str, Any]:
+    """The fine-tune stage: the ``plan.finetunes`` best probed candidates × ``plan.methods`` (the arms; LoRA only where it
+    applies), successive halving over ``plan.rungs``: each rung keeps the better half of the arms on validation accuracy
+    and trains it twice as long. Returns the rung log (every arm's validation accuracy, or why it did not run)."""
+    for c in scored[plan.finetunes:]:
+        a.dropped.append({"candidate": c, "stage": "probes", "why": f"probe accuracy below the {plan.finetunes} fine-tuned"})
+    alive = []
+    for c in scored[:plan.finetunes]:
+        arms = [(c, m) for m in plan.methods if m != "lora" or a.costs[by_name[c]].lora_step is not None]
+        if not arms:  # LoRA alone, and it does not apply to this backbone
+            a.dropped.append({"candidate": c, "stage": "finetune", "why": f"LoRA left out: {a.costs[by_name[c]].lora_why}"})
+        alive += arms
+    rung_log: list[dict[str, Any]] = []
+    for i, (_, epochs) in enumerate(plan.rungs):
+        if not alive:
+            break
+        exps = [finetune_exp(by_name[c], epochs, dev_data(a.splits, a.side(by_name[c])), a.accel, a.seed, m) for c, m in alive]
+        accs, skipped = a.run(f"finetune_r{i}", exps)  # each run only if it fits, the final run kept in reserve
+        res = {arm: accs.get(e["name"]) for arm, e in zip(alive, exps, strict=True)}
+        rung_log.append({"rung": i, "epochs": epochs, "study": f"finetune_r{i}",
+                         "arms": [{"candidate": c, "method": m, "val_acc": res[(c, m)], **({"skipped": skipped[e["name"]]}
+                                                                                           if e["name"] in skipped else {})}
+                                  for (c, m), e in zip(alive, exps, strict=True)]})
+        ranked = sorted((arm for arm in alive if res[arm] is not None), key=lambda arm: -res[arm])  # type: ignore[operator]
+        keep = ranked[:math.ceil(len(alive) / 2)] if i + 1 < len(plan.rungs) else ranked
+        for (c, m), e in zip(alive, exps, strict=True):
+            if (c, m) not in keep:
+                why = (f"not run: {skipped[e['name']]}" if e["name"] in skipped else "failed" if res[(c, m)] is None
+                       else f"validation accuracy {res[(c, m)]:.4f} in the lower half")
+                a.dropped.append(arm_dropped(c, m, plan.methods, [mm for cc, mm in keep if cc == c], f"finetune rung {i} ({epochs} epochs)", why))
+        alive = keep
+        if len(alive) < 2 and i + 1 < len(plan.rungs):
+            break
+    return {"rungs": rung_log}
+
+
+def arm_dropped(c: str, method: str, methods: list[str], goes_on: list[str], stage: str, why: str) -> dict[str, str]:
+    """A ``dropped`` entry for an arm: with several methods it names the method, and whether the candidate goes on."""
+    if len(methods) > 1:
+        why = f"{METHOD_LABEL[method]} arm: {why}" + (f" (the candidate goes on with {', '.join(METHOD_LABEL[m] for m in goes_on)})"
+                                                       if goes_on else "")
+    return {"candidate": c, "method": method, "stage": stage, "why": why}
+
+
+def finetuned_models(rung_log: list[dict[str, Any]], by_name: dict[str, Candidate], accel: str, seed: int) -> dict[str, dict[str, Any]]:
+    """The models of the fine-tune stage: ``<candidate>.<method>.e<epochs>`` -> candidate, method (``kind``), epochs,
+    validation accuracy, its study and its experiment (without data: ``final_study`` adds the full pool)."""
+    out = {}
+    for r in rung_log:
+        for arm in r["arms"]:
+            c, m = arm["candidate"], arm["method"]
+            if arm.get("val_acc") is not None:
+                out[f"{c}.{m}.e{r['epochs']}"] = {"candidate": c, "kind": m, "epochs": r["epochs"], "val_acc": arm["val_acc"],
+                                                  "study": r["study"], "exp": finetune_exp(by_name[c], r["epochs"], {}, accel, seed, m)}
+    return out
+
+
+def soup_stage(a: Auto, plan: AutoPlan, models: dict[str, dict[str, Any]], by_name: dict[str, Candidate]) -> dict[str, Any]:
+    """A greedy soup (``kind: soup``) of the best candidate's LP-FT / full fine-tunes (``auto_plan.soup_members``), on
+    the dev data: its "test" accuracy there is its validation accuracy, compared with the best single model's."""
+    members = soup_members(models)
+    if not members:
+        return {"skipped": "fewer than two LP-FT / full fine-tunes of one candidate"}
+    if plan.stages.get("soup", 0.0) + plan.stages["final"] > a.left():
+        return {"skipped": "budget", "members": members}
+    c = by_name[models[members[0]]["candidate"]]
+    dirs = [str((a.folder / models[k]["study"] / models[k]["exp"]["name"]).resolve()) for k in members]  # the finished runs
+    accs, skipped = a.run("soup", [soup_exp(c, dirs, dev_data(a.splits, a.side(c)), a.accel, a.seed)])
+    if skipped:
+        return {"skipped": skipped[SOUP_NAME], "members": members}
+    return {"members": members, "val_acc": accs.get(SOUP_NAME)}
+
+
+def final_model(a: Auto, models: dict[str, dict[str, Any]], best: str, ens: dict[str, Any], soup: dict[str, Any],
+                by_name: dict[str, Candidate]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The chosen model (``auto_plan.choose_final`` over the best single model, the ensemble and the soup, each with
+    the estimated seconds of its final runs) and the record of the choice; marks ``ens`` / ``soup`` kept or why not."""
+    options = [FinalOption("soft_vote", ens["val_acc"], final_cost(a, models, ens["members"]) + a.overhead("ensemble"), "ensemble",
+                           {"members": ens["members"]})] if ens.get("val_acc") is not None else []
+    if soup.get("val_acc") is not None:
+        c = by_name[models[soup["members"][0]]["candidate"]]
+        soup_final = estimate(soup_exp(c, soup["members"], {}, a.accel, a.seed), a.costs[c], a.splits.final_sizes(), 1, a.overhead("soup"))
+        options.append(FinalOption(SOUP_NAME, soup["val_acc"], final_cost(a, models, soup["members"]) + soup_final, "soup",
+                                   {"members": soup["members"]}))
+    single = FinalOption(best, models[best]["val_acc"], final_cost(a, models, [best]))
+    pick, why_not = final_choice(a, single, options)
+    for part, name in ((ens, "soft_vote"), (soup, SOUP_NAME)):
+        if part.get("val_acc") is not None:
+            part["kept"] = pick.model == name
+            if name in why_not:
+                part["why"] = why_not[name]
+    chosen: dict[str, Any] = {"model": best, **{k: v for k, v in models[best].items() if k != "exp"}}
+    if pick.kind != "single":
+        chosen = {"model": pick.model, "kind": pick.kind, "members": pick.extra["members"], "val_acc": pick.val_acc}
+    record = {"options": [{"model": o.model, "kind": o.kind, "val_acc": o.val_acc, "final_s": round(o.final_s, 1)} for o in [single, *options]],
+              "chosen": pick.model, "why_not": why_not}
+    return chosen, record
+
+
+def final_cost(a: Auto, models: dict[str, dict[str, Any]], keys: list[str]) -> float:
+    """Estimated seconds of the final runs of ``models[keys]`` (each on the full pool, one seed)."""
+    return sum(a.est(models[k]["exp"], final=True) for k in keys)
+
+
+def final_choice(a: Auto, single: FinalOption, options: list[FinalOption]) -> tuple[FinalOption, dict[str, str]]:
+    """``auto_plan.choose_final`` with the time left now; a resumed run reads the first invocation's choice back (the
+    study file written then stays the same)."""
+    if "final_choice" in a.state.doc:
+        done = a.state.doc["final_choice"]
+        pick = next((o for o in [single, *options] if o.model == done["chosen"]), single)
+        return pick, done["why_not"]
+    pick, why_not = choose_final(single, options, a.left())
+    a.state.doc["final_choice"] = {"chosen": pick.model, "why_not": why_not}
+    a.state.save()
+    return pick, why_not
+
+
+def final_study(a: Auto, models: dict[str, dict[str, Any]], latest: dict[str, str], chosen: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``auto_study.yaml``: the finalists (each candidate's best model; for a soup also its members, then the soup) on the
+    full training pool, tested on the test split; and the experiments auto runs of it (the chosen model's)."""
+    keys = sorted(latest.values(), key=lambda k: -models[k]["val_acc"])
+    if chosen["kind"] == "soup":
+        keys += [k for k in chosen["members"] if k not in keys]
+    exps = [dict(models[k]["exp"], data=final_data(a.splits, a.side(parse_candidates([models[k]["candidate"]])[0]))) for k in keys]
+    names = {k: models[k]["exp"]["name"] for k in keys}
+    only = [names[chosen["model"]]] if chosen["model"] in models else [names[k] for k in chosen["members"]] + [chosen["model"]]
+    if chosen["kind"] == "soup":
+        c = parse_candidates([models[chosen["members"][0]]["candidate"]])[0]
+        exps.append(soup_exp(c, [names[k] for k in chosen["members"]], final_data(a.splits, a.side(c)), a.accel, a.seed))
+    seeds = final_seeds(a, exps, only)
+    doc: dict[str, Any] = {"study": "final", "experiments": exps}
+    if seeds > 1:
+        doc = {"study": "final", "seeds": list(range(a.seed, a.seed + seeds)), "experiments": exps}
+    if chosen["kind"] == "ensemble":  # a study's ensembles: one vote per seed over the members' runs of that seed
+        doc["ensembles"] = [{"name": "soft_vote", "members": only[:2], "vote": "soft"}]
+    return doc, only
 
 
 def final_seeds(a: Auto, exps: list[dict[str, Any]], only: list[str]) -> int:
@@ -764,7 +941,8 @@ def final_seeds(a: Auto, exps: list[dict[str, Any]], only: list[str]) -> int:
 
 
 def summary(a: Auto, plan: AutoPlan, ranking: list[dict[str, Any]], models: dict[str, Any], chosen: dict[str, Any],
-            ens: dict[str, Any], test: dict[str, Any], only: list[str]) -> dict[str, Any]:
+            ens: dict[str, Any], soup: dict[str, Any], test: dict[str, Any], only: list[str]) -> dict[str, Any]:
+    """What ``auto.json`` holds (``plan_notes``: the plan's notes, then the soup's outcome: the report lists them)."""
     stages = {k: {"planned_s": v["planned_s"], "spent_s": v["spent_s"]} for k, v in a.state.stages.items()}
     spent = a.state.doc["spent_s"]
     return {
@@ -774,18 +952,33 @@ def summary(a: Auto, plan: AutoPlan, ranking: list[dict[str, Any]], models: dict
         else f"a stratified {int(VAL_FRACTION * 100)}% holdout of the training pool",
         "sizes": {"pool": a.splits.n_pool, "test": a.splits.n_test, "classes": a.splits.n_classes},
         "candidates": [{"candidate": str(c), "image_size": a.costs[c].side, "forward_s": a.costs[c].forward, "step_s": a.costs[c].step,
-                        "step_from": a.costs[c].step_from}
+                        "step_from": a.costs[c].step_from, "lora_step_s": a.costs[c].lora_step,
+                        **({"lora_left_out": a.costs[c].lora_why} if a.costs[c].lora_why else {})}
                        for c in a.cands],
+        "finetune_methods": plan.methods,
         "ranking": ranking,
         "models": {k: {kk: vv for kk, vv in m.items() if kk != "exp"} for k, m in models.items()},
         "ensemble": ens,
+        "soup": soup,
         "dropped": a.dropped,
         "chosen": {**chosen, "experiments": only, "test_acc": test.get("test_acc"), "test_acc_std": test.get("test_acc_std"),
                    "test_runs": test.get("runs")},
         "stages": stages,
-        "plan_notes": plan.notes,
+        "plan_notes": plan.notes + outcome_notes(ens, soup),
         "study_file": AUTO_STUDY,
     }
+
+
+def outcome_notes(ens: dict[str, Any], soup: dict[str, Any]) -> list[str]:
+    """The soup stage's outcome in a sentence (the ensemble's has its own line in the report)."""
+    if not soup:
+        return []
+    members = f" of {', '.join(soup['members'])}" if soup.get("members") else ""
+    if soup.get("val_acc") is None:
+        return [f"soup{members}: skipped ({soup.get('skipped', 'failed')})"]
+    if soup.get("kept"):
+        return [f"soup{members}: chosen (validation accuracy {soup['val_acc']:.4f})"]
+    return [f"soup{members}: not kept: {soup.get('why', '')}"]
 
 
 # --------------------------------------------------------------------------------------------- printing
@@ -799,24 +992,28 @@ def fmt_s(s: float) -> str:
 def print_plan(a: Auto, plan: AutoPlan) -> None:
     """The budget plan: measured costs per candidate, then the stages; printed before anything trains."""
     t = Table(title=f"budget plan: {fmt_s(a.budget)} ({fmt_s(max(0.0, a.left()))} left after checking and measuring)")
-    for col in ("candidate", "image size", "inference / image", f"fine-tune step (batch {TRAIN['batch_size']})"):
+    for col in ("candidate", "image size", "inference / image", f"fine-tune step (batch {TRAIN['batch_size']})", "LoRA step"):
         t.add_column(col)
     for c, cc in a.costs.items():
         t.add_row(str(c), str(cc.side), f"{1000 * cc.forward:.2f} ms",
-                  f"{1000 * cc.step:.1f} ms" + ("" if cc.step_from == "measured" else f" ({cc.step_from})"))
+                  f"{1000 * cc.step:.1f} ms" + ("" if cc.step_from == "measured" else f" ({cc.step_from})"),
+                  f"{1000 * cc.lora_step:.1f} ms" if cc.lora_step is not None else "left out")
     a.console.print(t)
     v = f"{a.splits.folds}-fold CV (pool < {KFOLD_BELOW})" if a.splits.folds else f"{int(VAL_FRACTION * 100)}% holdout"
     a.console.print(f"data: {a.splits.n_pool} training images ({v}), {a.splits.n_test} test images, {a.splits.n_classes} classes")
+    methods = " / ".join(METHOD_LABEL[m] for m in plan.methods) + (" as arms" if len(plan.methods) > 1 else "")
     what = {"rank": f"LogME + k-NN on frozen features, {len(a.cands)} candidate(s)",
             "probes": f"logistic probes, the {plan.probes} best ranked",
-            "finetune": f"LP-FT, {plan.finetunes} candidate(s), successive halving {plan.rungs} (candidates, epochs)",
+            "finetune": f"{methods}, {plan.finetunes} candidate(s), successive halving {plan.rungs} (arms, epochs)",
             "ensemble": "soft vote of the two best, kept only if it beats the best single model on validation",
+            "soup": f"greedy soup of the best candidate's LP-FT / full fine-tunes (up to {plan.soup_members}), kept only if it "
+                    "beats the best single model on validation",
             "final": "the chosen model on the full training pool, tested once"}
     for stage, s in plan.stages.items():
         done = " (done: resumed)" if stage in a.state.stages else ""
-        a.console.print(f"  {stage:9} ~{fmt_s(s):>6}  {what[stage]}{done}")
+        a.console.print(f"  {stage:9} ~{fmt_s(s):>6}  {what[stage]}{done}", markup=False, highlight=False)
     for note in plan.notes:
-        a.console.print(f"  note: {note}")
+        a.console.print(f"  note: {note}", markup=False, highlight=False)
     a.console.print(f"  total ~{fmt_s(plan.total_s)} (estimates: ±50%)")
 
 
