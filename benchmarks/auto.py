@@ -17,7 +17,7 @@ Candidates: the embedded EfficientNet-Lite zoo (offline). Every run goes to a fr
 The demo comparison reads the best row of ``--demo-runs`` (default ``runs/fashion_mnist_demo``: ``transferlab demo``
 first); the fastai comparison (``vision_learner(...).fine_tune()`` on the same Lite0 weights for the same wall time,
 trained on auto's training pool and tested on auto's test images) runs only where ``fastai`` is importable (it is not a
-dependency of transferlab: ``pip install fastai`` into the benchmark's environment) and is printed as skipped otherwise;
+dependency of transferlab: ``pip install -c constraints.txt -e ".[bench]"``) and is printed as skipped otherwise;
 ``--no-fastai`` leaves it out. Record each run in RESULTS.md with the machine
 and the date. Target (issue 23): every row's spent time within the budget + 10 %.
 """
@@ -80,7 +80,7 @@ def fastai_row(final_csv: Path, seconds: float, side: int) -> dict[str, Any]:
     one-cycle schedule over the epochs that fit the rest of the time. fastai's ``to_bf16()`` autocasts on CUDA only,
     so a callback gives it the CPU bf16 autocast transferlab uses (where the CPU has bf16)."""
     if importlib.util.find_spec("fastai") is None:
-        return {"skipped": "fastai is not installed (pip install fastai to compare)"}
+        return {"skipped": "fastai is not installed (pip install -c constraints.txt -e '.[bench]' to compare)"}
     import pandas as pd
     import timm
     from fastai.callback.core import Callback

@@ -240,7 +240,7 @@ def run_lightning(cfg: ExperimentConfig, splits: ImageSplits, precision: str, tr
 
 def run_fastai(cfg: ExperimentConfig, splits: ImageSplits, precision: str, trace: Trace) -> None:
     if importlib.util.find_spec("fastai") is None:
-        trace.note = "skipped: fastai is not installed (pip install fastai)"
+        trace.note = "skipped: fastai is not installed (pip install -c constraints.txt -e '.[bench]')"
         return
     import fastai.callback.progress  # noqa: F401 - patches Learner.no_bar
     import fastai.callback.schedule  # noqa: F401 - patches Learner.fit_one_cycle
