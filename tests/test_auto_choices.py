@@ -222,3 +222,31 @@ def test_a_soup_that_wins_on_validation_is_the_final_model_tested_once(images, t
     dev_soup = json.loads((folder / "soup" / SOUP_NAME / "metrics.json").read_text())
     assert dev_soup["status"] == "ok"
     assert any("soup" in n and "chosen" in n for n in doc["plan_notes"])
+
+
+def test_a_resumed_fine_tune_goes_on_with_its_arms(images, tmp_path, monkeypatch):
+    """Killed in the second rung: ``--resume`` keeps the first invocation's methods and rungs (not a new plan made with less
+    time left), so the first rung's runs are reused, not trained again."""
+    real = auto_mod.run_study
+    calls: list[str] = []
+
+    def killed_in_rung_1(study, *args, **kwargs):
+        calls.append(study.name)
+        if study.name == "finetune_r1" and calls.count("finetune_r1") == 1:
+            raise KeyboardInterrupt
+        return real(study, *args, **kwargs)
+
+    monkeypatch.setattr(auto_mod, "run_study", killed_in_rung_1)
+    winning(monkeypatch, lambda name: False)  # no forced winner: only the holdout, the short rungs and one final seed
+    kw = dict(runs_dir=tmp_path, options=OPTIONS, accelerator="cpu", name="k")
+    with pytest.raises(KeyboardInterrupt):
+        auto(images, "10m", CANDIDATES, **kw)
+    folder = tmp_path / "k"
+    first = json.loads((folder / auto_mod.STATE_FILE).read_text())["plan"]
+    rung0 = {p: p.stat().st_mtime_ns for p in (folder / "finetune_r0").glob("*/metrics.json")}
+    assert len(rung0) == 6 and "finetune" not in json.loads((folder / auto_mod.STATE_FILE).read_text())["stages"]
+    console = Console(record=True, width=250)
+    doc = auto(images, "10m", CANDIDATES, resume=True, console=console, **kw)
+    assert doc["finetune_methods"] == first["methods"] and "resumed with the arms it started" in console.export_text()
+    assert {p: p.stat().st_mtime_ns for p in rung0} == rung0  # the first rung's runs were reused
+    assert doc["chosen"]["test_acc"] is not None

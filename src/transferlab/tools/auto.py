@@ -683,6 +683,7 @@ def auto(
     state.doc.setdefault("setup_s", 0.0)
     state.doc["setup_s"] += time.monotonic() - t_start
     plan = make_plan(cands, a.costs, splits, a.left(), accelerator, a.state.doc.get("overhead_s"))
+    keep_finetune_arms(a, plan)
     print_plan(a, plan)
     if a.left() < plan.minimum_s and "probes" not in state.stages:  # resumed after the probes: only the final is left
         need = plan.minimum_s + state.doc["spent_s"] + (time.monotonic() - a.t0)
@@ -694,6 +695,20 @@ def auto(
                          "rungs": plan.rungs, "notes": plan.notes}
     state.save()
     return execute(a, plan)
+
+
+def keep_finetune_arms(a: Auto, plan: AutoPlan) -> None:
+    """On ``--resume`` of an interrupted fine-tune stage: go on with the arms it started (methods, candidates, rungs),
+    so its finished runs are reused by name instead of a new plan (made with less time left) starting others; what no
+    longer fits the time left is skipped run by run (``Auto.run``)."""
+    saved = a.state.doc.get("plan") or {}
+    if "finetune" in a.state.stages or not saved.get("rungs") or not (a.folder / "finetune_r0").is_dir():
+        return
+    plan.methods, plan.finetunes = list(saved["methods"]), int(saved["finetunes"])
+    plan.rungs = [(int(n), int(e)) for n, e in saved["rungs"]]
+    plan.epochs = plan.rungs[0][1]
+    plan.stages.setdefault("finetune", 0.0)
+    plan.notes.append("fine-tune: resumed with the arms it started (" + ", ".join(METHOD_LABEL[m] for m in plan.methods) + ")")
 
 
 def execute(a: Auto, plan: AutoPlan) -> dict[str, Any]:
