@@ -20,6 +20,7 @@ from transferlab.cli import main
 from transferlab.config import ConfigError, load_study, parse_study
 from transferlab.engine.features import STORE
 from transferlab.results.report import build_report
+from transferlab.results.report.markdown import md_esc
 from transferlab.study.dryrun import dry_run
 from transferlab.tools import auto as auto_mod
 from transferlab.tools import auto_plan
@@ -195,6 +196,9 @@ def test_the_report_gets_an_auto_section(done):
     assert "Auto: how this model was chosen" in page and "test_resnet:scratch" in page
     md = report.md_path.read_text()
     assert "## Auto: how this model was chosen" in md and "| stage | planned (s) | spent (s) |" in md
+    assert f"| {md_esc(doc['final_choice']['chosen'])} | chosen |" in md  # the final choice, with why each other option lost
+    for option, why in doc["final_choice"]["why_not"].items():
+        assert f"| {md_esc(option)} | {md_esc(why)} |" in md
     assert md.index("## Auto") < md.index("## Comparison")
 
 

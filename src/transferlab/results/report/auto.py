@@ -12,7 +12,7 @@ from typing import Any
 
 from transferlab.files import read_json
 
-__all__ = ["AUTO_FILE", "auto_candidates", "auto_stages", "auto_summary", "read_auto"]
+__all__ = ["AUTO_FILE", "auto_candidates", "auto_final", "auto_stages", "auto_summary", "auto_tables", "read_auto"]
 
 AUTO_FILE = "auto.json"
 
@@ -53,15 +53,15 @@ def auto_candidates(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One row per candidate: LogME, k-NN, its models' validation accuracy, where it was dropped and why."""
     header = ["candidate", "LogME", "k-NN val", "models (validation accuracy)", "dropped"]
     ranking = {r["candidate"]: r for r in doc.get("ranking", [])}
-    dropped: dict[str, str] = {}
-    for d in doc.get("dropped", []):
-        dropped.setdefault(d["candidate"], f"{d['stage']}: {d['why']}")
+    dropped: dict[str, list[str]] = {}
+    for d in doc.get("dropped", []):  # every drop, in order: an arm dropped at one rung, the candidate at a later stage
+        dropped.setdefault(d["candidate"], []).append(f"{d['stage']}: {d['why']}")
     rows = []
     for c in [c["candidate"] for c in doc.get("candidates", [])]:
         r = ranking.get(c, {})
         models = ", ".join(f"{k.removeprefix(c + '.')} {pct(m.get('val_acc'))}" for k, m in doc.get("models", {}).items()
                            if m.get("candidate") == c)
-        rows.append([c, f"{r['logme']:.4f}" if "logme" in r else "—", pct(r.get("knn")), models or "—", dropped.get(c, "")])
+        rows.append([c, f"{r['logme']:.4f}" if "logme" in r else "—", pct(r.get("knn")), models or "—", "; ".join(dropped.get(c, []))])
     return header, rows
 
 
@@ -69,3 +69,18 @@ def auto_stages(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Planned vs spent seconds per stage."""
     return ["stage", "planned (s)", "spent (s)"], [[name, f"{s['planned_s']:.0f}", f"{s['spent_s']:.0f}"]
                                                    for name, s in doc.get("stages", {}).items()]
+
+
+def auto_final(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The final choice: the best single model, the soft vote and the soup, each kept or with why it was not."""
+    fc = doc.get("final_choice") or {}
+    if not fc:
+        return ["final option", "outcome"], []
+    rows = [[fc["chosen"], "chosen"]] + [[name, why] for name, why in fc.get("why_not", {}).items()]
+    return ["final option", "outcome"], rows
+
+
+def auto_tables(doc: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
+    """The section's tables, in order: candidates, the final choice (when recorded), the time per stage."""
+    final = auto_final(doc)
+    return [auto_candidates(doc), *([final] if final[1] else []), auto_stages(doc)]

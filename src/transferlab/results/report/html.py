@@ -18,7 +18,7 @@ from typing import Any
 from transferlab.results import stats
 from transferlab.results.compare import TASK_TITLES, cell_text, seeds_hint, task_groups, versus_text
 from transferlab.results.report import figures
-from transferlab.results.report.auto import auto_candidates, auto_stages, auto_summary, read_auto
+from transferlab.results.report.auto import auto_summary, auto_tables, read_auto
 from transferlab.results.report.outside import activation_images, outside_predictions, outside_table
 from transferlab.results.report.records import ExperimentRecord, StudyRecord
 from transferlab.results.report.stats import (
@@ -181,7 +181,7 @@ def sections(study: StudyRecord, grid_images: int, grid_wrong: int) -> list[Sect
 def auto_section(doc: dict[str, Any]) -> list[str]:
     """``transferlab auto``: the chosen model, the candidates (scores, where each was dropped and why), time per stage."""
     lines = ['<h2 id="auto">Auto: how this model was chosen</h2><ul>' + "".join(f"<li>{esc(t)}</li>" for t in auto_summary(doc)) + "</ul>"]
-    for head, rows in (auto_candidates(doc), auto_stages(doc)):
+    for head, rows in auto_tables(doc):
         lines.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>"
                      + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>")
     return lines

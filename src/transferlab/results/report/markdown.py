@@ -15,7 +15,7 @@ from typing import Any
 
 from transferlab.files import read_json
 from transferlab.results.compare import TASK_TITLES, cell_text, ci_text, seeds_hint, task_groups, versus_text
-from transferlab.results.report.auto import auto_candidates, auto_stages, auto_summary, read_auto
+from transferlab.results.report.auto import auto_summary, auto_tables, read_auto
 from transferlab.results.report.outside import outside_table
 from transferlab.results.report.records import ExperimentRecord, StudyRecord
 from transferlab.results.report.stats import (
@@ -105,7 +105,7 @@ def auto_section(study_dir: Path) -> list[str]:
     if doc is None:
         return []
     lines = ["## Auto: how this model was chosen", ""] + [f"- {md_esc(t)}" for t in auto_summary(doc)] + [""]
-    for head, rows in (auto_candidates(doc), auto_stages(doc)):
+    for head, rows in auto_tables(doc):
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(md_esc(c) for c in r) + " |" for r in rows] + [""]
     return lines
