@@ -314,10 +314,16 @@ STRATEGY = {"lp_ft": {"name": "lp_ft", "probe_epochs": 1}, "finetune": {"name": 
 per-architecture targets)."""
 
 
+METHOD_TRAIN = {"lora": {"lr": 0.003}}
+"""``train:`` keys a method needs beyond ``TRAIN``: LoRA trains few, zero-initialised weights and wants a larger step than a
+full fine-tune (the default 1e-3); at 3e-3 rank 8/16 matched the 1e-3 full fine-tune on Lite0 (benchmarks/RESULTS.md
+§13 and §14)."""
+
+
 def finetune_exp(c: Candidate, epochs: int, data: dict[str, Any], accel: str, seed: int, method: str = "lp_ft") -> dict[str, Any]:
     return {"name": f"{slug(c)}.{method}.e{epochs}", "kind": "train", "seed": seed, "data": data,
             "model": {"backbone": c.backbone, "weights": c.weights}, "strategy": dict(STRATEGY[method]),
-            "train": {**TRAIN, "accelerator": accel, "epochs": epochs}}
+            "train": {**TRAIN, **METHOD_TRAIN.get(method, {}), "accelerator": accel, "epochs": epochs}}
 
 
 def soup_exp(c: Candidate, members: list[str], data: dict[str, Any], accel: str, seed: int) -> dict[str, Any]:
