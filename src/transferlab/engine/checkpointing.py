@@ -9,6 +9,11 @@ evaluated weights (the EMA unless ``evaluate: raw``) and the other set is the te
 ``last`` is written at every epoch end and inside epochs; ``best`` when the monitored metric
 improved. Resuming takes the newest loadable one and says which; a corrupt one is reported and skipped.
 Further state the loop carries (``extras``: e.g. ``train.swa``'s average) is saved as tensor groups of its name.
+
+A run whose frozen parameters never change (``weights_scope``: a strategy of ``ADAPTER_ONLY`` from loadable base weights)
+writes adapter-only checkpoints: the model tensors are the trainable parameters and every buffer, and the metadata
+records the frozen keys, their base and their fingerprint (``transferlab.models.weights.FrozenPart``, computed once per
+run). A resume loads them into the model built on that base, after checking the fingerprint.
 """
 
 from __future__ import annotations
@@ -23,11 +28,38 @@ import torch
 from lightning.fabric import Fabric
 from rich.console import Console
 
+from transferlab.config import ExperimentConfig, from_dict
 from transferlab.engine.ema import WeightEma
 from transferlab.engine.mixup import Mixup
+from transferlab.engine.swa import unwrapped
 from transferlab.files import CheckpointError, load_checkpoint, load_checkpoint_group, save_checkpoint
+from transferlab.models.weights import FrozenPart, load_checkpoint_state
+from transferlab.strategies import has_schedule
 
-__all__ = ["LoopCheckpoints", "LoopState", "Restored"]
+__all__ = ["ADAPTER_ONLY", "LoopCheckpoints", "LoopState", "Restored", "frozen_part", "weights_scope"]
+
+ADAPTER_ONLY = frozenset({"linear_probe", "bn_only", "norm_only", "bitfit", "lora", "vpt"})
+"""Strategies whose frozen parameters never change during a run: their checkpoints can leave them out."""
+
+
+def weights_scope(cfg: ExperimentConfig) -> str:
+    """``trainable`` when the run's checkpoints hold only the trainable parameters and the buffers, else ``full``.
+
+    Adapter-only needs a strategy of ``ADAPTER_ONLY`` without a trainability schedule (``strategy.unfreeze`` /
+    ``freeze_epochs`` train the frozen stages later), base weights that can be loaded again (not ``scratch``: a random
+    start cannot be rebuilt), no ``train.ema`` (its float32 average of the frozen weights need not equal them bit for
+    bit) and a precision that keeps the weights as they were loaded (not ``bf16-true`` / ``16-true`` / ``64-true``).
+    """
+    s, t = cfg.strategy, cfg.train
+    if s.name not in ADAPTER_ONLY or has_schedule(s) or cfg.model.weights == "scratch":
+        return "full"
+    return "full" if t.ema is not None or t.precision in ("bf16-true", "16-true", "64-true") else "trainable"
+
+
+def frozen_part(model: torch.nn.Module, cfg: ExperimentConfig) -> FrozenPart | None:
+    """What the checkpoints of run ``cfg`` leave out of ``model`` (its frozen parameters, fingerprinted), or ``None``
+    when they hold every tensor (``weights_scope``)."""
+    return FrozenPart.of(unwrapped(model), cfg.model.weights) if weights_scope(cfg) == "trainable" else None
 
 
 @dataclass
@@ -60,6 +92,16 @@ class LoopCheckpoints:
 
     def __init__(self, directory: Path, meta: dict[str, Any], fabric: Fabric) -> None:
         self.directory, self.meta, self.fabric = directory, meta, fabric
+        self._frozen: FrozenPart | None = None  # the run's frozen parameters: fingerprinted once, they never change
+        self._scoped = False
+
+    def frozen(self, model: torch.nn.Module) -> FrozenPart | None:
+        """What this run's checkpoints leave out (``frozen_part`` of the config in ``meta``), computed on first use."""
+        if not self._scoped:
+            config = self.meta.get("config")
+            self._frozen = frozen_part(model, from_dict(ExperimentConfig, config)) if isinstance(config, dict) else None
+            self._scoped = True
+        return self._frozen
 
     def save(self, kind: str, state: LoopState, history: list[dict[str, float]], model: torch.nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: Any, mix: Mixup | None = None, ema: WeightEma | None = None,
@@ -75,6 +117,9 @@ class LoopCheckpoints:
         if ema is not None:  # the checkpoint's model is the evaluated set; the other one rides along
             weights, groups = (ema.state_dict(), {"raw": weights}) if ema.main else (weights, {"ema": ema.state_dict()})
         groups.update({name: obj.state_dict() for name, obj in (extras or {}).items()})  # e.g. the SWA average
+        frozen = self.frozen(model)
+        if frozen is not None:  # adapter-only: the frozen parameters are the base's, recorded by fingerprint
+            weights = frozen.strip(weights)
         full = {
             **self.meta,
             "kind": kind,
@@ -83,6 +128,8 @@ class LoopCheckpoints:
             "history": history,
             "scheduler": scheduler.state_dict(),
         }
+        if frozen is not None:
+            full.update(frozen.meta())
         if ema is not None:
             full["ema"] = {"updates": ema.updates, "model": "ema" if ema.main else "raw"}
         if extras:
@@ -125,7 +172,8 @@ class LoopCheckpoints:
             raw, averaged = (other, state) if meta["ema"]["model"] == "ema" else (state, other)
             ema.load_state_dict(averaged, meta["ema"]["updates"])
             state = raw
-        model.load_state_dict(state, strict=True)
+        load_checkpoint_state(unwrapped(model), state, meta, path)  # adapter-only: completed from the base, fingerprint checked
+        self._frozen, self._scoped = FrozenPart.from_meta(meta, path), True  # checked just now: no second fingerprint
         for name, obj in (extras or {}).items():
             if name not in meta.get("extras", []):
                 raise CheckpointError(f"{path}: written without {name} (train.{name}), cannot resume a run with it")

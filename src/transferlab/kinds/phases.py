@@ -29,7 +29,7 @@ from transferlab.files import load_checkpoint, load_checkpoint_group, read_check
 from transferlab.kinds.base import RunContext
 from transferlab.kinds.common import Prepared
 from transferlab.models.model import TransferModel
-from transferlab.models.weights import load_model_weights
+from transferlab.models.weights import FrozenPart, frozen_fingerprint, load_model_weights
 from transferlab.rundir import Run, RunError, load_run
 from transferlab.rundir.layout import HISTORY_FILE
 from transferlab.strategies import apply_strategy, linear_probe
@@ -206,14 +206,24 @@ def finish_swa(p: Prepared, cfg: ExperimentConfig, ctx: RunContext, kwargs: dict
         scores = validation_scores(model, val, p.splits.num_classes, p.fabric.device, cfg.multilabel)  # loss, acc / map
     if p.writer:
         _, meta, _, _ = load_checkpoint(last)
-        meta = {k: v for k, v in meta.items() if k not in ("optimizer",)}
-        save_checkpoint(ctx.rundir.checkpoints / "best.safetensors", model.state_dict(), {**meta, "kind": "best", "swa": {"models": n_averaged}})
+        weights, scope = _scoped_weights(model, meta, last)
+        meta = {k: v for k, v in meta.items() if k not in ("optimizer", "weights_scope", "frozen")}
+        save_checkpoint(ctx.rundir.checkpoints / "best.safetensors", weights, {**meta, **scope, "kind": "best", "swa": {"models": n_averaged}})
     p.fabric.barrier()
     first = swa_first_epoch(dataclasses.replace(cfg.train, epochs=last_epochs))
     swa, score = cfg.train.swa, "val_map" if cfg.multilabel else "val_acc"
     return {"start": swa.start, "first_epoch": first + 1 + (cfg.train.epochs - last_epochs), "models": n_averaged,
             "lr": swa.lr if swa.lr is not None else float(cfg.train.lr) / 2, "batchnorm_recomputed": len(recomputed),
             **{f"val_{k}": v for k, v in scores.items()}, f"{score}_last_epoch": read_checkpoint_metadata(last)["history"][-1][score]}
+
+
+def _scoped_weights(model: TransferModel, meta: dict[str, Any], last: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The SWA weights to write as ``best`` and their scope: adapter-only like the run's checkpoints when the average of the
+    frozen parameters is still exactly the base (it is: an average of equal tensors), else every tensor."""
+    state, part = model.state_dict(), FrozenPart.from_meta(meta, last)
+    if part is None or frozen_fingerprint(state, part.keys) != part.fingerprint:
+        return state, {}
+    return part.strip(state), part.meta()
 
 
 def finetuning_extra(cfg: ExperimentConfig, probe: FitResult | None, swa: dict[str, Any] | None,

@@ -17,8 +17,10 @@ interpolated by the validation macro mAP instead of the accuracy (``val_map``), 
 
 Where the model has BatchNorm layers that trained, their statistics are recomputed on the training images for
 every candidate (averaged weights do not match averaged statistics); which trained is the members' strategy's
-BatchNorm rule (``trained_parts``: a probe on frozen features, ``kind: logistic``, trained none of them). Floating-point tensors are averaged; integer
-buffers come from the first member. The soup's weights are its ``checkpoints/best.safetensors`` and its
+BatchNorm rule (``trained_parts``: a probe on frozen features, ``kind: logistic``, trained none of them). What is averaged is each member's
+model as ``load_run`` gives it: a LoRA run's adapters merged into its layers (averaging lora_A and lora_B apart would
+average no member's update), an adapter-only checkpoint completed with its base weights. Floating-point tensors are
+averaged; integer buffers come from the first member. The soup's weights are its ``checkpoints/best.safetensors`` and its
 ``config.yaml`` holds the members' model, head and strategy, so ``load_run``, ``predict`` and ``export`` work on it.
 ``soup.fingerprints`` records a hash of every checkpoint averaged: a member deleted or changed afterwards makes
 ``--resume`` report it instead of reusing the soup.
@@ -43,9 +45,10 @@ from transferlab.engine.evaluation import Evaluation, evaluate
 from transferlab.engine.multilabel import MultilabelEvaluation, choose_thresholds, evaluate_multilabel, multilabel_predictions
 from transferlab.engine.predictions import PredictionRecorder, save_test_predictions
 from transferlab.engine.swa import recompute_batchnorm
-from transferlab.files import load_checkpoint, save_checkpoint
+from transferlab.files import save_checkpoint
 from transferlab.kinds.base import KINDS, Kind, RunContext
 from transferlab.kinds.common import base_metrics, batch_kwargs, multilabel_test_part, prepare, test_part
+from transferlab.models.adapters import merge_adapters
 from transferlab.models.model import TransferModel
 from transferlab.rundir import Run, RunError, RunMetrics, code_version, load_run
 from transferlab.rundir.layout import HISTORY_FILE, checkpoint_path
@@ -66,14 +69,21 @@ def _path(ref: str) -> Path:
 def trained_parts(run: Run) -> Callable[[TransferModel, Any], Any]:
     """The strategy that says what of a member trained: its own for a run that trains (with a trainability schedule:
     the set of its last epoch), ``linear_probe`` for a probe on frozen features (``kind: logistic``: only its head
-    trained; its backbone's BatchNorm statistics are the pretrained ones)."""
+    trained; its backbone's BatchNorm statistics are the pretrained ones). The members are averaged merged
+    (``_merged_state``), so LoRA's adapters, added by the strategy to say what trained, are folded away again."""
     assert run.config is not None
     if not run.config.uses.training:
         return linear_probe
-    if has_schedule(run.config.strategy):
-        last = max((run.record.epochs_run or 1) - 1, 0)
-        return lambda model, cfg: apply_strategy_at_epoch(model, cfg, last)
-    return apply_strategy
+    last = max((run.record.epochs_run or 1) - 1, 0) if has_schedule(run.config.strategy) else None
+
+    def rule(model: TransferModel, cfg: Any) -> None:
+        if last is None:
+            apply_strategy(model, cfg)
+        else:
+            apply_strategy_at_epoch(model, cfg, last)
+        merge_adapters(model)  # fresh adapters (lora_B = 0) folded away: the plain layers the merged members load into
+
+    return rule
 
 
 def _checkpoint(run_dir: Path) -> Path:
@@ -168,9 +178,15 @@ def _same_model(cfg: ExperimentConfig, runs: Sequence[Run]) -> None:
                             f"{r.path} has {got[3][:10]}")
 
 
+def _merged_state(run: Run) -> dict[str, torch.Tensor]:
+    """A member's weights as its model computes them (``Run.load_model()``: LoRA merged, an adapter-only checkpoint completed)."""
+    return {k: v.detach().clone() for k, v in run.load_model().state_dict().items()}
+
+
 def _states(cfg: ExperimentConfig, runs: Sequence[Run]) -> list[dict[str, torch.Tensor]]:
-    """The members' weights, checked to have the same keys and shapes (else: different architectures, named)."""
-    states = [load_checkpoint(_checkpoint(r.path))[0] for r in runs]
+    """The members' weights as their models compute (``_merged_state``), checked to have the same keys and shapes (else:
+    different architectures, named)."""
+    states = [_merged_state(r) for r in runs]
     ref = {k: tuple(v.shape) for k, v in states[0].items()}
     for r, s in zip(runs[1:], states[1:], strict=True):
         got = {k: tuple(v.shape) for k, v in s.items()}

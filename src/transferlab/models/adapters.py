@@ -221,8 +221,9 @@ def merge_adapters(model: TransferModel) -> TransferModel:
 def trainable_state_dict(model: TransferModel) -> dict[str, torch.Tensor]:
     """The part of ``model``'s state a strategy changes: trainable parameters and the tensors of BatchNorm layers not frozen.
 
-    With the starting weights it reproduces the model, so it is the small checkpoint of ``lora``, ``vpt``,
-    ``bitfit``, ``norm_only``, ``bn_only`` and ``linear_probe`` runs (``load_trainable_state`` reads it back).
+    With the starting weights it reproduces the model (``load_trainable_state`` reads it back). The run's own
+    checkpoints of ``lora``, ``vpt``, ``bitfit``, ``norm_only``, ``bn_only`` and ``linear_probe`` are adapter-only in the
+    same sense, keeping every buffer too (``transferlab.models.weights.FrozenPart``).
     """
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     live_bn = {n for n, m in model.named_modules() if isinstance(m, BN_TYPES) and n not in model.frozen_bn}

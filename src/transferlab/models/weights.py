@@ -4,15 +4,23 @@ Loading is strict everywhere: a source's old classifier (or a source run's head)
 reported, keys past a truncation are left out and reported, and anything else that does not fit is
 an error listing missing keys, unexpected keys and shape mismatches. Files are safetensors, or torch
 state dicts read with ``torch.load(weights_only=True)``: nothing beyond tensors is ever unpickled.
+
+Adapter-only checkpoints (``weights_scope: trainable``, written for strategies whose frozen parameters never
+change: ``lora``, ``vpt``, ``bitfit``, ``norm_only``, ``bn_only``, ``linear_probe``) hold the trainable
+parameters and every buffer; the frozen parameters are left out and recorded as a ``FrozenPart``: their keys,
+the ``model.weights`` they come from (the base) and a sha256 fingerprint of their values. ``load_model_weights``
+(every reader goes through it, or through ``load_checkpoint_state``) completes such a checkpoint from the model's
+own frozen tensors — the model must have been built with the base — after checking the fingerprint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +30,17 @@ from torch import nn
 
 from transferlab.files import CheckpointError, load_checkpoint
 from transferlab.models.truncate import summarize_keys
+from transferlab.rundir import RunError, load_run
 
 __all__ = [
+    "FrozenPart",
     "LoadReport",
     "RunWeights",
     "WeightsError",
     "classifier_prefixes",
+    "completed_state",
+    "frozen_fingerprint",
+    "load_checkpoint_state",
     "load_model_weights",
     "load_run_head",
     "load_strict",
@@ -157,13 +170,104 @@ def read_state_file(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_model_weights(model: nn.Module, path: Path) -> dict[str, Any]:
-    """Load a checkpoint's model tensors into ``model`` strictly; returns its metadata. Errors name the file."""
-    state, meta, _, _ = load_checkpoint(path)
+# --------------------------------------------------------------------------------------------
+# checkpoints: full, or adapter-only (the frozen parameters left out and fingerprinted)
+
+
+def frozen_fingerprint(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> str:
+    """sha256 over the tensors ``keys`` of ``state``, in sorted order: each one's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for key in sorted(keys):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype (bf16 has no numpy type)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FrozenPart:
+    """The frozen parameters an adapter-only checkpoint leaves out: their state-dict keys, the ``model.weights`` they
+    come from (``base``: ``embedded``, ``imagenet``, ``file:…``, ``run:…``, ``hf:…``) and ``frozen_fingerprint`` of them."""
+
+    keys: tuple[str, ...]
+    base: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, model: nn.Module, base: str) -> FrozenPart:
+        """The parameters of ``model`` that do not train now (``requires_grad`` off), fingerprinted."""
+        frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        state = model.state_dict()
+        keys = tuple(sorted(k for k in state if k in frozen))
+        return cls(keys, base, frozen_fingerprint(state, keys))
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], path: Path | str) -> FrozenPart | None:
+        """The record in a checkpoint's metadata; ``None`` for a full checkpoint (every one written before scopes)."""
+        scope = meta.get("weights_scope", "full")
+        if scope == "full":
+            return None
+        frozen = meta.get("frozen")
+        if scope != "trainable" or not isinstance(frozen, dict) or not {"keys", "base", "fingerprint"} <= set(frozen):
+            raise CheckpointError(f"{path}: weights_scope {scope!r} without a readable record of its frozen weights "
+                                  "(expected weights_scope 'full', or 'trainable' with frozen: keys, base, fingerprint)")
+        return cls(tuple(frozen["keys"]), str(frozen["base"]), str(frozen["fingerprint"]))
+
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint's metadata records (``from_meta`` reads it back)."""
+        return {"weights_scope": "trainable",
+                "frozen": {"base": self.base, "fingerprint": self.fingerprint, "count": len(self.keys), "keys": list(self.keys)}}
+
+    def strip(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` without the frozen tensors: what an adapter-only checkpoint stores."""
+        left_out = set(self.keys)
+        return {k: v for k, v in state.items() if k not in left_out}
+
+
+def completed_state(model: nn.Module, state: dict[str, torch.Tensor], part: FrozenPart, path: Path | str) -> dict[str, torch.Tensor]:
+    """An adapter-only checkpoint's ``state`` completed with ``model``'s own frozen tensors, after checking that they are
+    the ones the run trained on (``part.fingerprint``); the strict load that follows checks every other key."""
+    current = model.state_dict()
+    absent = [k for k in part.keys if k not in current]
+    if absent:
+        raise CheckpointError(f"{path} leaves out {len(part.keys)} frozen tensors of model.weights={part.base}, and this model lacks "
+                              f"{len(absent)} of them ({', '.join(absent[:5])}{' …' if len(absent) > 5 else ''}): "
+                              "it is not the architecture the run trained")
+    found = frozen_fingerprint(current, part.keys)
+    if found != part.fingerprint:
+        raise CheckpointError(
+            f"{path} holds only the tensors its run trained; its {len(part.keys)} frozen tensors must be those of "
+            f"model.weights={part.base} as the run loaded them (fingerprint {part.fingerprint[:16]}…), but the model built now has "
+            f"{found[:16]}…: the base changed since the run (another file, package version or source run), so the checkpoint "
+            "cannot be completed. Restore that base, or rerun the experiment"
+        )
+    return {**state, **{k: current[k] for k in part.keys}}
+
+
+def load_checkpoint_state(model: nn.Module, state: dict[str, torch.Tensor], meta: Mapping[str, Any], path: Path | str) -> None:
+    """Load the model tensors ``state`` of checkpoint ``path`` (metadata ``meta``) into ``model`` strictly.
+
+    A full checkpoint loads as it is. An adapter-only one (``weights_scope: trainable``) needs ``model`` built with its
+    base weights: the frozen tensors' fingerprint is checked, every stored key must exist and the keys it lacks must be
+    exactly the recorded frozen ones. Errors (``CheckpointError``) name the file, the base and the fingerprints.
+    """
+    part = FrozenPart.from_meta(meta, path)
+    if part is not None:
+        stored_frozen = sorted(set(part.keys) & set(state))
+        if stored_frozen:
+            raise CheckpointError(f"{path}: records {', '.join(stored_frozen[:5])} as left out, yet holds them (a damaged checkpoint)")
+        state = completed_state(model, state, part, path)
     try:
         load_strict(model, state, str(path), drop_prefixes=[])
     except WeightsError as e:
         raise CheckpointError(str(e)) from None
+
+
+def load_model_weights(model: nn.Module, path: Path) -> dict[str, Any]:
+    """Load a checkpoint's model tensors into ``model`` strictly (``load_checkpoint_state``: an adapter-only checkpoint
+    needs ``model`` built with its base weights); returns its metadata. Errors name the file."""
+    state, meta, _, _ = load_checkpoint(path)
+    load_checkpoint_state(model, state, meta, path)
     return meta
 
 
@@ -212,6 +316,12 @@ def read_run_weights(run_dir: str | Path, expected_backbone: str | None = None) 
             f"weights run:{run_dir}: expected backbone {expected_backbone} (model.backbone of this experiment), "
             f"found {found} ({path})"
         )
+    try:
+        completed = FrozenPart.from_meta(meta, path) is not None
+        if completed:  # adapter-only: the run's own model rebuilt on its base (LoRA merged), the same loader as load_run
+            state = {k: v.detach() for k, v in load_run(run_dir).load_model(name).state_dict().items()}
+    except (CheckpointError, RunError) as e:
+        raise WeightsError(f"weights run:{run_dir}: {e}") from None
     backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     head = {k: v for k, v in state.items() if k.startswith("head.")}
     other = sorted(set(state) - {f"backbone.{k}" for k in backbone} - set(head))
@@ -219,7 +329,8 @@ def read_run_weights(run_dir: str | Path, expected_backbone: str | None = None) 
         raise WeightsError(f"weights run:{run_dir}: {path} has tensors outside backbone./head.: {', '.join(other[:10])}")
     epoch = meta.get("epoch")
     return RunWeights(
-        source=f"run {run_dir} ({path.name}, epoch {epoch + 1 if isinstance(epoch, int) else '?'})",
+        source=f"run {run_dir} ({path.name}, epoch {epoch + 1 if isinstance(epoch, int) else '?'}"
+               + (f"; adapter-only, completed with its base {meta['frozen']['base']})" if completed else ")"),
         backbone=backbone,
         head=head,
         backbone_name=found,
