@@ -365,6 +365,13 @@ def test_soups_in_a_study_run_after_their_members_and_are_runs_like_any_other(tm
     assert wf["chosen_alpha"] == max(wf["curve"], key=lambda r: r["val_acc"])["alpha"]
     assert [r["alpha"] for r in wise.history] == [0.0, 0.5, 1.0]  # history.csv: a row per alpha
     assert not math.isnan(wise.history[0]["val_acc"])
+    # BatchNorm statistics both ways per alpha, the better on val kept; interpolated, the curve's ends are the two models
+    for row in wf["curve"]:
+        assert row["bn"] in ("interpolated", "recomputed")
+        assert row["val_acc"] == max(row["val_acc_interpolated_bn"], row["val_acc_recomputed_bn"])
+    for alpha, end in ((0.0, load_run(runs / "probe")), (1.0, load_run(runs / "ft_a"))):
+        row = next(r for r in wf["curve"] if r["alpha"] == alpha)
+        assert row["val_acc_interpolated_bn"] == pytest.approx(end.metrics["best_val"], abs=1.01 / end.metrics["n_val"])
     # the soup's weights are its checkpoint: load_run, export (with parity) work on it
     model = greedy.load_model()
     assert type(model).__name__ == "TransferModel"

@@ -19,10 +19,12 @@ is frozen entirely — updating its running statistics would silently change a "
 =================  ==============================================================================
 
 The new head always trains fully. ``lora`` and ``vpt`` add modules to the backbone
-(``transferlab.models.adapters.add_strategy_modules``): a run's checkpoint holds them,
-``merge_adapters`` folds LoRA back into plain layers for exports and predictions, and
-``trainable_state_dict`` is the small part of the state that such a strategy changes (adapters,
-prompts, biases, norms, head).
+(``transferlab.models.adapters.add_strategy_modules``), and ``merge_adapters`` folds LoRA back into
+plain layers for exports and predictions. A strategy whose frozen parameters never change (``lora``,
+``vpt``, ``bitfit``, ``norm_only``, ``bn_only``, ``linear_probe``, without a trainability schedule)
+writes adapter-only checkpoints: the trainable tensors and the buffers, the frozen ones left out and
+fingerprinted (``engine.checkpointing.weights_scope``, ``models.weights.FrozenPart``); every reader
+completes them from the base weights.
 
 On top of any strategy, a *trainability schedule* (``strategy.unfreeze`` or fastai-style
 ``strategy.freeze_epochs``) unfreezes the frozen stages during training, top stage first, and

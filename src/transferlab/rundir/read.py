@@ -97,7 +97,10 @@ class Run:
 
     def load_model(self, checkpoint: str = "best") -> nn.Module:
         """Rebuild the model and load the ``best`` (or ``last``) checkpoint strictly, normalised as the run
-        trained (``transferlab.models.load_run_model``). No download happens."""
+        trained (``transferlab.models.load_run_model``). A full checkpoint needs nothing else; an adapter-only one
+        (``lora``, ``bitfit``, … runs) is completed with the run's base weights (``model.weights``): the embedded
+        package or a local file as the run read them, ``imagenet`` from the Hugging Face cache (downloaded when online
+        and not cached)."""
         if RUN_ACTIONS.load_model is None:
             raise RunError("Run.load_model needs transferlab.models: `import transferlab` (or transferlab.models) first")
         return RUN_ACTIONS.load_model(self, checkpoint)
