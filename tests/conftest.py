@@ -30,3 +30,34 @@ def make_cfg():
         return cfg
 
     return _make
+
+
+@pytest.fixture
+def interrupt_and_resume(monkeypatch):
+    """``(cfg, root, die_at, directory="checkpoints") -> (full, resumed, full_dir, cut_dir)``: the run uninterrupted
+    into ``root/full``, then into ``root/cut`` killed right after the ``last`` checkpoint of epoch index ``die_at`` in
+    ``directory`` (a simulated kill: ``KeyboardInterrupt`` out of ``save_checkpoint``) and resumed; both runs' metrics."""
+    from rich.console import Console
+
+    import transferlab.engine.checkpointing as engine
+    from transferlab.kinds import run_experiment
+
+    quiet = Console(quiet=True)
+
+    def run(cfg, root, die_at, directory="checkpoints"):
+        full = run_experiment(cfg, root / "full", console=quiet)
+        real = engine.save_checkpoint
+
+        def save_then_die(path, *args, **kwargs):
+            real(path, *args, **kwargs)
+            if path.name == "last.safetensors" and path.parent.name == directory and args[1]["epoch"] == die_at:
+                raise KeyboardInterrupt("simulated kill")
+
+        monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(cfg, root / "cut", console=quiet)
+        monkeypatch.setattr(engine, "save_checkpoint", real)
+        resumed = run_experiment(cfg, root / "cut", resume=True, console=quiet)
+        return full, resumed, root / "full", root / "cut"
+
+    return run

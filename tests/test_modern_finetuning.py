@@ -11,7 +11,6 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 import transferlab
-import transferlab.engine.checkpointing as engine
 from transferlab.config import ConfigError, parse_study
 from transferlab.engine.distill import DistillLoss, teacher_inputs
 from transferlab.engine.losses import L2SpLoss
@@ -55,25 +54,6 @@ def base_runs(tmp_path_factory):
 
 def _last(run_dir):
     return load_file(str(run_dir / "checkpoints" / "last.safetensors"))
-
-
-def _interrupt_and_resume(cfg, tmp_path, monkeypatch, die_at, directory="checkpoints"):
-    """The run uninterrupted, then killed right after the ``last`` checkpoint of epoch index ``die_at`` in ``directory``
-    and resumed: returns (full metrics, resumed metrics, full dir, cut dir)."""
-    full = run_experiment(cfg, tmp_path / "full", console=QUIET)
-    real = engine.save_checkpoint
-
-    def save_then_die(path, *args, **kwargs):
-        real(path, *args, **kwargs)
-        if path.name == "last.safetensors" and path.parent.name == directory and args[1]["epoch"] == die_at:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut", console=QUIET)
-    monkeypatch.setattr(engine, "save_checkpoint", real)
-    resumed = run_experiment(cfg, tmp_path / "cut", resume=True, console=QUIET)
-    return full, resumed, tmp_path / "full", tmp_path / "cut"
 
 
 def _assert_same(a_dir, b_dir, full, resumed):
@@ -204,11 +184,11 @@ def test_lp_ft_probes_on_cached_features_then_finetunes_and_both_phases_are_in_t
     assert m["lp_ft"]["probe_log"] == ["feature cache: cached at pooled"]  # the probe phase: one backbone pass
 
 
-def test_lp_ft_resumes_bit_identically_in_either_phase(make_cfg, tmp_path, monkeypatch):
+def test_lp_ft_resumes_bit_identically_in_either_phase(make_cfg, tmp_path, interrupt_and_resume):
     cfg = make_cfg(strategy={"name": "lp_ft", "probe_epochs": 1}, train={"epochs": 3}, head={"type": "mlp", "hidden": 16, "dropout": 0.3})
-    full, resumed, a, b = _interrupt_and_resume(cfg, tmp_path, monkeypatch, die_at=0)  # killed after the first fine-tuning epoch
+    full, resumed, a, b = interrupt_and_resume(cfg, tmp_path, die_at=0)  # killed after the first fine-tuning epoch
     _assert_same(a, b, full, resumed)
-    full, resumed, a, b = _interrupt_and_resume(cfg, tmp_path / "p", monkeypatch, die_at=0, directory="probe")  # after the probe
+    full, resumed, a, b = interrupt_and_resume(cfg, tmp_path / "p", die_at=0, directory="probe")  # after the probe
     _assert_same(a, b, full, resumed)
 
 
@@ -231,9 +211,9 @@ def test_swa_averages_the_last_epochs_recomputes_batchnorm_and_is_the_tested_mod
     assert load_run(tmp_path / "run").export("torchscript", tmp_path / "m.pt").parity.ok
 
 
-def test_swa_resumes_bit_identically(make_cfg, tmp_path, monkeypatch):
+def test_swa_resumes_bit_identically(make_cfg, tmp_path, interrupt_and_resume):
     cfg = make_cfg(train={"epochs": 4, "swa": {"start": 0.5}}, data={"augment": ["flip"]})
-    full, resumed, a, b = _interrupt_and_resume(cfg, tmp_path, monkeypatch, die_at=2)  # inside the averaging
+    full, resumed, a, b = interrupt_and_resume(cfg, tmp_path, die_at=2)  # inside the averaging
     _assert_same(a, b, full, resumed)
     best_a, best_b = (load_file(str(d / "checkpoints" / "best.safetensors")) for d in (a, b))
     assert best_a.keys() == best_b.keys() and all(torch.equal(best_a[k], best_b[k]) for k in best_a)  # the SWA weights
@@ -293,9 +273,9 @@ def test_teacher_gets_its_own_size_and_normalisation_and_the_loss_mixes_kl_at_te
     assert float(loss(logits, target)) == pytest.approx(0.75 * float(hard) + 0.25 * 4 * kl, rel=1e-5)
 
 
-def test_distillation_from_a_teacher_of_another_size_resumes_bit_identically(make_cfg, base_runs, tmp_path, monkeypatch):
+def test_distillation_from_a_teacher_of_another_size_resumes_bit_identically(make_cfg, base_runs, tmp_path, interrupt_and_resume):
     cfg = make_cfg(data={"image_size": 16, "augment": ["flip"]}, train={"epochs": 3, "distill": {"teacher": f"run:{base_runs / 'a'}", "alpha": 0.7}})
-    full, resumed, a, b = _interrupt_and_resume(cfg, tmp_path, monkeypatch, die_at=1)
+    full, resumed, a, b = interrupt_and_resume(cfg, tmp_path, die_at=1)
     _assert_same(a, b, full, resumed)
     assert full["distill"] == {"teacher": f"run:{base_runs / 'a'}", "alpha": 0.7, "temperature": 4.0}
     assert full["feature_cache"]["used"] is False

@@ -15,7 +15,6 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 import transferlab  # noqa: F401 - registers transferlab_cnn, the kinds and the exporters
-import transferlab.engine.checkpointing as engine
 from transferlab.config import ExperimentConfig, HeadConfig, ModelConfig, from_dict
 from transferlab.data import TensorBatches, prepare_splits
 from transferlab.engine.checkpointing import weights_scope
@@ -133,21 +132,9 @@ def test_exports_of_an_adapter_only_run_pass_their_parity_checks(lora_runs, tmp_
 
 
 @pytest.mark.parametrize("strategy", [LORA, {"name": "bitfit"}], ids=["lora", "bitfit"])
-def test_a_killed_adapter_only_run_resumes_bit_identically(cfg_on, tmp_path, monkeypatch, strategy):
+def test_a_killed_adapter_only_run_resumes_bit_identically(cfg_on, tmp_path, interrupt_and_resume, strategy):
     cfg = cfg_on(strategy, train={"epochs": 3}, data={"augment": ["flip"]})
-    full = run_experiment(cfg, tmp_path / "full", console=QUIET)
-    real = engine.save_checkpoint
-
-    def save_then_die(path, *args, **kwargs):
-        real(path, *args, **kwargs)
-        if path.name == "last.safetensors" and args[1]["epoch"] == 0:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut", console=QUIET)
-    monkeypatch.setattr(engine, "save_checkpoint", real)
-    resumed = run_experiment(cfg, tmp_path / "cut", resume=True, console=QUIET)
+    full, resumed, _, _ = interrupt_and_resume(cfg, tmp_path, die_at=0)
     assert resumed["resumed_from"].endswith("last.safetensors")
     a, b = (load_file(str(d / "checkpoints" / "last.safetensors")) for d in (tmp_path / "full", tmp_path / "cut"))
     assert read_checkpoint_metadata(tmp_path / "cut" / "checkpoints" / "last.safetensors")["weights_scope"] == "trainable"
