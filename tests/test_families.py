@@ -21,9 +21,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-import transferlab.engine.checkpointing as engine
 from transferlab.config import ExperimentConfig, from_dict
-from transferlab.kinds import run_experiment
 from transferlab.models.adapters import add_strategy_modules, merge_adapters
 from transferlab.models.model import build_model
 from transferlab.models.weights import load_model_weights
@@ -174,22 +172,10 @@ def _state(run_dir):
 
 
 @pytest.mark.parametrize(("family", "strategy"), list(_run_cases()))
-def test_run_resume(family, strategy, tmp_path, monkeypatch):
+def test_run_resume(family, strategy, tmp_path, interrupt_and_resume):
     # the feature cache's search for a frozen prefix costs more than these runs; the ViT run keeps it (prompts train)
     cfg = _cfg(family, strategy, 32, cache="auto" if family == "vit" else "off")
-    full = run_experiment(cfg, tmp_path / "full", console=QUIET)
-    real_save = engine.save_checkpoint
-
-    def save_then_die(path, *args, **kwargs):
-        real_save(path, *args, **kwargs)
-        if path.name == "last.safetensors" and args[1]["epoch"] == 0:
-            raise KeyboardInterrupt("simulated kill after epoch 1")
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut", console=QUIET)
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
-    resumed = run_experiment(cfg, tmp_path / "cut", resume=True, console=QUIET)
+    full, resumed, _, _ = interrupt_and_resume(cfg, tmp_path, die_at=0)  # killed right after epoch 1
     assert resumed["resumed_from"].endswith("last.safetensors")
     a, b = _state(tmp_path / "full"), _state(tmp_path / "cut")
     assert a.keys() == b.keys()

@@ -10,7 +10,6 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-import transferlab.engine.checkpointing as engine
 from transferlab.engine import TrainingDiverged
 from transferlab.files import CheckpointError
 from transferlab.files import read_checkpoint_metadata as read_metadata
@@ -77,26 +76,13 @@ def _final_state(run_dir):
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
-def test_resume_after_interruption_is_bit_identical(make_cfg, tmp_path, monkeypatch, schedule):
+def test_resume_after_interruption_is_bit_identical(make_cfg, tmp_path, interrupt_and_resume, schedule):
     cfg = make_cfg(
         train={"epochs": 3, "optimizer": "adamw", "schedule": schedule},
         head={"type": "mlp", "hidden": 16, "dropout": 0.3},  # dropout: the global RNG must be restored too
         data={"augment": ["flip", "crop"]},
     )
-    full = run_experiment(cfg, tmp_path / "full", console=QUIET)
-
-    real_save = engine.save_checkpoint
-
-    def save_then_die(path, *args, **kwargs):
-        real_save(path, *args, **kwargs)
-        if path.name == "last.safetensors" and args[1]["epoch"] == 1:
-            raise KeyboardInterrupt("simulated kill after epoch 2")
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut", console=QUIET)
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
-    resumed = run_experiment(cfg, tmp_path / "cut", resume=True, console=QUIET)
+    full, resumed, _, _ = interrupt_and_resume(cfg, tmp_path, die_at=1)  # killed right after epoch 2
 
     assert resumed["resumed_from"].endswith("last.safetensors")
     a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "cut")
