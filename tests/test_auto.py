@@ -240,3 +240,7 @@ def test_an_ensemble_that_wins_on_validation_is_the_final_model(images, tmp_path
     assert [(e.name, e.vote, e.members) for e in study.ensembles] == [("soft_vote", "soft", ch["experiments"][:2])]
     ran = {p.parent.name.split(".seed")[0] for p in (tmp_path / "auto_shapes" / "final").glob("*/metrics.json")}
     assert ran == set(ch["experiments"])
+    # the final stage is planned at the vote's own final runs (both members and the vote) per seed, not at the reserve
+    vote = next(o for o in doc["final_choice"]["options"] if o["model"] == "soft_vote")
+    seeds = len(yaml.safe_load((tmp_path / "auto_shapes" / AUTO_STUDY).read_text()).get("seeds", [0]))
+    assert doc["stages"]["final"]["planned_s"] == pytest.approx(vote["final_s"] * seeds, abs=0.01 * seeds)

@@ -119,6 +119,39 @@ def test_without_peft_lora_is_left_out_and_the_plan_says_so(tmp_path, monkeypatc
     assert "left out" in out and f"note: LoRA left out: {PEFT_MISSING}" in out
 
 
+def test_after_the_probes_the_fine_tune_is_planned_at_the_chosen_candidates_costs(tmp_path):
+    """The first plan must cost every fine-tune at the dearest candidate (the ranking is not known yet); once the probes
+    have ranked the candidates, the fine-tune stage is sized again at the costs of those it will fine-tune."""
+    cheap, dear = parse_candidates(["test_resnet:scratch", "test_efficientnet:scratch"])
+    cc = {cheap: CandidateCost(16, 1e-4, 2e-2), dear: CandidateCost(16, 5e-3, 2.0)}  # the dear one: 100x the step
+    sp, by_name = splits(tmp_path), {str(cheap): cheap, str(dear): dear}
+
+    def replanned(budget: float, scored: list[str], folder: str) -> tuple[auto_mod.AutoPlan, Auto]:
+        plan = make_plan([cheap, dear], cc, sp, budget, "cpu")
+        assert plan.finetunes == 0 and any(n.startswith("no fine-tuning") for n in plan.notes)  # at the dear one's cost
+        (tmp_path / folder).mkdir()
+        left = budget - plan.stages["rank"] - plan.stages["probes"]  # as if the probes took their plan
+        a = Auto(tmp_path / folder, left, [cheap, dear], sp, AutoState(tmp_path / folder, {}, False), Console(quiet=True), "cpu",
+                 0, 16, {}, costs=cc)
+        auto_mod.replan_finetune(a, plan, scored, by_name)
+        return plan, a
+
+    plan, a = replanned(200, [str(cheap), str(dear)], "cheap_first")  # the cheap one probed best: its fine-tune fits
+    assert plan.finetunes == 1 and "finetune" in plan.stages and plan.methods
+    assert plan.stages["finetune"] + plan.stages.get("ensemble", 0) + plan.stages.get("soup", 0) + plan.stages["final"] <= a.left()
+    assert not any(n.startswith("no fine-tuning") for n in plan.notes)
+    assert any(n.startswith(f"re-planned after the probes, at the costs of {cheap}") for n in plan.notes)
+    assert json.loads((tmp_path / "cheap_first" / auto_mod.STATE_FILE).read_text())["plan"]["finetunes"] == 1  # what --resume reads
+    plan, _ = replanned(200, [str(dear), str(cheap)], "dear_first")  # the dear one probed best: still nothing fits
+    assert plan.finetunes == 0 and "finetune" not in plan.stages and "no fine-tune fits" in plan.notes[-1]
+    (tmp_path / "started" / "finetune_r0").mkdir(parents=True)  # a fine-tune already started (resumed): its arms stay
+    plan = make_plan([cheap, dear], cc, sp, 200, "cpu")
+    a = Auto(tmp_path / "started", 150, [cheap, dear], sp, AutoState(tmp_path / "started", {}, False), Console(quiet=True), "cpu", 0,
+             16, {}, costs=cc)
+    auto_mod.replan_finetune(a, plan, [str(cheap), str(dear)], by_name)
+    assert plan.finetunes == 0 and not any(n.startswith("re-planned") for n in plan.notes)
+
+
 # --------------------------------------------------------------------------------------------- the final candidate
 
 

@@ -64,7 +64,17 @@ from transferlab.models.model import build_model
 from transferlab.registry import suggestion
 from transferlab.strategies import apply_strategy
 from transferlab.study import run_study
-from transferlab.tools.auto_plan import METHOD_LABEL, METHODS, SOUP_METHODS, FinalOption, FinetunePlan, choose_final, choose_finetune, soup_members
+from transferlab.tools.auto_plan import (
+    METHOD_LABEL,
+    METHODS,
+    SOUP_METHODS,
+    FinalOption,
+    FinetunePlan,
+    RunSeconds,
+    choose_final,
+    choose_finetune,
+    soup_members,
+)
 from transferlab.tools.rank import Candidate, parse_candidates, rank_backbones
 
 __all__ = [
@@ -471,15 +481,37 @@ def make_plan(cands: list[Candidate], costs: dict[Candidate, CandidateCost], spl
     plan.probes = max(1, min(MAX_PROBES, len(cands), int(room // probe_s)))
     plan.stages["probes"] = plan.probes * probe_s
     room -= plan.stages["probes"]
-    methods = [m for m in METHODS if m != "lora" or any(cc.lora_step is not None for cc in costs.values())]
     plan.notes += lora_notes(cands, costs)
+    n_max = min(MAX_FINETUNES, plan.probes if len(cands) > 1 else 1)
+    ft = choose_finetune(finetune_seconds(cands, costs, splits, accel, ohs), ft_methods(cands, costs), n_max, room, final_probe_s)
+    set_finetune(plan, ft, cands, costs, splits, room, accel, ohs, final_probe_s)
+    return plan
 
-    def run_s(method: str, epochs: int, final: bool) -> float:  # the dearest candidate that can run the method
+
+def ft_methods(cands: list[Candidate], costs: dict[Candidate, CandidateCost]) -> list[str]:
+    """The fine-tune methods open to ``cands``: LoRA only where one of them can take it."""
+    return [m for m in METHODS if m != "lora" or any(costs[c].lora_step is not None for c in cands)]
+
+
+def finetune_seconds(cands: list[Candidate], costs: dict[Candidate, CandidateCost], splits: Splits, accel: str,
+                     ohs: dict[str, float]) -> RunSeconds:
+    """``(method, epochs, final) -> seconds`` of one fine-tune run of the dearest of ``cands`` that can run the method."""
+    tr, va, sc, runs = splits.dev_sizes()
+
+    def run_s(method: str, epochs: int, final: bool) -> float:
         exp = finetune_exp(cands[0], epochs, {}, accel, 0, method)
         sizes, n = (splits.final_sizes(), 1) if final else ((tr, va, sc), runs)
-        return max(estimate(exp, cc, sizes, n, ohs["train"]) for cc in costs.values() if method != "lora" or cc.lora_step is not None)
+        return max(estimate(exp, costs[c], sizes, n, ohs["train"]) for c in cands if method != "lora" or costs[c].lora_step is not None)
+    return run_s
 
-    ft = choose_finetune(run_s, methods, min(MAX_FINETUNES, plan.probes if len(cands) > 1 else 1), room, final_probe_s)
+
+def set_finetune(plan: AutoPlan, ft: FinetunePlan | None, cands: list[Candidate], costs: dict[Candidate, CandidateCost],
+                 splits: Splits, room: float, accel: str, ohs: dict[str, float], final_probe_s: float) -> None:
+    """Write the fine-tune stage ``ft`` (or none) into ``plan``, then the stages that depend on it: the ensemble, the
+    soup (what ``room`` leaves after the fine-tunes) and the final run's reserve."""
+    for k in ("finetune", "ensemble", "soup", "final"):
+        plan.stages.pop(k, None)
+    plan.methods, plan.finetunes, plan.epochs, plan.rungs, plan.soup_members = [], 0, 0, [], 0
     if ft is None:
         plan.notes.append("no fine-tuning: the budget does not fit even one 2-epoch LP-FT or LoRA run (probes only)")
     else:
@@ -488,13 +520,42 @@ def make_plan(cands: list[Candidate], costs: dict[Candidate, CandidateCost], spl
         room -= ft.seconds + max(0.0, ft.final_s - final_probe_s)
         plan.notes.append(f"fine-tune: {ft.why}")
     if not splits.folds and (plan.finetunes >= 2 or plan.probes >= 2):
-        plan.stages["ensemble"] = 2 * (sc + va) * max(cc.forward for cc in costs.values()) + ohs["ensemble"]
+        tr, va, sc, _ = splits.dev_sizes()
+        plan.stages["ensemble"] = 2 * (sc + va) * max(costs[c].forward for c in cands) + ohs["ensemble"]
     elif splits.folds:
         plan.notes.append("no ensemble or soup stage: k-fold scoring (small data) keeps one model per fold")
     if ft is not None and not splits.folds:
         plan_soup(plan, ft, cands, costs, splits, room, accel, ohs["soup"])
     plan.stages["final"] = ft.final_s if ft is not None else final_probe_s
-    return plan
+
+
+def replan_finetune(a: Auto, plan: AutoPlan, scored: list[str], by_name: dict[str, Candidate]) -> None:
+    """After the probes, size the fine-tune stage again at the costs of the candidates it will fine-tune — the best
+    probed (``scored``), not the dearest of all as the first plan had to — with the time actually left and the run
+    overheads measured so far. The most candidates that fit win, as in the first plan. Not on ``--resume`` once the
+    fine-tune has started (``keep_finetune_arms`` keeps its arms)."""
+    if "finetune" in a.state.stages or (a.folder / "finetune_r0").is_dir():
+        return
+    cands = [by_name[c] for c in scored]
+    ohs = {k: a.overhead(k) for k in RUN_OVERHEAD_S}
+    final_probe_s = max(estimate(probe_exp(c, {}, a.accel, 0), a.costs[c], a.splits.final_sizes(), 1, ohs["logistic"]) for c in cands)
+    room = a.left() - plan.stages.get("ensemble", 0.0) - final_probe_s
+    before = (plan.finetunes, plan.methods, plan.rungs)
+    ft = None
+    for n in range(min(MAX_FINETUNES, len(cands)), 0, -1):  # the top n: the cheapest plan is for the fewest
+        sub = cands[:n]
+        ft = choose_finetune(finetune_seconds(sub, a.costs, a.splits, a.accel, ohs), ft_methods(sub, a.costs), n, room, final_probe_s)
+        if ft is not None and ft.finetunes == n:
+            break
+    plan.notes[:] = [n for n in plan.notes if not n.startswith(("fine-tune:", "no fine-tuning", "no soup stage", "no ensemble"))]
+    set_finetune(plan, ft, cands, a.costs, a.splits, room, a.accel, ohs, final_probe_s)
+    plan.notes.append(f"re-planned after the probes, at the costs of {', '.join(scored[:max(1, plan.finetunes)])} and "
+                      f"{fmt_s(max(0.0, a.left()))} left: " + ("no fine-tune fits" if not plan.finetunes else "unchanged"
+                      if before == (plan.finetunes, plan.methods, plan.rungs) else f"{plan.finetunes} fine-tune(s), rungs {plan.rungs}"))
+    a.state.doc["plan"] = {"stages": plan.stages, "probes": plan.probes, "finetunes": plan.finetunes, "methods": plan.methods,
+                           "rungs": plan.rungs, "notes": plan.notes, "replanned": True}
+    a.state.save()
+    print_plan(a, plan, "after the probes")
 
 
 def plan_soup(plan: AutoPlan, ft: FinetunePlan, cands: list[Candidate], costs: dict[Candidate, CandidateCost], splits: Splits,
@@ -758,6 +819,7 @@ def execute(a: Auto, plan: AutoPlan) -> dict[str, Any]:
     models: dict[str, dict[str, Any]] = {f"{c}.logistic": {"candidate": c, "kind": "logistic", "val_acc": probe_acc[c], "study": "probes",
                                                             "exp": probe_exp(by_name[c], {}, accel, seed)} for c in scored}
 
+    replan_finetune(a, plan, scored, by_name)
     if plan.finetunes or "finetune" in a.state.stages:  # (a resumed plan may have less room: a finished stage is read back)
         rung_log = a.stage("finetune", plan.stages.get("finetune", 0.0), lambda: finetune_stage(a, plan, scored, by_name))["rungs"]
         models |= finetuned_models(rung_log, by_name, accel, seed)
@@ -800,7 +862,8 @@ def execute(a: Auto, plan: AutoPlan) -> dict[str, Any]:
         return {"test_acc": mean, "test_acc_std": std, "runs": n}
 
     seeds = len(study_doc.get("seeds", [0]))
-    test = a.stage("final", plan.stages["final"] * seeds, final)
+    per_seed = next(o["final_s"] for o in choice["options"] if o["model"] == choice["chosen"])
+    test = a.stage("final", per_seed * seeds, final)  # the chosen model's own final runs, not the reserve
     doc = summary(a, plan, ranking, models, chosen, ens, soup, test, only) | {"final_choice": choice}
     write_json(a.folder / AUTO_JSON, doc)
     write_json(a.folder / "final" / AUTO_JSON, doc)  # the final study's report shows it (results.report reads it)
@@ -955,6 +1018,8 @@ def final_seeds(a: Auto, exps: list[dict[str, Any]], only: list[str]) -> int:
         if e["name"] in only and e.get("kind") != "ensemble":
             c = parse_candidates([f"{e['model']['backbone']}:{e['model']['weights']}"])[0]
             per += estimate(e, a.costs[c], a.splits.final_sizes(), 1, a.overhead(e["kind"]))
+    if len(only) > sum(e["name"] in only for e in exps):  # a vote over the members' runs: its forward passes
+        per += a.overhead("ensemble")
     seeds = max(1, min(MAX_FINAL_SEEDS, int(a.left() // per) if per else 1))
     a.state.doc["final_seeds"] = seeds
     a.state.save()
@@ -1010,9 +1075,10 @@ def fmt_s(s: float) -> str:
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}m"
 
 
-def print_plan(a: Auto, plan: AutoPlan) -> None:
-    """The budget plan: measured costs per candidate, then the stages; printed before anything trains."""
-    t = Table(title=f"budget plan: {fmt_s(a.budget)} ({fmt_s(max(0.0, a.left()))} left after checking and measuring)")
+def print_plan(a: Auto, plan: AutoPlan, when: str = "after checking and measuring") -> None:
+    """The budget plan: measured costs per candidate, then the stages; printed before anything trains (and again
+    after the probes, re-planned)."""
+    t = Table(title=f"budget plan: {fmt_s(a.budget)} ({fmt_s(max(0.0, a.left()))} left {when})")
     for col in ("candidate", "image size", "inference / image", f"fine-tune step (batch {TRAIN['batch_size']})", "LoRA step"):
         t.add_column(col)
     for c, cc in a.costs.items():
@@ -1031,7 +1097,7 @@ def print_plan(a: Auto, plan: AutoPlan) -> None:
                     "beats the best single model on validation",
             "final": "the chosen model on the full training pool, tested once"}
     for stage, s in plan.stages.items():
-        done = " (done: resumed)" if stage in a.state.stages else ""
+        done = " (done)" if stage in a.state.stages else ""
         a.console.print(f"  {stage:9} ~{fmt_s(s):>6}  {what[stage]}{done}", markup=False, highlight=False)
     for note in plan.notes:
         a.console.print(f"  note: {note}", markup=False, highlight=False)
