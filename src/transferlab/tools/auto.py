@@ -534,8 +534,8 @@ def replan_finetune(a: Auto, plan: AutoPlan, scored: list[str], by_name: dict[st
     probed (``scored``), not the dearest of all as the first plan had to — with the time actually left and the run
     overheads measured so far. The most candidates that fit win, as in the first plan. Not on ``--resume`` once the
     fine-tune has started (``keep_finetune_arms`` keeps its arms)."""
-    if "finetune" in a.state.stages or (a.folder / "finetune_r0").is_dir():
-        return
+    if any(k in a.state.stages for k in ("finetune", "ensemble", "soup", "final")) or (a.folder / "finetune_r0").is_dir():
+        return  # resumed past the point of choosing: what ran stays as it was planned
     cands = [by_name[c] for c in scored]
     ohs = {k: a.overhead(k) for k in RUN_OVERHEAD_S}
     final_probe_s = max(estimate(probe_exp(c, {}, a.accel, 0), a.costs[c], a.splits.final_sizes(), 1, ohs["logistic"]) for c in cands)
