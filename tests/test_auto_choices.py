@@ -18,6 +18,7 @@ from rich.console import Console
 import test_auto
 from transferlab.cli import main
 from transferlab.config import load_study
+from transferlab.engine.costs import Cost
 from transferlab.engine.features import STORE
 from transferlab.results.report import build_report
 from transferlab.tools import auto as auto_mod
@@ -101,6 +102,39 @@ def test_the_plan_uses_each_methods_measured_cost(tmp_path):
     assert tight.total_s <= plan.minimum_s + 5 + 1e-6 and "finetune" not in tight.stages
     folds = make_plan(list(cc), cc, splits(tmp_path, folds=5), 3600, "cpu")
     assert "soup" not in folds.stages and any("no ensemble or soup stage" in n for n in folds.notes)
+
+
+def test_the_training_step_is_extrapolated_from_two_batches_not_scaled_from_one(tmp_path, monkeypatch):
+    """A step has a fixed part (the optimiser step, per-layer overheads): timing batches 8 and 16 and following the line
+    through both to the training batch of 32 keeps it once; scaling the batch-8 step by four counted it four times."""
+    seen: list[int] = []
+
+    def fake_measure_cost(model, cfg, side, classes, train):
+        seen.append(cfg.train.batch_size)
+        return Cost(0.1 + 0.01 * cfg.train.batch_size if train else None, 1e-3)
+
+    monkeypatch.setattr(auto_mod, "measure_cost", fake_measure_cost)
+    c = parse_candidates(["test_resnet:scratch"])[0]
+    cost = auto_mod.measure(c, 16, splits(tmp_path), train=True)
+    assert seen == [auto_mod.MEASURE_BATCH, 2 * auto_mod.MEASURE_BATCH] and cost.forward == 1e-3
+    assert cost.step == pytest.approx(0.1 + 0.01 * auto_mod.TRAIN["batch_size"])  # not 4 x 0.18
+    seen.clear()
+    assert auto_mod.measure(c, 16, splits(tmp_path), train=False).step is None and seen == [auto_mod.MEASURE_BATCH]
+
+
+def test_lp_ft_gives_its_head_many_cheap_probe_epochs_counted_as_one(tmp_path):
+    """LP-FT's probe phase runs on cached features: its epochs cost one backbone pass together, so auto gives the head
+    ``LP_FT_PROBE_EPOCHS`` of them (one gave a small folder's head 7 steps) and counts the phase as one epoch."""
+    c = parse_candidates(["test_resnet:scratch"])[0]
+    e = auto_mod.finetune_exp(c, 2, {}, "cpu", 0, "lp_ft")
+    assert e["name"].endswith(".lp_ft.e2") and e["strategy"]["probe_epochs"] == auto_mod.LP_FT_PROBE_EPOCHS > 1
+    assert e["train"]["epochs"] - e["strategy"]["probe_epochs"] == 1  # then one epoch of everything
+    assert auto_mod.finetune_exp(c, 2, {}, "cpu", 0, "finetune")["train"]["epochs"] == 2
+    cc, sizes = CandidateCost(16, 1e-4, 2e-2), (800, 200, 200)  # a pass: 0.1 s; a training epoch: 0.5 s
+    lp_ft = auto_mod.estimate(e, cc, sizes)
+    full = auto_mod.estimate(auto_mod.finetune_exp(c, 2, {}, "cpu", 0, "finetune"), cc, sizes)
+    one_probe = auto_mod.estimate(e | {"strategy": {"name": "lp_ft", "probe_epochs": 1}, "train": e["train"] | {"epochs": 2}}, cc, sizes)
+    assert lp_ft == pytest.approx(one_probe) and lp_ft < full  # 20 probe epochs cost what one did: one pass
 
 
 def test_without_peft_lora_is_left_out_and_the_plan_says_so(tmp_path, monkeypatch):

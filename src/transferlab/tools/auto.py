@@ -54,7 +54,7 @@ from transferlab.data.check import check_config
 from transferlab.data.images import FileImages, format_problems
 from transferlab.data.selection import stratified_take
 from transferlab.data.sources import DATASETS, DatasetError, load_dataset
-from transferlab.engine.costs import Cost, measure_cost
+from transferlab.engine.costs import Cost, measure_cost, scale_to_batch
 from transferlab.files import read_json, write_json, write_text
 from transferlab.kinds import KINDS
 from transferlab.models.adapters import PEFT_INSTALL, lora_targets
@@ -319,7 +319,14 @@ def probe_exp(c: Candidate, data: dict[str, Any], accel: str, seed: int) -> dict
             "model": {"backbone": c.backbone, "weights": c.weights}, "probe": dict(PROBE), "train": {**TRAIN, "accelerator": accel}}
 
 
-STRATEGY = {"lp_ft": {"name": "lp_ft", "probe_epochs": 1}, "finetune": {"name": "finetune"}, "lora": {"name": "lora"}}
+LP_FT_PROBE_EPOCHS = 20
+"""Epochs of LP-FT's probe phase. They train the head alone on cached pooled features — one backbone pass for all of them
+(``Kind.estimate`` counts it so), then a fraction of a second per epoch — so auto gives the head enough steps to fit:
+with one probe epoch, a 400-image folder gave the head 7 steps, 29 % validation accuracy, and the fine-tune that
+followed never recovered from it (RESULTS §12g). An LP-FT model of ``e`` epochs (``<candidate>.lp_ft.e<e>``) is this
+probe phase, counted as one epoch as it costs one pass, then ``e - 1`` epochs of everything."""
+
+STRATEGY = {"lp_ft": {"name": "lp_ft", "probe_epochs": LP_FT_PROBE_EPOCHS}, "finetune": {"name": "finetune"}, "lora": {"name": "lora"}}
 """The ``strategy:`` section of each fine-tuning method (``auto_plan.METHODS``); LoRA at its defaults (rank 8, the
 per-architecture targets)."""
 
@@ -331,9 +338,11 @@ full fine-tune (the default 1e-3); at 3e-3 rank 8/16 matched the 1e-3 full fine-
 
 
 def finetune_exp(c: Candidate, epochs: int, data: dict[str, Any], accel: str, seed: int, method: str = "lp_ft") -> dict[str, Any]:
+    """A fine-tune of ``epochs`` (LP-FT: its probe phase counted as one, ``LP_FT_PROBE_EPOCHS``) by ``method``."""
+    total = epochs - 1 + LP_FT_PROBE_EPOCHS if method == "lp_ft" else epochs
     return {"name": f"{slug(c)}.{method}.e{epochs}", "kind": "train", "seed": seed, "data": data,
             "model": {"backbone": c.backbone, "weights": c.weights}, "strategy": dict(STRATEGY[method]),
-            "train": {**TRAIN, **METHOD_TRAIN.get(method, {}), "accelerator": accel, "epochs": epochs}}
+            "train": {**TRAIN, **METHOD_TRAIN.get(method, {}), "accelerator": accel, "epochs": total}}
 
 
 def soup_exp(c: Candidate, members: list[str], data: dict[str, Any], accel: str, seed: int) -> dict[str, Any]:
@@ -365,19 +374,27 @@ class CandidateCost:
 
 
 MEASURE_BATCH = 8
-"""Batch of the throughput probe; a step at ``TRAIN``'s batch is scaled linearly (as ``engine.costs`` scales large
-batches): a CPU training step of EfficientNet-Lite2 at 260 px and batch 32 takes seconds, and the probe repeats it."""
+"""Batches of the throughput probe: ``MEASURE_BATCH`` and twice that; a step at ``TRAIN``'s batch size is extrapolated
+along the line through both (``engine.costs.scale_to_batch``: a fixed part per step plus a part per image). A CPU
+training step of EfficientNet-Lite2 at 260 px and batch 32 takes seconds, and the probe repeats it; scaling the batch-8
+step linearly instead multiplied its fixed part (the optimiser step, per-layer overheads) by four, which put the
+fine-tunes at about twice their measured time (RESULTS §12g)."""
 
 
 def measure(c: Candidate, side: int, splits: Splits, train: bool, strategy: str = "finetune") -> Cost:
     """The engine's probe (random weights: the cost does not depend on them): inference, and a training step of
-    ``strategy`` (``finetune``, or ``lora``: its adapters injected, the rest frozen)."""
+    ``strategy`` (``finetune``, or ``lora``: its adapters injected, the rest frozen) at ``TRAIN``'s batch size."""
     cfg = from_dict(ExperimentConfig, {"name": "cost", "model": {"backbone": c.backbone, "weights": "scratch"},
                                        "strategy": {"name": strategy}, "train": {**TRAIN, "batch_size": MEASURE_BATCH}})
     model, _ = build_model(cfg.model, cfg.head, splits.n_classes)
     apply_strategy(model, cfg.strategy)
-    cost = measure_cost(model, cfg, side, splits.n_classes, train=train)
-    return Cost(cost.step * TRAIN["batch_size"] / MEASURE_BATCH if cost.step is not None else None, cost.forward)
+    small = measure_cost(model, cfg, side, splits.n_classes, train=train)
+    if small.step is None:
+        return Cost(None, small.forward)
+    cfg.train.batch_size = 2 * MEASURE_BATCH
+    large = measure_cost(model, cfg, side, splits.n_classes, train=True)
+    assert large.step is not None
+    return Cost(scale_to_batch(small.step, MEASURE_BATCH, large.step, 2 * MEASURE_BATCH, TRAIN["batch_size"]), small.forward)
 
 
 def lora_unavailable() -> str | None:

@@ -3,10 +3,10 @@
 Pure functions over measured (or, in tests, given) costs and validation scores, so each rule can be read and tested
 on its own; ``transferlab.tools.auto`` measures, runs and records.
 
-**How to fine-tune** (``choose_finetune``). Three methods: LP-FT (``strategy: lp_ft``, one linear-probe epoch on cached
+**How to fine-tune** (``choose_finetune``). Three methods: LP-FT (``strategy: lp_ft``, a linear-probe phase on cached
 features, then everything trains), a full fine-tune (``strategy: finetune``) and LoRA (``strategy: lora``, the ``peft``
 extra). Their costs per run come from the throughput probe: LP-FT's and the full fine-tune's training steps are the
-same measured step (after LP-FT's probe epoch everything trains; the probe epoch is one backbone pass), LoRA's step is
+same measured step (after LP-FT's probe phase everything trains; the probe phase is one backbone pass, counted as one epoch), LoRA's step is
 measured on its own (the frozen weights get no gradient and the optimiser holds the adapters only). The planner tries,
 for the most candidates first (as before: the backbone is the larger lever, and the probes only rank it roughly):
 
@@ -44,7 +44,7 @@ FT_EPOCHS = (20, 12, 8, 6, 4, 3, 2)
 ARMS_MIN_EPOCHS = 4
 """Methods compete as arms only with a first rung of at least this many epochs (see the module docstring)."""
 SOUP_METHODS = ("lp_ft", "finetune")
-"""Fine-tunes whose weights a soup averages: both end with every weight trained (LP-FT after its probe epoch). LoRA runs
+"""Fine-tunes whose weights a soup averages: both end with every weight trained (LP-FT after its probe phase). LoRA runs
 are left out: a soup takes its first member's strategy as its own (which BatchNorm statistics trained and are recomputed,
 how ``load_run`` rebuilds it), and a LoRA run froze what the others trained."""
 
