@@ -24,6 +24,7 @@ from transferlab.config.schema import (
     ModelConfig,
     PredictConfig,
     ProbeConfig,
+    ProgressiveResizeConfig,
     StrategyConfig,
     SweepPoint,
     TrainConfig,
@@ -32,6 +33,7 @@ from transferlab.config.schema import (
     choice_message,
     register_check,
     register_choices,
+    resize_scales,
     resolve_paths,
     unfreeze_milestones,
 )
@@ -69,6 +71,7 @@ __all__ = [
     "HeadConfig",
     "ModelConfig",
     "ProbeConfig",
+    "ProgressiveResizeConfig",
     "StrategyConfig",
     "Study",
     "SweepPoint",
@@ -90,5 +93,6 @@ __all__ = [
     "suggest",
     "sweep_keys",
     "sweep_point_name",
+    "resize_scales",
     "unfreeze_milestones",
 ]

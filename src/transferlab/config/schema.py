@@ -33,11 +33,13 @@ __all__ = [
     "HeadConfig",
     "InterpolateConfig",
     "L2SpConfig",
+    "LookaheadConfig",
     "LrFindConfig",
     "MixupConfig",
     "ModelConfig",
     "PredictConfig",
     "ProbeConfig",
+    "ProgressiveResizeConfig",
     "SoupSpec",
     "StrategyConfig",
     "SwaConfig",
@@ -52,6 +54,7 @@ __all__ = [
     "resolve_as_recorded",
     "resolve_paths",
     "run_references",
+    "resize_scales",
     "unfreeze_milestones",
     "with_run_references",
 ]
@@ -230,6 +233,10 @@ class EarlyStoppingConfig:
     patience: int | None = None
     """Stop after this many epochs without improvement. ``None`` never stops early."""
     min_delta: float = 0.0
+    keep: Literal["best", "last"] = "best"
+    """Which epoch's weights are kept as ``best`` and tested: ``best`` (of ``monitor``) or ``last`` (the final epoch's,
+    e.g. an EMA at the end of a decaying schedule, which a small validation split's noise would swap for an earlier
+    epoch; ``monitor`` is still logged, and ``patience`` does not apply)."""
 
 
 @dataclass
@@ -264,6 +271,39 @@ class LrFindConfig:
     """Stop when the smoothed loss exceeds this multiple of its best value (fastai's and Lightning's 4), or is not finite."""
     found: float | None = None
     """Set by a run with ``train.lr: find`` (not written by hand): the lr it found, also its ``train.lr`` in ``config.yaml``."""
+
+
+@dataclass
+class LookaheadConfig:
+    """``train.lookahead``: Lookahead (Zhang et al. 2019) around ``train.optimizer``, with timm's ``Lookahead``: every
+    ``k`` steps the slow weights move ``alpha`` of the way to the fast ones, and the fast ones restart from there."""
+
+    k: int = 5
+    """Fast optimizer steps between two syncs of the slow weights (the paper's 5 or 10)."""
+    alpha: float = 0.5
+    """The slow weights' step toward the fast ones, in (0, 1]."""
+
+
+@dataclass
+class ProgressiveResizeConfig:
+    """``train.progressive_resize``: smaller training images in the first epochs, growing to the data's size (fastai's
+    progressive resizing; Howard 2018): early epochs cost about ``scale²`` of a full-size one. Validation, test and every
+    later epoch see full-size images; only the training batches are resized (bilinear, antialiased)."""
+
+    start: float = 0.7
+    """The first epoch's image side as a fraction of the data's side, in (0, 1): 0.7 trains 28 px images at 20 px."""
+    fraction: float = 0.5
+    """Share of ``train.epochs`` over which the side grows linearly from ``start`` to full; the rest train at full size."""
+
+
+def resize_scales(tc: TrainConfig) -> list[float]:
+    """The side of every epoch's training images as a fraction of the data's (``train.progressive_resize``; all 1.0
+    without it): linear from ``start`` over the first ``round(fraction * epochs)`` epochs (at least one), then 1.0."""
+    pr, n = tc.progressive_resize, tc.epochs
+    if pr is None:
+        return [1.0] * n
+    grow = max(1, round(pr.fraction * n))
+    return [pr.start + (1.0 - pr.start) * e / grow if e < grow else 1.0 for e in range(n)]
 
 
 @dataclass
@@ -379,6 +419,11 @@ class TrainConfig:
     """Mixup / CutMix of the training batches (``{alpha: 0.2}``, ``{cutmix_alpha: 1.0}``, ...); ``null`` = off."""
     ema: EmaConfig | None = None
     """EMA of the weights (``{decay: 0.999, evaluate: both}``); ``null`` = off."""
+    lookahead: LookaheadConfig | None = None
+    """Lookahead around the optimizer (``{k: 5, alpha: 0.5}``); ``null`` = off."""
+    progressive_resize: ProgressiveResizeConfig | None = None
+    """Progressive resizing of the training images (``{start: 0.7, fraction: 0.5}``); ``null`` = off. ``kind: train``
+    only; the feature cache is off with it (it holds full-size images' features)."""
     loss: str = "cross_entropy"
     """Registered training loss (``transferlab.engine.losses``): ``cross_entropy`` or ``focal`` (``focal_gamma``); multi-label:
     ``bce`` (BCE with logits) or ``asymmetric`` (Ridnik et al. 2021). With ``data.task: multilabel`` the default
@@ -797,13 +842,23 @@ def _recipe_checks(cfg: ExperimentConfig) -> Iterable[Check]:
                "does not apply with train.mixup (its soft targets are smoothed by train.mixup.label_smoothing)")
     if ema is not None:
         yield (0 < ema.decay < 1, "train.ema.decay", ema.decay, "must be in (0, 1)")
+    if (la := t.lookahead) is not None:
+        yield (la.k >= 1, "train.lookahead.k", la.k, "must be >= 1")
+        yield (0 < la.alpha <= 1, "train.lookahead.alpha", la.alpha, "must be in (0, 1]")
+    if (pr := t.progressive_resize) is not None:
+        yield (0 < pr.start < 1, "train.progressive_resize.start", pr.start, "must be in (0, 1): the first epoch's side over the data's")
+        yield (0 < pr.fraction <= 1, "train.progressive_resize.fraction", pr.fraction, "must be in (0, 1]")
+    es = t.early_stopping
+    yield (es.keep == "best" or es.patience is None, "train.early_stopping.patience", es.patience,
+           "does not apply with train.early_stopping.keep: last (every epoch runs, the last is tested)")
     yield (t.focal_gamma >= 0, "train.focal_gamma", t.focal_gamma, "must be >= 0")
     if isinstance(w, list):
         yield (bool(w) and all(v > 0 for v in w), "train.class_weights", w, "must be 'balanced' or a non-empty list of weights > 0")
         n = len(d.classes) if d.classes is not None else None
         yield (n is None or len(w) == n, "train.class_weights", w, f"has {len(w)} weights, data.classes lists {n} classes")
     if not cfg.uses.training:
-        used = {"train.mixup": mx, "train.ema": ema, "train.class_weights": w}
+        used = {"train.mixup": mx, "train.ema": ema, "train.class_weights": w, "train.lookahead": t.lookahead,
+                "train.progressive_resize": t.progressive_resize}
         used |= {"train.loss": t.loss} if t.loss != ("bce" if cfg.multilabel else "cross_entropy") else {}  # the task's default
         used |= {"data.sampler": d.sampler} if d.sampler != "random" else {}
         for key, value in used.items():

@@ -6,7 +6,8 @@ backward, step, schedule; evaluate on val; save ``best`` (when the monitored met
 the device, so the hot loop never waits for the host (one sync per epoch, in ``reduced_sums``).
 
 What varies between runs is not a branch in the step loop but a callback (Lightning's hooks):
-gradual unfreezing (``UnfreezeSchedule``), the weight average (``EmaUpdate``, ``train.ema``),
+progressive resizing of the training batches (``ProgressiveResize``, ``train.progressive_resize``), gradual
+unfreezing (``UnfreezeSchedule``), the weight average (``EmaUpdate``, ``train.ema``),
 mid-epoch checkpoints (``MidEpochCheckpoint``), stochastic weight averaging (``SwaUpdate``, ``train.swa``),
 the per-group lrs of ``train.layer_decay`` (``GroupLrLog``), the progress bar and the epoch log. Each sees the
 whole ``Loop``; a criterion that is also a ``Callback`` (distillation: it needs each batch) is one of
@@ -32,7 +33,7 @@ from lightning.fabric import Fabric
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from transferlab.config import ExperimentConfig
+from transferlab.config import ExperimentConfig, resize_scales
 from transferlab.data.batches import TensorBatches
 from transferlab.engine.checkpointing import LoopCheckpoints, LoopState
 from transferlab.engine.distributed import all_reduce_sum
@@ -257,8 +258,8 @@ def train_one_epoch(loop: Loop) -> tuple[float, float]:
         # mixup / CutMix: soft targets; accuracy counts the dominant label of each mixed image
         x, target, label = loop.mix(x, y) if loop.mix is not None else (x, y, y)
         loop.batch_x = x
-        loop.call("on_train_batch_start")
-        logits = loop.fmodel(x)
+        loop.call("on_train_batch_start")  # may replace loop.batch_x (train.progressive_resize)
+        logits = loop.fmodel(loop.batch_x)
         loss = loop.criterion(logits, target)
         loop.optimizer.zero_grad(set_to_none=True)
         loop.fabric.backward(loss)
@@ -351,7 +352,8 @@ def end_epoch(loop: Loop, train_loss: float, train_acc: float, val_metrics: dict
     loop.history.append(row)
     epoch = st.epoch
     st.epoch, st.step, st.loss_sum, st.correct, st.seen = epoch + 1, 0, 0.0, 0, 0
-    if _improved(row[es.monitor], st.best, es.monitor in ("val_acc", "val_map"), es.min_delta):
+    last = es.keep == "last" and math.isfinite(row[es.monitor])  # keep: last -> every epoch's weights replace the previous
+    if last or _improved(row[es.monitor], st.best, es.monitor in ("val_acc", "val_map"), es.min_delta):
         st.best, st.best_epoch, st.bad_epochs = row[es.monitor], epoch, 0
         loop.save("best")
     else:
@@ -375,7 +377,35 @@ def _improved(value: float, best: float | None, mode_max: bool, min_delta: float
 
 def default_callbacks(cfg: ExperimentConfig, fabric: Fabric) -> list[Callback]:
     # EmaUpdate before MidEpochCheckpoint: a mid-epoch checkpoint holds the average of the step it follows
-    return [UnfreezeSchedule(), EmaUpdate(), MidEpochCheckpoint(cfg, fabric), SwaUpdate(), GroupLrLog(), ProgressBar(), EpochLog()]
+    # ProgressiveResize first: every later batch-start hook (distillation's teacher) sees the batch the step trains on
+    return [ProgressiveResize(), UnfreezeSchedule(), EmaUpdate(), MidEpochCheckpoint(cfg, fabric), SwaUpdate(), GroupLrLog(),
+            ProgressBar(), EpochLog()]
+
+
+class ProgressiveResize(Callback):
+    """``train.progressive_resize``: each training batch resized to its epoch's side (``config.resize_scales``), bilinear
+    with antialiasing, the batch's memory layout kept; the epoch's scale is a ``train_scale`` column of its row."""
+
+    def __init__(self) -> None:
+        self.scale = 1.0
+
+    def on_train_epoch_start(self, loop: Loop) -> None:
+        tc = loop.cfg.train
+        self.scale = resize_scales(tc)[loop.state.epoch] if tc.progressive_resize is not None else 1.0
+
+    def on_train_batch_start(self, loop: Loop) -> None:
+        x = loop.batch_x
+        if self.scale >= 1 or x is None or x.dim() != 4:
+            return
+        h, w = x.shape[-2:]
+        size = (max(1, round(h * self.scale)), max(1, round(w * self.scale)))
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        resized = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        loop.batch_x = resized.contiguous(memory_format=layout)
+
+    def on_epoch_row(self, loop: Loop, row: dict[str, float]) -> None:
+        if loop.cfg.train.progressive_resize is not None:
+            row["train_scale"] = self.scale
 
 
 class UnfreezeSchedule(Callback):

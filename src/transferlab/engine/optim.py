@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from timm.optim import param_groups_layer_decay
+from timm.optim import Lookahead, param_groups_layer_decay
 from torch import nn
 from torch.optim import lr_scheduler as S
 from torch.optim.lr_scheduler import LRScheduler
@@ -60,7 +60,8 @@ def rmsprop(params: Params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The registered ``cfg.optimizer`` over the trainable parameters, or over parameter groups (dicts
-    with ``params`` and ``lr``, e.g. per-stage learning rates)."""
+    with ``params`` and ``lr``, e.g. per-stage learning rates); with ``train.lookahead``, inside timm's ``Lookahead``
+    (its slow weights and step count are in the optimizer's state dict, so a resumed run continues them)."""
     params = list(params)
     if params and isinstance(params[0], dict):
         if not any(g["params"] for g in params):
@@ -70,9 +71,12 @@ def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: T
         if not params:
             raise ValueError("the strategy left no trainable parameters")
     try:
-        return OPTIMIZERS.get(cfg.optimizer)(params, cfg)
+        opt = OPTIMIZERS.get(cfg.optimizer)(params, cfg)
     except UnknownNameError as e:
         raise ValueError(str(e)) from None
+    if cfg.lookahead is not None:  # the base optimizer's param_groups (and so the schedule's lrs) are the wrapper's
+        opt = Lookahead(opt, alpha=cfg.lookahead.alpha, k=cfg.lookahead.k)
+    return opt
 
 
 @SCHEDULES.register("cosine")

@@ -20,7 +20,7 @@ from typing import Any
 
 from lightning.fabric import Fabric
 
-from transferlab.config import ExperimentConfig, from_dict, load_yaml, unfreeze_milestones
+from transferlab.config import ExperimentConfig, from_dict, load_yaml, resize_scales, unfreeze_milestones
 from transferlab.config.kinds import KindUses
 from transferlab.data.batches import make_batches
 from transferlab.data.prepare import ImageSplits
@@ -38,6 +38,7 @@ from transferlab.files import load_checkpoint_group, read_json
 from transferlab.kinds.base import KINDS, Kind, RunContext, Tested, check_sections, run_sections
 from transferlab.kinds.common import Prepared, base_metrics, batch_kwargs, fit_part, multilabel_test_part, prepare, test_part
 from transferlab.kinds.phases import check_finetuning, finetuning_extra, finish_swa, fit_phases, training_criterion
+from transferlab.models.backbones import takes_image_size
 from transferlab.models.model import TransferModel, count_params
 from transferlab.models.weights import load_model_weights
 from transferlab.rundir import Opening, RunMetrics, code_version
@@ -69,9 +70,12 @@ class TrainKind(Kind):
     uses_tta = True
 
     def check(self, cfg: ExperimentConfig) -> None:
-        """Distillation, SWA, layer decay and LP-FT settings that cannot work (``kinds.phases.check_finetuning``); temperature
-        scaling of a multi-label run."""
+        """Distillation, SWA, layer decay and LP-FT settings that cannot work (``kinds.phases.check_finetuning``); progressive
+        resizing of a backbone built for one input size; temperature scaling of a multi-label run."""
         check_finetuning(cfg)
+        if cfg.train.progressive_resize is not None and takes_image_size(cfg.model.backbone):
+            raise cfg.error(f"train.progressive_resize: backbone {cfg.model.backbone!r} is built for one input size (timm's "
+                            "fixed_input_size: ViT, DeiT, Swin, …) and cannot train on smaller images; drop train.progressive_resize")
         if cfg.multilabel and cfg.train.calibrate == "temperature":
             # the thresholds are chosen on the validation probabilities: a temperature fitted afterwards would move them all
             raise cfg.error("train.calibrate: temperature is multiclass only (one softmax); a multi-label run reports the calibration "
@@ -365,7 +369,18 @@ def _epoch_parts(cfg: ExperimentConfig, cost: Cost, steps: int, n_train: int, n_
         if n:
             epoch = steps * step_of[phase] + n_val * cost.forward
             parts.append(Part(f"{_epochs(n, _phase_name(cfg, phase, len(counts)))} at {fmt_seconds(epoch)}", n * epoch))
-    return parts
+    return _resized(cfg, parts, steps * step_of[0], first)
+
+
+def _resized(cfg: ExperimentConfig, parts: list[Part], full_steps: float, first: int) -> list[Part]:
+    """``train.progressive_resize``: the smaller epochs' steps cost their area's share of a full-size step (the probe timed
+    full-size images; a conv net's step scales with the pixels), taken off the epochs' parts as one negative part."""
+    small = [s for s in resize_scales(cfg.train)[first:] if s < 1]
+    if not small:
+        return parts
+    saved = full_steps * sum(1 - s * s for s in small)
+    return [*parts, Part(f"progressive resize: {_epochs(len(small))} at {min(small):.2f}-{max(small):.2f} of the side, steps "
+                         f"assumed to scale with the area (-{fmt_seconds(saved)})", -saved)]
 
 
 def _phase_name(cfg: ExperimentConfig, phase: int, phases: int) -> str:

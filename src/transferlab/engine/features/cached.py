@@ -361,6 +361,8 @@ def setting_rules_out(cfg: Any, fabric: Any) -> str | None:
         return f"train.tta: {tc.tta} evaluates on transformed images, which a feature cache does not hold"
     if tc.mixup is not None:
         return "train.mixup mixes (and CutMix pastes) images, which a feature cache does not hold"
+    if getattr(tc, "progressive_resize", None) is not None:
+        return "train.progressive_resize trains on resized images, whose features a feature cache does not hold"
     if getattr(tc, "distill", None) is not None:
         return "train.distill: the teacher sees the training images, which a feature cache does not hold"
     if fabric.world_size > 1:
