@@ -170,3 +170,34 @@ def test_keep_last_refuses_patience(make_cfg):
         make_cfg(train={"early_stopping": {"keep": "last", "patience": 2}})
     with pytest.raises(ConfigError, match="keep"):
         make_cfg(train={"early_stopping": {"keep": "first"}})
+
+
+# --------------------------------------------------------------------------------------------
+# flip_translate test-time augmentation
+
+
+def test_flip_translate_averages_airbenchs_six_views_with_their_weights():
+    from transferlab.engine.evaluation import with_tta
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    x = torch.randn(2, 3, 6, 6)
+    net(x)
+
+    def mean2(v):
+        return (net(v).softmax(-1) + net(v.flip(-1)).softmax(-1)) / 2
+
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    expected = mean2(x) / 2 + (mean2(padded[..., :6, :6]) + mean2(padded[..., 2:, 2:])) / 4
+    with torch.no_grad():
+        got = with_tta(net, "flip_translate")(x).exp()
+        flip = with_tta(net, "flip")(x).exp()
+    assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(got.sum(-1), torch.ones(2))
+    assert torch.allclose(flip, mean2(x), atol=1e-6)
+    assert not torch.allclose(got, flip)  # the shifted views count
+
+
+def test_flip_translate_runs_end_to_end(make_cfg, tmp_path):
+    cfg = make_cfg(train={"epochs": 1, "tta": "flip_translate"}, data={"image_size": 16})
+    m = run_experiment(cfg, tmp_path / "run", console=QUIET)
+    assert math.isfinite(m["test_acc"]) and load_run(tmp_path / "run").config.train.tta == "flip_translate"

@@ -366,8 +366,10 @@ class TrainConfig:
     (512 measured 1.7-2.4x slower for three of four models, benchmarks/eval_batch.py); raise it on a GPU."""
     tta: str = "none"
     """Test-time augmentation for validation and test (and ``predict``, ensembles): ``flip`` averages the
-    softmax of each image and its horizontal mirror (train with ``data.augment: [flip]``). Twice the
-    inference cost; ``kind: train`` only; frozen-feature caching is off with it (the cache holds unflipped images)."""
+    softmax of each image and its horizontal mirror (train with ``data.augment: [flip]``), twice the inference cost;
+    ``flip_translate`` adds the mirror pairs of the image shifted one pixel up-left and down-right (airbench's six views;
+    train with a crop augmentation too), six times the cost. ``kind: train`` only; frozen-feature caching is off with it
+    (the cache holds unflipped images)."""
     optimizer: str = "adamw"
     """Registered optimizer: ``sgd`` (Nesterov momentum), ``adam``, ``adamw``, ``rmsprop`` (``transferlab.engine.optim``)."""
     lr: float | Literal["find"] = 1e-3

@@ -25,8 +25,9 @@ TTA: Registry[Callable[..., torch.nn.Module]] = Registry(
 
 
 class TestTimeAugmentation(torch.nn.Module):
-    """A classifier whose prediction is the mean probability over views of each image (``flip``: the image
-    and its horizontal mirror).
+    """A classifier whose prediction is the mean probability over views of each image: ``flip``, the image and its
+    horizontal mirror; ``flip_translate``, airbench's six views (Jordan 2024) — the mirror pair weighted 1/2 and the
+    mirror pairs of the image shifted one pixel up-left and down-right (reflect padding) 1/4 each.
 
     Multiclass: the mean softmax, returned as its *log*, so everything downstream — cross-entropy (the NLL of the
     averaged prediction), argmax, top-k, softmax — sees the averaged prediction. Multi-label (``multilabel``): the
@@ -34,18 +35,33 @@ class TestTimeAugmentation(torch.nn.Module):
     averaged probability back and BCE with logits is the BCE of it (p clamped to [1e-7, 1 − 1e-7]).
     """
 
+    VIEWS = ("flip", "flip_translate")
+
     def __init__(self, model: torch.nn.Module, views: str = "flip", multilabel: bool = False) -> None:
         super().__init__()
-        if views != "flip":
+        if views not in self.VIEWS:
             raise ValueError(f"unknown test-time augmentation {views!r}; use one of {', '.join(TTA.names())}")
         self.model, self.views, self.multilabel = model, views, multilabel
 
+    def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean probability of ``x`` and its mirror."""
+        act = torch.sigmoid if self.multilabel else (lambda t: t.softmax(-1))
+        return (act(self.model(x).float()) + act(self.model(x.flip(-1)).float())) / 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self._probs(x)
+        if self.views == "flip_translate":
+            h, w = x.shape[-2:]
+            padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+            shifted = (padded[..., :h, :w], padded[..., 2:, 2:])  # the content moves one pixel down-right, then up-left
+            probs = probs / 2 + sum(self._probs(v.contiguous(memory_format=_layout(x))) for v in shifted) / 4
         if self.multilabel:
-            probs = self.model(x).float().sigmoid() + self.model(x.flip(-1)).float().sigmoid()
-            return torch.logit(probs / 2, eps=1e-7)
-        probs = self.model(x).float().softmax(-1) + self.model(x.flip(-1)).float().softmax(-1)
-        return (probs / 2).clamp_min(1e-12).log()
+            return torch.logit(probs, eps=1e-7)
+        return probs.clamp_min(1e-12).log()
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 @TTA.register("none")
@@ -58,6 +74,13 @@ def no_tta(model: torch.nn.Module, multilabel: bool = False) -> torch.nn.Module:
 def flip_tta(model: torch.nn.Module, multilabel: bool = False) -> torch.nn.Module:
     """Mean probability (softmax; per class sigmoid for multi-label) of each image and its horizontal mirror (2x inference)."""
     return TestTimeAugmentation(model, "flip", multilabel)
+
+
+@TTA.register("flip_translate")
+def flip_translate_tta(model: torch.nn.Module, multilabel: bool = False) -> torch.nn.Module:
+    """airbench's six views: the mirror pair (weight 1/2) and the mirror pairs of the image shifted one pixel up-left and
+    down-right (1/4 each), probabilities averaged (6x inference)."""
+    return TestTimeAugmentation(model, "flip_translate", multilabel)
 
 
 def with_tta(model: torch.nn.Module, tta: str, multilabel: bool = False) -> torch.nn.Module:
