@@ -300,6 +300,23 @@ def test_the_plan_estimates_time_from_a_measured_probe_and_schedules_the_workers
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
+def test_the_plan_warns_when_the_machine_was_busy_while_the_probes_timed(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    import transferlab.study.dryrun as dryrun
+
+    monkeypatch.setattr(dryrun.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(dryrun.os, "getloadavg", lambda: (2.9, 1.0, 1.0))
+    assert dryrun.busy_note() == ""  # 1.45 per core: the probe's own threads and a little more
+    monkeypatch.setattr(dryrun.os, "getloadavg", lambda: (4.2, 1.0, 1.0))
+    report = dry_run(parse_study(STUDY), tmp_path / "runs")
+    assert "load average 4.2 on 2 cores" in report.busy and report.to_dict()["busy"] == report.busy
+    console = Console(record=True, width=200)
+    print_plan(report, console)
+    assert "the estimates may be high" in console.export_text()
+    assert dry_run(parse_study(STUDY), tmp_path / "runs", probe=False).busy == ""  # nothing was timed
+
+
 def test_run_dry_run_and_plan_print_the_table(tmp_path, capsys):
     from transferlab.cli import main
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,8 @@ class PlanReport:
     rows: list[PlanRow] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     probe_seconds: float = 0.0
+    busy: str = ""
+    """Set when the machine was busy while the probes timed (``busy_note``): the estimates may be high."""
 
     @property
     def total_s(self) -> float:
@@ -103,7 +106,7 @@ class PlanReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"study": self.study, "executor": dataclasses.asdict(self.executor), "total_s": self.total_s, "wall_s": self.wall_s,
-                "problems": self.problems, "rows": [dataclasses.asdict(r) for r in self.rows]}
+                "problems": self.problems, "busy": self.busy, "rows": [dataclasses.asdict(r) for r in self.rows]}
 
 
 def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: str | ExecutorConfig | None = None,
@@ -143,6 +146,7 @@ def dry_run(study: str | Path | Study, runs_dir: str | Path = "runs", executor: 
             row.estimate_s = KINDS.get(run.cfg.kind).estimate(run.cfg, 0, 0, 0, None) if probe else None
         report.rows.append(row)
     report.probe_seconds = time.perf_counter() - t0
+    report.busy = busy_note() if probe and explained else ""
     for detail, names in data_problems.items():
         who = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more run(s)"
         report.problems.insert(0, f"{who}: data: {detail}")
@@ -307,6 +311,25 @@ def _schedule(rows: list[PlanRow], cfg: ExecutorConfig) -> None:
         end[row.name] = free[slot] = row.start_s + (row.estimate_s or 0.0)
 
 
+BUSY_LOAD = 1.5
+"""Load average per core above which the plan warns that other work shared the CPU while the probes timed."""
+
+
+def busy_note() -> str:
+    """A warning when the 1-minute load average is above ``BUSY_LOAD`` per core: the probes time the fastest of a few
+    steps, which does not help when other processes hold the cores for longer than the probe (a test suite beside
+    ``plan`` made a 6-minute run look like 6 hours, benchmarks/RESULTS.md §15)."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return ""
+    if load <= BUSY_LOAD * cores:
+        return ""
+    return (f"the machine was busy while the probes timed (load average {load:.1f} on {cores} cores): other work shared "
+            "the CPU, so the estimates may be high; plan again on a quiet machine")
+
+
 def _fmt_s(s: float | None) -> str:
     if s is None:
         return "—"
@@ -330,6 +353,8 @@ def print_plan(report: PlanReport, console: Console) -> None:
     console.print(f"{len(report.rows)} runs; estimated compute {_fmt_s(report.total_s)}, wall {_fmt_s(report.wall_s)} on "
                   f"{report.executor.name} (upper bound: all epochs, no early stopping; probes took {report.probe_seconds:.0f}s)",
                   markup=False, highlight=False)
+    if report.busy:
+        console.print(f"[yellow]note:[/] {escape(report.busy)}")
     unknown = sum(not r.data.known for r in report.rows)
     if unknown:
         console.print(f"{unknown} run(s) not estimated: their data's size is unknown (see the problems below)", markup=False, highlight=False)
