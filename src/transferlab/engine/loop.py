@@ -67,8 +67,8 @@ class FitResult:
 
 class Callback:
     """Hooks the loop calls (all optional), in the order of Lightning's: fit start, epoch start, batch start (the
-    batch, mixed, is ``loop.batch_x``; a hook may replace it, and the step trains on what it holds), batch end, the epoch's row (before its checkpoints: add columns, update state
-    the checkpoints keep), epoch end, fit end."""
+    batch, mixed, is ``loop.batch_x``; a hook may replace it, and the step trains on what it holds), batch end, the
+    epoch's row (before its checkpoints: add columns, update state the checkpoints keep), epoch end, fit end."""
 
     def on_fit_start(self, loop: Loop) -> None: ...
     def on_train_epoch_start(self, loop: Loop) -> None: ...
